@@ -1,0 +1,69 @@
+"""Autograd formulas for the differentiable vqkernels ops (registered with torch.library)."""
+
+import torch
+
+from .reference import NORM_EPS, lookup
+
+
+def _distance_grads(x, codebook, indices, grad, metric, need_x, need_codebook):
+    """Gradients of d(x_n, codebook[indices[n, j]]) weighted by grad [N, J] (indices -1 contribute nothing)."""
+    valid = indices >= 0
+    g = torch.where(valid, grad, torch.zeros_like(grad)).unsqueeze(-1)  # [N, J, 1]
+    xs = x.to(grad.dtype).unsqueeze(1)  # [N, 1, D]
+    c = lookup(codebook, indices, grad.dtype).nan_to_num(0.0)  # [N, J, D]
+    if metric == "l2":
+        gx, gc = 2.0 * g * (xs - c), -2.0 * g * (xs - c)
+    elif metric == "ip":
+        gx, gc = -g * c, -g * xs.expand_as(c)
+    else:  # cosine: d = 1 - <u, v>, u = x / |x|, v = c / |c|
+        xn = xs.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        cn = c.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        u, v = xs / xn, c / cn
+        s = (u * v).sum(-1, keepdim=True)
+        gx, gc = -g * (v - s * u) / xn, -g * (u - s * v) / cn
+    grad_x = gx.sum(1).to(x.dtype) if need_x else None
+    grad_codebook = None
+    if need_codebook:
+        acc = torch.zeros(codebook.shape, dtype=grad.dtype, device=codebook.device)
+        acc.index_add_(0, indices.clamp_min(0).reshape(-1), gc.reshape(-1, gc.shape[-1]))
+        grad_codebook = acc.to(codebook.dtype)
+    return grad_x, grad_codebook
+
+
+def _search_setup(ctx, inputs, output):
+    x, codebook = inputs[0], inputs[1]
+    ctx.metric = inputs[-1]
+    ctx.save_for_backward(x, codebook, output[0])
+
+
+def _nearest_code_backward(ctx, grad_indices, grad_distances):
+    x, codebook, indices = ctx.saved_tensors
+    gx, gc = _distance_grads(x, codebook, indices.unsqueeze(1), grad_distances.unsqueeze(1), ctx.metric,
+                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return gx, gc, None
+
+
+def _nearest_code_topk_backward(ctx, grad_indices, grad_distances):
+    x, codebook, indices = ctx.saved_tensors
+    gx, gc = _distance_grads(x, codebook, indices, grad_distances, ctx.metric,
+                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return gx, gc, None, None
+
+
+def _vq_quantize_setup(ctx, inputs, output):
+    x, codebook, _ = inputs
+    ctx.save_for_backward(x, codebook, output[1])
+
+
+def _vq_quantize_backward(ctx, grad_quantized, grad_indices, grad_commit, grad_codebook_loss):
+    x, codebook, indices = ctx.saved_tensors
+    grad_x, grad_codebook = torch.ops.vqkernels.vq_quantize_backward(
+        grad_quantized, grad_commit, grad_codebook_loss, x, codebook, indices)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_codebook if ctx.needs_input_grad[1] else None, None)
+
+
+torch.library.register_autograd("vqkernels::nearest_code", _nearest_code_backward, setup_context=_search_setup)
+torch.library.register_autograd("vqkernels::nearest_code_topk", _nearest_code_topk_backward,
+                                setup_context=_search_setup)
+torch.library.register_autograd("vqkernels::vq_quantize", _vq_quantize_backward, setup_context=_vq_quantize_setup)
