@@ -56,13 +56,13 @@ if build_cuda_env == "1" and not build_cuda:
                        f"toolkit root found: {cuda_home} (set CUDA_HOME to a root with include/cuda_runtime.h)")
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DVQK_WITH_CUDA=%d" % int(build_cuda)]
+cxx_flags = ["-O3", "-fopenmp", "-DVQK_WITH_CUDA=%d" % int(build_cuda)]
 if build_cuda:
     ext = CUDAExtension(
         "vqkernels._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         extra_link_args=["-fopenmp"],
     )
 else:

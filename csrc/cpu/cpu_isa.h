@@ -1,0 +1,18 @@
+// Run-time choice of the CPU kernels' instruction set: AVX2+FMA where the CPU has it,
+// a portable path everywhere else (never an illegal instruction on an older CPU).
+#pragma once
+
+#include <string>
+
+namespace vqk {
+
+enum class Isa { Portable, Avx2 };
+
+bool cpu_has_avx2();             // what the CPU (and OS) support
+Isa active_isa();                // what the kernels use now
+std::string isa_name(Isa isa);
+// "auto" (the best the CPU has; the start-up default, or VQK_CPU_ISA), "avx2" or "portable".
+// Returns the ISA now in force; asking for avx2 on a CPU without it is an error.
+std::string set_isa(const std::string& name);
+
+}  // namespace vqk

@@ -1,0 +1,91 @@
+// CPU kernel of vqkernels::ema_update_: the VQ-VAE / Sonnet EMA codebook update, in place.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/scatter.h"
+
+namespace vqk {
+namespace cpu {
+namespace {
+
+void check_ema(const at::Tensor& codebook, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+               const at::Tensor& x, const at::Tensor& indices, double decay, double eps) {
+  const char* op = "ema_update_";
+  VQK_CHECK(codebook.dim() == 2, op, "codebook must be 2-D [K, D], got shape ", shape_str(codebook));
+  const int64_t K = codebook.size(0), D = codebook.size(1);
+  check_float(op, "codebook", codebook);
+  VQK_CHECK(x.dim() == 2 && x.size(1) == D, op, "x must be 2-D [N, D=", D, "], got shape ", shape_str(x));
+  check_float(op, "x", x);
+  const auto st = cluster_size.scalar_type();
+  VQK_CHECK((st == at::kFloat || st == at::kDouble) && embed_sum.scalar_type() == st, op,
+            "cluster_size and embed_sum must both be float32 or both float64, got ", st, " and ",
+            embed_sum.scalar_type());
+  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K, op, "cluster_size must have shape [K=", K,
+            "], got ", shape_str(cluster_size));
+  VQK_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == K && embed_sum.size(1) == D, op,
+            "embed_sum must have shape [K=", K, ", D=", D, "], got ", shape_str(embed_sum));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cluster_size", cluster_size},
+                                {"embed_sum", embed_sum}, {"x", x}})
+    VQK_CHECK(t.device() == codebook.device(), op, name, " is on ", t.device(), " but codebook is on ",
+              codebook.device());
+  check_indices(op, indices, x.size(0), codebook.device());
+  VQK_CHECK(decay >= 0.0 && decay <= 1.0, op, "decay must be in [0, 1], got ", decay);
+  VQK_CHECK(eps >= 0.0, op, "eps must be >= 0, got ", eps);
+}
+
+void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                 const at::Tensor& x, const at::Tensor& indices, double decay, double eps) {
+  check_ema(codebook, cluster_size, embed_sum, x, indices, decay, eps);
+  const int64_t K = codebook.size(0), D = codebook.size(1), n = x.size(0);
+  const at::Tensor idx = indices.contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    VQK_CHECK(ip[r] >= -1 && ip[r] < K, "ema_update_", "indices must be in [-1, K=", K, "), got ", ip[r],
+              " at row ", r);
+  AT_DISPATCH_FLOATING_TYPES(cluster_size.scalar_type(), "ema_update_", [&] {
+    using S = scalar_t;  // statistics type
+    const at::Tensor xs = x.to(cluster_size.scalar_type()).contiguous();
+    const S* xp = xs.const_data_ptr<S>();
+    // This step's counts and sums per code, in row order per code (deterministic).
+    std::vector<S> counts(K, S(0)), sums(K * D, S(0));
+    scatter_by_code(ip, n, K, [&](int64_t k, int64_t r) {
+      counts[k] += S(1);
+      for (int64_t d = 0; d < D; ++d) sums[k * D + d] += xp[r * D + d];
+    });
+    S* cs = cluster_size.data_ptr<S>();
+    S* es = embed_sum.data_ptr<S>();
+    const int64_t cs0 = cluster_size.stride(0), es0 = embed_sum.stride(0), es1 = embed_sum.stride(1);
+    const S keep = static_cast<S>(decay), take = static_cast<S>(1.0 - decay);
+    double total = 0;  // serial sum: same result for any thread count
+    for (int64_t k = 0; k < K; ++k) {
+      cs[k * cs0] = keep * cs[k * cs0] + take * counts[k];
+      total += cs[k * cs0];
+    }
+    const S tot = static_cast<S>(total), denom = static_cast<S>(total + K * eps);
+    const int64_t cb0 = codebook.stride(0), cb1 = codebook.stride(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "ema_update_codebook", [&] {
+      scalar_t* cb = codebook.data_ptr<scalar_t>();
+      at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const S smoothed = (cs[k * cs0] + static_cast<S>(eps)) / denom * tot;
+          for (int64_t d = 0; d < D; ++d) {
+            S& e = es[k * es0 + d * es1];
+            e = keep * e + take * sums[k * D + d];
+            cb[k * cb0 + d * cb1] = static_cast<scalar_t>(e / smoothed);
+          }
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vqk
+
+TORCH_LIBRARY_IMPL(vqkernels, CPU, m) { m.impl("ema_update_", &vqk::cpu::ema_update_); }

@@ -1,0 +1,118 @@
+// CPU kernels of vqkernels::nearest_code and vqkernels::nearest_code_topk.
+#include <torch/library.h>
+
+#include "cpu/search.h"
+
+namespace vqk {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook,
+                                                c10::string_view metric_name) {
+  const Metric metric = check_search("nearest_code", x, codebook, metric_name);
+  const int64_t n = x.size(0);
+  at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, x.options().dtype(compute_dtype(x, codebook)));
+  if (n == 0) return {indices, distances};
+  with_compute_type(x, codebook, [&](auto t) {
+    using T = decltype(t);
+    const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
+    const RowSource<T> src(x);
+    int64_t* idx = indices.data_ptr<int64_t>();
+    T* dist = distances.data_ptr<T>();
+    struct Scratch {
+      std::vector<T> rows, best;
+      std::vector<int32_t> bidx;
+    };
+    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+      int64_t ld;
+      const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
+      nearest_rows(pc, xr, ld, r1 - r0, s.best, s.bidx, idx + r0, dist + r0);
+    });
+  });
+  return {indices, distances};
+}
+
+// Inserts (s, code) into the sorted list (d, i) of length k if it beats the last entry;
+// equal scores keep the earlier (lower) code first.
+template <typename T>
+inline void topk_insert(T* d, int64_t* i, int64_t k, T s, int64_t code) {
+  if (!(s < d[k - 1])) return;
+  int64_t pos = k - 1;
+  while (pos > 0 && d[pos - 1] > s) {
+    d[pos] = d[pos - 1];
+    i[pos] = i[pos - 1];
+    --pos;
+  }
+  d[pos] = s;
+  i[pos] = code;
+}
+
+// The k best of one row by score -> by exact distance, re-sorted (distance, then index).
+template <typename T>
+void finish_topk_row(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t* i, T* d) {
+  if (row_has_nan(xr, pc.D)) {
+    std::fill(i, i + k, -1);
+    std::fill(d, d + k, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  if (i[k - 1] < 0) {  // fewer than k codes with a finite score: rank exactly
+    rank_row_exact(pc, xr, k, i, d);
+    return;
+  }
+  std::vector<std::pair<T, int64_t>> v(k);
+  for (int64_t j = 0; j < k; ++j) v[j] = {static_cast<T>(exact_distance(pc, xr, i[j])), i[j]};
+  std::sort(v.begin(), v.end());
+  for (int64_t j = 0; j < k; ++j) std::tie(d[j], i[j]) = v[j];
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const at::Tensor& codebook, int64_t k,
+                                                     c10::string_view metric_name) {
+  const Metric metric = check_search("nearest_code_topk", x, codebook, metric_name);
+  VQK_CHECK(k >= 1 && k <= codebook.size(0), "nearest_code_topk", "k must be in [1, K=", codebook.size(0),
+            "], got k=", k);
+  const int64_t n = x.size(0);
+  at::Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n, k}, x.options().dtype(compute_dtype(x, codebook)));
+  if (n == 0) return {indices, distances};
+  with_compute_type(x, codebook, [&](auto t) {
+    using T = decltype(t);
+    const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
+    const RowSource<T> src(x);
+    int64_t* idx = indices.data_ptr<int64_t>();
+    T* dist = distances.data_ptr<T>();
+    struct Scratch {
+      std::vector<T> rows, tile;
+    };
+    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+      int64_t ld;
+      const T* x0 = src.rows(r0, r1 - r0, s.rows, ld);
+      s.tile.resize(kMR * kLanes);
+      std::fill(dist + r0 * k, dist + r1 * k, std::numeric_limits<T>::infinity());
+      std::fill(idx + r0 * k, idx + r1 * k, -1);
+      with_kernel<T>([&](auto kern) {
+        using Kern = decltype(kern);
+        for (int64_t r = r0; r < r1; r += kMR) {
+          const int64_t mr = std::min<int64_t>(kMR, r1 - r);
+          for (int64_t p = 0; p < pc.P; ++p) {
+            with_mr(mr, [&](auto m) { Kern::template scores<decltype(m)::value>(x0 + (r - r0) * ld, ld, pc, p, s.tile.data()); });
+            for (int64_t rr = 0; rr < mr; ++rr)
+              for (int j = 0; j < kLanes; ++j)
+                topk_insert(dist + (r + rr) * k, idx + (r + rr) * k, k, s.tile[rr * kLanes + j], p * kLanes + j);
+          }
+        }
+      });
+      for (int64_t r = r0; r < r1; ++r) finish_topk_row(pc, x0 + (r - r0) * ld, k, idx + r * k, dist + r * k);
+    });
+  });
+  return {indices, distances};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vqk
+
+TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("nearest_code", &vqk::cpu::nearest_code);
+  m.impl("nearest_code_topk", &vqk::cpu::nearest_code_topk);
+}

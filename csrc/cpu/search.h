@@ -1,0 +1,403 @@
+// The fused nearest-code search engine shared by the CPU kernels of nearest_code,
+// nearest_code_topk and vq_quantize.
+//
+// The codebook is packed once into panels of kLanes codes ([panel][D][kLanes], so one
+// SIMD load holds one coordinate of many codes), with a per-code term so that
+//     score(x, c) = cterm[c] + alpha * <x, c>
+// orders codes like the metric's distance (l2: |c|^2 - 2<x,c>; ip and cosine on
+// normalised codes: -<x,c>). A register tile of kMR rows x kLanes codes is accumulated
+// over D, turned into scores and folded into a running minimum per row and lane; the
+// N x K distance matrix is never formed. Rows are processed in blocks of kRowBlock, one
+// task each (at::parallel_for), and the codebook in L2-sized chunks of panels.
+//
+// NaN rules: a code holding a NaN gets cterm = NaN, so its score is NaN and loses every
+// strict '<' comparison: it is never chosen. A row of x holding a NaN gets index -1.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define VQK_X86 1
+#define VQK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define VQK_X86 0
+#endif
+
+#include "checks.h"
+#include "cpu/cpu_isa.h"
+
+namespace vqk {
+namespace cpu {
+
+constexpr int kLanes = 16;              // codes per panel: two AVX2 registers
+constexpr int kMR = 6;                  // rows per register tile: 12 accumulators + 2 code loads + 1 broadcast
+constexpr int64_t kRowBlock = 96;       // rows per parallel task
+constexpr int64_t kChunkBytes = 256 << 10;  // packed codebook bytes swept per pass over a row block
+constexpr double kNormEps = 1e-12;      // as torch.nn.functional.normalize
+
+template <typename T>
+struct PackedCodebook {
+  int64_t K = 0, D = 0, P = 0;  // codes, dimension, panels
+  Metric metric = Metric::L2;
+  T alpha = T(-2);
+  std::vector<T> data;          // [P][D][kLanes], padding codes are zero
+  std::vector<T> cterm;         // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
+  std::vector<uint8_t> bad;     // [K]: the code holds a NaN
+
+  const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
+  T at(int64_t k, int64_t d) const { return data[(k / kLanes) * D * kLanes + d * kLanes + k % kLanes]; }
+};
+
+template <typename T>
+PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
+  PackedCodebook<T> pc;
+  pc.K = codebook.size(0);
+  pc.D = codebook.size(1);
+  pc.P = (pc.K + kLanes - 1) / kLanes;
+  pc.metric = metric;
+  pc.alpha = metric == Metric::L2 ? T(-2) : T(-1);
+  pc.data.assign(pc.P * pc.D * kLanes, T(0));
+  pc.cterm.assign(pc.P * kLanes, std::numeric_limits<T>::quiet_NaN());
+  pc.bad.assign(pc.K, 0);
+  const int64_t s0 = codebook.stride(0), s1 = codebook.stride(1), D = pc.D;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "vqk_pack", [&] {
+    const scalar_t* src = codebook.const_data_ptr<scalar_t>();
+    at::parallel_for(0, pc.K, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const scalar_t* row = src + k * s0;
+        double sq = 0;
+        bool nan = false;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = static_cast<double>(row[d * s1]);
+          sq += v * v;
+          nan |= std::isnan(v);
+        }
+        const double norm = metric == Metric::Cosine ? std::max(std::sqrt(sq), kNormEps) : 1.0;  // divide, as F.normalize
+        T* dst = pc.data.data() + (k / kLanes) * D * kLanes + k % kLanes;
+        double norm2 = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const T v = static_cast<T>(static_cast<double>(row[d * s1]) / norm);
+          dst[d * kLanes] = v;
+          norm2 += static_cast<double>(v) * static_cast<double>(v);
+        }
+        pc.bad[k] = nan;
+        pc.cterm[k] = nan ? std::numeric_limits<T>::quiet_NaN() : (metric == Metric::L2 ? static_cast<T>(norm2) : T(0));
+      }
+    });
+  });
+  return pc;
+}
+
+// Rows of x as T: a pointer straight into x when it already is row-contiguous T,
+// else converted block by block into a scratch buffer (never a full copy of x).
+template <typename T>
+class RowSource {
+ public:
+  explicit RowSource(const at::Tensor& x)
+      : x_(x), D_(x.size(1)), direct_(x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.stride(1) == 1) {}
+
+  const T* rows(int64_t r0, int64_t n, std::vector<T>& buf, int64_t& ld) const {
+    if (direct_) {
+      ld = x_.stride(0);
+      return x_.const_data_ptr<T>() + r0 * ld;
+    }
+    buf.resize(n * D_);
+    ld = D_;
+    const int64_t s0 = x_.stride(0), s1 = x_.stride(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "vqk_rows", [&] {
+      const scalar_t* src = x_.const_data_ptr<scalar_t>() + r0 * s0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < D_; ++d) buf[i * D_ + d] = static_cast<T>(src[i * s0 + d * s1]);
+    });
+    return buf.data();
+  }
+
+ private:
+  const at::Tensor& x_;
+  int64_t D_;
+  bool direct_;
+};
+
+// ---------------------------------------------------------------------------------------
+// Register-tile kernels. Each kernel type offers
+//   nearest<MR>(x, ldx, pc, p0, p1, best, bidx): fold panels [p0, p1) into the running
+//       minimum best/bidx [MR][kLanes] of MR rows (strict '<': the earlier code keeps a tie);
+//   scores<MR>(x, ldx, pc, p, out): the scores of MR rows against panel p into out [MR][kLanes].
+
+template <typename T>
+struct PortableKernel {
+  template <int MR>
+  static void tile(const T* x, int64_t ldx, const T* pan, int64_t D, T (&acc)[MR][kLanes]) {
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < kLanes; ++j) acc[r][j] = T(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const T* c = pan + d * kLanes;
+      for (int r = 0; r < MR; ++r) {
+        const T xv = x[r * ldx + d];
+        for (int j = 0; j < kLanes; ++j) acc[r][j] += xv * c[j];
+      }
+    }
+  }
+
+  template <int MR>
+  static void nearest(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p0, int64_t p1, T* best,
+                      int32_t* bidx) {
+    T acc[MR][kLanes];
+    for (int64_t p = p0; p < p1; ++p) {
+      tile<MR>(x, ldx, pc.panel(p), pc.D, acc);
+      const T* ct = pc.cterm.data() + p * kLanes;
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < kLanes; ++j) {
+          const T s = ct[j] + pc.alpha * acc[r][j];
+          if (s < best[r * kLanes + j]) {
+            best[r * kLanes + j] = s;
+            bidx[r * kLanes + j] = static_cast<int32_t>(p * kLanes + j);
+          }
+        }
+    }
+  }
+
+  template <int MR>
+  static void scores(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p, T* out) {
+    T acc[MR][kLanes];
+    tile<MR>(x, ldx, pc.panel(p), pc.D, acc);
+    const T* ct = pc.cterm.data() + p * kLanes;
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < kLanes; ++j) out[r * kLanes + j] = ct[j] + pc.alpha * acc[r][j];
+  }
+};
+
+#if VQK_X86
+struct Avx2Kernel {
+  // DC > 0: D known at compile time (fully unrolled small-D paths); DC == 0: run-time D.
+  template <int MR, int DC>
+  VQK_TARGET_AVX2 static inline void tile(const float* x, int64_t ldx, const float* pan, int64_t D,
+                                          __m256 (&acc)[MR][2]) {
+    const int64_t n = DC > 0 ? DC : D;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < n; ++d) {
+      const __m256 c0 = _mm256_loadu_ps(pan + d * kLanes);
+      const __m256 c1 = _mm256_loadu_ps(pan + d * kLanes + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * ldx + d);
+        acc[r][0] = _mm256_fmadd_ps(xv, c0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, c1, acc[r][1]);
+      }
+    }
+  }
+
+  template <int MR, int DC>
+  VQK_TARGET_AVX2 static void nearest_d(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0,
+                                        int64_t p1, float* best, int32_t* bidx) {
+    const __m256 alpha = _mm256_set1_ps(pc.alpha);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[MR][2];
+    for (int64_t p = p0; p < p1; ++p) {
+      tile<MR, DC>(x, ldx, pc.panel(p), pc.D, acc);
+      const float* ct = pc.cterm.data() + p * kLanes;
+      const __m256i id0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(p * kLanes)), lane);
+      const __m256i id1 = _mm256_add_epi32(id0, _mm256_set1_epi32(8));
+      const __m256 ct0 = _mm256_loadu_ps(ct), ct1 = _mm256_loadu_ps(ct + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        float* b = best + r * kLanes;
+        int32_t* bi = bidx + r * kLanes;
+        const __m256 s0 = _mm256_fmadd_ps(alpha, acc[r][0], ct0);
+        const __m256 s1 = _mm256_fmadd_ps(alpha, acc[r][1], ct1);
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        const __m256 m0 = _mm256_cmp_ps(s0, b0, _CMP_LT_OQ), m1 = _mm256_cmp_ps(s1, b1, _CMP_LT_OQ);
+        _mm256_storeu_ps(b, _mm256_blendv_ps(b0, s0, m0));
+        _mm256_storeu_ps(b + 8, _mm256_blendv_ps(b1, s1, m1));
+        const __m256 i0 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi)));
+        const __m256 i1 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi + 8)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bi),
+                            _mm256_castps_si256(_mm256_blendv_ps(i0, _mm256_castsi256_ps(id0), m0)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bi + 8),
+                            _mm256_castps_si256(_mm256_blendv_ps(i1, _mm256_castsi256_ps(id1), m1)));
+      }
+    }
+  }
+
+  template <int MR>
+  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
+                      float* best, int32_t* bidx) {
+    switch (pc.D) {
+      case 4: return nearest_d<MR, 4>(x, ldx, pc, p0, p1, best, bidx);
+      case 8: return nearest_d<MR, 8>(x, ldx, pc, p0, p1, best, bidx);
+      case 16: return nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
+      case 32: return nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
+      default: return nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
+    }
+  }
+
+  template <int MR>
+  VQK_TARGET_AVX2 static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p,
+                                     float* out) {
+    __m256 acc[MR][2];
+    tile<MR, 0>(x, ldx, pc.panel(p), pc.D, acc);
+    const __m256 alpha = _mm256_set1_ps(pc.alpha);
+    const float* ct = pc.cterm.data() + p * kLanes;
+    const __m256 ct0 = _mm256_loadu_ps(ct), ct1 = _mm256_loadu_ps(ct + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(out + r * kLanes, _mm256_fmadd_ps(alpha, acc[r][0], ct0));
+      _mm256_storeu_ps(out + r * kLanes + 8, _mm256_fmadd_ps(alpha, acc[r][1], ct1));
+    }
+  }
+};
+#endif
+
+// Calls f(std::integral_constant<int, MR>{}) for a run-time MR in [1, kMR].
+template <typename F>
+inline void with_mr(int64_t mr, F&& f) {
+  switch (mr) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, kMR>{});
+  }
+}
+
+// Calls f(kernel) with the kernel type the active ISA selects for T.
+template <typename T, typename F>
+inline void with_kernel(F&& f) {
+#if VQK_X86
+  if constexpr (std::is_same<T, float>::value) {
+    if (active_isa() == Isa::Avx2) return f(Avx2Kernel{});
+  }
+#endif
+  f(PortableKernel<T>{});
+}
+
+// ---------------------------------------------------------------------------------------
+// Exact per-row quantities (accumulated in double): the distance to one code as the metric
+// defines it, used for the reported distances and for rows the fast path could not settle.
+
+template <typename T>
+double exact_distance(const PackedCodebook<T>& pc, const T* xr, int64_t k) {
+  double acc = 0, xx = 0;
+  for (int64_t d = 0; d < pc.D; ++d) {
+    const double xv = xr[d], cv = pc.at(k, d);
+    if (pc.metric == Metric::L2) {
+      acc += (xv - cv) * (xv - cv);
+    } else {
+      acc += xv * cv;
+      xx += xv * xv;
+    }
+  }
+  if (pc.metric == Metric::L2) return acc;
+  if (pc.metric == Metric::IP) return -acc;
+  return 1.0 - acc / std::max(std::sqrt(xx), kNormEps);
+}
+
+template <typename T>
+bool row_has_nan(const T* xr, int64_t D) {
+  for (int64_t d = 0; d < D; ++d)
+    if (std::isnan(static_cast<double>(xr[d]))) return true;
+  return false;
+}
+
+// Ranks every usable code of one row by exact distance (NaN distances rank as +inf),
+// ties to the lower index, and keeps the first k: the slow path for rows whose scores
+// were all NaN or infinite. Missing slots: index -1, distance +inf.
+template <typename T>
+void rank_row_exact(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t* idx, T* dist) {
+  std::vector<std::pair<double, int64_t>> cand;
+  for (int64_t c = 0; c < pc.K; ++c) {
+    if (pc.bad[c]) continue;
+    const double v = exact_distance(pc, xr, c);
+    cand.emplace_back(std::isnan(v) ? std::numeric_limits<double>::infinity() : v, c);
+  }
+  const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+  std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
+  for (int64_t j = 0; j < k; ++j) {
+    idx[j] = j < m ? cand[j].second : -1;
+    dist[j] = static_cast<T>(j < m ? cand[j].first : std::numeric_limits<double>::infinity());
+  }
+}
+
+// Nearest code of `rows` rows starting at x (leading dimension ldx): writes idx (-1 for a
+// NaN row or when no code is usable) and the exact distance (NaN for those rows).
+template <typename T>
+void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t rows, std::vector<T>& best,
+                  std::vector<int32_t>& bidx, int64_t* idx, T* dist) {
+  best.assign(rows * kLanes, std::numeric_limits<T>::infinity());
+  bidx.assign(rows * kLanes, -1);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, pc.D * kLanes * int64_t(sizeof(T))));
+  with_kernel<T>([&](auto kern) {
+    using Kern = decltype(kern);
+    for (int64_t p0 = 0; p0 < pc.P; p0 += chunk) {
+      const int64_t p1 = std::min(pc.P, p0 + chunk);
+      for (int64_t r = 0; r < rows; r += kMR) {
+        with_mr(std::min<int64_t>(kMR, rows - r), [&](auto mr) {
+          Kern::template nearest<decltype(mr)::value>(x + r * ldx, ldx, pc, p0, p1, best.data() + r * kLanes,
+                                                      bidx.data() + r * kLanes);
+        });
+      }
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    int64_t bi = -1;
+    T bs = std::numeric_limits<T>::infinity();
+    for (int j = 0; j < kLanes; ++j) {
+      const int32_t i = bidx[r * kLanes + j];
+      const T s = best[r * kLanes + j];
+      if (i >= 0 && (bi < 0 || s < bs || (s == bs && i < bi))) {
+        bi = i;
+        bs = s;
+      }
+    }
+    if (row_has_nan(xr, pc.D)) {
+      idx[r] = -1;
+      dist[r] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
+    if (bi < 0) {  // every score NaN or +inf (overflow, infinite inputs): rank exactly
+      rank_row_exact(pc, xr, 1, idx + r, dist + r);
+      if (idx[r] < 0) dist[r] = std::numeric_limits<T>::quiet_NaN();  // no usable code at all
+      continue;
+    }
+    idx[r] = bi;
+    dist[r] = static_cast<T>(exact_distance(pc, xr, bi));
+  }
+}
+
+// Runs fn(scratch, r0, r1) over blocks of kRowBlock rows in parallel; each parallel task
+// owns one Scratch.
+template <typename Scratch, typename F>
+void parallel_row_blocks(int64_t n, F&& fn) {
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    Scratch scratch;
+    for (int64_t b = b0; b < b1; ++b) fn(scratch, b * kRowBlock, std::min(n, (b + 1) * kRowBlock));
+  });
+}
+
+// Calls f(T{}) with T = double when either tensor is float64, else float.
+template <typename F>
+inline void with_compute_type(const at::Tensor& a, const at::Tensor& b, F&& f) {
+  if (compute_dtype(a, b) == at::kDouble)
+    f(double{});
+  else
+    f(float{});
+}
+
+}  // namespace cpu
+}  // namespace vqk

@@ -1,0 +1,118 @@
+// CPU kernels of vqkernels::vq_quantize (fused search + lookup + losses) and its backward.
+#include <torch/library.h>
+
+#include "cpu/scatter.h"
+#include "cpu/search.h"
+
+namespace vqk {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at::Tensor& x,
+                                                                       const at::Tensor& codebook,
+                                                                       c10::string_view metric_name) {
+  const Metric metric = check_search("vq_quantize", x, codebook, metric_name);
+  const int64_t n = x.size(0), D = x.size(1);
+  const auto loss_opts = x.options().dtype(compute_dtype(x, codebook));
+  at::Tensor quantized = at::empty({n, D}, x.options());
+  at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
+  if (n == 0 || D == 0) {
+    indices.zero_();  // D == 0: every code is at distance 0 and the first wins
+    return {quantized, indices, at::zeros({}, loss_opts), at::zeros({}, loss_opts)};
+  }
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  std::vector<double> partial(blocks, 0.0);  // per-block sums, added in block order: deterministic
+  with_compute_type(x, codebook, [&](auto t) {
+    using T = decltype(t);
+    const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
+    const at::Tensor cb = codebook.to(c10::CppTypeToScalarType<T>::value).contiguous();  // raw rows for lookup
+    const T* cbp = cb.const_data_ptr<T>();
+    const RowSource<T> src(x);
+    int64_t* idx = indices.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vq_quantize", [&] {
+      scalar_t* q = quantized.data_ptr<scalar_t>();
+      struct Scratch {
+        std::vector<T> rows, best, dist;
+        std::vector<int32_t> bidx;
+      };
+      parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+        int64_t ld;
+        const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
+        s.dist.resize(r1 - r0);
+        nearest_rows(pc, xr, ld, r1 - r0, s.best, s.bidx, idx + r0, s.dist.data());
+        double sum = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* xrow = xr + (r - r0) * ld;
+          scalar_t* qrow = q + r * D;
+          const int64_t k = idx[r];
+          if (k < 0) {
+            std::fill(qrow, qrow + D, std::numeric_limits<scalar_t>::quiet_NaN());
+            sum = std::numeric_limits<double>::quiet_NaN();
+            continue;
+          }
+          const T* c = cbp + k * D;
+          for (int64_t d = 0; d < D; ++d) {
+            qrow[d] = static_cast<scalar_t>(c[d]);
+            const double e = static_cast<double>(xrow[d]) - static_cast<double>(c[d]);
+            sum += e * e;
+          }
+        }
+        partial[r0 / kRowBlock] = sum;
+      });
+    });
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  at::Tensor loss = at::full({}, total / static_cast<double>(n * D), loss_opts);
+  return {quantized, indices, loss, loss.clone()};
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_quantize_backward(const at::Tensor& grad_quantized,
+                                                        const at::Tensor& grad_commit_loss,
+                                                        const at::Tensor& grad_codebook_loss, const at::Tensor& x,
+                                                        const at::Tensor& codebook, const at::Tensor& indices) {
+  const char* op = "vq_quantize_backward";
+  check_search(op, x, codebook, "l2");
+  check_indices(op, indices, x.size(0), x.device());
+  VQK_CHECK(grad_quantized.sizes() == x.sizes(), op, "grad_quantized must have x's shape ", shape_str(x), ", got ",
+            shape_str(grad_quantized));
+  VQK_CHECK(grad_commit_loss.numel() == 1 && grad_codebook_loss.numel() == 1, op,
+            "the loss gradients must be scalars");
+  const int64_t n = x.size(0), D = x.size(1), K = codebook.size(0);
+  const auto ct = compute_dtype(x, codebook);
+  const double scale = 2.0 / static_cast<double>(std::max<int64_t>(n * D, 1));
+  const double a = grad_commit_loss.item<double>() * scale, b = grad_codebook_loss.item<double>() * scale;
+  at::Tensor gx = grad_quantized.to(ct).contiguous();  // a fresh buffer unless already contiguous ct
+  if (gx.is_same(grad_quantized)) gx = gx.clone();
+  at::Tensor gcb = at::zeros({K, D}, codebook.options().dtype(ct));
+  const at::Tensor xs = x.to(ct).contiguous(), cb = codebook.to(ct).contiguous(), idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "vq_quantize_backward", [&] {
+    const scalar_t* xp = xs.const_data_ptr<scalar_t>();
+    const scalar_t* cp = cb.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    scalar_t* gcp = gcb.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k = ip[r];
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t qv = k >= 0 ? cp[k * D + d] : std::numeric_limits<scalar_t>::quiet_NaN();
+          gxp[r * D + d] += static_cast<scalar_t>(a) * (xp[r * D + d] - qv);
+        }
+      }
+    });
+    scatter_by_code(ip, n, K, [&](int64_t k, int64_t r) {
+      for (int64_t d = 0; d < D; ++d) gcp[k * D + d] += static_cast<scalar_t>(b) * (cp[k * D + d] - xp[r * D + d]);
+    });
+  });
+  return {gx.to(x.scalar_type()), gcb.to(codebook.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vqk
+
+TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("vq_quantize", &vqk::cpu::vq_quantize);
+  m.impl("vq_quantize_backward", &vqk::cpu::vq_quantize_backward);
+}

@@ -1,0 +1,27 @@
+// The Python module vqkernels._C. Loading it registers the compiled kernels (each backend
+// file's TORCH_LIBRARY_IMPL); the op schemas live in vqkernels/schemas.py. The functions
+// here report and steer build facts for vqkernels.info and the tests.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "cpu/cpu_isa.h"
+#if VQK_WITH_CUDA
+#include "cuda/probe.h"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vqkernels compiled kernels";
+  m.def("cpu_isa", [] { return vqk::isa_name(vqk::active_isa()); }, "The CPU kernels' instruction set in use.");
+  m.def("set_cpu_isa", &vqk::set_isa, "Choose the CPU instruction set: 'auto', 'avx2' or 'portable'.");
+  m.def("cpu_has_avx2", &vqk::cpu_has_avx2, "Whether this CPU supports AVX2 and FMA.");
+  m.def("cuda_compiled", [] { return bool(VQK_WITH_CUDA); }, "Whether the CUDA sources were built.");
+#if VQK_WITH_CUDA
+  m.def("cuda_runtime_version", &vqk::cuda::runtime_version, "CUDART_VERSION compiled against.");
+  m.def("cuda_selftest", [] {
+    const char* err = vqk::cuda::selftest();
+    return err ? std::string(err) : std::string("ok");
+  }, "Launch the probe kernel on the current CUDA device: 'ok' or what failed.");
+#endif
+}
