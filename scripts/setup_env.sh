@@ -1,0 +1,14 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: creates .venv in the repo root if missing,
+# installs the dependencies and builds vqkernels in place (editable). CUDA sources are
+# compiled too when a toolkit is found (see setup.py; VQK_BUILD_CUDA=0 skips them).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q "torch>=2.4" numpy ninja "setuptools>=64" wheel
+python -m pip install -q --no-build-isolation -e ".[test${VQK_EXTRAS:+,$VQK_EXTRAS}]"

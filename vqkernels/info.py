@@ -1,0 +1,57 @@
+"""``python -m vqkernels.info``: build facts, CPU capabilities, and which backend serves each op."""
+
+import platform
+
+import torch
+
+from . import _backend
+from .schemas import SCHEMAS
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report():
+    """The facts as (key, value) rows and the op x device backend table."""
+    C = _backend._C
+    cuda_built = _backend.cuda_compiled()
+    facts = [
+        ("vqkernels", __import__("vqkernels").__version__),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("compiled extension", "loaded" if C is not None else "missing: pure-PyTorch reference kernels serve every op"),
+        ("CPU", f"{_cpu_model()}, {torch.get_num_threads()} threads"),
+        ("CPU AVX2+FMA", "yes" if C is not None and C.cpu_has_avx2() else ("no" if C is not None else "unknown")),
+        ("CPU kernels ISA", _backend.cpu_isa() or "n/a"),
+        ("CUDA sources compiled", "yes (CUDA runtime %d)" % C.cuda_runtime_version() if cuda_built else "no"),
+        ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+    ]
+    if cuda_built and torch.cuda.is_available():
+        facts.append(("CUDA probe kernel", C.cuda_selftest()))
+    devices = ["cpu", "cuda"]
+    table = [(op, [_backend.backend(op, dev) for dev in devices]) for op in SCHEMAS]
+    return facts, devices, table
+
+
+def main():
+    facts, devices, table = report()
+    width = max(len(k) for k, _ in facts)
+    for key, value in facts:
+        print(f"{key:<{width}}  {value}")
+    print()
+    opw = max(len(op) for op, _ in table)
+    colw = max(len(b) for _, row in table for b in row)
+    print(f"{'op':<{opw}}  " + "  ".join(f"{d:<{colw}}" for d in devices))
+    for op, row in table:
+        print(f"{op:<{opw}}  " + "  ".join(f"{b:<{colw}}" for b in row))
+
+
+if __name__ == "__main__":
+    main()
