@@ -10,5 +10,6 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+export VQK_REQUIRE_EXTENSION=1  # a compile error fails the set-up instead of falling back
 python -m pip install -q "torch>=2.4" numpy ninja "setuptools>=64" wheel
 python -m pip install -q --no-build-isolation -e ".[test${VQK_EXTRAS:+,$VQK_EXTRAS}]"

@@ -1,0 +1,42 @@
+"""The build: the compiled extension is loaded, and its CUDA half holds kernels for the
+architectures it was built for whenever torch has CUDA and a toolkit is present."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+
+import pytest
+import torch
+
+from vq_helpers import vqkernels
+
+def _toolkit_present():
+    """A CUDA toolkit as setup.py looks for one (CUDA_HOME, CUDA_PATH, /usr/local/cuda*)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *glob.glob("/usr/local/cuda*")]
+    return any(r and os.path.isfile(os.path.join(r, "include", "cuda_runtime.h")) for r in roots)
+
+
+@pytest.mark.skipif(os.environ.get("VQK_ALLOW_REFERENCE") == "1", reason="reference-only run requested")
+def test_extension_loaded():
+    assert vqkernels.compiled(), "vqkernels._C did not load: the ops run on the reference kernels"
+    assert vqkernels.cpu_isa() in ("avx2", "portable")
+
+
+def test_cuda_sources_built_for_arch_list():
+    if not vqkernels.compiled() or torch.version.cuda is None or not _toolkit_present():
+        pytest.skip("no CUDA torch or no CUDA toolkit here: the CUDA sources are not expected")
+    if os.environ.get("VQK_BUILD_CUDA") == "0":
+        pytest.skip("VQK_BUILD_CUDA=0")
+    assert vqkernels.cuda_compiled()
+    cuobjdump = glob.glob(os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin),
+                                       "backends", "nvidia", "bin", "cuobjdump")) if importlib.util.find_spec(
+        "triton") else []
+    if not cuobjdump:
+        pytest.skip("no cuobjdump (the triton wheel ships one) to list the device code")
+    so = vqkernels._backend._C.__file__
+    listing = subprocess.run([cuobjdump[0], "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    for arch in wanted.replace(",", ";").split(";"):
+        sm = "sm_" + arch.strip().split("+")[0].replace(".", "")
+        assert sm in listing, f"no {sm} device code in {so}:\n{listing}"
