@@ -2,10 +2,12 @@
 // nearest_code_topk and vq_quantize.
 //
 // The codebook is packed once into panels of kLanes codes ([panel][D][kLanes], so one
-// SIMD load holds one coordinate of many codes), with a per-code term so that
-//     score(x, c) = cterm[c] + alpha * <x, c>
+// SIMD load holds one coordinate of many codes), scaled by alpha and with a per-code term so
+// that the score
+//     score(x, c) = cterm[c] + <x, alpha * c>
 // orders codes like the metric's distance (l2: |c|^2 - 2<x,c>; ip and cosine on
-// normalised codes: -<x,c>). A register tile of kMR rows x kLanes codes is accumulated
+// normalised codes: -<x,c>). alpha is -2 or -1, so the scaling is exact, and the
+// accumulators start at cterm: the tile's sums are the scores. A register tile of kMR rows x kLanes codes is accumulated
 // over D, turned into scores and folded into a running minimum per row and lane; the
 // N x K distance matrix is never formed. Rows are processed in blocks of kRowBlock, one
 // task each (at::parallel_for), and the codebook in L2-sized chunks of panels.
@@ -50,13 +52,14 @@ template <typename T>
 struct PackedCodebook {
   int64_t K = 0, D = 0, P = 0;  // codes, dimension, panels
   Metric metric = Metric::L2;
-  T alpha = T(-2);
+  T alpha = T(-2);               // the packed codes are alpha * c (exact: a power of two)
   std::vector<T> data;          // [P][D][kLanes], padding codes are zero
   std::vector<T> cterm;         // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
   std::vector<uint8_t> bad;     // [K]: the code holds a NaN
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
-  T at(int64_t k, int64_t d) const { return data[(k / kLanes) * D * kLanes + d * kLanes + k % kLanes]; }
+  // Coordinate d of code k as the metric sees it (normalised for cosine), undoing alpha exactly.
+  T at(int64_t k, int64_t d) const { return data[(k / kLanes) * D * kLanes + d * kLanes + k % kLanes] / alpha; }
 };
 
 template <typename T>
@@ -88,7 +91,7 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
         double norm2 = 0;
         for (int64_t d = 0; d < D; ++d) {
           const T v = static_cast<T>(static_cast<double>(row[d * s1]) / norm);
-          dst[d * kLanes] = v;
+          dst[d * kLanes] = pc.alpha * v;
           norm2 += static_cast<double>(v) * static_cast<double>(v);
         }
         pc.bad[k] = nan;
@@ -138,10 +141,12 @@ class RowSource {
 template <typename T>
 struct PortableKernel {
   template <int MR>
-  static void tile(const T* x, int64_t ldx, const T* pan, int64_t D, T (&acc)[MR][kLanes]) {
+  static void tile(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p, T (&acc)[MR][kLanes]) {
+    const T* ct = pc.cterm.data() + p * kLanes;
+    const T* pan = pc.panel(p);
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < kLanes; ++j) acc[r][j] = T(0);
-    for (int64_t d = 0; d < D; ++d) {
+      for (int j = 0; j < kLanes; ++j) acc[r][j] = ct[j];
+    for (int64_t d = 0; d < pc.D; ++d) {
       const T* c = pan + d * kLanes;
       for (int r = 0; r < MR; ++r) {
         const T xv = x[r * ldx + d];
@@ -155,26 +160,22 @@ struct PortableKernel {
                       int32_t* bidx) {
     T acc[MR][kLanes];
     for (int64_t p = p0; p < p1; ++p) {
-      tile<MR>(x, ldx, pc.panel(p), pc.D, acc);
-      const T* ct = pc.cterm.data() + p * kLanes;
+      tile<MR>(x, ldx, pc, p, acc);
       for (int r = 0; r < MR; ++r)
-        for (int j = 0; j < kLanes; ++j) {
-          const T s = ct[j] + pc.alpha * acc[r][j];
-          if (s < best[r * kLanes + j]) {
-            best[r * kLanes + j] = s;
+        for (int j = 0; j < kLanes; ++j)
+          if (acc[r][j] < best[r * kLanes + j]) {
+            best[r * kLanes + j] = acc[r][j];
             bidx[r * kLanes + j] = static_cast<int32_t>(p * kLanes + j);
           }
-        }
     }
   }
 
   template <int MR>
   static void scores(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p, T* out) {
     T acc[MR][kLanes];
-    tile<MR>(x, ldx, pc.panel(p), pc.D, acc);
-    const T* ct = pc.cterm.data() + p * kLanes;
+    tile<MR>(x, ldx, pc, p, acc);
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < kLanes; ++j) out[r * kLanes + j] = ct[j] + pc.alpha * acc[r][j];
+      for (int j = 0; j < kLanes; ++j) out[r * kLanes + j] = acc[r][j];
   }
 };
 
@@ -182,11 +183,17 @@ struct PortableKernel {
 struct Avx2Kernel {
   // DC > 0: D known at compile time (fully unrolled small-D paths); DC == 0: run-time D.
   template <int MR, int DC>
-  VQK_TARGET_AVX2 static inline void tile(const float* x, int64_t ldx, const float* pan, int64_t D,
+  VQK_TARGET_AVX2 static inline void tile(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p,
                                           __m256 (&acc)[MR][2]) {
-    const int64_t n = DC > 0 ? DC : D;
+    const int64_t n = DC > 0 ? DC : pc.D;
+    const float* pan = pc.panel(p);
+    const __m256 ct0 = _mm256_loadu_ps(pc.cterm.data() + p * kLanes);
+    const __m256 ct1 = _mm256_loadu_ps(pc.cterm.data() + p * kLanes + 8);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = ct0;
+      acc[r][1] = ct1;
+    }
 #pragma GCC unroll 4
     for (int64_t d = 0; d < n; ++d) {
       const __m256 c0 = _mm256_loadu_ps(pan + d * kLanes);
@@ -203,25 +210,20 @@ struct Avx2Kernel {
   template <int MR, int DC>
   VQK_TARGET_AVX2 static void nearest_d(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0,
                                         int64_t p1, float* best, int32_t* bidx) {
-    const __m256 alpha = _mm256_set1_ps(pc.alpha);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc[MR][2];
     for (int64_t p = p0; p < p1; ++p) {
-      tile<MR, DC>(x, ldx, pc.panel(p), pc.D, acc);
-      const float* ct = pc.cterm.data() + p * kLanes;
+      tile<MR, DC>(x, ldx, pc, p, acc);
       const __m256i id0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(p * kLanes)), lane);
       const __m256i id1 = _mm256_add_epi32(id0, _mm256_set1_epi32(8));
-      const __m256 ct0 = _mm256_loadu_ps(ct), ct1 = _mm256_loadu_ps(ct + 8);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         float* b = best + r * kLanes;
         int32_t* bi = bidx + r * kLanes;
-        const __m256 s0 = _mm256_fmadd_ps(alpha, acc[r][0], ct0);
-        const __m256 s1 = _mm256_fmadd_ps(alpha, acc[r][1], ct1);
         const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-        const __m256 m0 = _mm256_cmp_ps(s0, b0, _CMP_LT_OQ), m1 = _mm256_cmp_ps(s1, b1, _CMP_LT_OQ);
-        _mm256_storeu_ps(b, _mm256_blendv_ps(b0, s0, m0));
-        _mm256_storeu_ps(b + 8, _mm256_blendv_ps(b1, s1, m1));
+        const __m256 m0 = _mm256_cmp_ps(acc[r][0], b0, _CMP_LT_OQ), m1 = _mm256_cmp_ps(acc[r][1], b1, _CMP_LT_OQ);
+        _mm256_storeu_ps(b, _mm256_blendv_ps(b0, acc[r][0], m0));
+        _mm256_storeu_ps(b + 8, _mm256_blendv_ps(b1, acc[r][1], m1));
         const __m256 i0 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi)));
         const __m256 i1 = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi + 8)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bi),
@@ -248,14 +250,11 @@ struct Avx2Kernel {
   VQK_TARGET_AVX2 static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p,
                                      float* out) {
     __m256 acc[MR][2];
-    tile<MR, 0>(x, ldx, pc.panel(p), pc.D, acc);
-    const __m256 alpha = _mm256_set1_ps(pc.alpha);
-    const float* ct = pc.cterm.data() + p * kLanes;
-    const __m256 ct0 = _mm256_loadu_ps(ct), ct1 = _mm256_loadu_ps(ct + 8);
+    tile<MR, 0>(x, ldx, pc, p, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(out + r * kLanes, _mm256_fmadd_ps(alpha, acc[r][0], ct0));
-      _mm256_storeu_ps(out + r * kLanes + 8, _mm256_fmadd_ps(alpha, acc[r][1], ct1));
+      _mm256_storeu_ps(out + r * kLanes, acc[r][0]);
+      _mm256_storeu_ps(out + r * kLanes + 8, acc[r][1]);
     }
   }
 };
