@@ -46,6 +46,8 @@ constexpr int kLanes = 16;              // codes per panel: two AVX2 registers
 constexpr int kMR = 6;                  // rows per register tile: 12 accumulators + 2 code loads + 1 broadcast
 constexpr int64_t kRowBlock = 96;       // rows per parallel task
 constexpr int64_t kChunkBytes = 256 << 10;  // packed codebook bytes swept per pass over a row block
+constexpr int64_t kSmallD = 8;              // D at most this: rows stream the codebook one at a time...
+constexpr int64_t kSmallChunkBytes = 16 << 10;  // ...so their chunk stays in L1
 constexpr double kNormEps = 1e-12;      // as torch.nn.functional.normalize
 
 template <typename T>
@@ -234,12 +236,57 @@ struct Avx2Kernel {
     }
   }
 
+  // Small D (<= kSmallD): one row at a time with its coordinates held in registers and its
+  // running minimum too, streaming an L1-resident chunk of panels 8 codes per step. Lane j
+  // of the state covers the codes = j (mod 8), visited in increasing order, so the strict
+  // '<' still leaves ties to the lower index; the state lives in lanes 0-7 of best/bidx.
+  template <int DC>
+  VQK_TARGET_AVX2 static void nearest_row_small(const float* x, const PackedCodebook<float>& pc, int64_t p0,
+                                                int64_t p1, float* best, int32_t* bidx) {
+    __m256 xv[DC];
+#pragma GCC unroll 8
+    for (int d = 0; d < DC; ++d) xv[d] = _mm256_set1_ps(x[d]);
+    __m256 b = _mm256_loadu_ps(best);
+    __m256 bi = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bidx)));
+    __m256i cur = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(p0 * kLanes)),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i step = _mm256_set1_epi32(8);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* pan = pc.panel(p);
+      const float* ct = pc.cterm.data() + p * kLanes;
+#pragma GCC unroll 2
+      for (int h = 0; h < kLanes; h += 8) {
+        __m256 acc = _mm256_loadu_ps(ct + h);
+#pragma GCC unroll 8
+        for (int d = 0; d < DC; ++d) acc = _mm256_fmadd_ps(xv[d], _mm256_loadu_ps(pan + d * kLanes + h), acc);
+        const __m256 m = _mm256_cmp_ps(acc, b, _CMP_LT_OQ);
+        b = _mm256_min_ps(acc, b);  // a NaN score or a tie keeps b (the second operand)
+        bi = _mm256_blendv_ps(bi, _mm256_castsi256_ps(cur), m);
+        cur = _mm256_add_epi32(cur, step);
+      }
+    }
+    _mm256_storeu_ps(best, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bidx), _mm256_castps_si256(bi));
+  }
+
+  template <int DC>
+  static void nearest_rows_small(int mr, const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0,
+                                 int64_t p1, float* best, int32_t* bidx) {
+    for (int r = 0; r < mr; ++r) nearest_row_small<DC>(x + r * ldx, pc, p0, p1, best + r * kLanes, bidx + r * kLanes);
+  }
+
   template <int MR>
   static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                       float* best, int32_t* bidx) {
     switch (pc.D) {
-      case 4: return nearest_d<MR, 4>(x, ldx, pc, p0, p1, best, bidx);
-      case 8: return nearest_d<MR, 8>(x, ldx, pc, p0, p1, best, bidx);
+      case 1: return nearest_rows_small<1>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 2: return nearest_rows_small<2>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 3: return nearest_rows_small<3>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 4: return nearest_rows_small<4>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 5: return nearest_rows_small<5>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 6: return nearest_rows_small<6>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 7: return nearest_rows_small<7>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 8: return nearest_rows_small<8>(MR, x, ldx, pc, p0, p1, best, bidx);
       case 16: return nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
       case 32: return nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
       default: return nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
@@ -338,7 +385,8 @@ void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t 
                   std::vector<int32_t>& bidx, int64_t* idx, T* dist) {
   best.assign(rows * kLanes, std::numeric_limits<T>::infinity());
   bidx.assign(rows * kLanes, -1);
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, pc.D * kLanes * int64_t(sizeof(T))));
+  const int64_t bytes = pc.D <= kSmallD ? kSmallChunkBytes : kChunkBytes;
+  const int64_t chunk = std::max<int64_t>(1, bytes / std::max<int64_t>(1, pc.D * kLanes * int64_t(sizeof(T))));
   with_kernel<T>([&](auto kern) {
     using Kern = decltype(kern);
     for (int64_t p0 = 0; p0 < pc.P; p0 += chunk) {
