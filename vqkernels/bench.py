@@ -442,7 +442,10 @@ def evaluate_targets(runs):
     for shape in SHAPES:
         sr = by_shape.get(shape)
         if shape[1] >= 32:
-            frac = sr.gflops() / sr.ceiling_gflops if sr and sr.gflops() and sr.ceiling_gflops else None
+            # The stricter ceiling: the same-shape matmul mostly writes its N x K output, the
+            # 2048^3 one runs at the machine's fp32 rate.
+            ceiling = max(sr.ceiling_gflops, sr.square_gflops) if sr else 0.0
+            frac = sr.gflops() / ceiling if sr and sr.gflops() and ceiling else None
             add("nearest_code % of fp32 matmul GFLOP/s", shape, 0.75, frac, fmt=lambda v: f"{100 * v:.0f}%")
     sr = by_shape.get(LARGEST)
     add("nearest_code peak extra memory", LARGEST, 64.0, sr.nearest["ours"].mib if sr else None,
@@ -507,9 +510,10 @@ def render(runs, args, elapsed, plot_rel=None):
         "## nearest_code: speedup of ours over each baseline (baseline time / our time; ip baselines vs ours ip)",
         _per_shape(runs, baselines, lambda r, n: _ratio(r.speedup(n))),
         "## nearest_code: throughput vs the fp32 matmul ceiling",
-        "Equivalent GFLOP/s = 2·N·K·D / t. The ceiling (the target's) is torch.mm(x, C^T, out=...) at the same D "
-        "and K, with `rows` rows of x (fewer than N when N x K is over the limit); at small D it is bound by "
-        f"writing its N x K output, so ours can pass 100%. The compute-bound {SQUARE}^3 torch.mm is shown too.",
+        "Equivalent GFLOP/s = 2·N·K·D / t. Two fp32 matmuls measured in the same run: torch.mm(x, C^T, out=...) "
+        "at the same D and K, with `rows` rows of x (fewer than N when N x K is over the limit), which at small D "
+        f"is bound by writing its N x K output, and the compute-bound {SQUARE}^3 torch.mm. The target uses the "
+        "faster of the two.",
         md_table(["N x D x K", "ours GFLOP/s", "ours ip GFLOP/s", "matmul GFLOP/s", "rows", "ours % of matmul",
                   f"{SQUARE}^3 matmul GFLOP/s", f"ours % of {SQUARE}^3"],
                  [[_shape_str(r.shape), _fmt(r.gflops()), _fmt(r.gflops("ours ip")), _fmt(r.ceiling_gflops),

@@ -56,12 +56,12 @@ struct PackedCodebook {
   Metric metric = Metric::L2;
   T alpha = T(-2);               // the packed codes are alpha * c (exact: a power of two)
   std::vector<T> data;          // [P][D][kLanes], padding codes are zero
+  std::vector<T> rows;          // [K][D]: the codes as the metric sees them (normalised for cosine)
   std::vector<T> cterm;         // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
   std::vector<uint8_t> bad;     // [K]: the code holds a NaN
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
-  // Coordinate d of code k as the metric sees it (normalised for cosine), undoing alpha exactly.
-  T at(int64_t k, int64_t d) const { return data[(k / kLanes) * D * kLanes + d * kLanes + k % kLanes] / alpha; }
+  const T* row(int64_t k) const { return rows.data() + k * D; }
 };
 
 template <typename T>
@@ -73,6 +73,7 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
   pc.metric = metric;
   pc.alpha = metric == Metric::L2 ? T(-2) : T(-1);
   pc.data.assign(pc.P * pc.D * kLanes, T(0));
+  pc.rows.resize(pc.K * pc.D);
   pc.cterm.assign(pc.P * kLanes, std::numeric_limits<T>::quiet_NaN());
   pc.bad.assign(pc.K, 0);
   const int64_t s0 = codebook.stride(0), s1 = codebook.stride(1), D = pc.D;
@@ -94,6 +95,7 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
         for (int64_t d = 0; d < D; ++d) {
           const T v = static_cast<T>(static_cast<double>(row[d * s1]) / norm);
           dst[d * kLanes] = pc.alpha * v;
+          pc.rows[k * D + d] = v;
           norm2 += static_cast<double>(v) * static_cast<double>(v);
         }
         pc.bad[k] = nan;
@@ -337,19 +339,36 @@ inline void with_kernel(F&& f) {
 
 template <typename T>
 double exact_distance(const PackedCodebook<T>& pc, const T* xr, int64_t k) {
-  double acc = 0, xx = 0;
-  for (int64_t d = 0; d < pc.D; ++d) {
-    const double xv = xr[d], cv = pc.at(k, d);
-    if (pc.metric == Metric::L2) {
-      acc += (xv - cv) * (xv - cv);
-    } else {
-      acc += xv * cv;
-      xx += xv * xv;
+  const T* c = pc.row(k);
+  const int64_t D = pc.D;
+  double acc[4] = {0, 0, 0, 0}, xx[4] = {0, 0, 0, 0};  // four chains: not one long dependency
+  int64_t d = 0;
+  if (pc.metric == Metric::L2) {
+    for (; d + 4 <= D; d += 4)
+      for (int u = 0; u < 4; ++u) {
+        const double e = static_cast<double>(xr[d + u]) - static_cast<double>(c[d + u]);
+        acc[u] += e * e;
+      }
+    for (; d < D; ++d) {
+      const double e = static_cast<double>(xr[d]) - static_cast<double>(c[d]);
+      acc[0] += e * e;
     }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
-  if (pc.metric == Metric::L2) return acc;
-  if (pc.metric == Metric::IP) return -acc;
-  return 1.0 - acc / std::max(std::sqrt(xx), kNormEps);
+  for (; d + 4 <= D; d += 4)
+    for (int u = 0; u < 4; ++u) {
+      const double xv = xr[d + u];
+      acc[u] += xv * static_cast<double>(c[d + u]);
+      xx[u] += xv * xv;
+    }
+  for (; d < D; ++d) {
+    const double xv = xr[d];
+    acc[0] += xv * static_cast<double>(c[d]);
+    xx[0] += xv * xv;
+  }
+  const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  if (pc.metric == Metric::IP) return -dot;
+  return 1.0 - dot / std::max(std::sqrt((xx[0] + xx[1]) + (xx[2] + xx[3])), kNormEps);
 }
 
 template <typename T>
@@ -411,7 +430,8 @@ void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t 
         bs = s;
       }
     }
-    if (row_has_nan(xr, pc.D)) {
+    // A NaN row makes every score NaN, so it never has a candidate: check only those rows.
+    if (bi < 0 && row_has_nan(xr, pc.D)) {
       idx[r] = -1;
       dist[r] = std::numeric_limits<T>::quiet_NaN();
       continue;
