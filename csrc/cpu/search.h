@@ -23,7 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -50,14 +52,35 @@ constexpr int64_t kSmallD = 8;              // D at most this: rows stream the c
 constexpr int64_t kSmallChunkBytes = 16 << 10;  // ...so their chunk stays in L1
 constexpr double kNormEps = 1e-12;      // as torch.nn.functional.normalize
 
+// A 64-byte aligned array: every panel row starts a cache line, so no SIMD load is split.
+template <typename T>
+class AlignedBuffer {
+ public:
+  void assign(int64_t n, T value) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(ptr_, "vqkernels: out of memory packing the codebook (", bytes, " bytes)");
+    std::fill(ptr_.get(), ptr_.get() + n, value);
+  }
+  T* data() { return ptr_.get(); }
+  const T* data() const { return ptr_.get(); }
+  T& operator[](int64_t i) { return ptr_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr_;
+};
+
 template <typename T>
 struct PackedCodebook {
   int64_t K = 0, D = 0, P = 0;  // codes, dimension, panels
   Metric metric = Metric::L2;
   T alpha = T(-2);               // the packed codes are alpha * c (exact: a power of two)
-  std::vector<T> data;          // [P][D][kLanes], padding codes are zero
+  AlignedBuffer<T> data;        // [P][D][kLanes], padding codes are zero
   std::vector<T> rows;          // [K][D]: the codes as the metric sees them (normalised for cosine)
-  std::vector<T> cterm;         // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
+  AlignedBuffer<T> cterm;       // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
   std::vector<uint8_t> bad;     // [K]: the code holds a NaN
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
