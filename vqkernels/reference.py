@@ -114,7 +114,7 @@ def vq_quantize_backward(grad_quantized, grad_commit_loss, grad_codebook_loss, x
     grad_codebook = torch.zeros(codebook.shape, dtype=dt, device=codebook.device)
     valid = indices >= 0
     grad_codebook.index_add_(0, indices[valid], (-grad_codebook_loss.to(dt) * scale) * diff[valid])
-    return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)
+    return grad_x.to(x.dtype).contiguous(), grad_codebook.to(codebook.dtype)
 
 
 def ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps):

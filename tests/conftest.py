@@ -1,0 +1,31 @@
+"""Fixtures of the vqkernels tests (plain helper functions live in vq_helpers.py)."""
+
+import pytest
+
+from vq_helpers import vqkernels
+
+# With the extension loaded, the CPU kernels run with either instruction set; without
+# it the reference serves the CPU and there is a single, do-nothing parameter.
+ISA_PARAMS = ["avx2", "portable"] if vqkernels.compiled() else ["reference"]
+
+
+@pytest.fixture(params=ISA_PARAMS)
+def isa(request):
+    """Runs the test with the CPU kernels forced to one instruction set, then restores 'auto'."""
+    wanted = request.param
+    if wanted == "reference":
+        yield wanted
+        return
+    try:
+        got = vqkernels.set_cpu_isa(wanted)
+    except (ValueError, RuntimeError) as exc:
+        vqkernels.set_cpu_isa("auto")
+        pytest.skip(f"CPU ISA {wanted!r} unavailable: {exc}")
+    if got != wanted:
+        vqkernels.set_cpu_isa("auto")
+        pytest.skip(f"CPU ISA {wanted!r} unavailable here (set_cpu_isa gave {got!r})")
+    assert vqkernels.cpu_isa() == wanted
+    try:
+        yield wanted
+    finally:
+        vqkernels.set_cpu_isa("auto")

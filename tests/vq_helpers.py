@@ -1,0 +1,518 @@
+"""Helpers shared by the vqkernels tests: float64 ground truth, tolerances, data builders,
+memory layouts, determinism and opcheck wrappers.
+
+Everything here is computed independently of ``vqkernels.reference`` (direct-form
+distances, hand-written normalisation), so the tests can judge the reference too.
+"""
+
+import contextlib
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # no extension built: the reference serves the CPU
+    import vqkernels
+    from vqkernels import reference  # noqa: F401  (re-exported for the tests)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+METRICS = ("l2", "cosine", "ip")
+LAYOUTS = ("contiguous", "transposed", "strided", "offset")
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize, which the spec's "l2-normalised" refers to
+
+# Hypothesis: no deadline (the first call of a shape can be slow), and function-scoped
+# fixtures (the ISA switch) are fine to share between the examples of one test.
+HYPOTHESIS_SETTINGS = dict(deadline=None,
+                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                  HealthCheck.data_too_large])
+
+
+def hyp_settings(max_examples):
+    """Settings of one property test; VQK_HYPOTHESIS_SCALE=n runs n times the examples (soak runs)."""
+    scale = int(os.environ.get("VQK_HYPOTHESIS_SCALE", "1"))
+    return settings(max_examples=max_examples * scale, **HYPOTHESIS_SETTINGS)
+
+
+def reference_serves(op):
+    """True when the pure-PyTorch reference kernel serves `op` on the CPU."""
+    return vqkernels.backend(op, "cpu").startswith("reference")
+
+
+def reference_xfail(op, reason, strict=False):
+    """Mark a test of a known defect of the reference kernel of `op` (reported, not fixed
+    here) as an expected failure while the reference serves the CPU. strict=False where the
+    defect shows on some data only."""
+    return pytest.mark.xfail(reference_serves(op), reason=f"reference kernel: {reason}", strict=strict)
+
+
+# Known defects of the reference kernels:
+# Its matrix product (MKL GEMM) rounds the dot products with identical codebook rows
+# differently depending on the column, so a later copy of a code can win by one ulp,
+# against "ties go to the lowest index". The copy rule is checked whenever compiled
+# kernels serve the CPU; under the reference the tests dedicated to it are expected failures.
+DUPLICATE_BUG = "GEMM rounds identical codebook rows differently by column, so a later copy can win"
+# vq_quantize's losses are torch.mean, whose parallel reduction sums in another order with
+# 1 thread than with 2: the losses differ in the last bits.
+LOSS_THREADS_BUG = "torch.mean of the losses differs bitwise between 1 and 2 threads"
+
+
+def duplicates_xfail(op):
+    return reference_xfail(op, DUPLICATE_BUG)
+
+
+# ---------------------------------------------------------------------------------------
+# dtypes and tolerances
+
+
+def compute_dtype(*tensors):
+    """The spec's result dtype: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def unit_roundoff(dtype):
+    return 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+
+
+def _nan_rows(t):
+    return torch.isnan(t.double()).any(1)
+
+
+def distance_tolerance(x, codebook, metric):
+    """Per-row bound [N] (float64) on how far a correct kernel may stray from exact arithmetic.
+
+    A kernel may use the expanded form |x|^2 + |c|^2 - 2<x, c> with accumulation in the
+    compute dtype (unit roundoff u = 2**-24 for float32, 2**-53 for float64). Each length-D
+    sum of it has a worst-case rounding error of at most D*u*sum|terms| whatever the
+    summation order, and every sum|terms| is at most S = |x|^2 + |c|^2 (Cauchy-Schwarz:
+    2*sum|x_i c_i| <= |x|^2 + |c|^2); the final additions add about 4u*S. One computed
+    distance is so within 2*(D + 2)*u*S of the exact one, and the chosen code can lose to
+    the true minimum by the error of two distances, 4*(D + 2)*u*S. We allow twice that:
+
+        l2:     tol = 8 * (D + 2) * u * (|x|^2 + max_k |c_k|^2)
+        ip:     tol = 8 * (D + 2) * u * |x| * max_k |c_k|      (one dot product: D*u*|x||c|)
+        cosine: tol = 8 * (D + 2) * u                           (unit vectors: normalising
+                each side costs about (D/2 + 2)u, the dot D*u, and 1 - s one more u)
+
+    Inputs are judged as the kernel sees them, i.e. already rounded to their dtype.
+    """
+    d = x.shape[1]
+    u = unit_roundoff(compute_dtype(x, codebook))
+    xd, cd = x.double(), codebook.double()
+    good = ~_nan_rows(cd)
+    cmax = cd[good].norm(dim=1).max() if bool(good.any()) else torch.tensor(0.0, dtype=torch.float64)
+    xn = xd.norm(dim=1)
+    if metric == "l2":
+        scale = xn.square() + cmax.square()
+    elif metric == "ip":
+        scale = xn * cmax
+    else:
+        scale = torch.ones_like(xn)
+    return 8.0 * (d + 2) * u * scale
+
+
+def normalize64(t):
+    """Rows divided by max(|row|, 1e-12), in float64 (what 'l2-normalised' means in the spec)."""
+    t = t.double()
+    return t / t.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def true_distances(x, codebook, metric):
+    """All distances [N, K] in float64 from the (dtype-rounded) inputs; +inf for NaN codes.
+
+    l2 uses the direct form sum((x - c)^2) (no cancellation, relative error of a few ulps
+    of float64), ip and cosine a float64 matrix product; both are far below the tolerance.
+    """
+    xd, cd = x.double(), codebook.double()
+    if metric == "l2":
+        dist = torch.cdist(xd, cd, compute_mode="donot_use_mm_for_euclid_dist").square()
+    elif metric == "ip":
+        dist = -(xd @ cd.T)
+    else:
+        dist = 1.0 - normalize64(xd) @ normalize64(cd).T
+    return dist.masked_fill(_nan_rows(cd).unsqueeze(0), float("inf"))
+
+
+def first_identical_row(codebook):
+    """[K] int64: for every code, the lowest index of a code with exactly the same values."""
+    k = codebook.shape[0]
+    _, inverse = torch.unique(codebook.double(), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), k, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(k), reduce="amin")
+    return first[inverse]
+
+
+# ---------------------------------------------------------------------------------------
+# assertion helpers
+
+
+def fail_rows(bad, what, **columns):
+    """Raise an AssertionError naming the first rows where `bad` [N] is True."""
+    bad = bad.reshape(-1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten()[:5].tolist()
+    detail = "; ".join(
+        f"row {r}: " + ", ".join(f"{name}={col[r].tolist()}" for name, col in columns.items()) for r in rows)
+    raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} rows fail; {detail}")
+
+
+def check_search_outputs(x, codebook, indices, distances, extra_shape=()):
+    n = x.shape[0]
+    assert indices.dtype == torch.int64, indices.dtype
+    assert tuple(indices.shape) == (n, *extra_shape), indices.shape
+    if distances is not None:
+        assert distances.dtype == compute_dtype(x, codebook), distances.dtype
+        assert tuple(distances.shape) == (n, *extra_shape), distances.shape
+
+
+def check_nearest(x, codebook, metric, indices, distances, op="nearest_code", duplicates=None):
+    """Judge nearest_code's output row by row against float64 truth (see distance_tolerance).
+
+    * a row of x with a NaN: index -1 and distance NaN;
+    * no usable code (every code holds a NaN): index -1 and distance NaN;
+    * else the chosen code's exact distance is within tol of the exact minimum, the
+      returned distance is within tol of the chosen code's exact distance, and no
+      earlier code has exactly the same values (ties go to the lowest index; `duplicates`
+      None: checked unless the reference serves `op`, see DUPLICATE_BUG).
+    `distances` may be None (vq_quantize returns none).
+    """
+    check_search_outputs(x, codebook, indices, distances)
+    n, k = x.shape[0], codebook.shape[0]
+    if n == 0:
+        return
+    nan_row = _nan_rows(x)
+    usable = ~_nan_rows(codebook)
+    no_code = nan_row | (not bool(usable.any()))
+    fail_rows(no_code & (indices != -1), "rows without a nearest code must get index -1", index=indices)
+    if distances is not None:
+        fail_rows(no_code & ~torch.isnan(distances), "rows without a nearest code must get distance NaN",
+                  distance=distances)
+    ok = ~no_code
+    if not bool(ok.any()):
+        return
+    idx, xs = indices[ok], x[ok]
+    fail_rows((idx < 0) | (idx >= k), "index out of range", index=idx)
+    fail_rows(~usable[idx], "chose a codebook row holding a NaN", index=idx)
+    dist = true_distances(xs, codebook, metric)
+    tol = distance_tolerance(xs, codebook, metric)
+    best, best_idx = dist.min(1)
+    chosen = dist.gather(1, idx.unsqueeze(1)).squeeze(1)
+    fail_rows(chosen > best + tol, f"{metric}: chosen code is not the nearest within tolerance", index=idx,
+              true_index=best_idx, chosen=chosen, best=best, tol=tol)
+    if distances is not None:
+        got = distances[ok].double()
+        fail_rows(~((got - chosen).abs() <= tol), f"{metric}: returned distance is not the chosen code's",
+                  returned=got, exact=chosen, tol=tol)
+    if duplicates or (duplicates is None and not reference_serves(op)):
+        first = first_identical_row(codebook)
+        fail_rows(first[idx] != idx, "ties go to the lowest index: an identical earlier row exists", index=idx,
+                  first_identical=first[idx])
+
+
+def check_topk(x, codebook, metric, k, indices, distances, duplicates=None):
+    """Judge nearest_code_topk's output row by row against float64 truth.
+
+    Beyond the rules of check_nearest: the j-th returned code's exact distance is within tol
+    of the exact j-th smallest distance, codes are distinct, returned distances are sorted
+    with equal distances in increasing index order, an identical earlier code comes before
+    a later one (not checked under the reference, see DUPLICATE_BUG), and slots
+    beyond the usable codes hold -1 / +inf.
+    """
+    check_search_outputs(x, codebook, indices, distances, (k,))
+    n = x.shape[0]
+    if n == 0:
+        return
+    nan_row = _nan_rows(x)
+    fail_rows(nan_row & (indices != -1).any(1), "a NaN row must get indices -1", indices=indices)
+    fail_rows(nan_row & ~torch.isnan(distances).all(1), "a NaN row must get distances NaN", distances=distances)
+    ok = ~nan_row
+    if not bool(ok.any()):
+        return
+    idx, got, xs = indices[ok], distances[ok].double(), x[ok]
+    usable = ~_nan_rows(codebook)
+    n_usable = int(usable.sum())
+    present = min(k, n_usable)
+    missing_idx, missing_dist = idx[:, present:], got[:, present:]
+    fail_rows((missing_idx != -1).any(1) | ~(missing_dist == float("inf")).all(1),
+              "slots beyond the usable codes must hold -1 / +inf", indices=missing_idx, distances=missing_dist)
+    if present == 0:
+        return
+    idx, got = idx[:, :present], got[:, :present]
+    fail_rows(((idx < 0) | (idx >= codebook.shape[0])).any(1), "index out of range", indices=idx)
+    fail_rows((~usable[idx.clamp(0, codebook.shape[0] - 1)]).any(1), "chose a codebook row holding a NaN",
+              indices=idx)
+    srt = idx.sort(1).values
+    fail_rows((srt[:, 1:] == srt[:, :-1]).any(1), "codes repeat within a row", indices=idx)
+    dist = true_distances(xs, codebook, metric)
+    tol = distance_tolerance(xs, codebook, metric).unsqueeze(1)
+    kth_best = dist.sort(1).values[:, :present]
+    chosen = dist.gather(1, idx)
+    fail_rows((chosen > kth_best + tol).any(1), f"{metric}: j-th code is not the j-th nearest within tolerance",
+              indices=idx, chosen=chosen, best=kth_best)
+    fail_rows((~((got - chosen).abs() <= tol)).any(1), f"{metric}: returned distances are not the codes'",
+              returned=got, exact=chosen)
+    fail_rows((got[:, 1:] < got[:, :-1]).any(1), "distances are not sorted", distances=got)
+    tie = got[:, 1:] == got[:, :-1]
+    fail_rows((tie & (idx[:, 1:] < idx[:, :-1])).any(1), "equal distances must list the lower index first",
+              indices=idx, distances=got)
+    if duplicates or (duplicates is None and not reference_serves("nearest_code_topk")):
+        first = first_identical_row(codebook)[idx]  # [n, present]
+        # slot s holds a later copy of a code: that code's first copy must sit in a slot t < s
+        earlier = torch.ones(present, present, dtype=torch.bool).tril(-1)  # [s, t]: t < s
+        found = ((idx.unsqueeze(1) == first.unsqueeze(2)) & earlier).any(2)
+        fail_rows(((first != idx) & ~found).any(1), "a later identical code is listed without the earlier one first",
+                  indices=idx, first_identical=first)
+
+
+def bits(t):
+    """The tensor's raw bits (so NaN == NaN and -0.0 != 0.0 when compared)."""
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.contiguous().view(view) if t.is_floating_point() else t
+
+
+def assert_bitwise_equal(a, b, what=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(bits(a), bits(b)), f"{what}: results differ bitwise"
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def assert_deterministic(fn):
+    """fn() returns a tuple of tensors: equal bitwise when repeated and with 1 or 2 threads."""
+    with num_threads(2):
+        first = fn()
+        again = fn()
+    with num_threads(1):
+        single = fn()
+    for label, other in (("repeated call", again), ("1 thread vs 2", single)):
+        assert len(first) == len(other)
+        for i, (a, b) in enumerate(zip(first, other)):
+            assert_bitwise_equal(a, b, f"{label}, output {i}")
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def with_layout(t, layout):
+    """The same values as t in another memory layout; padding around views is NaN, so a
+    kernel that ignores strides or the storage offset reads NaNs."""
+    n, d = t.shape
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "transposed":  # column-major: strides (1, n)
+        return t.t().contiguous().t()
+    if layout == "strided":  # every other row, every third column
+        view = t.new_full((2 * n + 1, 3 * d), float("nan"))[1::2, ::3]
+    elif layout == "offset":  # x = big[3:, 2:]
+        view = t.new_full((n + 3, d + 2), float("nan"))[3:, 2:]
+    else:
+        raise ValueError(layout)
+    view.copy_(t)
+    return view
+
+
+def as_input(t64, dtype, layout="contiguous", requires_grad=False):
+    t = with_layout(t64.to(dtype), layout)
+    return t.requires_grad_(requires_grad) if requires_grad else t
+
+
+def clustered(n, k, d, seed, scale=1.0, noise=0.1, n_dup=0):
+    """float64 (x [n, d], codebook [k, d], targets [n]): Gaussian codes times `scale`, x =
+    the target code plus noise * scale * N(0, 1) (noise None: x unrelated to the codes).
+    `n_dup` codebook rows are overwritten with copies of other rows, and half the rows of x
+    then aim at a copied row (ties the kernel must send to the lower index)."""
+    g = gen(seed)
+    codebook = torch.randn(k, d, generator=g, dtype=torch.float64) * scale
+    targets = torch.randint(0, k, (n,), generator=g)
+    copies = []
+    for _ in range(n_dup if k > 1 else 0):
+        src, dst = torch.randperm(k, generator=g)[:2].tolist()
+        codebook[dst] = codebook[src]
+        copies += [src, dst]
+    if copies and n:
+        pick = torch.randint(0, len(copies), (n,), generator=g)
+        aim = torch.tensor(copies)[pick]
+        targets = torch.where(torch.rand(n, generator=g) < 0.5, aim, targets)
+    if noise is None:
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    else:
+        x = codebook[targets] + torch.randn(n, d, generator=g, dtype=torch.float64) * (noise * scale)
+    return x, codebook, targets
+
+
+def max_separated_codes(d):
+    """How many codes separated() can build in dimension d (grid base at most 4)."""
+    return 0 if d < 2 else min(2000, 4 ** (d - 1))
+
+
+def separated(n, k, d, seed, scale=1.0):
+    """float64 (x [n, d], codebook [k, d], targets [n]) with one unambiguous nearest code per
+    row under every metric, even after rounding to bfloat16.
+
+    Codes are distinct points of a small grid (base B <= 4, centred digits) in d - 1
+    coordinates plus a last coordinate 2, scaled to unit length: no two are parallel, so
+    they are apart in angle and in distance (|c_i - c_j|^2 >= 1 / max|grid point|^2, at
+    least 1/79 for d = 300). Equal norms make ip agree with l2 and cosine. x is the target
+    code plus noise of norm about 1e-3, times a power-of-two scale.
+    """
+    assert 1 <= k <= max_separated_codes(d)
+    g = gen(seed)
+    base = 2
+    while base ** (d - 1) < k:
+        base += 1
+    digits = torch.empty(k, d - 1, dtype=torch.float64)
+    j = torch.arange(k)
+    for col in range(d - 1):
+        digits[:, col] = (j % base).double()
+        j = j // base
+    grid = torch.cat([digits - (base - 1) / 2.0, torch.full((k, 1), 2.0, dtype=torch.float64)], 1)
+    signs = torch.randint(0, 2, (1, d), generator=g).double() * 2 - 1  # flip axes: codes in every orthant
+    codes = (grid * signs)[torch.randperm(k, generator=g)]
+    codes = codes / codes.norm(dim=1, keepdim=True)
+    targets = torch.randint(0, k, (n,), generator=g)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64) * (1e-3 / d ** 0.5)
+    return (codes[targets] + noise) * scale, codes * scale, targets
+
+
+def margin_ok(x, codebook, metric, targets):
+    """True per row when the target is the exact nearest code by more than twice the tolerance."""
+    dist = true_distances(x, codebook, metric)
+    tol = distance_tolerance(x, codebook, metric)
+    own = dist.gather(1, targets.unsqueeze(1)).squeeze(1)
+    others = dist.scatter(1, targets.unsqueeze(1), float("inf")).min(1).values
+    return others - own > 2 * tol
+
+
+def _size(draw, lo, hi):
+    """An integer in [lo, hi] from a drawn third of the range (low, middle or top), so that
+    large shapes come up as often as small ones (plain st.integers favours small values)."""
+    a, b = lo + (hi - lo) // 20, lo + (hi - lo) // 3
+    band = draw(st.sampled_from([(lo, a), (a + 1, b), (b + 1, hi)]))
+    return draw(st.integers(*band))
+
+
+@st.composite
+def search_cases(draw, max_n=300, max_d=300, max_k=2000):
+    """Drawn parameters of a search problem (the tensors come from a drawn seed)."""
+    k = _size(draw, 1, max_k)
+    return dict(
+        n=_size(draw, 0, max_n), d=_size(draw, 1, max_d), k=k,
+        metric=draw(st.sampled_from(METRICS)),
+        x_dtype=draw(st.sampled_from(DTYPES)), cb_dtype=draw(st.sampled_from(DTYPES)),
+        x_layout=draw(st.sampled_from(LAYOUTS)), cb_layout=draw(st.sampled_from(LAYOUTS)),
+        seed=draw(st.integers(0, 2 ** 31 - 1)),
+        scale=draw(st.sampled_from([1e-2, 1.0, 30.0])),
+        noise=draw(st.sampled_from([None, 1e-3, 0.1, 1.0])),
+        n_dup=draw(st.integers(0, min(k - 1, 8))),
+    )
+
+
+@st.composite
+def separated_cases(draw, max_n=300, max_d=300):
+    d = _size(draw, 2, max_d)
+    return dict(
+        n=_size(draw, 1, max_n), d=d, k=_size(draw, 1, max_separated_codes(d)),
+        metric=draw(st.sampled_from(METRICS)),
+        x_dtype=draw(st.sampled_from(DTYPES)), cb_dtype=draw(st.sampled_from(DTYPES)),
+        x_layout=draw(st.sampled_from(LAYOUTS)), cb_layout=draw(st.sampled_from(LAYOUTS)),
+        seed=draw(st.integers(0, 2 ** 31 - 1)),
+        scale=draw(st.sampled_from([2.0 ** -4, 1.0, 2.0 ** 4])),
+    )
+
+
+def build_case(case, separated_codes=False):
+    """(x, codebook, targets) of a drawn case, in the drawn dtypes and layouts."""
+    if separated_codes:
+        x, codebook, targets = separated(case["n"], case["k"], case["d"], case["seed"], case["scale"])
+    else:
+        x, codebook, targets = clustered(case["n"], case["k"], case["d"], case["seed"], case["scale"],
+                                         case["noise"], case["n_dup"])
+    return (as_input(x, case["x_dtype"], case["x_layout"]), as_input(codebook, case["cb_dtype"], case["cb_layout"]),
+            targets)
+
+
+def assert_separated(x, codebook, metric, targets, indices):
+    """Well-separated data: the construction guarantees a clear winner (checked first, so a
+    weak generator cannot make the test vacuous), and the index must be exactly it."""
+    ok = margin_ok(x, codebook, metric, targets)
+    fail_rows(~ok, "generator: target not separated from the other codes", target=targets)
+    fail_rows(indices != targets, f"{metric}: wrong index on well-separated data", index=indices, target=targets)
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck
+
+# nearest_code and nearest_code_topk return int64 indices first. torch's
+# test_aot_dispatch_dynamic sums every output into an accumulator that then starts as an
+# int64 tensor, and adding the float distances into it in place fails ("result type Float
+# can't be cast to the desired output type Long") as soon as an input requires grad: a
+# limit of the test helper, not of the op. Those cases run the other test utils here, and
+# test_compile.py checks the AOT-dispatch forward and backward of both ops itself.
+INT_FIRST_OUTPUT = ("nearest_code", "nearest_code_topk")
+DEFAULT_TEST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck(name, args):
+    op = getattr(torch.ops.vqkernels, name).default
+    utils = DEFAULT_TEST_UTILS
+    if name in INT_FIRST_OUTPUT and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        utils = tuple(u for u in utils if u != "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(op, args, test_utils=utils)
+    assert set(result) == set(utils) and all(v == "SUCCESS" for v in result.values()), result
+
+
+def search_opcheck_samples():
+    """(x, codebook) samples for the search ops: dtypes, layouts, grad, empty x."""
+    g = gen(7)
+    x = torch.randn(9, 5, generator=g)
+    cb = torch.randn(6, 5, generator=g)
+    return [
+        pytest.param(x, cb, id="f32"),
+        pytest.param(x.clone().requires_grad_(), cb.clone().requires_grad_(), id="f32-grad"),
+        pytest.param(x.double().requires_grad_(), cb.double(), id="f64-grad-x"),
+        pytest.param(x.half(), cb.bfloat16(), id="f16-bf16"),
+        pytest.param(x.bfloat16(), cb.clone().requires_grad_(), id="bf16-grad-cb"),
+        pytest.param(with_layout(x, "strided"), with_layout(cb, "transposed"), id="strided"),
+        pytest.param(x[:0], cb, id="empty"),
+    ]
+
+
+def tie_problem(positions, d, k, seed=0):
+    """float64 (x [4, d], codebook [k, d]) with exact ties under every metric.
+
+    The codes at `positions` are the unit vectors e_0, e_1, e_2, e_3 (cycled); the rows of
+    x are t * (1, 1, 1, 1, 0, ...) for t in (1, 2, 3, 0.5). Every distance to those codes
+    is the same, 3t^2 + (t - 1)^2, -t or 1/2, and exact in any dtype and summation order;
+    every other code has all entries <= -1 and is farther under every metric.
+    """
+    assert d >= 4
+    g = gen(seed)
+    codebook = -(1.0 + torch.randn(k, d, generator=g, dtype=torch.float64).abs())
+    for i, p in enumerate(positions):
+        codebook[p] = 0.0
+        codebook[p, i % 4] = 1.0
+    x = torch.zeros(4, d, dtype=torch.float64)
+    x[:, :4] = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=torch.float64).unsqueeze(1)
+    return x, codebook
+
+
+# positions of the tied codes: several 16-code panels and lanes, the lowest one first, in
+# a later panel than a lower lane, or all in the tail
+TIE_POSITIONS = ([5, 18, 47, 69], [18, 47, 69], [47, 66, 69], [0, 69], [66, 67, 68, 69])
