@@ -6,7 +6,7 @@ from vq_helpers import vqkernels
 
 # With the extension loaded, the CPU kernels run with either instruction set; without
 # it the reference serves the CPU and there is a single, do-nothing parameter.
-ISA_PARAMS = ["avx2", "portable"] if vqkernels.compiled() else ["reference"]
+ISA_PARAMS = ["avx512", "avx2", "portable"] if vqkernels.compiled() else ["reference"]
 
 
 @pytest.fixture(params=ISA_PARAMS)

@@ -11,6 +11,7 @@ import torch
 
 from vq_helpers import vqkernels
 
+
 def _toolkit_present():
     """A CUDA toolkit as setup.py looks for one (CUDA_HOME, CUDA_PATH, /usr/local/cuda*)."""
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *glob.glob("/usr/local/cuda*")]
@@ -20,7 +21,15 @@ def _toolkit_present():
 @pytest.mark.skipif(os.environ.get("VQK_ALLOW_REFERENCE") == "1", reason="reference-only run requested")
 def test_extension_loaded():
     assert vqkernels.compiled(), "vqkernels._C did not load: the ops run on the reference kernels"
-    assert vqkernels.cpu_isa() in ("avx2", "portable")
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    expected = "avx512" if {"avx512f", "avx2", "fma"} <= flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
+    try:
+        assert vqkernels.set_cpu_isa("auto") == expected, "'auto' must pick the best ISA this CPU has"
+    finally:
+        vqkernels.set_cpu_isa("auto")
 
 
 def test_cuda_sources_built_for_arch_list():

@@ -31,12 +31,12 @@ def compiled():
 
 
 def cpu_isa():
-    """The instruction set the CPU kernels run with now: 'avx2' or 'portable' (None without the extension)."""
+    """The instruction set the CPU kernels run with now: 'avx512', 'avx2' or 'portable' (None without the extension)."""
     return _C.cpu_isa() if _C is not None else None
 
 
 def set_cpu_isa(isa):
-    """Force the CPU kernels' instruction set ('avx2', 'portable', or 'auto'); returns the one now in force."""
+    """Force the CPU kernels' instruction set ('avx512', 'avx2', 'portable', or 'auto'); returns the one in force."""
     if _C is None:
         raise RuntimeError("vqkernels: the compiled extension is not loaded")
     return _C.set_cpu_isa(isa)

@@ -28,7 +28,8 @@ def report():
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
         ("compiled extension", "loaded" if C is not None else "missing: pure-PyTorch reference kernels serve every op"),
         ("CPU", f"{_cpu_model()}, {torch.get_num_threads()} threads"),
-        ("CPU AVX2+FMA", "yes" if C is not None and C.cpu_has_avx2() else ("no" if C is not None else "unknown")),
+        ("CPU AVX2+FMA / AVX-512F", " / ".join(("yes" if f() else "no") for f in (C.cpu_has_avx2, C.cpu_has_avx512))
+         if C is not None else "unknown"),
         ("CPU kernels ISA", _backend.cpu_isa() or "n/a"),
         ("CUDA sources compiled", "yes (CUDA runtime %d)" % C.cuda_runtime_version() if cuda_built else "no"),
         ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),

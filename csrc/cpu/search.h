@@ -34,6 +34,7 @@
 #include <immintrin.h>
 #define VQK_X86 1
 #define VQK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define VQK_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #else
 #define VQK_X86 0
 #endif
@@ -330,6 +331,83 @@ struct Avx2Kernel {
     }
   }
 };
+
+// AVX-512: for small D (<= kSmallD) two rows at a time share each 16-code load, with both
+// rows' coordinates and running minima in the 32 registers and mask-register updates; other
+// D and the top-k scores use the AVX2 tile (every AVX-512 CPU has AVX2).
+struct Avx512Kernel {
+  template <int DC, int NR>
+  VQK_TARGET_AVX512 static void nearest_small(const float* x, int64_t ldx, const PackedCodebook<float>& pc,
+                                              int64_t p0, int64_t p1, float* best, int32_t* bidx) {
+    __m512 xv[NR][DC], b[NR];
+    __m512i bi[NR];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 8
+      for (int d = 0; d < DC; ++d) xv[r][d] = _mm512_set1_ps(x[r * ldx + d]);
+      b[r] = _mm512_loadu_ps(best + r * kLanes);
+      bi[r] = _mm512_loadu_si512(bidx + r * kLanes);
+    }
+    __m512i cur = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(p0 * kLanes)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i step = _mm512_set1_epi32(kLanes);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* pan = pc.panel(p);
+      const __m512 ct = _mm512_load_ps(pc.cterm.data() + p * kLanes);
+      __m512 acc[NR];
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) acc[r] = ct;
+#pragma GCC unroll 8
+      for (int d = 0; d < DC; ++d) {
+        const __m512 c = _mm512_load_ps(pan + d * kLanes);
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; ++r) acc[r] = _mm512_fmadd_ps(xv[r][d], c, acc[r]);
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) {
+        const __mmask16 m = _mm512_cmp_ps_mask(acc[r], b[r], _CMP_LT_OQ);
+        b[r] = _mm512_mask_mov_ps(b[r], m, acc[r]);
+        bi[r] = _mm512_mask_mov_epi32(bi[r], m, cur);
+      }
+      cur = _mm512_add_epi32(cur, step);
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) {
+      _mm512_storeu_ps(best + r * kLanes, b[r]);
+      _mm512_storeu_si512(bidx + r * kLanes, bi[r]);
+    }
+  }
+
+  template <int DC>
+  static void nearest_rows_small(int mr, const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0,
+                                 int64_t p1, float* best, int32_t* bidx) {
+    int r = 0;
+    for (; r + 2 <= mr; r += 2)
+      nearest_small<DC, 2>(x + r * ldx, ldx, pc, p0, p1, best + r * kLanes, bidx + r * kLanes);
+    if (r < mr) nearest_small<DC, 1>(x + r * ldx, ldx, pc, p0, p1, best + r * kLanes, bidx + r * kLanes);
+  }
+
+  template <int MR>
+  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
+                      float* best, int32_t* bidx) {
+    switch (pc.D) {
+      case 1: return nearest_rows_small<1>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 2: return nearest_rows_small<2>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 3: return nearest_rows_small<3>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 4: return nearest_rows_small<4>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 5: return nearest_rows_small<5>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 6: return nearest_rows_small<6>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 7: return nearest_rows_small<7>(MR, x, ldx, pc, p0, p1, best, bidx);
+      case 8: return nearest_rows_small<8>(MR, x, ldx, pc, p0, p1, best, bidx);
+      default: return Avx2Kernel::nearest<MR>(x, ldx, pc, p0, p1, best, bidx);
+    }
+  }
+
+  template <int MR>
+  static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p, float* out) {
+    Avx2Kernel::scores<MR>(x, ldx, pc, p, out);
+  }
+};
 #endif
 
 // Calls f(std::integral_constant<int, MR>{}) for a run-time MR in [1, kMR].
@@ -350,6 +428,7 @@ template <typename T, typename F>
 inline void with_kernel(F&& f) {
 #if VQK_X86
   if constexpr (std::is_same<T, float>::value) {
+    if (active_isa() == Isa::Avx512) return f(Avx512Kernel{});
     if (active_isa() == Isa::Avx2) return f(Avx2Kernel{});
   }
 #endif
