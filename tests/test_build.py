@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,3 +50,35 @@ def test_cuda_sources_built_for_arch_list():
     for arch in wanted.replace(",", ";").split(";"):
         sm = "sm_" + arch.strip().split("+")[0].replace(".", "")
         assert sm in listing, f"no {sm} device code in {so}:\n{listing}"
+
+
+def test_import_without_extension_falls_back_to_reference():
+    """Where the extension cannot load, the package still imports with a one-line warning
+    saying why, and every op runs on the pure-PyTorch reference."""
+    code = """
+import sys, warnings
+sys.modules["vqkernels._C"] = None  # what a missing or broken build looks like to the import
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import vqkernels
+import torch
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(messages) == 1 and "\\n" not in messages[0] and "reference" in messages[0], messages
+assert not vqkernels.compiled() and vqkernels.backend("nearest_code", "cpu").startswith("reference")
+x, c = torch.randn(20, 5), torch.randn(7, 5)
+idx, dist = vqkernels.nearest_code(x, c)
+assert torch.equal(idx, torch.cdist(x.double(), c.double()).argmin(1))
+assert vqkernels.nearest_code_topk(x, c, 3)[0].shape == (20, 3)
+x.requires_grad_()
+q, i, commit, cb = vqkernels.vq_quantize(x, c)
+(q.sum() + commit).backward()
+assert x.grad is not None
+cs, es, cbk = torch.zeros(7), torch.zeros(7, 5), c.clone()
+vqkernels.ema_update_(cbk, cs, es, x.detach(), i, 0.9, 1e-5)
+assert float(cs.sum()) > 0
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
