@@ -1,25 +1,36 @@
 // CPU kernels of vqkernels::nearest_code and vqkernels::nearest_code_topk.
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "cpu/search.h"
 
 namespace vqk {
 namespace cpu {
 namespace {
 
+// Allocates indices int64 and distances (compute dtype), both [N, cols...], and unless N = 0
+// calls body(pc, src, idx, dist) with the codebook packed and x's rows in the compute type T.
+template <typename F>
+std::tuple<at::Tensor, at::Tensor> search_outputs(const at::Tensor& x, const at::Tensor& codebook, Metric metric,
+                                                  std::vector<int64_t> shape, F&& body) {
+  at::Tensor indices = at::empty(shape, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty(shape, x.options().dtype(compute_dtype(x, codebook)));
+  if (x.size(0) == 0) return {indices, distances};
+  with_compute_type(x, codebook, [&](auto t) {
+    using T = decltype(t);
+    body(pack_codebook<T>(codebook, metric), RowSource<T>(x), indices.data_ptr<int64_t>(), distances.data_ptr<T>());
+  });
+  return {indices, distances};
+}
+
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook,
                                                 c10::string_view metric_name) {
   const Metric metric = check_search("nearest_code", x, codebook, metric_name);
   const int64_t n = x.size(0);
-  at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
-  at::Tensor distances = at::empty({n}, x.options().dtype(compute_dtype(x, codebook)));
-  if (n == 0) return {indices, distances};
-  with_compute_type(x, codebook, [&](auto t) {
-    using T = decltype(t);
-    const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
-    const RowSource<T> src(x);
-    int64_t* idx = indices.data_ptr<int64_t>();
-    T* dist = distances.data_ptr<T>();
+  return search_outputs(x, codebook, metric, {n}, [&](const auto& pc, const auto& src, int64_t* idx, auto* dist) {
+    using T = std::remove_pointer_t<decltype(dist)>;
     struct Scratch {
       std::vector<T> rows, best;
       std::vector<int32_t> bidx;
@@ -30,7 +41,6 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::T
       nearest_rows(pc, xr, ld, r1 - r0, s.best, s.bidx, idx + r0, dist + r0);
     });
   });
-  return {indices, distances};
 }
 
 // Inserts (s, code) into the sorted list (d, i) of length k if it beats the last entry;
@@ -72,15 +82,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
   VQK_CHECK(k >= 1 && k <= codebook.size(0), "nearest_code_topk", "k must be in [1, K=", codebook.size(0),
             "], got k=", k);
   const int64_t n = x.size(0);
-  at::Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
-  at::Tensor distances = at::empty({n, k}, x.options().dtype(compute_dtype(x, codebook)));
-  if (n == 0) return {indices, distances};
-  with_compute_type(x, codebook, [&](auto t) {
-    using T = decltype(t);
-    const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
-    const RowSource<T> src(x);
-    int64_t* idx = indices.data_ptr<int64_t>();
-    T* dist = distances.data_ptr<T>();
+  return search_outputs(x, codebook, metric, {n, k}, [&](const auto& pc, const auto& src, int64_t* idx, auto* dist) {
+    using T = std::remove_pointer_t<decltype(dist)>;
     struct Scratch {
       std::vector<T> rows, tile;
     };
@@ -105,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
       for (int64_t r = r0; r < r1; ++r) finish_topk_row(pc, x0 + (r - r0) * ld, k, idx + r * k, dist + r * k);
     });
   });
-  return {indices, distances};
 }
 
 }  // namespace

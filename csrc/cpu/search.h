@@ -160,6 +160,17 @@ class RowSource {
   bool direct_;
 };
 
+// Calls f(std::integral_constant<int, V>{}) for the run-time v in [Lo, Hi] (Hi for any v past it).
+template <int Lo, int Hi, typename F>
+inline void with_const(int64_t v, F&& f) {
+  if constexpr (Lo == Hi) {
+    f(std::integral_constant<int, Lo>{});
+  } else {
+    if (v == Lo) return f(std::integral_constant<int, Lo>{});
+    with_const<Lo + 1, Hi>(v, std::forward<F>(f));
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Register-tile kernels. Each kernel type offers
 //   nearest<MR>(x, ldx, pc, p0, p1, best, bidx): fold panels [p0, p1) into the running
@@ -304,15 +315,11 @@ struct Avx2Kernel {
   template <int MR>
   static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                       float* best, int32_t* bidx) {
+    if (pc.D >= 1 && pc.D <= kSmallD)
+      return with_const<1, kSmallD>(pc.D, [&](auto dc) {
+        nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
+      });
     switch (pc.D) {
-      case 1: return nearest_rows_small<1>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 2: return nearest_rows_small<2>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 3: return nearest_rows_small<3>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 4: return nearest_rows_small<4>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 5: return nearest_rows_small<5>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 6: return nearest_rows_small<6>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 7: return nearest_rows_small<7>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 8: return nearest_rows_small<8>(MR, x, ldx, pc, p0, p1, best, bidx);
       case 16: return nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
       case 32: return nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
       default: return nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
@@ -390,17 +397,10 @@ struct Avx512Kernel {
   template <int MR>
   static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                       float* best, int32_t* bidx) {
-    switch (pc.D) {
-      case 1: return nearest_rows_small<1>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 2: return nearest_rows_small<2>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 3: return nearest_rows_small<3>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 4: return nearest_rows_small<4>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 5: return nearest_rows_small<5>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 6: return nearest_rows_small<6>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 7: return nearest_rows_small<7>(MR, x, ldx, pc, p0, p1, best, bidx);
-      case 8: return nearest_rows_small<8>(MR, x, ldx, pc, p0, p1, best, bidx);
-      default: return Avx2Kernel::nearest<MR>(x, ldx, pc, p0, p1, best, bidx);
-    }
+    if (pc.D < 1 || pc.D > kSmallD) return Avx2Kernel::nearest<MR>(x, ldx, pc, p0, p1, best, bidx);
+    with_const<1, kSmallD>(pc.D, [&](auto dc) {
+      nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
+    });
   }
 
   template <int MR>
@@ -413,14 +413,7 @@ struct Avx512Kernel {
 // Calls f(std::integral_constant<int, MR>{}) for a run-time MR in [1, kMR].
 template <typename F>
 inline void with_mr(int64_t mr, F&& f) {
-  switch (mr) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    default: return f(std::integral_constant<int, kMR>{});
-  }
+  with_const<1, kMR>(mr, std::forward<F>(f));
 }
 
 // Calls f(kernel) with the kernel type the active ISA selects for T.
