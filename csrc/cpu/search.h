@@ -2,18 +2,22 @@
 // nearest_code_topk and vq_quantize.
 //
 // The codebook is packed once into panels of kLanes codes ([panel][D][kLanes], so one
-// SIMD load holds one coordinate of many codes), scaled by alpha and with a per-code term so
-// that the score
+// SIMD load holds one coordinate of many codes), scaled by alpha and with a per-code term
+// so that the score
 //     score(x, c) = cterm[c] + <x, alpha * c>
 // orders codes like the metric's distance (l2: |c|^2 - 2<x,c>; ip and cosine on
 // normalised codes: -<x,c>). alpha is -2 or -1, so the scaling is exact, and the
-// accumulators start at cterm: the tile's sums are the scores. A register tile of kMR rows x kLanes codes is accumulated
-// over D, turned into scores and folded into a running minimum per row and lane; the
+// accumulators start at cterm: the tile's sums are the scores. A register tile of rows x
+// codes (6 x 16 portable and AVX2, 12 x 32 AVX-512; one row x the whole L1 chunk for
+// D <= 8) is accumulated over D and folded into a running minimum per row and lane; the
 // N x K distance matrix is never formed. Rows are processed in blocks of kRowBlock, one
-// task each (at::parallel_for), and the codebook in L2-sized chunks of panels.
+// task each (at::parallel_for), and the codebook in L2-sized chunks of panels. The
+// reported distance of the chosen code is recomputed exactly (double, direct form).
 //
 // NaN rules: a code holding a NaN gets cterm = NaN, so its score is NaN and loses every
-// strict '<' comparison: it is never chosen. A row of x holding a NaN gets index -1.
+// strict '<' comparison: it is never chosen. A row of x holding a NaN scores NaN
+// everywhere and gets index -1. A row left without any candidate (all scores NaN or
+// +inf: overflow, infinite inputs) is settled by an exact scan.
 #pragma once
 
 #include <ATen/ATen.h>
