@@ -225,6 +225,22 @@ struct PortableKernel {
 };
 
 #if VQK_X86
+// The D dispatch the SIMD kernels share: D <= kSmallD to Kern::nearest_rows_small<D>,
+// D = 16 and 32 to tiles compiled for that D, any other D to the run-time-D tile.
+template <typename Kern, int MR>
+inline void dispatch_nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
+                             float* best, int32_t* bidx) {
+  if (pc.D >= 1 && pc.D <= kSmallD)
+    return with_const<1, kSmallD>(pc.D, [&](auto dc) {
+      Kern::template nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
+    });
+  switch (pc.D) {
+    case 16: return Kern::template nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
+    case 32: return Kern::template nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
+    default: return Kern::template nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
+  }
+}
+
 struct Avx2Kernel {
   static constexpr int kRows = kMR;
 
@@ -323,15 +339,7 @@ struct Avx2Kernel {
   template <int MR>
   static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                       float* best, int32_t* bidx) {
-    if (pc.D >= 1 && pc.D <= kSmallD)
-      return with_const<1, kSmallD>(pc.D, [&](auto dc) {
-        nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
-      });
-    switch (pc.D) {
-      case 16: return nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
-      case 32: return nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
-      default: return nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
-    }
+    dispatch_nearest<Avx2Kernel, MR>(x, ldx, pc, p0, p1, best, bidx);
   }
 
   template <int MR>
@@ -408,6 +416,14 @@ struct Avx512Kernel {
   template <int MR, int DC>
   static void nearest_d(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                         float* best, int32_t* bidx) {
+    if (DC == 0 && pc.D >= kLargeD) {  // the AVX2 tile measured a few percent faster here; 6 rows a call
+      constexpr int kHalf = Avx2Kernel::kRows;
+      Avx2Kernel::nearest_d<(MR < kHalf ? MR : kHalf), 0>(x, ldx, pc, p0, p1, best, bidx);
+      if constexpr (MR > kHalf)
+        Avx2Kernel::nearest_d<MR - kHalf, 0>(x + kHalf * ldx, ldx, pc, p0, p1, best + kHalf * kLanes,
+                                             bidx + kHalf * kLanes);
+      return;
+    }
     int64_t p = p0;
     for (; p + 2 <= p1; p += 2) nearest_tile<MR, DC, 2>(x, ldx, pc, p, best, bidx);
     if (p < p1) nearest_tile<MR, DC, 1>(x, ldx, pc, p, best, bidx);
@@ -467,21 +483,7 @@ struct Avx512Kernel {
   template <int MR>
   static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
                       float* best, int32_t* bidx) {
-    if (pc.D >= 1 && pc.D <= kSmallD)
-      return with_const<1, kSmallD>(pc.D, [&](auto dc) {
-        nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
-      });
-    switch (pc.D) {
-      case 16: return nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
-      case 32: return nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
-      default: break;
-    }
-    if (pc.D < kLargeD) return nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
-    // Large D: the AVX2 tile measured a few percent faster here; it takes at most 6 rows a call.
-    constexpr int kHalf = Avx2Kernel::kRows;
-    Avx2Kernel::nearest<(MR < kHalf ? MR : kHalf)>(x, ldx, pc, p0, p1, best, bidx);
-    if constexpr (MR > kHalf)
-      Avx2Kernel::nearest<MR - kHalf>(x + kHalf * ldx, ldx, pc, p0, p1, best + kHalf * kLanes, bidx + kHalf * kLanes);
+    dispatch_nearest<Avx512Kernel, MR>(x, ldx, pc, p0, p1, best, bidx);
   }
 
   template <int MR>
