@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::T
       std::vector<T> rows, best;
       std::vector<int32_t> bidx;
     };
-    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
       int64_t ld;
       const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
       nearest_rows(pc, xr, ld, r1 - r0, s.best, s.bidx, idx + r0, dist + r0);
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
     struct Scratch {
       std::vector<T> rows, tile;
     };
-    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+    parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
       int64_t ld;
       const T* x0 = src.rows(r0, r1 - r0, s.rows, ld);
       s.tile.resize(kMR * kLanes);

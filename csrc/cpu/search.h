@@ -10,7 +10,7 @@
 // accumulators start at cterm: the tile's sums are the scores. A register tile of rows x
 // codes (6 x 16 portable and AVX2, 12 x 32 AVX-512; one row x the whole L1 chunk for
 // D <= 8) is accumulated over D and folded into a running minimum per row and lane; the
-// N x K distance matrix is never formed. Rows are processed in blocks of kRowBlock, one
+// N x K distance matrix is never formed. Rows are processed in blocks (row_block_size), one
 // task each (at::parallel_for), and the codebook in L2-sized chunks of panels. The
 // reported distance of the chosen code is recomputed exactly (double, direct form).
 //
@@ -51,7 +51,7 @@ namespace cpu {
 
 constexpr int kLanes = 16;              // codes per panel: two AVX2 registers
 constexpr int kMR = 6;                  // rows per register tile: 12 accumulators + 2 code loads + 1 broadcast
-constexpr int64_t kRowBlock = 96;       // rows per parallel task
+constexpr int64_t kRowBlock = 96;       // rows per parallel task (fewer for small N)
 constexpr int64_t kChunkBytes = 256 << 10;  // packed codebook bytes swept per pass over a row block
 constexpr int64_t kSmallD = 8;              // D at most this: rows stream the codebook one at a time...
 constexpr int64_t kSmallChunkBytes = 16 << 10;  // ...so their chunk stays in L1
@@ -61,10 +61,13 @@ constexpr double kNormEps = 1e-12;      // as torch.nn.functional.normalize
 template <typename T>
 class AlignedBuffer {
  public:
-  void assign(int64_t n, T value) {
+  void allocate(int64_t n) {  // uninitialised
     const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
     ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(ptr_, "vqkernels: out of memory packing the codebook (", bytes, " bytes)");
+  }
+  void assign(int64_t n, T value) {
+    allocate(n);
     std::fill(ptr_.get(), ptr_.get() + n, value);
   }
   T* data() { return ptr_.get(); }
@@ -84,12 +87,13 @@ struct PackedCodebook {
   Metric metric = Metric::L2;
   T alpha = T(-2);               // the packed codes are alpha * c (exact: a power of two)
   AlignedBuffer<T> data;        // [P][D][kLanes], padding codes are zero
-  std::vector<T> rows;          // [K][D]: the codes as the metric sees them (normalised for cosine)
+  const T* rows = nullptr;      // [K][D]: the codes as the metric sees them (normalised for cosine):
+  std::vector<T> rows_copy;     // the codebook itself when it already is contiguous T, else this copy
   AlignedBuffer<T> cterm;       // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
   std::vector<uint8_t> bad;     // [K]: the code holds a NaN
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
-  const T* row(int64_t k) const { return rows.data() + k * D; }
+  const T* row(int64_t k) const { return rows + k * D; }
 };
 
 template <typename T>
@@ -100,8 +104,17 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
   pc.P = (pc.K + kLanes - 1) / kLanes;
   pc.metric = metric;
   pc.alpha = metric == Metric::L2 ? T(-2) : T(-1);
-  pc.data.assign(pc.P * pc.D * kLanes, T(0));
-  pc.rows.resize(pc.K * pc.D);
+  pc.data.allocate(pc.P * pc.D * kLanes);
+  for (int64_t k = pc.K; k < pc.P * kLanes; ++k)  // the padding codes of the last panel
+    for (int64_t d = 0; d < pc.D; ++d) pc.data[(k / kLanes) * pc.D * kLanes + d * kLanes + k % kLanes] = T(0);
+  const bool use_input = metric != Metric::Cosine && codebook.is_contiguous() &&
+                         codebook.scalar_type() == c10::CppTypeToScalarType<T>::value;
+  if (use_input) {
+    pc.rows = codebook.const_data_ptr<T>();
+  } else {
+    pc.rows_copy.resize(pc.K * pc.D);
+    pc.rows = pc.rows_copy.data();
+  }
   pc.cterm.assign(pc.P * kLanes, std::numeric_limits<T>::quiet_NaN());
   pc.bad.assign(pc.K, 0);
   const int64_t s0 = codebook.stride(0), s1 = codebook.stride(1), D = pc.D;
@@ -110,20 +123,22 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
     at::parallel_for(0, pc.K, 256, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const scalar_t* row = src + k * s0;
-        double sq = 0;
+        double norm = 1.0;
+        if (metric == Metric::Cosine) {  // divided by max(|c|, eps), as F.normalize does
+          double sq = 0;
+          for (int64_t d = 0; d < D; ++d) sq += static_cast<double>(row[d * s1]) * static_cast<double>(row[d * s1]);
+          norm = std::max(std::sqrt(sq), kNormEps);
+        }
+        T* dst = pc.data.data() + (k / kLanes) * D * kLanes + k % kLanes;
+        T* out = use_input ? nullptr : pc.rows_copy.data() + k * D;
+        double norm2 = 0;
         bool nan = false;
         for (int64_t d = 0; d < D; ++d) {
-          const double v = static_cast<double>(row[d * s1]);
-          sq += v * v;
-          nan |= std::isnan(v);
-        }
-        const double norm = metric == Metric::Cosine ? std::max(std::sqrt(sq), kNormEps) : 1.0;  // divide, as F.normalize
-        T* dst = pc.data.data() + (k / kLanes) * D * kLanes + k % kLanes;
-        double norm2 = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const T v = static_cast<T>(static_cast<double>(row[d * s1]) / norm);
+          const double raw = static_cast<double>(row[d * s1]);
+          const T v = static_cast<T>(metric == Metric::Cosine ? raw / norm : raw);
+          nan |= raw != raw;
           dst[d * kLanes] = pc.alpha * v;
-          pc.rows[k * D + d] = v;
+          if (out) out[d] = v;
           norm2 += static_cast<double>(v) * static_cast<double>(v);
         }
         pc.bad[k] = nan;
@@ -624,14 +639,26 @@ void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t 
   }
 }
 
-// Runs fn(scratch, r0, r1) over blocks of kRowBlock rows in parallel; each parallel task
-// owns one Scratch.
+// Rows per block for n rows: kRowBlock, or fewer (a multiple of 12, every tile's row count)
+// so that a small batch still gives each thread work. It depends on n alone, never on the
+// thread count, so per-block partial sums are the same for any number of threads.
+inline int64_t row_block_size(int64_t n) {
+  return std::min<int64_t>(kRowBlock, std::max<int64_t>(12, (n / 8 + 11) / 12 * 12));
+}
+
+inline int64_t row_block_count(int64_t n) {
+  const int64_t rows = row_block_size(n);
+  return (n + rows - 1) / rows;
+}
+
+// Runs fn(scratch, block, r0, r1) over the row blocks in parallel; each parallel task owns
+// one Scratch.
 template <typename Scratch, typename F>
 void parallel_row_blocks(int64_t n, F&& fn) {
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t rows = row_block_size(n);
+  at::parallel_for(0, row_block_count(n), 1, [&](int64_t b0, int64_t b1) {
     Scratch scratch;
-    for (int64_t b = b0; b < b1; ++b) fn(scratch, b * kRowBlock, std::min(n, (b + 1) * kRowBlock));
+    for (int64_t b = b0; b < b1; ++b) fn(scratch, b, b * rows, std::min(n, (b + 1) * rows));
   });
 }
 

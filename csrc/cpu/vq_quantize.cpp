@@ -20,8 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at:
     indices.zero_();  // D == 0: every code is at distance 0 and the first wins
     return {quantized, indices, at::zeros({}, loss_opts), at::zeros({}, loss_opts)};
   }
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  std::vector<double> partial(blocks, 0.0);  // per-block sums, added in block order: deterministic
+  std::vector<double> partial(row_block_count(n), 0.0);  // per-block sums, added in block order: deterministic
   with_compute_type(x, codebook, [&](auto t) {
     using T = decltype(t);
     const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at:
         std::vector<T> rows, best, dist;
         std::vector<int32_t> bidx;
       };
-      parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t r0, int64_t r1) {
+      parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t block, int64_t r0, int64_t r1) {
         int64_t ld;
         const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
         s.dist.resize(r1 - r0);
@@ -57,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at:
             sum += e * e;
           }
         }
-        partial[r0 / kRowBlock] = sum;
+        partial[block] = sum;
       });
     });
   });
