@@ -96,13 +96,20 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
       with_kernel<T>([&](auto kern) {
         using Kern = decltype(kern);
         for (int64_t r = r0; r < r1; r += kMR) {
-          const int64_t mr = std::min<int64_t>(kMR, r1 - r);
-          for (int64_t p = 0; p < pc.P; ++p) {
-            with_mr(mr, [&](auto m) { Kern::template scores<decltype(m)::value>(x0 + (r - r0) * ld, ld, pc, p, s.tile.data()); });
-            for (int64_t rr = 0; rr < mr; ++rr)
-              for (int j = 0; j < kLanes; ++j)
-                topk_insert(dist + (r + rr) * k, idx + (r + rr) * k, k, s.tile[rr * kLanes + j], p * kLanes + j);
-          }
+          with_mr(std::min<int64_t>(kMR, r1 - r), [&](auto m) {
+            constexpr int MR = decltype(m)::value;
+            T thr[MR];
+            uint32_t mask[MR];
+            for (int64_t p = 0; p < pc.P; ++p) {
+              for (int rr = 0; rr < MR; ++rr) thr[rr] = dist[(r + rr) * k + k - 1];  // the current k-th best
+              Kern::template scores<MR>(x0 + (r - r0) * ld, ld, pc, p, thr, s.tile.data(), mask);
+              for (int rr = 0; rr < MR; ++rr)
+                for (uint32_t bits = mask[rr]; bits; bits &= bits - 1) {  // only the lanes that beat it
+                  const int j = __builtin_ctz(bits);
+                  topk_insert(dist + (r + rr) * k, idx + (r + rr) * k, k, s.tile[rr * kLanes + j], p * kLanes + j);
+                }
+            }
+          });
         }
       });
       for (int64_t r = r0; r < r1; ++r) finish_topk_row(pc, x0 + (r - r0) * ld, k, idx + r * k, dist + r * k);

@@ -194,7 +194,8 @@ inline void with_const(int64_t v, F&& f) {
 // Register-tile kernels. Each kernel type offers
 //   nearest<MR>(x, ldx, pc, p0, p1, best, bidx): fold panels [p0, p1) into the running
 //       minimum best/bidx [MR][kLanes] of MR rows (strict '<': the earlier code keeps a tie);
-//   scores<MR>(x, ldx, pc, p, out): the scores of MR rows against panel p into out [MR][kLanes].
+//   scores<MR>(x, ldx, pc, p, thr, out, mask): the scores of MR rows against panel p into
+//       out [MR][kLanes], and per row the bit mask of lanes scoring below thr[r].
 
 template <typename T>
 struct PortableKernel {
@@ -231,11 +232,17 @@ struct PortableKernel {
   }
 
   template <int MR>
-  static void scores(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p, T* out) {
+  static void scores(const T* x, int64_t ldx, const PackedCodebook<T>& pc, int64_t p, const T* thr, T* out,
+                     uint32_t* mask) {
     T acc[MR][kLanes];
     tile<MR>(x, ldx, pc, p, acc);
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < kLanes; ++j) out[r * kLanes + j] = acc[r][j];
+    for (int r = 0; r < MR; ++r) {
+      mask[r] = 0;
+      for (int j = 0; j < kLanes; ++j) {
+        out[r * kLanes + j] = acc[r][j];
+        mask[r] |= static_cast<uint32_t>(acc[r][j] < thr[r]) << j;
+      }
+    }
   }
 };
 
@@ -359,13 +366,16 @@ struct Avx2Kernel {
 
   template <int MR>
   VQK_TARGET_AVX2 static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p,
-                                     float* out) {
+                                     const float* thr, float* out, uint32_t* mask) {
     __m256 acc[MR][2];
     tile<MR, 0>(x, ldx, pc, p, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       _mm256_storeu_ps(out + r * kLanes, acc[r][0]);
       _mm256_storeu_ps(out + r * kLanes + 8, acc[r][1]);
+      const __m256 t = _mm256_set1_ps(thr[r]);
+      mask[r] = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[r][0], t, _CMP_LT_OQ))) |
+                static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[r][1], t, _CMP_LT_OQ))) << 8;
     }
   }
 };
@@ -502,8 +512,9 @@ struct Avx512Kernel {
   }
 
   template <int MR>
-  static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p, float* out) {
-    Avx2Kernel::scores<MR>(x, ldx, pc, p, out);
+  static void scores(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p, const float* thr,
+                     float* out, uint32_t* mask) {
+    Avx2Kernel::scores<MR>(x, ldx, pc, p, thr, out, mask);
   }
 };
 #endif
