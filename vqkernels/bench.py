@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 import vqkernels
+from vqkernels import reference
 
 THREADS = 2
 SHAPES = ((4096, 32, 512), (16384, 32, 4096), (16384, 8, 8192), (4096, 256, 1024), (65536, 64, 16384))
@@ -303,6 +304,44 @@ TRAIN = (
 )
 
 
+def _naive_vq(x, codebook):
+    """What vq_quantize replaces: the expanded-form argmin, a gather and the mean squared error."""
+    indices = expanded_argmin(x, codebook)
+    quantized = codebook[indices]
+    return quantized, indices, (x - quantized).pow(2).mean()
+
+
+def _ema_pair(x, codebook):
+    """ema_update_ and the same update written with bincount + index_add_ (vqkernels.reference)."""
+    indices = vqkernels.nearest_code(x, codebook)[0]
+    states = [[codebook.clone(), torch.ones(codebook.shape[0]), codebook.clone()] for _ in range(2)]
+    return (lambda: vqkernels.ema_update_(*states[0], x, indices, 0.99, 1e-5),
+            lambda: reference.ema_update_(*states[1], x, indices, 0.99, 1e-5))
+
+
+# The other ops, each beside the plain PyTorch it replaces: (op, baseline, factory giving (ours, baseline)).
+OTHER_OPS = (
+    ("nearest_code_topk, k=8", "cdist().topk(8)",
+     lambda x, c: (lambda: vqkernels.nearest_code_topk(x, c, 8), lambda: torch.cdist(x, c).topk(8, largest=False))),
+    ("vq_quantize forward", "addmm argmin + gather + mse",
+     lambda x, c: (lambda: vqkernels.vq_quantize(x, c), lambda: _naive_vq(x, c))),
+    ("ema_update_", "bincount + index_add_ (reference)", _ema_pair),
+)
+
+
+def run_other_ops(shape, args):
+    """Rows (op, ours ms, baseline, baseline ms, speedup) at `shape`."""
+    x, codebook = make_inputs(*shape)
+    rows = []
+    with torch.no_grad():
+        for op, base, factory in OTHER_OPS:
+            timed = time_calls(dict(zip(("ours", "base"), factory(x, codebook))), args.repeats, args.budget)
+            ours, theirs = timed["ours"][0], timed["base"][0]
+            rows.append([op, f"{ours * 1e3:.2f}", base, f"{theirs * 1e3:.2f}", _ratio(theirs / ours)])
+            _log(f"  {_shape_str(shape)} {op}: {ours * 1e3:.2f} ms, {base}: {theirs * 1e3:.2f} ms")
+    return rows
+
+
 def method(name, table=NEAREST):
     return next(m for m in table if m.name == name)
 
@@ -489,7 +528,7 @@ def machine_info():
     ]
 
 
-def render(runs, args, elapsed, plot_rel=None):
+def render(runs, args, elapsed, plot_rel=None, other=None):
     names = [m.name for m in NEAREST]
     baselines = _baselines()
     train_names = [m.name for m in TRAIN]
@@ -531,6 +570,10 @@ def render(runs, args, elapsed, plot_rel=None):
         _per_shape(runs, train_names + ["speedup", "ours MiB", "vector-quantize-pytorch MiB"],
                    _train_cell, table="train"),
     ]
+    if other:
+        shape, rows = other
+        parts += [f"## Other ops at {_shape_str(shape)}: median ms",
+                  md_table(["op", "ours", "plain PyTorch", "its ms", "speedup"], rows)]
     if plot_rel:
         parts += ["## Plot", f"![speedup of nearest_code over each baseline]({plot_rel})"]
     return "\n\n".join(parts) + "\n"
@@ -636,6 +679,9 @@ def main(argv=None):
     _log(f"vqkernels.bench: kernels {vqkernels.backend('nearest_code', 'cpu')}, {THREADS} threads")
     start = time.perf_counter()
     runs = run(shapes, train_shapes, args)
+    other_shape = shapes[0] if args.quick or HEADLINE not in shapes else HEADLINE
+    _log(f"other ops at {_shape_str(other_shape)}")
+    other = (other_shape, run_other_ops(other_shape, args))
     elapsed = time.perf_counter() - start
 
     plot_rel = None
@@ -645,7 +691,7 @@ def main(argv=None):
             plot_rel = os.path.relpath(plot_path, output.parent if output else Path.cwd())
         else:
             _log("plot skipped: matplotlib not installed")
-    text = render(runs, args, elapsed, plot_rel)
+    text = render(runs, args, elapsed, plot_rel, other)
     print(text)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
