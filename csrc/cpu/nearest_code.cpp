@@ -60,7 +60,8 @@ inline void topk_insert(T* d, int64_t* i, int64_t k, T s, int64_t code) {
 
 // The k best of one row by score -> by exact distance, re-sorted (distance, then index).
 template <typename T>
-void finish_topk_row(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t* i, T* d) {
+void finish_topk_row(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t* i, T* d,
+                     std::vector<std::pair<T, int64_t>>& v) {
   if (row_has_nan(xr, pc.D)) {
     std::fill(i, i + k, -1);
     std::fill(d, d + k, std::numeric_limits<T>::quiet_NaN());
@@ -70,7 +71,7 @@ void finish_topk_row(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_
     rank_row_exact(pc, xr, k, i, d);
     return;
   }
-  std::vector<std::pair<T, int64_t>> v(k);
+  v.resize(k);  // the task's scratch: no allocation per row
   for (int64_t j = 0; j < k; ++j) v[j] = {static_cast<T>(exact_distance(pc, xr, i[j])), i[j]};
   std::sort(v.begin(), v.end());
   for (int64_t j = 0; j < k; ++j) std::tie(d[j], i[j]) = v[j];
@@ -86,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
     using T = std::remove_pointer_t<decltype(dist)>;
     struct Scratch {
       std::vector<T> rows, tile;
+      std::vector<std::pair<T, int64_t>> ranked;
     };
     parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
       int64_t ld;
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
           });
         }
       });
-      for (int64_t r = r0; r < r1; ++r) finish_topk_row(pc, x0 + (r - r0) * ld, k, idx + r * k, dist + r * k);
+      for (int64_t r = r0; r < r1; ++r) finish_topk_row(pc, x0 + (r - r0) * ld, k, idx + r * k, dist + r * k, s.ranked);
     });
   });
 }

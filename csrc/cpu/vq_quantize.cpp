@@ -24,8 +24,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at:
   with_compute_type(x, codebook, [&](auto t) {
     using T = decltype(t);
     const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);
-    const at::Tensor cb = codebook.to(c10::CppTypeToScalarType<T>::value).contiguous();  // raw rows for lookup
-    const T* cbp = cb.const_data_ptr<T>();
+    // The raw rows to look up: the packed codebook's own rows, except for cosine, where those
+    // are normalised and the raw codebook is converted once more.
+    at::Tensor raw;
+    if (metric == Metric::Cosine) raw = codebook.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* cbp = metric == Metric::Cosine ? raw.const_data_ptr<T>() : pc.row(0);
     const RowSource<T> src(x);
     int64_t* idx = indices.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vq_quantize", [&] {
