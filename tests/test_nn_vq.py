@@ -1,0 +1,243 @@
+"""vqkernels.nn.VectorQuantize: drop-in for vector-quantize-pytorch, k-means init, dead-code
+restart, frozen codebooks, state_dict, torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vq_helpers import vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
+from vqkernels.nn.codebook import kmeans
+from vqkernels.nn.vq import VectorQuantize
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+DROP_IN_CONFIGS = [
+    dict(dim=32, codebook_size=64),
+    dict(dim=32, codebook_size=64, codebook_dim=8),
+    dict(dim=32, codebook_size=48, heads=4, separate_codebook_per_head=True, codebook_dim=8),
+    dict(dim=32, codebook_size=64, heads=2, codebook_dim=16),
+    dict(dim=32, codebook_size=64, use_cosine_sim=True),
+    dict(dim=16, codebook_size=64, accept_image_fmap=True),
+    dict(dim=16, codebook_size=33, channel_last=False),
+]
+
+
+def _input(kw, b=3, n=17):
+    if kw.get("accept_image_fmap"):
+        return torch.randn(b, kw["dim"], 5, 4)
+    if kw.get("channel_last") is False:
+        return torch.randn(b, kw["dim"], n)
+    return torch.randn(b, n, kw["dim"])
+
+
+def _pair(kw, seed=0):
+    torch.manual_seed(seed)
+    theirs = vqp.VectorQuantize(**kw)
+    ours = VectorQuantize(**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kw", DROP_IN_CONFIGS, ids=str)
+def test_eval_matches_vector_quantize_pytorch(kw):
+    theirs, ours = _pair(kw)
+    theirs.eval()
+    ours.eval()
+    x = _input(kw)
+    q_t, i_t, l_t = theirs(x)
+    q_o, i_o, l_o = ours(x)
+    assert i_o.shape == i_t.shape and q_o.shape == q_t.shape
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    assert float(l_o) == float(l_t) == 0.0
+    torch.testing.assert_close(ours.get_codes_from_indices(i_o), theirs.get_codes_from_indices(i_t))
+    if not kw.get("accept_image_fmap") and kw.get("channel_last", True):
+        torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(dim=32, codebook_size=64, rotation_trick=False),
+                                dict(dim=32, codebook_size=64, rotation_trick=True),
+                                dict(dim=32, codebook_size=64, use_cosine_sim=True, rotation_trick=False),
+                                dict(dim=32, codebook_size=64, heads=2, separate_codebook_per_head=True,
+                                     codebook_dim=16, rotation_trick=False),
+                                dict(dim=16, codebook_size=32, learnable_codebook=True, ema_update=False,
+                                     rotation_trick=False)], ids=str)
+def test_training_steps_match_vector_quantize_pytorch(kw):
+    """Same state, same batches: same losses, input gradients and (EMA or learned) codebooks."""
+    theirs, ours = _pair(kw)
+    for step in range(3):
+        x_t = torch.randn(3, 17, kw["dim"], requires_grad=True)
+        x_o = x_t.detach().clone().requires_grad_()
+        q_t, i_t, l_t = theirs(x_t)
+        q_o, i_o, l_o = ours(x_o)
+        assert torch.equal(i_o, i_t), step
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-7)
+        w = torch.randn_like(q_t)
+        ((q_t * w).sum() + l_t).backward()
+        ((q_o * w).sum() + l_o).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours._codebook.embed.detach(), theirs._codebook.embed.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours._codebook.cluster_size, theirs._codebook.cluster_size)
+        if kw.get("learnable_codebook"):
+            torch.testing.assert_close(ours._codebook.embed.grad, theirs._codebook.embed.grad,
+                                       rtol=1e-5, atol=1e-7)
+            for m in (ours, theirs):
+                with torch.no_grad():
+                    m._codebook.embed -= 0.5 * m._codebook.embed.grad
+                m._codebook.embed.grad = None
+
+
+def test_state_dict_round_trip():
+    a = VectorQuantize(dim=16, codebook_size=32, codebook_dim=8, kmeans_init=True, rotation_trick=False)
+    a.train()
+    a(torch.randn(2, 40, 16))
+    b = VectorQuantize(dim=16, codebook_size=32, codebook_dim=8, kmeans_init=True)
+    assert b._codebook.needs_init
+    b.load_state_dict(a.state_dict())
+    assert not b._codebook.needs_init  # the Python mirror follows the loaded buffer
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    x = torch.randn(2, 9, 16)
+    a.eval()
+    b.eval()
+    assert torch.equal(a(x)[1], b(x)[1])
+
+
+@pytest.mark.parametrize("kw,err", [(dict(orthogonal_reg_weight=0.1), ValueError),
+                                    (dict(affine_param=True), ValueError),
+                                    (dict(no_such_option=1), TypeError),
+                                    (dict(learnable_codebook=True), ValueError),  # with the EMA default
+                                    (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False),
+                                     ValueError)])
+def test_unsupported_options_raise(kw, err):
+    with pytest.raises(err, match="VectorQuantize"):
+        VectorQuantize(dim=8, codebook_size=16, **kw)
+
+
+def test_unsupported_option_at_default_is_accepted():
+    VectorQuantize(dim=8, codebook_size=16, orthogonal_reg_weight=0.0, straight_through=False)
+
+
+def test_forward_unsupported_keywords_raise():
+    vq = VectorQuantize(dim=8, codebook_size=16)
+    with pytest.raises(ValueError, match="mask"):
+        vq(torch.randn(2, 3, 8), mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def _lloyd_float64(samples, means, iters, cosine):
+    """Independent Lloyd iterations in float64 (brute-force distances)."""
+    s = samples.double()
+    m = means.double()
+    for _ in range(iters):
+        if cosine:
+            assign = (F.normalize(s, dim=1, eps=1e-12) @ F.normalize(m, dim=1, eps=1e-12).t()).argmax(1)
+        else:
+            assign = torch.cdist(s, m).argmin(1)
+        counts = torch.bincount(assign, minlength=m.shape[0]).double()
+        sums = torch.zeros_like(m).index_add_(0, assign, s)
+        new = sums / counts.clamp_min(1).unsqueeze(1)
+        if cosine:
+            new = F.normalize(new, dim=1, eps=1e-6)
+        m = torch.where((counts > 0).unsqueeze(1), new, m)
+    return m, counts
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k", [(300, 16), (10, 16)])
+def test_kmeans_matches_float64_lloyd(metric, n, k):
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(k, 6, generator=g) * 4
+    samples = (centers[torch.randint(0, k, (n,), generator=g)] + 0.3 * torch.randn(n, 6, generator=g))
+    torch.manual_seed(11)
+    means, counts = kmeans(samples, k, num_iters=5, metric=metric)
+    torch.manual_seed(11)  # the same initial draw
+    sel = torch.randperm(n)[:k] if n >= k else torch.randint(0, n, (k,))
+    ref_means, ref_counts = _lloyd_float64(samples, samples[sel], 5, metric == "cosine")
+    torch.testing.assert_close(means.double(), ref_means, rtol=1e-5, atol=1e-5)
+    assert torch.equal(counts.double(), ref_counts)
+    assert float(counts.sum()) == n
+
+
+def test_kmeans_init_happens_once_in_training():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=8, kmeans_init=True, kmeans_iters=4, rotation_trick=False)
+    assert torch.count_nonzero(vq._codebook.embed) == 0
+    vq.eval()
+    vq(torch.randn(1, 50, 4))
+    assert vq._codebook.needs_init and torch.count_nonzero(vq._codebook.embed) == 0  # eval never initialises
+    vq.train()
+    x = torch.randn(1, 200, 4)
+    vq(x)
+    assert not vq._codebook.needs_init and bool(vq._codebook.initted)
+    # every code is now a data mean: each lies inside the data's bounding box
+    emb = vq.codebook
+    assert torch.all(emb <= x.amax((0, 1)) + 1e-5) and torch.all(emb >= x.amin((0, 1)) - 1e-5)
+
+
+def test_dead_codes_are_replaced_by_batch_rows():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=16, threshold_ema_dead_code=0.5, decay=0.5, rotation_trick=False)
+    with torch.no_grad():  # every code far away except code 3: only code 3 is used and stays alive
+        vq._codebook.embed.fill_(100.0)
+        vq._codebook.embed[0, 3] = 0.0
+        vq._codebook.embed_avg.copy_(vq._codebook.embed)
+        vq._codebook.cluster_size.fill_(1.0)
+    x = torch.randn(1, 64, 4) * 0.1
+    vq.train()
+    _, idx, _ = vq(x)
+    assert torch.all(idx == 3)
+    cs = vq._codebook.cluster_size[0]
+    # the 15 unused codes decayed to 0.5 * 1 = 0.5, not below the threshold yet
+    assert torch.all(cs[torch.arange(16) != 3] == 0.5)
+    vq(x)  # now 0.25 < 0.5: dead, replaced by rows of this batch, their counts reset to the threshold
+    emb = vq._codebook.embed[0]
+    rows = x.reshape(-1, 4)
+    for k in range(16):
+        if k == 3:
+            continue
+        assert torch.any(torch.all(rows == emb[k], dim=1)), k
+        assert float(vq._codebook.cluster_size[0, k]) == 0.5
+    torch.testing.assert_close(vq._codebook.embed_avg[0, torch.arange(16) != 3],
+                               emb[torch.arange(16) != 3] * 0.5)
+
+
+def test_freeze_codebook_keeps_everything():
+    vq = VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=2, freeze_codebook=True)
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq.train()
+    vq(torch.randn(2, 30, 8))
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_frozen_language_codebook_learns_only_the_projections():
+    from vqkernels.nn.frozen import minilm_word_embeddings
+    table, vocab = minilm_word_embeddings()
+    assert table.shape == (30522, 384) and len(vocab) == 30522
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=16, codebook_size=table.shape[0], frozen_codebook=table, rotation_trick=False,
+                        commitment_weight=0.25)
+    assert vq.codebook_dim == 384 and vq.has_projections
+    opt = torch.optim.Adam(vq.parameters(), lr=3e-3)
+    x = torch.randn(2, 32, 16)
+    vq.train()
+    recon = []
+    for _ in range(40):
+        q, idx, loss = vq(x)
+        rec = F.mse_loss(q, x)
+        opt.zero_grad()
+        (rec + loss).backward()
+        opt.step()
+        recon.append(float(rec))
+    assert torch.equal(vq.codebook, table)  # the language table never moves
+    assert recon[-1] < 0.7 * recon[0]  # the projections learn to reconstruct through the words
+    assert idx.min() >= 0 and idx.max() < 30522
+    assert sum(p.numel() for p in vq.parameters()) == 2 * 16 * 384 + 384 + 16
+
+
+def test_frozen_codebook_rejects_updates():
+    with pytest.raises(ValueError, match="frozen_codebook"):
+        VectorQuantize(dim=8, codebook_size=4, frozen_codebook=torch.randn(4, 8), ema_update=True)
+    with pytest.raises(ValueError, match="frozen_codebook"):
+        VectorQuantize(dim=8, codebook_size=5, frozen_codebook=torch.randn(4, 8))

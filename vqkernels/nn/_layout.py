@@ -1,0 +1,50 @@
+"""Input layouts of the quantizer layers: tokens [B, N, D] (channel-last), [B, D, N]
+(``channel_last=False``), image feature maps [B, C, H, W] (``accept_image_fmap``), or a
+single token per sample [B, D]. Everything is quantized as rows of a [B, N, D] view."""
+
+
+class Layout:
+    """Moves an input to tokens [B, N, D] and results back to the input's layout."""
+
+    def __init__(self, x, accept_image_fmap=False, channel_last=True):
+        self.image = accept_image_fmap
+        self.only_one = not accept_image_fmap and x.dim() == 2
+        self.transposed = not accept_image_fmap and not channel_last and not self.only_one
+        if self.image:
+            if x.dim() != 4:
+                raise ValueError(f"accept_image_fmap expects [B, C, H, W] inputs, got shape {tuple(x.shape)}")
+            self.hw = tuple(x.shape[-2:])
+        elif not self.only_one and x.dim() != 3:
+            raise ValueError(f"expects [B, N, D] (or [B, D, N] with channel_last=False, or [B, D]) inputs, "
+                             f"got shape {tuple(x.shape)}")
+
+    def tokens(self, x):
+        if self.image:
+            return x.flatten(2).transpose(1, 2)
+        if self.only_one:
+            return x.unsqueeze(1)
+        return x.transpose(1, 2) if self.transposed else x
+
+    def restore(self, t):
+        """[B, N, D] -> the input's layout."""
+        if self.image:
+            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.hw)
+        if self.only_one:
+            return t.squeeze(1)
+        return t.transpose(1, 2) if self.transposed else t
+
+    def indices(self, idx):
+        """[B, N, ...] -> [B, H, W, ...] for images, [B, ...] for single tokens."""
+        if self.image:
+            return idx.reshape(idx.shape[0], *self.hw, *idx.shape[2:])
+        if self.only_one:
+            return idx.squeeze(1)
+        return idx
+
+    def flat_indices(self, idx):
+        """Inverse of :meth:`indices`: back to [B, N, ...]."""
+        if self.image:
+            return idx.flatten(1, 2)
+        if self.only_one:
+            return idx.unsqueeze(1)
+        return idx

@@ -1,0 +1,205 @@
+"""``ResidualVQ`` (RQ-VAE, SoundStream) and ``GroupedResidualVQ`` on the fused residual op."""
+
+import random
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._layout import Layout
+from ._options import reject_unsupported
+from .vq import VectorQuantize, route_gradient, training_losses
+
+_RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
+                        beam_score_quantizer_weights=None, quant_grad_frac=0.0,
+                        return_zeros_for_masked_padding=True, use_cosine_sim=False,
+                        separate_codebook_per_head=False)
+# Keywords passed on to each level's VectorQuantize (which holds that level's codebook).
+_LEVEL_KWARGS = ("decay", "eps", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "commitment_weight",
+                 "rotation_trick", "sync_codebook", "ema_update", "learnable_codebook", "freeze_codebook",
+                 "channel_last")
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantization, a drop-in for vector-quantize-pytorch's ``ResidualVQ``.
+
+    All levels run in one fused op (:func:`vqkernels.residual_quantize`): each row's residual
+    stays in cache across the levels. ``forward(x)`` returns ``(quantized, indices, losses)``:
+    quantized in x's layout, indices [..., num_quantizers] (-1 for levels removed by quantize
+    dropout), losses [num_quantizers] (``commitment_weight`` times the RQ-VAE commitment
+    mean ||x - sg(q_1 + ... + q_l)||^2 of each level in training, zeros in eval mode).
+
+    Gradients: the quantized sum is straight-through (or rotated onto x with
+    ``rotation_trick``, on the sum); every level's commitment term reaches x (RQ-VAE's loss;
+    vector-quantize-pytorch's per-level straight-through lets only the first level's reach x).
+
+    Keywords: ``dim, num_quantizers, codebook_size`` (one int), ``codebook_dim``,
+    ``shared_codebook``, ``quantize_dropout``, ``quantize_dropout_cutoff_index``,
+    ``quantize_dropout_multiple_of``, ``accept_image_fmap``, ``beam_size``, ``eval_beam_size``,
+    and the level options of :class:`VectorQuantize` (``decay, eps, kmeans_init, kmeans_iters,
+    threshold_ema_dead_code, commitment_weight, rotation_trick, sync_codebook, ema_update,
+    learnable_codebook, freeze_codebook, channel_last``). Squared-L2 codebooks only.
+    """
+
+    def __init__(self, *, dim, num_quantizers, codebook_size, codebook_dim=None, shared_codebook=False,
+                 quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
+                 accept_image_fmap=False, beam_size=None, eval_beam_size=None, **kwargs):
+        super().__init__()
+        level_kwargs = {k: kwargs.pop(k) for k in _LEVEL_KWARGS if k in kwargs}
+        reject_unsupported("ResidualVQ", kwargs, _RVQ_UNSUPPORTED)
+        if not isinstance(codebook_size, int):
+            raise ValueError("ResidualVQ: codebook_size must be one int (per-level sizes are not supported)")
+        if num_quantizers < 1:
+            raise ValueError(f"ResidualVQ: num_quantizers must be >= 1, got {num_quantizers}")
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("ResidualVQ: eval_beam_size needs beam_size")
+        self.dim, self.num_quantizers, self.codebook_size = dim, num_quantizers, codebook_size
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.has_projections = self.codebook_dim != dim
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = level_kwargs.get("channel_last", True)
+        self.layers = nn.ModuleList(
+            VectorQuantize(dim=self.codebook_dim, codebook_size=codebook_size, accept_image_fmap=accept_image_fmap,
+                           **level_kwargs) for _ in range(num_quantizers))
+        self.shared_codebook = shared_codebook
+        if shared_codebook:  # as vector-quantize-pytorch: every level holds the first level's codebook module
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        first = self.layers[0]
+        self.commitment_weight, self.rotation_trick = first.commitment_weight, first.rotation_trick
+        self.learnable_codebook, self.freeze_codebook = first.learnable_codebook, first.freeze_codebook
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, K, D]."""
+        return torch.stack([layer._codebook.embed[0] for layer in self.layers])
+
+    def _levels_this_step(self):
+        """Levels to run: all, or in training with quantize dropout a random prefix (drawn on
+        the host with Python's random, so no tensor is read back)."""
+        if not (self.training and self.quantize_dropout):
+            return self.num_quantizers
+        last = random.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        m = self.quantize_dropout_multiple_of
+        if m != 1:
+            last = min(self.num_quantizers, (last + 1 + m - 1) // m * m) - 1
+        return last + 1
+
+    @torch.no_grad()
+    def _kmeans_init_levels(self, rows):
+        """k-means init of the levels that need it, each from its own residual."""
+        residual = rows.detach().float()
+        for layer in self.layers:
+            cb = layer._codebook
+            if cb.needs_init:
+                cb.init_embed_([residual])
+            idx, _ = ops.nearest_code(residual, cb.embed[0])
+            residual = residual - cb.embed[0][idx]
+
+    def forward(self, x, freeze_codebook=None, beam_size=None, **unsupported):
+        reject_unsupported("ResidualVQ.forward", unsupported,
+                           dict(mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
+                                rand_quantize_dropout_fixed_seed=None))
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        layout = Layout(x, self.accept_image_fmap, self.channel_last)
+        tokens = layout.tokens(x)
+        b, n = tokens.shape[:2]
+        rows = self.project_in(tokens).reshape(-1, self.codebook_dim)
+        if self.training and any(layer._codebook.needs_init for layer in self.layers):
+            self._kmeans_init_levels(rows)
+        levels = self._levels_this_step()
+        if beam_size is None:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        cb0 = self.layers[0]._codebook
+        updates = self.training and not freeze and cb0.tracks_statistics
+        learn = self.learnable_codebook and not freeze
+        if self.shared_codebook:
+            codebooks = cb0.embed[0] if learn else cb0.embed[0].detach()
+            if updates:
+                codebooks = codebooks.clone()  # the levels' updates write the shared codebook in place
+        else:
+            codebooks = torch.stack([layer._codebook.embed[0] for layer in self.layers[:levels]])
+            codebooks = codebooks if learn else codebooks.detach()
+        q, idx, commit, codebook_loss = ops.residual_quantize(rows, codebooks, levels, beam_size or 1)
+        if self.training:
+            q = route_gradient(rows, q, self.rotation_trick)
+            losses = training_losses(commit, codebook_loss, self.commitment_weight, learn)
+            if updates:
+                self._update_codebooks(rows, codebooks.detach(), idx)
+        else:
+            losses = commit.new_zeros(levels, dtype=torch.float32)
+        if levels < self.num_quantizers:
+            idx = torch.cat([idx, idx.new_full((idx.shape[0], self.num_quantizers - levels), -1)], dim=1)
+            losses = torch.cat([losses, losses.new_zeros(self.num_quantizers - levels)])
+        out = layout.restore(self.project_out(q.reshape(b, n, -1).to(x.dtype)))
+        return out, layout.indices(idx.reshape(b, n, -1)), losses
+
+    @torch.no_grad()
+    def _update_codebooks(self, rows, codebooks, idx):
+        """EMA update (and dead-code restart) of each level from its own residual input."""
+        residual = rows.detach().float()
+        for level in range(idx.shape[1]):
+            used = codebooks if codebooks.dim() == 2 else codebooks[level]
+            self.layers[level]._codebook.update_(0, residual, idx[:, level])
+            residual = residual - used.float()[idx[:, level].clamp_min(0)]
+
+    def get_codes_from_indices(self, indices):
+        """Codes of every level, [num_quantizers, ..., codebook_dim] (zeros where an index is -1)."""
+        levels = indices.shape[-1]
+        codes = []
+        for level in range(levels):
+            i = indices[..., level]
+            c = self.layers[level]._codebook.embed[0][i.clamp_min(0)]
+            codes.append(c.masked_fill((i < 0).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices):
+        """The layer's output for ``indices`` [..., num_quantizers]: summed codes, out projection."""
+        out = self.project_out(self.get_codes_from_indices(indices).sum(0))
+        if self.accept_image_fmap or not self.channel_last:
+            out = out.movedim(-1, 1)
+        return out
+
+
+class GroupedResidualVQ(nn.Module):
+    """``groups`` independent :class:`ResidualVQ` over equal slices of the feature dimension
+    (vector-quantize-pytorch's ``GroupedResidualVQ``). Returns ``(quantized, indices [groups, ...,
+    num_quantizers], losses [groups, num_quantizers])``."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"GroupedResidualVQ: dim={dim} is not divisible by groups={groups}")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+                                  for _ in range(groups))
+
+    @property
+    def codebooks(self):
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    @property
+    def split_dim(self):
+        return 1 if self.accept_image_fmap or not self.rvqs[0].channel_last else -1
+
+    def forward(self, x, **kwargs):
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"GroupedResidualVQ: expected {self.dim} features on dim {self.split_dim}, "
+                             f"got shape {tuple(x.shape)}")
+        outs = [rvq(chunk, **kwargs) for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))]
+        quantized, indices, losses = zip(*outs)
+        return torch.cat(quantized, dim=self.split_dim), torch.stack(indices), torch.stack(losses)
+
+    def get_codes_from_indices(self, indices):
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices):
+        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)],
+                         dim=self.split_dim)

@@ -1,0 +1,188 @@
+"""``VectorQuantize``: the VQ-VAE / VQ-GAN / ViT-VQGAN quantizer layer on the fused ops."""
+
+import torch
+from torch import nn
+
+from .. import ops
+from . import _dist
+from ._layout import Layout
+from ._options import reject_unsupported
+from .codebook import Codebook
+
+# vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
+_VQ_UNSUPPORTED = dict(
+    layernorm_after_project_in=False, accept_3d_fmap=False, sync_kmeans=True,
+    commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
+    orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+    stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False, directional_reparam=False,
+    directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None, manual_ema_update=False,
+    in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False, affine_param=False,
+    affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
+    return_zeros_for_masked_padding=True, route_gradients_to_input=True,
+)
+_FORWARD_UNSUPPORTED = dict(indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+                            return_loss_breakdown=False, codebook_transform_fn=None, ema_update_weight=None,
+                            accum_ema_update=False, ema_update=None)
+
+
+def training_losses(commit, codebook_loss, weight, learnable):
+    """The layer loss from a quantize op's two losses: ``weight * commit``, plus, for a codebook
+    learned by gradient, the codebook term's gradient without changing the value (as
+    vector-quantize-pytorch's mse(q, x) with gradients to both sides)."""
+    loss = commit * weight
+    if learnable:
+        loss = loss + (codebook_loss - codebook_loss.detach()) * weight
+    return loss
+
+
+def route_gradient(x, quantized, rotation_trick):
+    """The training output: the rotation trick, or the straight-through one the op already gives."""
+    if rotation_trick and x.requires_grad:
+        return ops.rotate_to(x, quantized.detach())
+    return quantized
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantization layer, a drop-in for vector-quantize-pytorch's ``VectorQuantize``.
+
+    ``forward(x)`` returns ``(quantized, indices, loss)`` with vector-quantize-pytorch's shapes:
+    x [B, N, dim] (channel-last), [B, dim, N] with ``channel_last=False``, [B, dim, H, W] with
+    ``accept_image_fmap=True``, or [B, dim]; indices [B, N] (or [B, H, W], [B]), with a trailing
+    head dimension when ``heads > 1``. ``loss`` is ``commitment_weight`` times the commitment
+    loss in training and 0 in eval mode.
+
+    Supported options (vector-quantize-pytorch's meaning and defaults): ``codebook_dim``
+    (factorised codes with in/out projections), ``heads``, ``separate_codebook_per_head``,
+    ``decay``, ``eps``, ``freeze_codebook``, ``kmeans_init``, ``kmeans_iters``,
+    ``use_cosine_sim``, ``threshold_ema_dead_code``, ``channel_last``, ``accept_image_fmap``,
+    ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``sync_codebook``
+    (default: when torch.distributed runs with several ranks), ``ema_update``,
+    ``learnable_codebook``. Others raise unless given at their default.
+
+    ``frozen_codebook``: a fixed [codebook_size, codebook_dim] table (e.g. a language model's
+    word embeddings, LQAE / SPAE / UniCode) that is never updated; the layer learns only its
+    in/out projections from ``dim`` to the table's width.
+    """
+
+    def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
+                 eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, use_cosine_sim=False,
+                 threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, commitment_weight=1.0,
+                 rotation_trick=None, sync_codebook=None, ema_update=None, learnable_codebook=None,
+                 frozen_codebook=None, **unsupported):
+        super().__init__()
+        reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
+        if frozen_codebook is not None:
+            if frozen_codebook.dim() != 2 or frozen_codebook.shape[0] != codebook_size:
+                raise ValueError(f"VectorQuantize: frozen_codebook must be [codebook_size={codebook_size}, E], "
+                                 f"got shape {tuple(frozen_codebook.shape)}")
+            if heads != 1:
+                raise ValueError("VectorQuantize: frozen_codebook works with heads=1")
+            if codebook_dim not in (None, frozen_codebook.shape[1]):
+                raise ValueError(f"VectorQuantize: codebook_dim={codebook_dim} differs from the frozen table's "
+                                 f"width {frozen_codebook.shape[1]}")
+            codebook_dim = frozen_codebook.shape[1]
+            if ema_update or learnable_codebook or kmeans_init or threshold_ema_dead_code:
+                raise ValueError("VectorQuantize: a frozen_codebook is never updated (no ema_update, "
+                                 "learnable_codebook, kmeans_init or threshold_ema_dead_code)")
+            ema_update, learnable_codebook = False, False
+        ema_update = True if ema_update is None else ema_update
+        learnable_codebook = False if learnable_codebook is None else learnable_codebook
+        if ema_update and learnable_codebook:
+            raise ValueError("VectorQuantize: learnable_codebook is not compatible with ema_update")
+        if use_cosine_sim and learnable_codebook:
+            raise ValueError("VectorQuantize: use_cosine_sim is not compatible with learnable_codebook")
+        self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        inner = self.codebook_dim * heads
+        self.has_projections = inner != dim
+        self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
+        self.commitment_weight = commitment_weight
+        self.rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        self.learnable_codebook = learnable_codebook
+        self.freeze_codebook = freeze_codebook
+        self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
+        self.use_cosine_sim = use_cosine_sim
+        sync = _dist.distributed_ready() if sync_codebook is None else sync_codebook
+        self._codebook = Codebook(self.codebook_dim, codebook_size,
+                                  num_codebooks=heads if separate_codebook_per_head else 1,
+                                  kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
+                                  threshold_ema_dead_code=threshold_ema_dead_code,
+                                  learnable_codebook=learnable_codebook, ema_update=ema_update,
+                                  use_cosine_sim=use_cosine_sim, sync=sync, frozen=frozen_codebook)
+
+    @property
+    def codebook(self):
+        """The codebook [K, D], or [heads, K, D] with separate codebooks per head."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
+
+    def _head_rows(self, xin):
+        """[B, N, heads * d] -> one [M, d] row matrix per codebook."""
+        d = self.codebook_dim
+        if self.separate_codebook_per_head:
+            return [xin[..., h * d:(h + 1) * d].reshape(-1, d) for h in range(self.heads)]
+        return [xin.reshape(-1, d)]
+
+    def forward(self, x, freeze_codebook=None, **unsupported):
+        reject_unsupported("VectorQuantize.forward", unsupported, _FORWARD_UNSUPPORTED)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        layout = Layout(x, self.accept_image_fmap, self.channel_last)
+        tokens = layout.tokens(x)
+        b, n = tokens.shape[:2]
+        cb = self._codebook
+        rows = [cb.transform_input(r) for r in self._head_rows(self.project_in(tokens))]
+        if self.training and cb.needs_init:
+            cb.init_embed_([r.detach() for r in rows])
+        quantized, indices, losses = [], [], []
+        for h, r in enumerate(rows):
+            updates = self.training and not freeze and cb.tracks_statistics
+            embed = cb.embed[h] if self.learnable_codebook and not freeze else cb.embed[h].detach()
+            if updates:
+                embed = embed.clone()  # backward needs the codebook this step used, not the updated one
+            q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
+            if self.training:
+                q = route_gradient(r, q, self.rotation_trick)
+                losses.append(training_losses(commit, codebook_loss, self.commitment_weight,
+                                              self.learnable_codebook and not freeze))
+                if updates:
+                    cb.update_(h, r, idx)
+            quantized.append(q)
+            indices.append(idx)
+        if self.separate_codebook_per_head:
+            q = torch.cat([t.reshape(b, n, -1) for t in quantized], dim=-1)
+            idx = torch.stack([t.reshape(b, n) for t in indices], dim=-1)
+        else:
+            q = quantized[0].reshape(b, n, -1)
+            idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
+        if self.training and self.commitment_weight > 0:
+            loss = torch.stack(losses).mean()
+        else:
+            loss = x.new_zeros((), dtype=torch.float32)
+        out = layout.restore(self.project_out(q.to(x.dtype)))
+        return out, layout.indices(idx), loss
+
+    def get_codes_from_indices(self, indices):
+        """The codes (before the out projection) of ``indices`` as returned by forward, in the
+        input layout: [..., heads * codebook_dim] ([..., heads, codebook_dim] when the heads share one
+        codebook), channels first for images / channel_last=False."""
+        embed = self._codebook.embed
+        if self.separate_codebook_per_head:
+            codes = torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
+        else:  # with heads sharing one codebook: [..., heads, codebook_dim], as vector-quantize-pytorch
+            codes = embed[0][indices]
+        if self.accept_image_fmap or not self.channel_last:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def get_output_from_indices(self, indices):
+        """The layer's output for ``indices``: codes through the out projection."""
+        codes = self.get_codes_from_indices(indices)
+        if self.heads > 1 and not self.separate_codebook_per_head:
+            codes = codes.flatten(-2) if self.channel_last and not self.accept_image_fmap else codes.flatten(1, 2)
+        if not self.has_projections:
+            return codes
+        if self.accept_image_fmap or not self.channel_last:
+            return self.project_out(codes.movedim(1, -1)).movedim(-1, 1)
+        return self.project_out(codes)
