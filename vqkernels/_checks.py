@@ -85,3 +85,67 @@ def check_ema(op, codebook, cluster_size, embed_sum, x, indices, decay, eps):
 def compute_dtype(*tensors):
     """float64 if any input is float64, else float32 (half inputs accumulate in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# residual quantization (RQ-VAE)
+
+
+def _check_codebooks(op, x, codebooks):
+    """x [N, D] and codebooks [L, K, D] or [K, D] (shared), floating, same device, same D, K >= 1."""
+    if x.dim() != 2:
+        _fail(op, f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if codebooks.dim() not in (2, 3):
+        _fail(op, f"codebooks must be [L, K, D] (one codebook per level) or [K, D] (shared by all levels), "
+                  f"got shape {tuple(codebooks.shape)}")
+    check_float(op, "x", x)
+    check_float(op, "codebooks", codebooks)
+    if x.device != codebooks.device:
+        _fail(op, f"x is on {x.device} but codebooks is on {codebooks.device}")
+    if x.shape[1] != codebooks.shape[-1]:
+        _fail(op, f"x has D={x.shape[1]} (shape {tuple(x.shape)}) but codebooks has D={codebooks.shape[-1]} "
+                  f"(shape {tuple(codebooks.shape)})")
+    if codebooks.shape[-2] == 0:
+        _fail(op, f"codebooks has no codes (shape {tuple(codebooks.shape)}); K must be at least 1")
+    if codebooks.dim() == 3 and codebooks.shape[0] == 0:
+        _fail(op, f"codebooks has no levels (shape {tuple(codebooks.shape)}); L must be at least 1")
+
+
+def check_residual(op, x, codebooks, num_levels, beam_size):
+    """The residual_quantize arguments; returns the number of levels L."""
+    _check_codebooks(op, x, codebooks)
+    if codebooks.dim() == 3:
+        levels = codebooks.shape[0]
+        if num_levels not in (-1, levels):
+            _fail(op, f"num_levels={num_levels} does not match codebooks' L={levels} "
+                      f"(shape {tuple(codebooks.shape)}); pass -1 or {levels}")
+    else:
+        if num_levels < 1:
+            _fail(op, f"a shared codebook [K, D] needs num_levels >= 1, got num_levels={num_levels}")
+        levels = num_levels
+    k = codebooks.shape[-2]
+    if beam_size < 1 or beam_size > k:
+        _fail(op, f"beam_size must be in [1, K={k}], got beam_size={beam_size}")
+    return levels
+
+
+def check_residual_backward(op, grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices):
+    """The residual_quantize_backward arguments; returns the number of levels L (indices' columns)."""
+    _check_codebooks(op, x, codebooks)
+    if indices.dtype != torch.int64:
+        _fail(op, f"indices must be int64, got {indices.dtype}")
+    if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+        _fail(op, f"indices must be 2-D [N={x.shape[0]}, L], got shape {tuple(indices.shape)}")
+    levels = indices.shape[1]
+    if codebooks.dim() == 3 and levels != codebooks.shape[0]:
+        _fail(op, f"indices has L={levels} columns but codebooks has L={codebooks.shape[0]} "
+                  f"(shape {tuple(codebooks.shape)})")
+    if tuple(grad_quantized.shape) != tuple(x.shape):
+        _fail(op, f"grad_quantized must have x's shape {tuple(x.shape)}, got {tuple(grad_quantized.shape)}")
+    for name, g in (("grad_commit_losses", grad_commit_losses), ("grad_codebook_losses", grad_codebook_losses)):
+        if tuple(g.shape) != (levels,):
+            _fail(op, f"{name} must have shape [L={levels}], got {tuple(g.shape)}")
+    for name, t in (("grad_quantized", grad_quantized), ("grad_commit_losses", grad_commit_losses),
+                    ("grad_codebook_losses", grad_codebook_losses), ("indices", indices)):
+        if t.device != x.device:
+            _fail(op, f"{name} is on {t.device} but x is on {x.device}")
+    return levels

@@ -67,3 +67,23 @@ torch.library.register_autograd("vqkernels::nearest_code", _nearest_code_backwar
 torch.library.register_autograd("vqkernels::nearest_code_topk", _nearest_code_topk_backward,
                                 setup_context=_search_setup)
 torch.library.register_autograd("vqkernels::vq_quantize", _vq_quantize_backward, setup_context=_vq_quantize_setup)
+
+
+# residual quantization (RQ-VAE)
+
+
+def _residual_quantize_setup(ctx, inputs, output):
+    x, codebooks = inputs[0], inputs[1]
+    ctx.save_for_backward(x, codebooks, output[1])
+
+
+def _residual_quantize_backward(ctx, grad_quantized, grad_indices, grad_commit_losses, grad_codebook_losses):
+    x, codebooks, indices = ctx.saved_tensors
+    grad_x, grad_codebooks = torch.ops.vqkernels.residual_quantize_backward(
+        grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_codebooks if ctx.needs_input_grad[1] else None, None, None)
+
+
+torch.library.register_autograd("vqkernels::residual_quantize", _residual_quantize_backward,
+                                setup_context=_residual_quantize_setup)

@@ -42,3 +42,24 @@ def _vq_quantize_backward_fake(grad_quantized, grad_commit_loss, grad_codebook_l
 @torch.library.register_fake(_lib_op("ema_update_"))
 def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
     _checks.check_ema("ema_update_", codebook, cluster_size, embed_sum, x, indices, decay, eps)
+
+
+# residual quantization (RQ-VAE)
+
+
+@torch.library.register_fake(_lib_op("residual_quantize"))
+def _residual_quantize_fake(x, codebooks, num_levels=-1, beam_size=1):
+    levels = _checks.check_residual("residual_quantize", x, codebooks, num_levels, beam_size)
+    dt = _checks.compute_dtype(x, codebooks)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[0], levels, dtype=torch.int64), x.new_empty(levels, dtype=dt),
+            x.new_empty(levels, dtype=dt))
+
+
+@torch.library.register_fake(_lib_op("residual_quantize_backward"))
+def _residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks,
+                                     indices):
+    _checks.check_residual_backward("residual_quantize_backward", grad_quantized, grad_commit_losses,
+                                    grad_codebook_losses, x, codebooks, indices)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(codebooks, memory_format=torch.contiguous_format))

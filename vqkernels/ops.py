@@ -68,3 +68,43 @@ def ema_update_(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Te
     in [-1, K), where -1 rows are ignored. One pass over ``x``; deterministic on the CPU.
     """
     _ops.ema_update_(codebook, cluster_size, embed_sum, x, indices, float(decay), float(eps))
+
+
+# residual quantization (RQ-VAE)
+
+
+def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,
+                      beam_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused residual quantization (RQ-VAE): L levels of nearest-code search on the residual.
+
+    With ``r_0 = x``, level ``l`` picks ``i_l``, the nearest code (squared L2, ties to the
+    lowest index) of ``r_l`` in its codebook, ``q_l = codebook_l[i_l]`` and
+    ``r_{l+1} = r_l - q_l`` (residuals in float32, float64 for float64 inputs).
+
+    Args:
+        x: [N, D] float32, float16, bfloat16 or float64.
+        codebooks: [L, K, D], one codebook per level (``num_levels`` -1 or L), or [K, D]
+            shared by every level (``num_levels`` >= 1 gives L). Same device as ``x``.
+        num_levels: the number of levels L; -1 takes it from ``codebooks``' first dimension.
+        beam_size: B in [1, K]. 1 is the greedy search above. B > 1 keeps the B code paths
+            with the smallest residual squared norm: at every level each kept path is extended
+            by its B nearest codes, the candidates are ranked by their new residual's squared
+            norm ||r_{l+1}||^2 (exact, rounded to the residual dtype; equal values go to the
+            lower-ranked path, then to the lower code index) and the best B are kept; the
+            result is the best path after the last level. Beam search usually, but not always
+            (a path it drops early may have ended better), ends with a smaller final error.
+
+    Returns ``(quantized, indices, commit_losses, codebook_losses)``:
+        quantized: [N, D] in ``x``'s dtype, ``q_0 + ... + q_{L-1}``, straight-through: its
+            gradient flows to ``x`` unchanged.
+        indices: int64 [N, L], the chosen code of every level.
+        commit_losses: [L], ``mean((x - sg(q_0 + ... + q_l))**2) = mean(r_{l+1}**2)``, whose
+            gradient goes to ``x`` only.
+        codebook_losses: [L], the same values, ``mean((sg(r_l) - q_l)**2)``, whose gradient
+            goes to the chosen rows of codebook l only (a shared codebook sums the levels).
+    The losses are float32 (float64 for float64 inputs); for N = 0 they are zeros.
+    A row of ``x`` holding a NaN, or a level whose codebook has no usable code, gets index -1
+    from that level on, a NaN ``quantized`` row and NaN losses from that level on; codebook
+    rows holding a NaN are never chosen.
+    """
+    return _ops.residual_quantize(x, codebooks, num_levels, beam_size)

@@ -133,3 +133,75 @@ def ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps):
     total = cluster_size.sum()
     smoothed = (cluster_size + eps) / (total + k * eps) * total
     codebook.copy_(embed_sum / smoothed.unsqueeze(1))
+
+
+# residual quantization (RQ-VAE)
+
+
+def _level_codebook(codebooks, level):
+    """Level `level`'s codebook [K, D]: its slice of [L, K, D], or the shared [K, D] itself."""
+    return codebooks[level] if codebooks.dim() == 3 else codebooks
+
+
+def _residual_path(x, codebooks, indices, dt):
+    """Walks the code path `indices` [N, L]: yields (level, r_level, q_level), residuals in dt."""
+    r = x.to(dt)
+    for level in range(indices.shape[1]):
+        q = lookup(_level_codebook(codebooks, level), indices[:, level], dt)
+        yield level, r, q
+        r = r - q
+
+
+def residual_quantize(x, codebooks, num_levels=-1, beam_size=1):
+    """Residual quantization with optional beam search; see vqkernels.residual_quantize."""
+    levels = _checks.check_residual("residual_quantize", x, codebooks, num_levels, beam_size)
+    dt = _checks.compute_dtype(x, codebooks)
+    n, d = x.shape
+    res = x.to(dt).unsqueeze(1)  # [N, beams, D]: the beams' residuals, best first
+    paths = torch.empty(n, 1, 0, dtype=torch.int64, device=x.device)  # [N, beams, levels so far]
+    for level in range(levels):
+        cb = _level_codebook(codebooks, level)
+        beams = res.shape[1]
+        flat = res.reshape(n * beams, d)
+        if beam_size == 1:
+            cand = nearest_code(flat, cb)[0].unsqueeze(1)
+        else:  # each beam's best beam_size codes, listed by code index (the tie rule's order)
+            cand = nearest_code_topk(flat, cb, beam_size)[0].sort(1).values
+        width = cand.shape[1]
+        cand = cand.view(n, beams * width)  # candidate j of beam b at b * width + j
+        parent = res.repeat_interleave(width, 1)
+        # The rank key: the new residual's squared norm, exact (float64) then rounded to dt.
+        key = (parent.double() - cb.double()[cand.clamp_min(0)]).square().sum(-1).to(dt)
+        key = key.masked_fill(cand < 0, float("nan"))  # no usable code: ranked last (sort puts NaN last)
+        # Stable: equal keys keep the lower beam, then the lower code index, first.
+        order = torch.sort(key, dim=1, stable=True).indices[:, :beam_size]
+        new_res = parent - lookup(cb, cand, dt)
+        res = torch.gather(new_res, 1, order.unsqueeze(-1).expand(-1, -1, d))
+        parent_paths = torch.gather(paths, 1, (order // width).unsqueeze(-1).expand(-1, -1, level))
+        paths = torch.cat([parent_paths, torch.gather(cand, 1, order).unsqueeze(-1)], 2)
+    indices = paths[:, 0].contiguous()
+    quantized = torch.zeros(n, d, dtype=dt, device=x.device)
+    losses = []
+    for _, r, q in _residual_path(x, codebooks, indices, dt):
+        quantized = quantized + q
+        losses.append((r.double() - q.double()).square().sum() / max(n * d, 1))
+    losses = torch.stack(losses).to(dt)
+    return quantized.to(x.dtype), indices, losses, losses.clone()
+
+
+def residual_quantize_backward(grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices):
+    """Gradients of residual_quantize: straight-through for quantized, each level's two loss terms."""
+    _checks.check_residual_backward("residual_quantize_backward", grad_quantized, grad_commit_losses,
+                                    grad_codebook_losses, x, codebooks, indices)
+    dt = _checks.compute_dtype(x, codebooks)
+    scale = 2.0 / max(x.numel(), 1)
+    grad_x = grad_quantized.to(dt)
+    grad_codebooks = torch.zeros(codebooks.shape, dtype=dt, device=codebooks.device)
+    for level, r, q in _residual_path(x, codebooks, indices, dt):
+        nxt = r - q  # r_{level+1} = x - (q_0 + ... + q_level)
+        grad_x = grad_x + grad_commit_losses[level].to(dt) * scale * nxt
+        idx = indices[:, level]
+        valid = (idx >= 0).unsqueeze(1)
+        contrib = torch.where(valid, (-grad_codebook_losses[level].to(dt) * scale) * nxt, torch.zeros_like(nxt))
+        _level_codebook(grad_codebooks, level).index_add_(0, idx.clamp_min(0), contrib)
+    return grad_x.to(x.dtype).contiguous(), grad_codebooks.to(codebooks.dtype)

@@ -26,6 +26,15 @@ SCHEMAS = {
         "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_sum, Tensor x, "
         "Tensor indices, float decay, float eps) -> ()"
     ),
+    # residual quantization (RQ-VAE)
+    "residual_quantize": (
+        "residual_quantize(Tensor x, Tensor codebooks, int num_levels=-1, int beam_size=1) "
+        "-> (Tensor quantized, Tensor indices, Tensor commit_losses, Tensor codebook_losses)"
+    ),
+    "residual_quantize_backward": (
+        "residual_quantize_backward(Tensor grad_quantized, Tensor grad_commit_losses, Tensor grad_codebook_losses, "
+        "Tensor x, Tensor codebooks, Tensor indices) -> (Tensor grad_x, Tensor grad_codebooks)"
+    ),
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.
