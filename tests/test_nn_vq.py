@@ -241,3 +241,19 @@ def test_frozen_codebook_rejects_updates():
         VectorQuantize(dim=8, codebook_size=4, frozen_codebook=torch.randn(4, 8), ema_update=True)
     with pytest.raises(ValueError, match="frozen_codebook"):
         VectorQuantize(dim=8, codebook_size=5, frozen_codebook=torch.randn(4, 8))
+
+
+COMPILE_CONFIGS = [
+    dict(dim=16, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=1.0),
+    dict(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True, codebook_dim=8, use_cosine_sim=True),
+    dict(dim=16, codebook_size=32, learnable_codebook=True, ema_update=False, threshold_ema_dead_code=1.0),
+]
+
+
+@pytest.mark.parametrize("kw", COMPILE_CONFIGS, ids=str)
+@pytest.mark.parametrize("rotation", [False, True])
+def test_compiled_training_matches_eager(kw, rotation):
+    from nn_helpers import assert_compiled_training_matches_eager
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 24, 16, generator=g) for _ in range(3)]
+    assert_compiled_training_matches_eager(lambda: VectorQuantize(rotation_trick=rotation, **kw), batches)

@@ -132,22 +132,35 @@ class Codebook(nn.Module):
         rows = rows.detach().float()
         if self.sync:  # every rank updates from the rows of all ranks: identical codebooks
             rows, indices = _dist.gather_rows(rows), _dist.gather_rows(indices)
-        target = self.embed[h] if self.ema_update else torch.empty_like(self.embed_avg[h])
+        target = torch.empty_like(self.embed_avg[h])
         ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], rows, indices, self.decay, self.eps)
-        if self.ema_update and self.use_cosine_sim:
-            self.embed[h].copy_(F.normalize(self.embed[h], dim=-1, eps=COSINE_EPS))
-        self.expire_codes_(h, rows)
+        if self.ema_update:
+            codes = F.normalize(target, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else target
+        else:
+            codes = self.embed[h].detach()
+        if self.threshold_ema_dead_code > 0 and rows.shape[0] > 0:
+            codes = self._restart_dead_codes(h, rows, codes)
+        self._set_codes(h, codes)
 
-    @torch.no_grad()
-    def expire_codes_(self, h, rows):
-        """Codes whose EMA count fell below ``threshold_ema_dead_code`` take random rows of the batch."""
-        if self.threshold_ema_dead_code <= 0 or rows.shape[0] == 0:
-            return
-        rows = self.transform_input(rows.detach().float())
+    def _restart_dead_codes(self, h, rows, codes):
+        """Codes whose EMA count fell below ``threshold_ema_dead_code`` take random rows of the
+        batch (their statistics restart at the threshold); returns the new codes of codebook h."""
+        rows = self.transform_input(rows)
         sampled = rows[draw_rows(rows.shape[0], self.codebook_size, rows.device, self.sync)]
         dead = self.cluster_size[h] < self.threshold_ema_dead_code
         reset = float(self.threshold_ema_dead_code)
-        self.embed[h].copy_(torch.where(dead.unsqueeze(1), sampled.to(self.embed.dtype), self.embed[h]))
         self.cluster_size[h].copy_(torch.where(dead, torch.full_like(self.cluster_size[h], reset),
                                                self.cluster_size[h]))
         self.embed_avg[h].copy_(torch.where(dead.unsqueeze(1), sampled * reset, self.embed_avg[h]))
+        return torch.where(dead.unsqueeze(1), sampled, codes)
+
+    def _set_codes(self, h, codes):
+        """Installs new codes for codebook h. A buffer codebook is replaced by a new tensor, never
+        written in place: the step's backward still holds the old one (in eager mode, and under
+        torch.compile, whose partitioner may re-read that input in the backward). A learned
+        codebook (a Parameter) is written in place; its layer hands the ops a copy."""
+        codes = codes.to(self.embed.dtype)
+        if isinstance(self.embed, nn.Parameter):
+            self.embed[h].copy_(codes)
+        else:
+            self.embed = torch.cat([self.embed[:h], codes.unsqueeze(0), self.embed[h + 1:]])

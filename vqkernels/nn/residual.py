@@ -122,8 +122,8 @@ class ResidualVQ(nn.Module):
         learn = self.learnable_codebook and not freeze
         if self.shared_codebook:
             codebooks = cb0.embed[0] if learn else cb0.embed[0].detach()
-            if updates:
-                codebooks = codebooks.clone()  # the levels' updates write the shared codebook in place
+            if updates and self.learnable_codebook:
+                codebooks = codebooks.clone()  # the levels' updates write the shared Parameter in place
         else:
             codebooks = torch.stack([layer._codebook.embed[0] for layer in self.layers[:levels]])
             codebooks = codebooks if learn else codebooks.detach()

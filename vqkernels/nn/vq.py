@@ -139,8 +139,8 @@ class VectorQuantize(nn.Module):
         for h, r in enumerate(rows):
             updates = self.training and not freeze and cb.tracks_statistics
             embed = cb.embed[h] if self.learnable_codebook and not freeze else cb.embed[h].detach()
-            if updates:
-                embed = embed.clone()  # backward needs the codebook this step used, not the updated one
+            if updates and self.learnable_codebook:
+                embed = embed.clone()  # backward needs the codes this step used; updates write the Parameter
             q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
             if self.training:
                 q = route_gradient(r, q, self.rotation_trick)

@@ -1,0 +1,199 @@
+"""vqkernels.nn.ResidualVQ / GroupedResidualVQ: drop-in for vector-quantize-pytorch, the
+RQ-VAE losses and gradients, quantize dropout, beam search, EMA per level."""
+
+import pytest
+import torch
+
+from vq_helpers import vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
+from vqkernels.nn.residual import GroupedResidualVQ, ResidualVQ
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+CONFIGS = [
+    dict(dim=16, num_quantizers=4, codebook_size=32),
+    dict(dim=16, num_quantizers=3, codebook_size=32, shared_codebook=True),
+    dict(dim=24, num_quantizers=3, codebook_size=16, codebook_dim=8),
+]
+
+
+def _input(kw, b=2, n=13):
+    if kw.get("accept_image_fmap"):
+        return torch.randn(b, kw["dim"], 4, 3)
+    return torch.randn(b, n, kw["dim"])
+
+
+def _pair(cls_theirs, cls_ours, kw, seed=0):
+    torch.manual_seed(seed)
+    theirs = cls_theirs(**kw)
+    with torch.no_grad():  # vector-quantize-pytorch's init leaves later levels' residual scales unlike real data
+        for name, buf in theirs.named_buffers():
+            if name.endswith("_codebook.embed"):
+                buf.copy_(torch.randn_like(buf) * 0.5)
+    ours = cls_ours(**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=str)
+def test_eval_matches_vector_quantize_pytorch(kw):
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    theirs.eval()
+    ours.eval()
+    x = _input(kw)
+    q_t, i_t, l_t = theirs(x)
+    q_o, i_o, l_o = ours(x)
+    assert i_o.shape == i_t.shape
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+    assert l_o.shape == l_t.shape and not l_o.any()
+    torch.testing.assert_close(ours.get_codes_from_indices(i_o), theirs.get_codes_from_indices(i_t))
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_eval_matches_vector_quantize_pytorch():
+    kw = dict(dim=16, groups=2, num_quantizers=3, codebook_size=16)
+    theirs, ours = _pair(vqp.GroupedResidualVQ, GroupedResidualVQ, kw)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 11, 16)
+    q_t, i_t, l_t = theirs(x)
+    q_o, i_o, l_o = ours(x)
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+    assert l_o.shape == l_t.shape
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_training_step_matches_vector_quantize_pytorch(shared):
+    """Same state and batch, no rotation trick: same indices, per-level losses, output, EMA codebooks."""
+    kw = dict(dim=16, num_quantizers=3, codebook_size=32, shared_codebook=shared, rotation_trick=False)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    for _ in range(2):
+        x = torch.randn(2, 13, 16)
+        q_t, i_t, l_t = theirs(x)
+        q_o, i_o, l_o = ours(x)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.codebooks, theirs.codebooks, rtol=1e-5, atol=1e-6)
+
+
+def test_losses_are_the_rq_vae_commitment_and_reach_x():
+    """losses[l] = w * mean ||x - sg(q_1 + ... + q_l)||^2 and the gradient of every term reaches x."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, commitment_weight=0.5, rotation_trick=False,
+                     ema_update=False, learnable_codebook=True)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    rvq.double()
+    xr = x.clone().requires_grad_()
+    q, idx, losses = rvq(xr)
+    codes = rvq.get_codes_from_indices(idx).detach()  # [L, B, N, D]
+    cum = codes.cumsum(0)
+    want = torch.stack([((x - cum[level]) ** 2).mean() for level in range(3)]) * 0.5
+    torch.testing.assert_close(losses.detach(), want)
+    torch.testing.assert_close(q.detach(), cum[-1])
+    g = torch.randn_like(q)
+    ((q * g).sum() + losses.sum()).backward()
+    n = x.numel()
+    want_grad = g + sum(0.5 * 2.0 * (x - cum[level]) / n for level in range(3))
+    torch.testing.assert_close(xr.grad, want_grad)
+    # learnable codebooks get the codebook terms' gradient
+    assert all(layer._codebook.embed.grad is not None and layer._codebook.embed.grad.abs().sum() > 0
+               for layer in rvq.layers)
+
+
+def test_quantize_dropout_pads_indices_and_losses():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=6, codebook_size=16, quantize_dropout=True,
+                     quantize_dropout_cutoff_index=1, rotation_trick=False)
+    rvq.train()
+    seen = set()
+    for _ in range(20):
+        _, idx, losses = rvq(torch.randn(2, 5, 8))
+        kept = int((idx[0, 0] >= 0).sum())
+        seen.add(kept)
+        assert kept >= 2
+        assert torch.all(idx[..., kept:] == -1) and torch.all(idx[..., :kept] >= 0)
+        assert not losses[kept:].any() and losses[:kept].all()
+    assert len(seen) > 1
+    # codes of dropped levels count as zero in the output reconstruction
+    out = rvq.get_output_from_indices(idx)
+    assert torch.isfinite(out).all()
+
+
+def test_image_fmap_layout_matches_tokens():
+    torch.manual_seed(0)
+    tok = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    img = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, accept_image_fmap=True)
+    img.load_state_dict(tok.state_dict())
+    tok.eval()
+    img.eval()
+    x = torch.randn(2, 8, 4, 3)
+    q_i, i_i, _ = img(x)
+    q_t, i_t, _ = tok(x.flatten(2).transpose(1, 2))
+    assert i_i.shape == (2, 4, 3, 3)
+    assert torch.equal(i_i.reshape(2, 12, 3), i_t)
+    torch.testing.assert_close(q_i, q_t.transpose(1, 2).reshape(2, 8, 4, 3))
+    torch.testing.assert_close(img.get_output_from_indices(i_i), q_i)
+
+
+def test_beam_search_lowers_the_error():
+    torch.manual_seed(0)
+    kw = dict(dim=8, num_quantizers=4, codebook_size=16, rotation_trick=False)
+    greedy = ResidualVQ(**kw)
+    beam = ResidualVQ(beam_size=4, **kw)
+    beam.load_state_dict(greedy.state_dict())
+    greedy.eval()
+    beam.eval()
+    x = torch.randn(3, 50, 8)
+    q_g, _, _ = greedy(x)
+    q_b, _, _ = beam(x)
+    err_g = ((x - q_g) ** 2).sum(-1)
+    err_b = ((x - q_b) ** 2).sum(-1)
+    # not row by row (a beam can prune the greedy path), but on average
+    assert err_b.mean() < err_g.mean()
+    assert torch.any(err_b < err_g - 1e-6)
+
+
+def test_kmeans_init_runs_level_by_level():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_quantizers=3, codebook_size=8, kmeans_init=True, kmeans_iters=3,
+                     rotation_trick=False)
+    rvq.train()
+    x = torch.randn(1, 300, 4)
+    rvq(x)
+    cbs = rvq.codebooks
+    assert all(not layer._codebook.needs_init for layer in rvq.layers)
+    # each later level's codes fit smaller residuals
+    norms = cbs.norm(dim=-1).mean(-1)
+    assert norms[1] < norms[0] and norms[2] < norms[0]
+
+
+@pytest.mark.parametrize("kw,err", [(dict(implicit_neural_codebook=True), ValueError),
+                                    (dict(use_cosine_sim=True), ValueError),
+                                    (dict(heads=2), ValueError),
+                                    (dict(bogus=3), TypeError)])
+def test_unsupported_options_raise(kw, err):
+    with pytest.raises(err, match="ResidualVQ"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, **kw)
+
+
+def test_state_dict_round_trip_shared():
+    a = ResidualVQ(dim=8, num_quantizers=3, codebook_size=8, shared_codebook=True)
+    b = ResidualVQ(dim=8, num_quantizers=3, codebook_size=8, shared_codebook=True)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.codebooks, b.codebooks)
+    assert b.layers[2]._codebook is b.layers[0]._codebook
+
+
+@pytest.mark.parametrize("kw", [dict(threshold_ema_dead_code=1.0, kmeans_init=True),
+                                dict(shared_codebook=True),
+                                dict(learnable_codebook=True, ema_update=False, threshold_ema_dead_code=1.0),
+                                dict(beam_size=2)], ids=str)
+def test_compiled_training_matches_eager(kw):
+    from nn_helpers import assert_compiled_training_matches_eager
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 24, 8, generator=g) for _ in range(3)]
+    assert_compiled_training_matches_eager(
+        lambda: ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, rotation_trick=False, **kw), batches)

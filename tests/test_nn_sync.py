@@ -1,0 +1,66 @@
+"""sync_codebook: two processes on the gloo backend keep bit-identical codebooks, equal to one
+process that sees the concatenated batch (EMA, k-means init and dead-code restart)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vq_helpers import vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
+
+WORLD = 2
+STEPS = 5
+ROWS = 48  # per rank and step
+
+
+def _make(sync):
+    from vqkernels.nn import ResidualVQ, VectorQuantize
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=6, codebook_size=16, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1.5,
+                        decay=0.7, rotation_trick=False, sync_codebook=sync)
+    rvq = ResidualVQ(dim=6, num_quantizers=2, codebook_size=8, threshold_ema_dead_code=1.0, decay=0.7,
+                     rotation_trick=False, sync_codebook=sync)
+    return vq, rvq
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)  # data from its own generator: the global RNG is the modules'
+    return [torch.randn(WORLD, ROWS, 6, generator=g) * (1 + s) for s in range(STEPS)]
+
+
+def _run(vq, rvq, batches):
+    vq.train()
+    rvq.train()
+    for x in batches:
+        vq(x)
+        rvq(x)
+    return {"vq." + k: v.clone() for k, v in vq.state_dict().items()} | \
+        {"rvq." + k: v.clone() for k, v in rvq.state_dict().items()}
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        vq, rvq = _make(sync=True)
+        assert vq._codebook.sync
+        local = [x[rank:rank + 1] for x in _batches()]
+        state = _run(vq, rvq, local)
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_match_each_other_and_one_process(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), f"ranks differ in {k}"
+    # one process, the concatenated batches (rank 0's rows first), rank 0's random state
+    vq, rvq = _make(sync=False)
+    single = _run(vq, rvq, [x.reshape(1, WORLD * ROWS, 6) for x in _batches()])
+    for k, v in single.items():
+        torch.testing.assert_close(states[0][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # dead codes really were restarted and k-means really ran during these steps
+    assert not bool((single["vq._codebook.cluster_size"] == 1.0).all())
