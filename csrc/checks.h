@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 
 namespace vqk {
 
@@ -57,6 +58,71 @@ inline void check_indices(const char* op, const at::Tensor& indices, int64_t n, 
 // float64 if any input is float64, else float32 (half inputs accumulate in float32).
 inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// residual quantization (RQ-VAE)
+
+// x [N, D] and codebooks [L, K, D] or [K, D] (shared), floating, same device, same D, K >= 1, L >= 1.
+inline void check_codebooks(const char* op, const at::Tensor& x, const at::Tensor& codebooks) {
+  VQK_CHECK(x.dim() == 2, op, "x must be 2-D [N, D], got shape ", shape_str(x));
+  VQK_CHECK(codebooks.dim() == 2 || codebooks.dim() == 3, op,
+            "codebooks must be [L, K, D] (one codebook per level) or [K, D] (shared by all levels), got shape ",
+            shape_str(codebooks));
+  check_float(op, "x", x);
+  check_float(op, "codebooks", codebooks);
+  VQK_CHECK(x.device() == codebooks.device(), op, "x is on ", x.device(), " but codebooks is on ",
+            codebooks.device());
+  VQK_CHECK(x.size(1) == codebooks.size(-1), op, "x has D=", x.size(1), " (shape ", shape_str(x),
+            ") but codebooks has D=", codebooks.size(-1), " (shape ", shape_str(codebooks), ")");
+  VQK_CHECK(codebooks.size(-2) > 0, op, "codebooks has no codes (shape ", shape_str(codebooks),
+            "); K must be at least 1");
+  VQK_CHECK(codebooks.dim() == 2 || codebooks.size(0) > 0, op, "codebooks has no levels (shape ",
+            shape_str(codebooks), "); L must be at least 1");
+  VQK_CHECK(codebooks.size(-2) < (int64_t(1) << 31), op, "codebooks has K=", codebooks.size(-2),
+            " rows; at most 2**31 - 1 are supported");
+}
+
+// The residual_quantize arguments; returns the number of levels L.
+inline int64_t check_residual(const char* op, const at::Tensor& x, const at::Tensor& codebooks, int64_t num_levels,
+                              int64_t beam_size) {
+  check_codebooks(op, x, codebooks);
+  int64_t levels = num_levels;
+  if (codebooks.dim() == 3) {
+    levels = codebooks.size(0);
+    VQK_CHECK(num_levels == -1 || num_levels == levels, op, "num_levels=", num_levels,
+              " does not match codebooks' L=", levels, " (shape ", shape_str(codebooks), "); pass -1 or ", levels);
+  } else {
+    VQK_CHECK(num_levels >= 1, op, "a shared codebook [K, D] needs num_levels >= 1, got num_levels=", num_levels);
+  }
+  const int64_t k = codebooks.size(-2);
+  VQK_CHECK(beam_size >= 1 && beam_size <= k, op, "beam_size must be in [1, K=", k, "], got beam_size=", beam_size);
+  return levels;
+}
+
+// The residual_quantize_backward arguments; returns the number of levels L (indices' columns).
+inline int64_t check_residual_backward(const char* op, const at::Tensor& grad_quantized,
+                                       const at::Tensor& grad_commit_losses, const at::Tensor& grad_codebook_losses,
+                                       const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& indices) {
+  check_codebooks(op, x, codebooks);
+  VQK_CHECK(indices.scalar_type() == at::kLong, op, "indices must be int64, got ", indices.scalar_type());
+  VQK_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0), op, "indices must be 2-D [N=", x.size(0),
+            ", L], got shape ", shape_str(indices));
+  const int64_t levels = indices.size(1);
+  VQK_CHECK(codebooks.dim() == 2 || levels == codebooks.size(0), op, "indices has L=", levels,
+            " columns but codebooks has L=", codebooks.size(0), " (shape ", shape_str(codebooks), ")");
+  VQK_CHECK(grad_quantized.sizes() == x.sizes(), op, "grad_quantized must have x's shape ", shape_str(x), ", got ",
+            shape_str(grad_quantized));
+  VQK_CHECK(grad_commit_losses.dim() == 1 && grad_commit_losses.size(0) == levels, op,
+            "grad_commit_losses must have shape [L=", levels, "], got ", shape_str(grad_commit_losses));
+  VQK_CHECK(grad_codebook_losses.dim() == 1 && grad_codebook_losses.size(0) == levels, op,
+            "grad_codebook_losses must have shape [L=", levels, "], got ", shape_str(grad_codebook_losses));
+  const std::pair<const char*, const at::Tensor*> others[] = {{"grad_quantized", &grad_quantized},
+                                                              {"grad_commit_losses", &grad_commit_losses},
+                                                              {"grad_codebook_losses", &grad_codebook_losses},
+                                                              {"indices", &indices}};
+  for (const auto& [name, t] : others)
+    VQK_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
+  return levels;
 }
 
 }  // namespace vqk

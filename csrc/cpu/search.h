@@ -1,5 +1,5 @@
 // The fused nearest-code search engine shared by the CPU kernels of nearest_code,
-// nearest_code_topk and vq_quantize.
+// nearest_code_topk, vq_quantize and residual_quantize.
 //
 // The codebook is packed once into panels of kLanes codes ([panel][D][kLanes], so one
 // SIMD load holds one coordinate of many codes), scaled by alpha and with a per-code term
@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -648,6 +649,71 @@ void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t 
     idx[r] = bi;
     dist[r] = static_cast<T>(exact_distance(pc, xr, bi));
   }
+}
+
+// Inserts (s, code) into the sorted list (d, i) of length k if it beats the last entry;
+// equal scores keep the earlier (lower) code first.
+template <typename T>
+inline void topk_insert(T* d, int64_t* i, int64_t k, T s, int64_t code) {
+  if (!(s < d[k - 1])) return;
+  int64_t pos = k - 1;
+  while (pos > 0 && d[pos - 1] > s) {
+    d[pos] = d[pos - 1];
+    i[pos] = i[pos - 1];
+    --pos;
+  }
+  d[pos] = s;
+  i[pos] = code;
+}
+
+// The k best of one row by score -> by exact distance, re-sorted (distance, then index).
+template <typename T>
+void finish_topk_row(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t* i, T* d,
+                     std::vector<std::pair<T, int64_t>>& v) {
+  if (row_has_nan(xr, pc.D)) {
+    std::fill(i, i + k, -1);
+    std::fill(d, d + k, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  if (i[k - 1] < 0) {  // fewer than k codes with a finite score: rank exactly
+    rank_row_exact(pc, xr, k, i, d);
+    return;
+  }
+  v.resize(k);  // the task's scratch: no allocation per row
+  for (int64_t j = 0; j < k; ++j) v[j] = {static_cast<T>(exact_distance(pc, xr, i[j])), i[j]};
+  std::sort(v.begin(), v.end());
+  for (int64_t j = 0; j < k; ++j) std::tie(d[j], i[j]) = v[j];
+}
+
+// The k nearest codes of `rows` rows starting at x (leading dimension ldx), sorted by
+// exact distance then index, into idx / dist [rows][k] (rules of nearest_code_topk).
+// tile and ranked are the caller's scratch.
+template <typename T>
+void topk_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t rows, int64_t k, std::vector<T>& tile,
+               std::vector<std::pair<T, int64_t>>& ranked, int64_t* idx, T* dist) {
+  tile.resize(kMR * kLanes);
+  std::fill(dist, dist + rows * k, std::numeric_limits<T>::infinity());
+  std::fill(idx, idx + rows * k, -1);
+  with_kernel<T>([&](auto kern) {
+    using Kern = decltype(kern);
+    for (int64_t r = 0; r < rows; r += kMR) {
+      with_mr(std::min<int64_t>(kMR, rows - r), [&](auto m) {
+        constexpr int MR = decltype(m)::value;
+        T thr[MR];
+        uint32_t mask[MR];
+        for (int64_t p = 0; p < pc.P; ++p) {
+          for (int rr = 0; rr < MR; ++rr) thr[rr] = dist[(r + rr) * k + k - 1];  // the current k-th best
+          Kern::template scores<MR>(x + r * ldx, ldx, pc, p, thr, tile.data(), mask);
+          for (int rr = 0; rr < MR; ++rr)
+            for (uint32_t bits = mask[rr]; bits; bits &= bits - 1) {  // only the lanes that beat it
+              const int j = __builtin_ctz(bits);
+              topk_insert(dist + (r + rr) * k, idx + (r + rr) * k, k, tile[rr * kLanes + j], p * kLanes + j);
+            }
+        }
+      });
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) finish_topk_row(pc, x + r * ldx, k, idx + r * k, dist + r * k, ranked);
 }
 
 // Rows per block for n rows: kRowBlock, or fewer (a multiple of 12, every tile's row count)
