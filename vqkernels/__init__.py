@@ -4,10 +4,14 @@ from . import schemas  # noqa: F401  (defines the ops first)
 from . import _backend, autograd, fake  # noqa: F401  (kernels, autograd, fake tensors)
 from ._backend import backend, compiled, cpu_isa, cuda_compiled, set_cpu_isa
 from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
+# --- scalar quantizers: FSQ and LFQ ---
+from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "nearest_code", "nearest_code_topk", "vq_quantize", "ema_update_",
     "backend", "compiled", "cpu_isa", "cuda_compiled", "set_cpu_isa", "__version__",
+    # --- scalar quantizers: FSQ and LFQ ---
+    "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
 ]
