@@ -171,7 +171,7 @@ def fsq_quantize(z, levels):
 
 
 def fsq_quantize_backward(grad_codes, z, levels):
-    """Straight-through gradient of fsq_quantize: through the bound, d codes / dz = (1 - tanh^2) * half_l / half_width."""
+    """Straight-through gradient of fsq_quantize, through the bound: d codes / dz = (1 - tanh^2) * half_l / (L // 2)."""
     _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
     half_l, _, shift, half_width, _ = fsq_constants(levels, z.device)
     dt = _checks.compute_dtype(z)
