@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -123,6 +125,49 @@ inline int64_t check_residual_backward(const char* op, const at::Tensor& grad_qu
   for (const auto& [name, t] : others)
     VQK_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
   return levels;
+}
+
+// --- scalar quantizers: FSQ and LFQ (as vqkernels/_checks.py) ---
+constexpr int64_t kFsqMaxLevel = 1000;   // beyond, the bound's 1 + 1e-3 stretch reaches past the outer level
+constexpr int64_t kLfqMaxBits = 63;      // lfq_quantize: int64 indices
+constexpr int64_t kLfqEntropyMaxBits = 30;  // lfq_entropy: 2**d probabilities
+
+inline std::string list_str(at::IntArrayRef v) {  // as Python prints a list
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+inline void check_levels(const char* op, at::IntArrayRef levels) {
+  VQK_CHECK(!levels.empty(), op, "levels must not be empty");
+  for (int64_t lv : levels)
+    VQK_CHECK(lv >= 2 && lv <= kFsqMaxLevel, op, "every level must be in [2, ", kFsqMaxLevel, "], got levels=",
+              list_str(levels));
+  int64_t size = 1;
+  for (int64_t lv : levels) {
+    VQK_CHECK(size <= std::numeric_limits<int64_t>::max() / lv, op,
+              "the product of the levels must be below 2**63, got levels=", list_str(levels));
+    size *= lv;
+  }
+}
+
+inline void check_fsq(const char* op, const at::Tensor& z, at::IntArrayRef levels) {
+  check_levels(op, levels);
+  VQK_CHECK(z.dim() == 2, op, "z must be 2-D [N, d], got shape ", shape_str(z));
+  check_float(op, "z", z);
+  VQK_CHECK(z.size(1) == static_cast<int64_t>(levels.size()), op, "z has d=", z.size(1), " (shape ", shape_str(z),
+            ") but there are ", levels.size(), " levels");
+}
+
+inline void check_finite(const char* op, const char* name, double value) {
+  VQK_CHECK(std::isfinite(value), op, name, " must be finite, got ", value);
+}
+
+inline void check_lfq(const char* op, const at::Tensor& x, int64_t max_bits) {
+  VQK_CHECK(x.dim() == 2, op, "x must be 2-D [N, d], got shape ", shape_str(x));
+  check_float(op, "x", x);
+  VQK_CHECK(x.size(1) >= 1 && x.size(1) <= max_bits, op, "x must have d in [1, ", max_bits,
+            "] columns (bits), got shape ", shape_str(x));
 }
 
 }  // namespace vqk

@@ -6,6 +6,8 @@ from ._backend import backend, compiled, cpu_isa, cuda_compiled, set_cpu_isa
 from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
 # residual quantization (RQ-VAE)
 from .ops import residual_quantize
+# --- scalar quantizers: FSQ and LFQ ---
+from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
 
 __version__ = "0.1.0"
 
@@ -14,4 +16,6 @@ __all__ = [
     "backend", "compiled", "cpu_isa", "cuda_compiled", "set_cpu_isa", "__version__",
     # residual quantization (RQ-VAE)
     "residual_quantize",
+    # --- scalar quantizers: FSQ and LFQ ---
+    "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
 ]

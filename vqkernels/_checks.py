@@ -4,6 +4,8 @@ The C++ kernels check the same conditions with the same wording (csrc/checks.h),
 an error reads the same whichever backend serves the call.
 """
 
+import math
+
 import torch
 
 METRICS = ("l2", "cosine", "ip")
@@ -149,3 +151,73 @@ def check_residual_backward(op, grad_quantized, grad_commit_losses, grad_codeboo
         if t.device != x.device:
             _fail(op, f"{name} is on {t.device} but x is on {x.device}")
     return levels
+
+
+# --- scalar quantizers: FSQ and LFQ ---
+# FSQ levels: above 1000 the bound's eps = 1e-3 stretch reaches past the outermost level,
+# so the rounding could produce L + 1 values.
+FSQ_MAX_LEVEL = 1000
+LFQ_MAX_BITS = 63  # lfq_quantize: indices are int64
+LFQ_ENTROPY_MAX_BITS = 30  # lfq_entropy: avg_probs has 2**d entries
+
+
+def check_levels(op, levels):
+    """At least one level, every level in [2, FSQ_MAX_LEVEL], product below 2**63."""
+    if len(levels) == 0:
+        _fail(op, "levels must not be empty")
+    if any(not 2 <= lv <= FSQ_MAX_LEVEL for lv in levels):
+        _fail(op, f"every level must be in [2, {FSQ_MAX_LEVEL}], got levels={list(levels)}")
+    size = 1
+    for lv in levels:
+        size *= lv
+    if size >= 2 ** 63:
+        _fail(op, f"the product of the levels must be below 2**63, got levels={list(levels)}")
+
+
+def check_fsq(op, z, levels):
+    """z [N, d] floating with d == len(levels), and valid levels."""
+    check_levels(op, levels)
+    if z.dim() != 2:
+        _fail(op, f"z must be 2-D [N, d], got shape {tuple(z.shape)}")
+    check_float(op, "z", z)
+    if z.shape[1] != len(levels):
+        _fail(op, f"z has d={z.shape[1]} (shape {tuple(z.shape)}) but there are {len(levels)} levels")
+
+
+def check_fsq_backward(op, grad_codes, z, levels):
+    check_fsq(op, z, levels)
+    check_float(op, "grad_codes", grad_codes)
+    if grad_codes.shape != z.shape:
+        _fail(op, f"grad_codes must have z's shape {tuple(z.shape)}, got {tuple(grad_codes.shape)}")
+    if grad_codes.device != z.device:
+        _fail(op, f"grad_codes is on {grad_codes.device} but z is on {z.device}")
+
+
+def check_finite(op, name, value):
+    if not math.isfinite(value):
+        _fail(op, f"{name} must be finite, got {value}")
+
+
+def check_lfq(op, x, max_bits):
+    """x [N, d] floating with 1 <= d <= max_bits."""
+    if x.dim() != 2:
+        _fail(op, f"x must be 2-D [N, d], got shape {tuple(x.shape)}")
+    check_float(op, "x", x)
+    if not 1 <= x.shape[1] <= max_bits:
+        _fail(op, f"x must have d in [1, {max_bits}] columns (bits), got shape {tuple(x.shape)}")
+
+
+def check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature):
+    check_lfq(op, x, LFQ_ENTROPY_MAX_BITS)
+    check_finite(op, "inv_temperature", inv_temperature)
+    k = 2 ** x.shape[1]
+    for name, t, shape in (("grad_per_sample_entropy", grad_per_sample, None),
+                           ("grad_codebook_entropy", grad_codebook, None),
+                           ("grad_avg_probs", grad_avg_probs, (k,)), ("avg_probs", avg_probs, (k,))):
+        check_float(op, name, t)
+        if shape is None and t.numel() != 1:
+            _fail(op, f"{name} must be a scalar, got shape {tuple(t.shape)}")
+        if shape is not None and tuple(t.shape) != shape:
+            _fail(op, f"{name} must have shape [2**d={k}], got {tuple(t.shape)}")
+        if t.device != x.device:
+            _fail(op, f"{name} is on {t.device} but x is on {x.device}")

@@ -87,3 +87,44 @@ def _residual_quantize_backward(ctx, grad_quantized, grad_indices, grad_commit_l
 
 torch.library.register_autograd("vqkernels::residual_quantize", _residual_quantize_backward,
                                 setup_context=_residual_quantize_setup)
+
+
+# --- scalar quantizers: FSQ and LFQ ---
+def _fsq_quantize_setup(ctx, inputs, output):
+    z, levels = inputs
+    ctx.levels = levels
+    ctx.save_for_backward(z)
+
+
+def _fsq_quantize_backward(ctx, grad_codes, grad_indices):
+    (z,) = ctx.saved_tensors
+    return torch.ops.vqkernels.fsq_quantize_backward(grad_codes, z, ctx.levels), None
+
+
+def _lfq_quantize_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _lfq_quantize_backward(ctx, grad_codes, grad_indices, grad_commit_loss):
+    """codes: straight-through (identity); commit_loss = mean((x - sg(codes))^2): 2 (x - codes) / numel."""
+    x, codes = ctx.saved_tensors
+    dt = grad_commit_loss.dtype
+    scale = grad_commit_loss * (2.0 / max(x.numel(), 1))
+    return (grad_codes.to(dt) + scale * (x.to(dt) - codes.to(dt))).to(x.dtype), None
+
+
+def _lfq_entropy_setup(ctx, inputs, output):
+    x, ctx.inv_temperature = inputs
+    ctx.save_for_backward(x, output[2])
+
+
+def _lfq_entropy_backward(ctx, grad_per_sample, grad_codebook, grad_avg_probs):
+    x, avg_probs = ctx.saved_tensors
+    grad_x = torch.ops.vqkernels.lfq_entropy_backward(grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs,
+                                                      ctx.inv_temperature)
+    return grad_x, None
+
+
+torch.library.register_autograd("vqkernels::fsq_quantize", _fsq_quantize_backward, setup_context=_fsq_quantize_setup)
+torch.library.register_autograd("vqkernels::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup)
+torch.library.register_autograd("vqkernels::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup)

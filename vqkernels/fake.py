@@ -63,3 +63,40 @@ def _residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_co
                                     grad_codebook_losses, x, codebooks, indices)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(codebooks, memory_format=torch.contiguous_format))
+
+
+# --- scalar quantizers: FSQ and LFQ ---
+@torch.library.register_fake(_lib_op("fsq_quantize"))
+def _fsq_quantize_fake(z, levels):
+    _checks.check_fsq("fsq_quantize", z, levels)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake(_lib_op("fsq_quantize_backward"))
+def _fsq_quantize_backward_fake(grad_codes, z, levels):
+    _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib_op("lfq_quantize"))
+def _lfq_quantize_fake(x, codebook_scale=1.0):
+    _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)
+    _checks.check_finite("lfq_quantize", "codebook_scale", codebook_scale)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], dtype=torch.int64),
+            x.new_empty((), dtype=_checks.compute_dtype(x)))
+
+
+@torch.library.register_fake(_lib_op("lfq_entropy"))
+def _lfq_entropy_fake(x, inv_temperature):
+    _checks.check_lfq("lfq_entropy", x, _checks.LFQ_ENTROPY_MAX_BITS)
+    _checks.check_finite("lfq_entropy", "inv_temperature", inv_temperature)
+    dt = _checks.compute_dtype(x)
+    return x.new_empty((), dtype=dt), x.new_empty((), dtype=dt), x.new_empty(2 ** x.shape[1], dtype=dt)
+
+
+@torch.library.register_fake(_lib_op("lfq_entropy_backward"))
+def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs,
+                               inv_temperature):
+    _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
+                                       grad_avg_probs, x, avg_probs, inv_temperature)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,9 +1,12 @@
 """Typed Python entry points for the ``torch.ops.vqkernels`` ops."""
 
-from typing import Tuple
+import math
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _checks
 
 _ops = torch.ops.vqkernels
 
@@ -108,3 +111,93 @@ def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,
     rows holding a NaN are never chosen.
     """
     return _ops.residual_quantize(x, codebooks, num_levels, beam_size)
+
+
+# --- scalar quantizers: FSQ and LFQ ---
+def fsq_quantize(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """Finite scalar quantization (Mentzer et al. 2023), as vector-quantize-pytorch's ``FSQ``.
+
+    Every column j of ``z`` [N, d] (d = len(levels)) is bounded, rounded and scaled to [-1, 1]::
+
+        bounded = tanh(z + shift) * half_l - offset        half_l = (L - 1) * (1 + 1e-3) / 2
+        codes   = round(bounded) / (L // 2)                offset = 0.5 (even L) or 0, shift = atanh(offset / half_l)
+
+    with the constants in float32 exactly as vector-quantize-pytorch computes them, the arithmetic
+    in float32 (float64 for float64 inputs; half inputs are converted to float32 first), ``round``
+    half-to-even, and a zero code +0.0.
+
+    Args:
+        z: [N, d] float32, float16, bfloat16 or float64.
+        levels: d integers in [2, 1000] whose product is below 2**63.
+
+    Returns:
+        ``codes`` [N, d] in ``z``'s dtype, straight-through: its gradient reaches ``z`` through the
+        bound (the rounding counts as the identity), and ``indices`` int64 [N], the mixed-radix index
+        sum_j (round(bounded_j) + L_j // 2) * prod_{i<j} L_i (the first column varies fastest).
+        A NaN in a row gives that row index -1 (and NaN codes where ``z`` is NaN).
+    """
+    return _ops.fsq_quantize(z, list(levels))
+
+
+def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int]) -> Tensor:
+    """The codes [..., d] (float32) of FSQ ``indices`` [...] (any integer dtype): the inverse of
+    :func:`fsq_quantize`'s indices. Indices outside [0, prod(levels)) give NaN codes.
+
+    A plain PyTorch function rather than an op: it is an elementwise integer decode with no
+    gradient, which torch (and torch.compile) already runs at memory speed on every device.
+    """
+    _checks.check_levels("fsq_indices_to_codes", levels)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"vqkernels.fsq_indices_to_codes: indices must be an integer tensor, got {indices.dtype}")
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=indices.device)
+    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
+    idx = indices.long().unsqueeze(-1)
+    half_width = lv // 2
+    codes = ((idx // basis) % lv - half_width).float() / half_width.float()
+    valid = (idx >= 0) & (idx < math.prod(levels))
+    return codes.masked_fill(~valid, float("nan"))
+
+
+def lfq_quantize(x: Tensor, codebook_scale: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Lookup-free (sign) quantization, as vector-quantize-pytorch's ``LFQ``, with its commitment loss.
+
+    Args:
+        x: [N, d] float32, float16, bfloat16 or float64, 1 <= d <= 63.
+        codebook_scale: finite; the codes are +-codebook_scale.
+
+    Returns ``(codes, indices, commit_loss)``:
+        codes: [N, d] in ``x``'s dtype, +codebook_scale where x > 0 and -codebook_scale elsewhere
+            (0 included), rounded to float32 and then to ``x``'s dtype; straight-through: its
+            gradient reaches ``x`` unchanged. NaN where ``x`` is NaN.
+        indices: int64 [N], sum over the positive columns j of 2**(d - 1 - j) (the first column is
+            the top bit, as vector-quantize-pytorch); -1 for a row holding a NaN.
+        commit_loss: mean((x - sg(codes))**2) over all N*d elements (0 for N = 0), float32
+            (float64 for float64 inputs); its gradient goes to ``x``.
+    """
+    return _ops.lfq_quantize(x, float(codebook_scale))
+
+
+def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """LFQ's entropy terms without an N x 2**d probability matrix.
+
+    Each row x_n [d] gives a distribution over the 2**d codes c in {-1, +1}**d with logits
+    2 * inv_temperature * <x_n, c> (vector-quantize-pytorch's softmax of -distance * inv_temperature
+    for codebook_scale 1; fold a codebook scale s into ``inv_temperature * s``). It factorises over
+    the bits: p_n(c_j = +1) = sigmoid(4 * inv_temperature * x_nj).
+
+    Returns ``(per_sample_entropy, codebook_entropy, avg_probs)`` (float32, float64 for float64 inputs):
+        per_sample_entropy: mean_n of the exact entropy of p_n, the sum of its d binary entropies.
+            vector-quantize-pytorch clamps every code probability at 1e-5 inside the log, which
+            lowers this term by sum_{c: p(c) < 1e-5} p(c) log(1e-5 / p(c)) <= 2**d * 1e-5 / e per
+            row (for 2**d * 1e-5 <= e); here it is exact.
+        codebook_entropy: -sum_c avg(c) log(max(avg(c), 1e-5)) with avg = mean_n p_n, clamp
+            included, as vector-quantize-pytorch.
+        avg_probs: avg [2**d], the batch-average code distribution (index order as
+            :func:`lfq_quantize`'s indices).
+
+    avg comes from one GEMM A^T B / N of the per-row probabilities of the top and bottom halves
+    of the bits (A [N, 2**(d//2)], B [N, 2**(d - d//2)]): memory O(N 2**(d/2) + 2**d). All three
+    outputs are differentiable wrt ``x`` (the backward uses the same factorisation). N = 0 gives
+    zeros; a NaN anywhere makes every output NaN. 1 <= d <= 30.
+    """
+    return _ops.lfq_entropy(x, float(inv_temperature))

@@ -205,3 +205,140 @@ def residual_quantize_backward(grad_quantized, grad_commit_losses, grad_codebook
         contrib = torch.where(valid, (-grad_codebook_losses[level].to(dt) * scale) * nxt, torch.zeros_like(nxt))
         _level_codebook(grad_codebooks, level).index_add_(0, idx.clamp_min(0), contrib)
     return grad_x.to(x.dtype).contiguous(), grad_codebooks.to(codebooks.dtype)
+
+
+# --- scalar quantizers: FSQ and LFQ ---
+FSQ_EPS = 1e-3  # vector-quantize-pytorch FSQ.bound's eps: the bound stretches the levels by 1 + eps
+LFQ_PROB_EPS = 1e-5  # vector-quantize-pytorch LFQ clamps probabilities at this inside the log
+
+
+def fsq_constants(levels, device=None):
+    """Per-dimension constants of the FSQ bound, float32 as vector-quantize-pytorch computes them:
+    half_l = (L - 1) * (1 + eps) / 2, offset = 0.5 for even L else 0, shift = atanh(offset / half_l);
+    plus half_width = L // 2 and the mixed-radix basis cumprod([1, L_0, ..., L_{d-2}]) (int64)."""
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=device)
+    half_l = (lv.float() - 1) * (1 + FSQ_EPS) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0).float()
+    shift = torch.atanh(offset / half_l)
+    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
+    return half_l, offset, shift, lv // 2, basis
+
+
+def _fsq_bounded(z, shift, half_l, offset):
+    """tanh(z + shift) * half_l - offset in z's dtype, rounding after every step as torch does."""
+    return torch.tanh(z + shift.to(z.dtype)) * half_l.to(z.dtype) - offset.to(z.dtype)
+
+
+def fsq_quantize(z, levels):
+    """Finite scalar quantization: bound, round, scale; see vqkernels.fsq_quantize."""
+    _checks.check_fsq("fsq_quantize", z, levels)
+    half_l, offset, shift, half_width, basis = fsq_constants(levels, z.device)
+    rounded = _fsq_bounded(z.to(_checks.compute_dtype(z)), shift, half_l, offset).round()
+    # + 0.0: a zero code is +0.0, as vector-quantize-pytorch's straight-through sum z + (round(z) - z) gives
+    codes = rounded / half_width.to(rounded.dtype) + 0.0
+    nan_row = torch.isnan(rounded).any(1)
+    level = (rounded.nan_to_num(0.0).to(torch.int64) + half_width)
+    indices = (level * basis).sum(1).masked_fill(nan_row, -1)
+    return codes.to(z.dtype), indices
+
+
+def fsq_quantize_backward(grad_codes, z, levels):
+    """Straight-through gradient of fsq_quantize, through the bound: d codes / dz = (1 - tanh^2) * half_l / (L // 2)."""
+    _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
+    half_l, _, shift, half_width, _ = fsq_constants(levels, z.device)
+    dt = _checks.compute_dtype(z)
+    t = torch.tanh(z.to(dt) + shift.to(dt))
+    grad = grad_codes.to(dt) / half_width.to(dt) * half_l.to(dt) * (1 - t * t)
+    return grad.to(z.dtype).contiguous()
+
+
+def lfq_quantize(x, codebook_scale=1.0):
+    """Sign quantization with its commitment loss; see vqkernels.lfq_quantize."""
+    _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)
+    _checks.check_finite("lfq_quantize", "codebook_scale", codebook_scale)
+    dt = _checks.compute_dtype(x)
+    xs = x.to(dt)
+    positive = xs > 0
+    nan = torch.isnan(xs)
+    scale = torch.tensor(codebook_scale, dtype=dt, device=x.device)  # half inputs: rounded to float32 first
+    codes = torch.where(positive, scale, -scale).to(x.dtype).masked_fill(nan, float("nan"))
+    weights = 2 ** torch.arange(x.shape[1] - 1, -1, -1, device=x.device)  # the first column is the top bit
+    indices = (positive.long() * weights).sum(1).masked_fill(nan.any(1), -1)
+    commit = (xs - codes.to(dt)).square().mean() if x.numel() else torch.zeros((), dtype=dt, device=x.device)
+    return codes, indices, commit
+
+
+def _bit_logits(x, inv_temperature):
+    """Logit of bit +1 per element: a code c in {-1, +1}^d has logit 2 * inv_temperature * <x, c>, so each bit
+    is independent with log p(+1) - log p(-1) = 4 * inv_temperature * x_j."""
+    return x.to(_checks.compute_dtype(x)) * (4.0 * inv_temperature)
+
+
+def _binary_entropy(logits):
+    """Entropy of sigmoid(l) without cancellation: softplus(-|l|) + |l| sigmoid(-|l|) (0 at |l| = inf)."""
+    a = logits.abs()
+    return F.softplus(-a) + torch.where(torch.isinf(a), 0.0, a * torch.sigmoid(-a))
+
+
+def _binary_entropy_grad(logits):
+    """d entropy(sigmoid(l)) / dl = -l sigmoid(l) sigmoid(-l) (0 at |l| = inf)."""
+    return torch.where(torch.isinf(logits), 0.0, -logits * torch.sigmoid(logits) * torch.sigmoid(-logits))
+
+
+def _code_probs(logits):
+    """[N, 2**k]: probability of every sign pattern of the k bits (columns) of logits [N, k], the first
+    column the top bit of the pattern's index: products of the per-bit probabilities."""
+    p1, p0 = torch.sigmoid(logits), torch.sigmoid(-logits)
+    probs = logits.new_ones(logits.shape[0], 1)
+    for j in range(logits.shape[1]):
+        probs = torch.stack([probs * p0[:, j:j + 1], probs * p1[:, j:j + 1]], 2).reshape(logits.shape[0], -1)
+    return probs
+
+
+def _code_probs_backward(logits, grad_probs):
+    """Gradient wrt logits [N, k] of sum(grad_probs * _code_probs(logits)), in the log domain:
+    d probs[a] / d l_j = probs[a] * (bit_j(a) - sigmoid(l_j)), so with w = grad_probs * probs it is
+    sigmoid(-l_j) * sum_{bit_j(a) = 1} w[a] - sigmoid(l_j) * sum_{bit_j(a) = 0} w[a]: no division by a
+    probability, and no cancellation between two nearly equal sums when the bit is nearly certain."""
+    k = logits.shape[1]
+    w = grad_probs * _code_probs(logits)
+    shifts = torch.arange(k - 1, -1, -1, device=logits.device)
+    bits = ((torch.arange(2 ** k, device=logits.device).unsqueeze(1) >> shifts) & 1).to(w.dtype)  # [2**k, k]
+    return torch.sigmoid(-logits) * (w @ bits) - torch.sigmoid(logits) * (w @ (1 - bits))
+
+
+def lfq_entropy(x, inv_temperature):
+    """LFQ's entropy terms through the two-half factorisation, no N x 2**d matrix; see vqkernels.lfq_entropy."""
+    _checks.check_lfq("lfq_entropy", x, _checks.LFQ_ENTROPY_MAX_BITS)
+    _checks.check_finite("lfq_entropy", "inv_temperature", inv_temperature)
+    n, d = x.shape
+    logits = _bit_logits(x, inv_temperature)
+    if n == 0:
+        zero = logits.new_zeros(())
+        return zero, zero.clone(), logits.new_zeros(2 ** d)
+    half = d // 2
+    avg_probs = (_code_probs(logits[:, :half]).t() @ _code_probs(logits[:, half:])).reshape(-1) / n
+    per_sample = _binary_entropy(logits).sum(1).mean()
+    codebook = -(avg_probs * avg_probs.clamp_min(LFQ_PROB_EPS).log()).sum()
+    return per_sample, codebook, avg_probs
+
+
+def lfq_entropy_backward(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs,
+                         inv_temperature):
+    """Gradient of lfq_entropy wrt x, through the same factorisation (two GEMMs of N x 2**d work)."""
+    _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
+                                       grad_avg_probs, x, avg_probs, inv_temperature)
+    n, d = x.shape
+    logits = _bit_logits(x, inv_temperature)
+    if n == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+    dt, half = logits.dtype, d // 2
+    avg = avg_probs.to(dt)
+    # d codebook_entropy / d avg = -log(max(avg, eps)) - [avg >= eps] (torch's clamp_min passes the gradient at eps)
+    g = grad_codebook_entropy.to(dt) * -(avg.clamp_min(LFQ_PROB_EPS).log() + (avg >= LFQ_PROB_EPS).to(dt))
+    g = (g + grad_avg_probs.to(dt)).reshape(2 ** half, 2 ** (d - half)) / n
+    top, bottom = logits[:, :half], logits[:, half:]
+    grad_logits = torch.cat([_code_probs_backward(top, _code_probs(bottom) @ g.t()),
+                             _code_probs_backward(bottom, _code_probs(top) @ g)], 1)
+    grad_logits = grad_logits + grad_per_sample_entropy.to(dt) / n * _binary_entropy_grad(logits)
+    return (grad_logits * (4.0 * inv_temperature)).to(x.dtype)

@@ -35,6 +35,20 @@ SCHEMAS = {
         "residual_quantize_backward(Tensor grad_quantized, Tensor grad_commit_losses, Tensor grad_codebook_losses, "
         "Tensor x, Tensor codebooks, Tensor indices) -> (Tensor grad_x, Tensor grad_codebooks)"
     ),
+    # --- scalar quantizers: FSQ (finite scalar quantization) and LFQ (lookup-free quantization) ---
+    "fsq_quantize": "fsq_quantize(Tensor z, int[] levels) -> (Tensor codes, Tensor indices)",
+    "fsq_quantize_backward": "fsq_quantize_backward(Tensor grad_codes, Tensor z, int[] levels) -> Tensor grad_z",
+    "lfq_quantize": (
+        "lfq_quantize(Tensor x, float codebook_scale=1.0) -> (Tensor codes, Tensor indices, Tensor commit_loss)"
+    ),
+    "lfq_entropy": (
+        "lfq_entropy(Tensor x, float inv_temperature) "
+        "-> (Tensor per_sample_entropy, Tensor codebook_entropy, Tensor avg_probs)"
+    ),
+    "lfq_entropy_backward": (
+        "lfq_entropy_backward(Tensor grad_per_sample_entropy, Tensor grad_codebook_entropy, Tensor grad_avg_probs, "
+        "Tensor x, Tensor avg_probs, float inv_temperature) -> Tensor grad_x"
+    ),
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.

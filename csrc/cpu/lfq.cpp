@@ -1,0 +1,293 @@
+// CPU kernels of the lookup-free quantization ops: vqkernels::lfq_quantize (sign codes,
+// indices, commitment loss) and vqkernels::lfq_entropy with its backward.
+//
+// lfq_entropy never forms the N x 2**d probability matrix. The logit of code c in
+// {-1, +1}**d for row x is 2 * tau * <x, c>, so a row's distribution factorises over the bits,
+// p(c_j = +1) = sigmoid(4 * tau * x_j), and with the bits split into a top half (da = d / 2
+// bits) and a bottom half (db = d - da), p_n(c) = A[n, c_top] * B[n, c_bottom]. The batch
+// average is then one GEMM, avg = A^T B / N [2**da, 2**db] (row-major: index
+// c_top * 2**db + c_bottom, the code index). The backward pulls the gradient G wrt avg back
+// with two more GEMMs (dA = B G^T / N, dB = A G / N) and then to the bit logits in the log
+// domain: d A[n, a] / d l_j = A[n, a] * (bit_j(a) - p_j), so no probability is ever divided.
+// Extra memory: O(N * 2**(d/2) + 2**d).
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/search.h"
+
+namespace vqk {
+namespace cpu {
+namespace {
+
+constexpr double kProbEps = 1e-5;   // vector-quantize-pytorch's clamp inside the log
+constexpr int64_t kSumBlock = 4096;  // entries per partial sum over the 2**d codes (fixed: deterministic)
+
+// Sums f(i) over [0, n) in double: fixed blocks in parallel, added in block order.
+template <typename F>
+double deterministic_sum(int64_t n, F&& f) {
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      for (int64_t i = b * kSumBlock; i < std::min(n, (b + 1) * kSumBlock); ++i) s += f(i);
+      partial[b] = s;
+    }
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+// The 2**k probabilities of the sign patterns of k bits with per-bit probabilities p0 (bit -1)
+// and p1 (bit +1), the first bit the top bit of the pattern's index: out[2i + b] = out'[i] * p_b.
+template <typename T>
+void pattern_probs(const T* p0, const T* p1, int64_t k, T* out) {
+  out[0] = T(1);
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t i = (int64_t(1) << j) - 1; i >= 0; --i) {
+      const T v = out[i];
+      out[2 * i + 1] = v * p1[j];
+      out[2 * i] = v * p0[j];
+    }
+}
+
+// Per-bit logits l = 4 tau x and probabilities of one row.
+template <typename T>
+struct BitRow {
+  std::vector<T> l, p0, p1;
+  void set(const T* xrow, int64_t d, T scale) {
+    l.resize(d);
+    p0.resize(d);
+    p1.resize(d);
+    for (int64_t j = 0; j < d; ++j) {
+      l[j] = xrow[j] * scale;
+      p1[j] = T(1) / (T(1) + std::exp(-l[j]));
+      p0[j] = T(1) / (T(1) + std::exp(l[j]));
+    }
+  }
+};
+
+// Entropy of sigmoid(l) without cancellation: softplus(-|l|) + |l| sigmoid(-|l|), 0 at |l| = inf.
+template <typename T>
+T binary_entropy(T l) {
+  const T a = std::abs(l), e = std::exp(-a);
+  return std::log1p(e) + (std::isinf(a) ? T(0) : a * e / (T(1) + e));
+}
+
+// The A and B factors of rows [0, n): A [n, 2**da], B [n, 2**db]; returns the sum of the rows'
+// bit entropies when `entropy` (else 0), summed per row block and then in block order.
+template <typename T>
+double factor_rows(const RowSource<T>& src, int64_t n, int64_t d, T scale, T* a, T* b, bool entropy) {
+  const int64_t da = d / 2, db = d - da, ka = int64_t(1) << da, kb = int64_t(1) << db;
+  std::vector<double> partial(row_block_count(n), 0.0);
+  struct Scratch {
+    std::vector<T> rows;
+    BitRow<T> bits;
+  };
+  parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t block, int64_t r0, int64_t r1) {
+    int64_t ld;
+    const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
+    double h = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      s.bits.set(xr + (r - r0) * ld, d, scale);
+      pattern_probs(s.bits.p0.data(), s.bits.p1.data(), da, a + r * ka);
+      pattern_probs(s.bits.p0.data() + da, s.bits.p1.data() + da, db, b + r * kb);
+      if (entropy)
+        for (int64_t j = 0; j < d; ++j) h += static_cast<double>(binary_entropy(s.bits.l[j]));
+    }
+    partial[block] = h;
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+// Adds to grad_l [k] the gradient wrt the k bit logits of sum_a g[a] * probs[a], probs =
+// pattern_probs(p0, p1): with w = g * probs, p0_j * sum_{bit_j(a) = 1} w[a] - p1_j * sum_{bit_j(a) = 0} w[a].
+template <typename T>
+void pattern_probs_backward(const T* g, const T* probs, const T* p0, const T* p1, int64_t k, T* grad_l,
+                            std::vector<T>& s1, std::vector<T>& s0) {
+  s1.assign(k, T(0));
+  s0.assign(k, T(0));
+  for (int64_t a = 0; a < (int64_t(1) << k); ++a) {
+    const T w = g[a] * probs[a];
+    for (int64_t j = 0; j < k; ++j) ((a >> (k - 1 - j)) & 1 ? s1[j] : s0[j]) += w;
+  }
+  for (int64_t j = 0; j < k; ++j) grad_l[j] += p0[j] * s1[j] - p1[j] * s0[j];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x, double codebook_scale) {
+  const char* op = "lfq_quantize";
+  check_lfq(op, x, kLfqMaxBits);
+  check_finite(op, "codebook_scale", codebook_scale);
+  const int64_t n = x.size(0), d = x.size(1);
+  const auto loss_opts = x.options().dtype(compute_dtype(x, x));
+  at::Tensor codes = at::empty({n, d}, x.options());
+  at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
+  if (n == 0) return {codes, indices, at::zeros({}, loss_opts)};
+  std::vector<double> partial(row_block_count(n), 0.0);
+  with_compute_type(x, x, [&](auto t) {
+    using T = decltype(t);
+    const RowSource<T> src(x);
+    int64_t* idx = indices.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lfq_quantize", [&] {
+      // +-scale rounded to T (float32 for half inputs), then to x's dtype
+      const scalar_t pos = static_cast<scalar_t>(static_cast<T>(codebook_scale));
+      const scalar_t neg = static_cast<scalar_t>(static_cast<T>(-codebook_scale));
+      scalar_t* out = codes.data_ptr<scalar_t>();
+      parallel_row_blocks<std::vector<T>>(n, [&](std::vector<T>& buf, int64_t block, int64_t r0, int64_t r1) {
+        int64_t ld;
+        const T* xr = src.rows(r0, r1 - r0, buf, ld);
+        double sum = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* xrow = xr + (r - r0) * ld;
+          scalar_t* orow = out + r * d;
+          uint64_t index = 0;
+          bool nan = false;
+          for (int64_t j = 0; j < d; ++j) {
+            const T v = xrow[j];
+            const bool up = v > T(0);
+            index = (index << 1) | uint64_t(up);  // the first column ends up the top bit
+            if (std::isnan(v)) {
+              nan = true;
+              orow[j] = std::numeric_limits<scalar_t>::quiet_NaN();
+              continue;
+            }
+            orow[j] = up ? pos : neg;
+            const double e = static_cast<double>(v) - static_cast<double>(static_cast<T>(orow[j]));
+            sum += e * e;
+          }
+          idx[r] = nan ? -1 : static_cast<int64_t>(index);
+          if (nan) sum = std::numeric_limits<double>::quiet_NaN();
+        }
+        partial[block] = sum;
+      });
+    });
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return {codes, indices, at::full({}, total / static_cast<double>(n * d), loss_opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, double inv_temperature) {
+  const char* op = "lfq_entropy";
+  check_lfq(op, x, kLfqEntropyMaxBits);
+  check_finite(op, "inv_temperature", inv_temperature);
+  const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da;
+  const auto opts = x.options().dtype(compute_dtype(x, x));
+  if (n == 0) return {at::zeros({}, opts), at::zeros({}, opts), at::zeros({int64_t(1) << d}, opts)};
+  at::Tensor a = at::empty({n, int64_t(1) << da}, opts), b = at::empty({n, int64_t(1) << db}, opts);
+  at::Tensor avg;
+  double per_sample = 0, codebook = 0;
+  with_compute_type(x, x, [&](auto t) {
+    using T = decltype(t);
+    const RowSource<T> src(x);
+    per_sample = factor_rows<T>(src, n, d, static_cast<T>(4.0 * inv_temperature), a.data_ptr<T>(), b.data_ptr<T>(),
+                                true) / static_cast<double>(n);
+    avg = at::mm(a.t(), b).div_(n).reshape({-1});
+    const T* p = avg.const_data_ptr<T>();
+    codebook = -deterministic_sum(avg.numel(), [&](int64_t i) {
+      const double v = static_cast<double>(p[i]);
+      return v * std::log(std::max(v, kProbEps));
+    });
+  });
+  return {at::full({}, per_sample, opts), at::full({}, codebook, opts), avg};
+}
+
+at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Tensor& grad_codebook,
+                                const at::Tensor& grad_avg_probs, const at::Tensor& x, const at::Tensor& avg_probs,
+                                double inv_temperature) {
+  const char* op = "lfq_entropy_backward";
+  check_lfq(op, x, kLfqEntropyMaxBits);
+  check_finite(op, "inv_temperature", inv_temperature);
+  const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da, k = int64_t(1) << d;
+  const std::pair<const char*, const at::Tensor*> args[] = {{"grad_per_sample_entropy", &grad_per_sample},
+                                                            {"grad_codebook_entropy", &grad_codebook},
+                                                            {"grad_avg_probs", &grad_avg_probs},
+                                                            {"avg_probs", &avg_probs}};
+  for (int i = 0; i < 4; ++i) {
+    const auto& [name, t] = args[i];
+    check_float(op, name, *t);
+    if (i < 2) {
+      VQK_CHECK(t->numel() == 1, op, name, " must be a scalar, got shape ", shape_str(*t));
+    } else {
+      VQK_CHECK(t->dim() == 1 && t->size(0) == k, op, name, " must have shape [2**d=", k, "], got ", shape_str(*t));
+    }
+    VQK_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
+  }
+  at::Tensor grad = at::empty({n, d}, x.options());
+  if (n == 0) return grad;
+  const auto ct = compute_dtype(x, x);
+  const double gps = grad_per_sample.item<double>(), gcb = grad_codebook.item<double>();
+  with_compute_type(x, x, [&](auto t) {
+    using T = decltype(t);
+    const T scale = static_cast<T>(4.0 * inv_temperature);
+    // G = d loss / d avg, over N: gcb * (-log(max(avg, eps)) - [avg >= eps]) + grad_avg_probs
+    // (torch's clamp_min passes the gradient at eps itself)
+    const at::Tensor avg = avg_probs.to(ct).contiguous(), gavg = grad_avg_probs.to(ct).contiguous();
+    at::Tensor g = at::empty({int64_t(1) << da, int64_t(1) << db}, x.options().dtype(ct));
+    {
+      const T* ap = avg.const_data_ptr<T>();
+      const T* gp = gavg.const_data_ptr<T>();
+      T* out = g.data_ptr<T>();
+      at::parallel_for(0, k, kSumBlock, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const T v = ap[i];
+          const T dv = -(std::log(std::max(v, T(kProbEps))) + (v >= T(kProbEps) ? T(1) : T(0)));
+          out[i] = (static_cast<T>(gcb) * dv + gp[i]) / static_cast<T>(n);
+        }
+      });
+    }
+    at::Tensor a = at::empty({n, int64_t(1) << da}, g.options()), b = at::empty({n, int64_t(1) << db}, g.options());
+    const RowSource<T> src(x);
+    factor_rows<T>(src, n, d, scale, a.data_ptr<T>(), b.data_ptr<T>(), false);
+    const at::Tensor ga = at::mm(b, g.t()), gb = at::mm(a, g);  // d loss / dA, d loss / dB
+    const T* ap = a.const_data_ptr<T>();
+    const T* bp = b.const_data_ptr<T>();
+    const T* gap = ga.const_data_ptr<T>();
+    const T* gbp = gb.const_data_ptr<T>();
+    const T gl = static_cast<T>(gps / static_cast<double>(n));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lfq_entropy_backward", [&] {
+      scalar_t* out = grad.data_ptr<scalar_t>();
+      struct Scratch {
+        std::vector<T> rows, grad_l, s1, s0;
+        BitRow<T> bits;
+      };
+      parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+        int64_t ld;
+        const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
+        for (int64_t r = r0; r < r1; ++r) {
+          s.bits.set(xr + (r - r0) * ld, d, scale);
+          const T* p0 = s.bits.p0.data();
+          const T* p1 = s.bits.p1.data();
+          s.grad_l.resize(d);
+          for (int64_t j = 0; j < d; ++j) {  // per-sample entropy: d H(sigmoid(l)) / dl = -l p1 p0
+            const T l = s.bits.l[j];
+            s.grad_l[j] = std::isinf(l) ? T(0) : gl * (-l * p1[j] * p0[j]);
+          }
+          pattern_probs_backward(gap + r * (int64_t(1) << da), ap + r * (int64_t(1) << da), p0, p1, da,
+                                 s.grad_l.data(), s.s1, s.s0);
+          pattern_probs_backward(gbp + r * (int64_t(1) << db), bp + r * (int64_t(1) << db), p0 + da, p1 + da, db,
+                                 s.grad_l.data() + da, s.s1, s.s0);
+          for (int64_t j = 0; j < d; ++j) out[r * d + j] = static_cast<scalar_t>(s.grad_l[j] * scale);
+        }
+      });
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vqk
+
+TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("lfq_quantize", &vqk::cpu::lfq_quantize);
+  m.impl("lfq_entropy", &vqk::cpu::lfq_entropy);
+  m.impl("lfq_entropy_backward", &vqk::cpu::lfq_entropy_backward);
+}

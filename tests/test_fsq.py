@@ -1,0 +1,353 @@
+"""vqkernels.fsq_quantize (finite scalar quantization), its backward op and fsq_indices_to_codes.
+
+The kernels are plain per-element code (no instruction-set variants), so instead of the
+`isa` fixture the tests run both the op as served (the C++ kernel when built) and the
+pure-PyTorch reference called directly.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vq_helpers import (DTYPES, LAYOUTS, bits, compute_dtype, fail_rows, gen, hyp_settings, opcheck, reference,
+                        unit_roundoff, vqkernels, with_layout)
+
+ERRORS = (ValueError, RuntimeError)
+IMPLS = {"op": vqkernels.fsq_quantize, "reference": reference.fsq_quantize}
+BACKWARD_IMPLS = {"op": torch.ops.vqkernels.fsq_quantize_backward, "reference": reference.fsq_quantize_backward}
+
+
+# ---------------------------------------------------------------------------------------
+# float64 truth, written out independently of vqkernels.reference
+
+
+def bound_constants(levels):
+    """float64 arrays (half_l, offset, shift, half_width) of the FSQ bound. The spec takes half_l
+    in float32 as vector-quantize-pytorch computes it, fl32(fl32(L - 1) * fl32(1.001)) / 2 (exact
+    here in numpy float32); shift = atanh(offset / half_l) is exact here, the op rounds it to float32."""
+    lv = np.array(levels, dtype=np.float64)
+    half_l = ((lv - 1).astype(np.float32) * np.float32(1.001) / np.float32(2)).astype(np.float64)
+    offset = np.where(lv % 2 == 0, 0.5, 0.0)
+    return half_l, offset, np.arctanh(offset / half_l), (lv // 2)
+
+
+def bounded_truth(z, levels):
+    """(bounded [N, d] float64 of z as the op sees it, tolerance [d]).
+
+    The op rounds z + shift, tanh (1-2 ulp), the product and the difference in its compute
+    dtype (unit roundoff u): together at most about 6 u (half_l + 1), as tanh' <= 1. Its
+    float32 shift is off by at most 2 ulp, moving bounded by half_l * |shift| * 2**-22. We
+    allow 8 u (half_l + 1) plus that.
+    """
+    half_l, offset, shift, _ = (torch.from_numpy(a) for a in bound_constants(levels))
+    b = torch.tanh(z.double() + shift) * half_l - offset
+    tol = 8 * unit_roundoff(compute_dtype(z)) * (half_l + 1) + half_l * shift.abs() * 2.0 ** -22
+    return b, tol
+
+
+def decode_levels(indices, levels):
+    """Per-dimension centred levels [N, d] (int64) of mixed-radix indices, the first dimension fastest."""
+    out, rest = [], indices.clone()
+    for lv in levels:
+        out.append(rest % lv - lv // 2)
+        rest = rest // lv
+    return torch.stack(out, 1) if out else indices.new_zeros(indices.shape[0], 0)
+
+
+def check_fsq(z, levels, codes, indices):
+    """Judge (codes, indices) of z against the float64 truth.
+
+    * shapes and dtypes: codes like z, indices int64 [N];
+    * a row holding a NaN: index -1, and codes NaN exactly where z is NaN;
+    * other rows: the level of each dimension (decoded from the index, so always in range)
+      is round-half-even of the exact bounded value, or, where that value lies within the
+      tolerance of a half-integer, either neighbour; codes = level / (L // 2) rounded to z's
+      dtype, a zero code +0.0.
+    Returns the number of dimensions decided by the tolerance (ambiguous).
+    """
+    n, d = z.shape
+    assert codes.dtype == z.dtype and codes.shape == (n, d)
+    assert indices.dtype == torch.int64 and indices.shape == (n,)
+    nan = torch.isnan(z.double())
+    nan_row = nan.any(1)
+    fail_rows(nan_row & (indices != -1), "a row holding a NaN must get index -1", index=indices)
+    assert torch.equal(torch.isnan(codes[nan_row].double()), nan[nan_row]), "codes must be NaN exactly where z is"
+    ok = ~nan_row
+    size = math.prod(levels)
+    fail_rows(ok & ((indices < 0) | (indices >= size)), "index out of range", index=indices)
+    b, tol = bounded_truth(z[ok], levels)
+    level = decode_levels(indices[ok], levels)
+    want = torch.round(b)
+    near_half = ((b - b.floor()) - 0.5).abs() <= tol
+    either = (level == b.floor()) | (level == b.ceil())
+    fail_rows(~((level == want) | (near_half & either)).all(1), "level is not round(bounded)", level=level,
+              want=want, bounded=b)
+    half_width = torch.tensor([lv // 2 for lv in levels], dtype=torch.float64)
+    expect = (level / half_width).to(compute_dtype(z)).to(z.dtype)
+    mine = codes[ok]
+    bad = (bits(mine) != bits(expect)).any(1) if mine.numel() else torch.zeros(0, dtype=torch.bool)
+    fail_rows(bad, "codes are not level / (L // 2) (zero codes +0.0)", codes=mine, expected=expect)
+    return int((near_half & (level != want)).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+LEVEL_SETS = [[8, 5, 5, 5], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [3], [4, 1000], [999, 3, 4], [17, 16, 15, 14, 13, 12]]
+
+
+def fsq_input(n, levels, seed, scale=1.0, dtype=torch.float32, layout="contiguous"):
+    z = torch.randn(n, len(levels), generator=gen(seed), dtype=torch.float64) * scale
+    return with_layout(z.to(dtype), layout)
+
+
+@st.composite
+def fsq_cases(draw):
+    levels = draw(st.lists(st.one_of(st.integers(3, 16), st.integers(3, 1000)), min_size=1, max_size=8))
+    return dict(n=draw(st.sampled_from([0, 1, 7, 33, draw(st.integers(0, 300))])), levels=levels,
+                seed=draw(st.integers(0, 2 ** 31 - 1)), scale=draw(st.sampled_from([0.05, 1.0, 3.0, 30.0])),
+                dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(LAYOUTS)))
+
+
+# ---------------------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@hyp_settings(60)
+@given(case=fsq_cases())
+def test_forward_matches_float64_truth(impl, case):
+    z = fsq_input(case["n"], case["levels"], case["seed"], case["scale"], case["dtype"], case["layout"])
+    saved = bits(z).clone()
+    codes, indices = IMPLS[impl](z, case["levels"])
+    assert torch.equal(bits(z), saved), "z was modified"
+    ambiguous = check_fsq(z, case["levels"], codes, indices)
+    assert ambiguous <= max(1, z.numel() // 1000), f"{ambiguous} levels were decided by the tolerance"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("levels", LEVEL_SETS, ids=str)
+def test_levels_and_dtypes(impl, levels, dtype):
+    """Every level of every dimension is reached (z spans the bound's range), in every dtype."""
+    z = fsq_input(2000, levels, seed=1, scale=2.0, dtype=dtype)
+    codes, indices = IMPLS[impl](z, levels)
+    check_fsq(z, levels, codes, indices)
+    level = decode_levels(indices, levels)
+    for j, lv in enumerate(levels):
+        if lv <= 16:
+            assert level[:, j].unique().numel() == lv, f"dimension {j}: not all {lv} levels reached"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extremes_and_zero_sign(impl):
+    """+-inf reach the outer levels; the bound of +-large z stays in range; a zero code is +0.0
+    (also for z = -0.0 and tiny negative z, whose rounded value is -0.0)."""
+    levels = [8, 5, 4, 3]
+    z = torch.tensor([[float("inf"), -float("inf"), 1e30, -1e30], [-0.0, -1e-30, -0.0, -1e-3],
+                      [-1e-30, -0.0, -1e-30, 0.0]])
+    codes, indices = IMPLS[impl](z, levels)
+    check_fsq(z, levels, codes, indices)
+    assert codes[0].tolist() == [0.75, -1.0, 0.5, -1.0]  # even L tops out at (L/2 - 1) / (L/2)
+    assert not bool((bits(codes) == bits(torch.tensor(-0.0))).any()), "a code is -0.0"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_rows(impl, dtype):
+    levels = [8, 5, 5]
+    z = fsq_input(9, levels, seed=2, dtype=dtype)
+    z[3, 1] = float("nan")
+    z[5] = float("nan")
+    codes, indices = IMPLS[impl](z, levels)
+    check_fsq(z, levels, codes, indices)
+    assert indices[3] == -1 and indices[5] == -1 and not bool(torch.isnan(codes[3, [0, 2]].double()).any())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty(impl, dtype):
+    codes, indices = IMPLS[impl](torch.empty(0, 3, dtype=dtype), [3, 4, 5])
+    assert codes.shape == (0, 3) and codes.dtype == dtype and indices.shape == (0,) and indices.dtype == torch.int64
+
+
+def test_op_matches_reference_bitwise():
+    """The kernel and the reference round the same bounded values: on random data (no value near
+    a half-integer within tanh's last bit) both give the same codes and indices."""
+    levels = [8, 6, 5, 5, 3]
+    z = fsq_input(3000, levels, seed=3, scale=1.5)
+    got, want = vqkernels.fsq_quantize(z, levels), reference.fsq_quantize(z, levels)
+    assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(got[1], want[1])
+
+
+def test_large_codebook_indices_exact():
+    """A product of levels beyond 2**53: indices exact in int64 (float arithmetic would round them)."""
+    levels = [999, 997, 991, 983, 977, 971]
+    assert math.prod(levels) > 2 ** 59
+    z = fsq_input(500, levels, seed=4, scale=2.0)
+    codes, indices = vqkernels.fsq_quantize(z, levels)
+    check_fsq(z, levels, codes, indices)
+    assert bool((indices > 2 ** 53).any())
+
+
+# ---------------------------------------------------------------------------------------
+# fsq_indices_to_codes
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS, ids=str)
+def test_indices_to_codes_inverts(levels):
+    z = fsq_input(500, levels, seed=5, scale=2.0)
+    codes, indices = vqkernels.fsq_quantize(z, levels)
+    for idx in (indices, indices.int()):
+        decoded = vqkernels.fsq_indices_to_codes(idx.reshape(20, 25), levels)
+        assert decoded.dtype == torch.float32 and decoded.shape == (20, 25, len(levels))
+        assert torch.equal(bits(decoded.reshape(500, -1)), bits(codes))
+
+
+def test_indices_to_codes_out_of_range_is_nan():
+    levels = [4, 3]
+    codes = vqkernels.fsq_indices_to_codes(torch.tensor([-1, 0, 11, 12, 100]), levels)
+    assert torch.isnan(codes[[0, 3, 4]]).all() and not torch.isnan(codes[[1, 2]]).any()
+    assert codes[1].tolist() == [-1.0, -1.0] and codes[2].tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("indices, levels, pattern", [
+    (torch.tensor([0.0]), [4, 3], r"indices must be an integer tensor"),
+    (torch.tensor([True]), [4, 3], r"indices must be an integer tensor"),
+    (torch.tensor([0]), [], r"levels must not be empty"),
+    (torch.tensor([0]), [4, 1], r"every level must be in \[2, 1000\]"),
+])
+def test_indices_to_codes_rejects(indices, levels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        vqkernels.fsq_indices_to_codes(indices, levels)
+
+
+# ---------------------------------------------------------------------------------------
+# gradient: straight-through through the bound
+
+
+def bound_grad_truth(z, levels, grad):
+    """(want, tol) [N, d] float64: grad * d(bounded / (L // 2))/dz = grad * (1 - tanh^2(z + shift)) *
+    half_l / (L // 2), the straight-through gradient, and its tolerance. Each factor carries a few
+    roundings of the compute dtype (1 - t^2 loses nothing beyond 2u absolute), plus the float32
+    shift's 2 ulp: |error| <= |grad| half_l / hw (16 u + 2**-21 |shift|), and the rounding of
+    the result to a half dtype."""
+    half_l, _, shift, half_width = (torch.from_numpy(a) for a in bound_constants(levels))
+    t = torch.tanh(z.double() + shift)
+    want = grad.double() * (1 - t * t) * half_l / half_width
+    tol = grad.double().abs() * half_l / half_width * (16 * unit_roundoff(compute_dtype(z)) + 2.0 ** -21 * shift.abs())
+    if z.dtype in (torch.float16, torch.bfloat16):
+        tol = tol + want.abs() * 2.0 ** -(11 if z.dtype == torch.float16 else 8)
+    return want, tol
+
+
+@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_op_matches_float64_truth(impl, dtype, layout):
+    levels = [8, 5, 4, 3, 1000]
+    z = fsq_input(300, levels, seed=6, scale=1.5, dtype=dtype, layout=layout)
+    grad = with_layout(torch.randn(300, 5, generator=gen(7)).to(dtype), layout)
+    got = BACKWARD_IMPLS[impl](grad, z, levels)
+    assert got.dtype == dtype and got.shape == z.shape and got.is_contiguous()
+    want, tol = bound_grad_truth(z, levels, grad)
+    fail_rows(~((got.double() - want).abs() <= tol).all(1), "gradient", got=got, want=want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_is_straight_through(dtype):
+    """The op's autograd sends sum(codes * G)'s gradient through the bound only (rounding =
+    identity); indices carry none. The straight-through gradient is not the derivative of the
+    piecewise-constant codes, so torch.autograd.gradcheck does not apply: the float64 run is held
+    to the float64 truth instead."""
+    levels = [8, 5, 5, 5]
+    z = fsq_input(100, levels, seed=8, dtype=dtype).requires_grad_()
+    codes, indices = vqkernels.fsq_quantize(z, levels)
+    assert not indices.requires_grad
+    g = torch.randn(codes.shape, generator=gen(9)).to(dtype)
+    (codes * g).sum().backward()
+    want, tol = bound_grad_truth(z.detach(), levels, g)
+    fail_rows(~((z.grad.double() - want).abs() <= tol).all(1), "gradient", got=z.grad, want=want)
+
+
+def test_reference_backward_matches_op():
+    levels = [7, 6, 5]
+    z = fsq_input(200, levels, seed=10, scale=2.0)
+    g = torch.randn(200, 3, generator=gen(11))
+    torch.testing.assert_close(torch.ops.vqkernels.fsq_quantize_backward(g, z, levels),
+                               reference.fsq_quantize_backward(g, z, levels), rtol=2e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck, bad inputs
+
+
+def opcheck_samples():
+    z = torch.randn(9, 4, generator=gen(12))
+    return [
+        pytest.param(z, id="f32"),
+        pytest.param(z.clone().requires_grad_(), id="f32-grad"),
+        pytest.param(z.double().requires_grad_(), id="f64-grad"),
+        pytest.param(z.bfloat16(), id="bf16"),
+        pytest.param(z.half().requires_grad_(), id="f16-grad"),
+        pytest.param(with_layout(z, "strided"), id="strided"),
+        pytest.param(z[:0], id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("z", opcheck_samples())
+def test_opcheck(z):
+    opcheck("fsq_quantize", (z, [8, 5, 5, 5]))
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((torch.randn(9, 3), torch.randn(9, 3), [4, 5, 6]), id="f32"),
+    pytest.param((torch.randn(9, 3).double(), torch.randn(9, 3).double(), [4, 5, 6]), id="f64"),
+    pytest.param((torch.randn(9, 3).half(), torch.randn(9, 3).half(), [4, 5, 6]), id="f16"),
+    pytest.param((with_layout(torch.randn(9, 3), "transposed"), torch.randn(9, 3), [4, 5, 6]), id="strided"),
+])
+def test_backward_opcheck(args):
+    opcheck("fsq_quantize_backward", args)
+
+
+Z = torch.randn(4, 3)
+BAD = {
+    "z-1d": (torch.randn(3), [4, 5, 6], r"\bz must be 2-D"),
+    "z-3d": (torch.randn(2, 4, 3), [4, 5, 6], r"\bz must be 2-D"),
+    "z-int": (Z.long(), [4, 5, 6], r"\bz must be float32, float16, bfloat16 or float64"),
+    "z-complex": (Z.to(torch.complex64), [4, 5, 6], r"\bz must be float"),
+    "d-mismatch": (Z, [4, 5], r"z has d=3 \(shape \(4, 3\)\) but there are 2 levels"),
+    "levels-empty": (Z[:, :0], [], r"levels must not be empty"),
+    "level-1": (Z, [4, 1, 6], r"every level must be in \[2, 1000\], got levels=\[4, 1, 6\]"),
+    "level-0": (Z, [4, 0, 6], r"every level must be in \[2, 1000\]"),
+    "level-negative": (Z, [-4, 5, 6], r"every level must be in \[2, 1000\]"),
+    "level-1001": (Z, [4, 1001, 6], r"every level must be in \[2, 1000\]"),
+    "product-overflow": (torch.randn(4, 7), [1000] * 7, r"product of the levels must be below 2\*\*63"),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", BAD)
+def test_rejects(case, impl, device):
+    """Every backend (C++, reference, fake kernel on 'meta') rejects with the same message."""
+    z, levels, pattern = BAD[case]
+    if device == "meta" and impl == "reference":
+        pytest.skip("the meta device runs the fake kernel, the same for both")
+    with pytest.raises(ERRORS, match=pattern):
+        IMPLS[impl](z.to(device), levels)
+
+
+@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("grad, pattern", [
+    (torch.randn(4, 2), r"grad_codes must have z's shape \(4, 3\), got \(4, 2\)"),
+    (torch.ones(4, 3, dtype=torch.int32), r"grad_codes must be float"),
+    (torch.randn(4, 3, device="meta"), r"grad_codes is on meta but z is on cpu"),
+])
+def test_backward_rejects(impl, grad, pattern):
+    with pytest.raises(ERRORS, match=pattern):
+        BACKWARD_IMPLS[impl](grad, Z, [4, 5, 6])

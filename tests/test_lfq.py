@@ -1,0 +1,538 @@
+"""vqkernels.lfq_quantize, vqkernels.lfq_entropy and vqkernels::lfq_entropy_backward.
+
+lfq_entropy is judged against a brute-force float64 computation through the full N x 2**d
+probability matrix (small d), which it must never form itself (memory test at d = 16). As in
+test_fsq.py, both the op as served and the pure-PyTorch reference called directly are tested.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vq_helpers import (DTYPES, LAYOUTS, assert_deterministic, bits, compute_dtype, fail_rows, gen, hyp_settings,
+                        opcheck, reference, unit_roundoff, vqkernels, with_layout)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ERRORS = (ValueError, RuntimeError)
+PROB_EPS = 1e-5  # vector-quantize-pytorch's clamp inside the log
+QUANTIZE = {"op": vqkernels.lfq_quantize, "reference": reference.lfq_quantize}
+ENTROPY = {"op": vqkernels.lfq_entropy, "reference": reference.lfq_entropy}
+ENTROPY_BACKWARD = {"op": torch.ops.vqkernels.lfq_entropy_backward, "reference": reference.lfq_entropy_backward}
+
+
+def lfq_input(n, d, seed, scale=1.0, dtype=torch.float32, layout="contiguous"):
+    x = torch.randn(n, d, generator=gen(seed), dtype=torch.float64) * scale
+    return with_layout(x.to(dtype), layout)
+
+
+# ---------------------------------------------------------------------------------------
+# lfq_quantize
+
+
+def check_quantize(x, scale, codes, indices, commit):
+    """codes = +-scale (rounded to float32, then x's dtype) by x > 0, NaN where x is NaN; index
+    bits with the first column on top, -1 for NaN rows; commit = mean((x - codes)^2) in float64
+    within 2 (N d + 3) u (N d non-negative terms, a few roundings each)."""
+    n, d = x.shape
+    assert codes.dtype == x.dtype and codes.shape == (n, d)
+    assert indices.dtype == torch.int64 and indices.shape == (n,)
+    assert commit.dtype == compute_dtype(x) and commit.shape == ()
+    xd = x.double()
+    nan = torch.isnan(xd)
+    s = torch.tensor(scale, dtype=compute_dtype(x))
+    want = torch.where(xd > 0, s, -s).to(x.dtype).masked_fill(nan, float("nan"))
+    fail_rows((bits(codes) != bits(want)).any(1), "codes", codes=codes, want=want)
+    weights = [2 ** (d - 1 - j) for j in range(d)]
+    want_idx = torch.tensor([sum(w for w, v in zip(weights, row) if v > 0) for row in xd.tolist()], dtype=torch.int64)
+    want_idx = want_idx.masked_fill(nan.any(1), -1)
+    fail_rows(indices != want_idx, "indices", index=indices, want=want_idx)
+    if n == 0:
+        assert commit == 0
+        return
+    truth = (xd - want.double()).square().mean()
+    if bool(nan.any()):
+        assert torch.isnan(commit)
+    else:
+        rtol = 2 * (n * d + 3) * unit_roundoff(compute_dtype(x))
+        torch.testing.assert_close(commit.double(), truth, rtol=rtol, atol=1e-300)
+
+
+@st.composite
+def quantize_cases(draw):
+    return dict(n=draw(st.sampled_from([0, 1, 7, draw(st.integers(0, 300))])), d=draw(st.integers(1, 63)),
+                seed=draw(st.integers(0, 2 ** 31 - 1)), scale=draw(st.sampled_from([1e-3, 1.0, 30.0])),
+                codebook_scale=draw(st.sampled_from([1.0, 0.5, 2.0, 1 / 3, 1e-3, 1e4])),
+                dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(LAYOUTS)))
+
+
+@pytest.mark.parametrize("impl", QUANTIZE)
+@hyp_settings(60)
+@given(case=quantize_cases())
+def test_quantize_matches_truth(impl, case):
+    x = lfq_input(case["n"], case["d"], case["seed"], case["scale"], case["dtype"], case["layout"])
+    saved = bits(x).clone()
+    out = QUANTIZE[impl](x, case["codebook_scale"])
+    assert torch.equal(bits(x), saved), "x was modified"
+    check_quantize(x, case["codebook_scale"], *out)
+
+
+@pytest.mark.parametrize("impl", QUANTIZE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_special_values(impl, dtype):
+    """0 and -0.0 are not positive (-scale); +-inf are +-scale; a NaN makes its code NaN and the row -1;
+    63 positive columns give 2**63 - 1."""
+    x = torch.tensor([[0.0, -0.0, float("inf"), -float("inf")], [1.0, float("nan"), -1.0, 2.0]]).to(dtype)
+    out = QUANTIZE[impl](x, 0.5)
+    check_quantize(x, 0.5, *out)
+    assert out[0][0].tolist() == [-0.5, -0.5, 0.5, -0.5] and out[1].tolist() == [2, -1]
+    top = QUANTIZE[impl](torch.ones(2, 63, dtype=dtype), 1.0)[1]
+    assert top.tolist() == [2 ** 63 - 1] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_gradients(dtype):
+    """codes: straight-through, x's gradient is codes' unchanged; commit_loss: 2 (x - codes) / (N d)."""
+    x = lfq_input(40, 6, seed=1, dtype=dtype).requires_grad_()
+    codes, _, commit = vqkernels.lfq_quantize(x, 0.75)
+    g = torch.randn(codes.shape, generator=gen(2)).to(dtype)
+    (codes * g).sum().backward()
+    assert torch.equal(bits(x.grad), bits(g)), "straight-through: x's gradient is codes', unchanged"
+    x.grad = None
+    codes, _, commit = vqkernels.lfq_quantize(x, 0.75)
+    (0.3 * commit).backward()
+    want = 0.3 * 2 * (x.detach().double() - codes.double()) / x.numel()
+    rtol = 1e-12 if dtype == torch.float64 else 2.0 ** -(8 if dtype == torch.bfloat16 else 11 if dtype ==
+                                                         torch.float16 else 20)
+    torch.testing.assert_close(x.grad.double(), want, rtol=rtol, atol=rtol * float(want.abs().max().detach()))
+
+
+def test_quantize_gradcheck_commit_loss():
+    """float64 gradcheck of commit_loss (x away from 0: the signs do not flip under perturbation)."""
+    x = lfq_input(7, 5, seed=3)
+    x = (x + x.sign() * 0.1).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: vqkernels.lfq_quantize(t, 0.6)[2], (x,))
+
+
+@pytest.mark.parametrize("impl", QUANTIZE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_empty(impl, dtype):
+    codes, indices, commit = QUANTIZE[impl](torch.empty(0, 5, dtype=dtype), 1.0)
+    assert codes.shape == (0, 5) and codes.dtype == dtype and indices.shape == (0,) and commit == 0
+
+
+def quantize_opcheck_samples():
+    x = torch.randn(9, 5, generator=gen(4))
+    return [
+        pytest.param(x, 1.0, id="f32"),
+        pytest.param(x.clone().requires_grad_(), 0.5, id="f32-grad"),
+        pytest.param(x.double().requires_grad_(), 2.0, id="f64-grad"),
+        pytest.param(x.bfloat16().requires_grad_(), 1.0, id="bf16-grad"),
+        pytest.param(with_layout(x, "strided"), 1.0, id="strided"),
+        pytest.param(x[:0], 1.0, id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("x, scale", quantize_opcheck_samples())
+def test_quantize_opcheck(x, scale):
+    opcheck("lfq_quantize", (x, scale))
+
+
+# ---------------------------------------------------------------------------------------
+# lfq_entropy: brute-force float64 truth
+
+
+def code_signs(d):
+    """[2**d, d] float64: column j of code c is +1 iff bit d - 1 - j of c is set (first column on top)."""
+    c = torch.arange(2 ** d)
+    return ((c.unsqueeze(1) >> torch.arange(d - 1, -1, -1)) & 1).double() * 2 - 1
+
+
+def brute_force(x, inv_temperature):
+    """float64 (per_sample_exact, per_sample_clamped, codebook_entropy, avg_probs) through the N x 2**d
+    softmax of 2 * inv_temperature * <x, c> (vector-quantize-pytorch's logits for codebook_scale 1);
+    clamped: -sum p log(max(p, 1e-5)) per row, as vector-quantize-pytorch. Differentiable in x."""
+    logp = torch.log_softmax(2 * inv_temperature * x @ code_signs(x.shape[1]).T, 1)
+    p = logp.exp()
+    exact = -(p * logp).sum(1).mean()
+    clamped = -(p * p.clamp_min(PROB_EPS).log()).sum(1).mean()
+    avg = p.mean(0)
+    return exact, clamped, -(avg * avg.clamp_min(PROB_EPS).log()).sum(), avg
+
+
+def entropy_tolerances(x, inv_temperature):
+    """Bounds on the compute dtype's error (unit roundoff u), with L = max_n sum_j |4 tau x_nj|:
+
+    * per-sample entropy: each binary entropy is within ~4u relative of the exact one for its
+      rounded logit, and rounding the logit moves it by |l^2 p (1 - p)| u <= 0.5 u: 8 d u;
+    * avg_probs: every probability is a product of d sigmoids of rounded logits (relative error
+      up to (L + 3d) u) and the GEMM sums N positive terms (N u); the float64 truth's own
+      log_softmax is off by up to about L/2 * 2**-53 relative (logits up to L/2 in size):
+      (N + 2L + 3d) u relative, plus the underflow of tiny products (absolute 1e-35);
+    * codebook entropy: sum_c |d avg_c| (|log max(avg_c, 1e-5)| + 1) <= 13 (N + 2L + 3d) u;
+    * gradients (per element, against the largest): 4 (N + 2L + 3d) u max|g| (worst observed
+      about a tenth of this), plus the rounding to x's dtype.
+    """
+    n, d = x.shape
+    u = unit_roundoff(compute_dtype(x))
+    big = (n + 2 * float((4 * inv_temperature * x.double()).abs().sum(1).max()) + 3 * d) * u if n else 0.0
+    return dict(per_sample=8 * d * u, avg=big, codebook=13 * big, grad=4 * big)
+
+
+def check_entropy(x, inv_temperature, outputs):
+    per_sample, codebook, avg = outputs
+    n, d = x.shape
+    dt = compute_dtype(x)
+    for t in outputs:
+        assert t.dtype == dt
+    assert per_sample.shape == () and codebook.shape == () and avg.shape == (2 ** d,)
+    if n == 0:
+        assert per_sample == 0 and codebook == 0 and not bool(avg.any())
+        return
+    exact, _, cb, want_avg = brute_force(x.double(), inv_temperature)
+    tol = entropy_tolerances(x, inv_temperature)
+    u = unit_roundoff(dt)
+    assert abs(float(per_sample) - float(exact)) <= tol["per_sample"] + 2 * u * float(exact), (per_sample, exact)
+    assert abs(float(codebook) - float(cb)) <= tol["codebook"] + 2 * u * float(cb), (codebook, cb)
+    err = (avg.double() - want_avg).abs()
+    ok = err <= tol["avg"] * want_avg + 1e-35
+    assert bool(ok.all()), f"avg_probs off at {ok.logical_not().nonzero().flatten()[:5].tolist()}"
+
+
+@st.composite
+def entropy_cases(draw):
+    return dict(n=draw(st.sampled_from([0, 1, 7, draw(st.integers(0, 200))])), d=draw(st.integers(1, 10)),
+                seed=draw(st.integers(0, 2 ** 31 - 1)), scale=draw(st.sampled_from([1e-2, 1.0, 3.0])),
+                tau=draw(st.sampled_from([0.05, 1.0, 100.0])), dtype=draw(st.sampled_from(DTYPES)),
+                layout=draw(st.sampled_from(LAYOUTS)))
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@hyp_settings(50)
+@given(case=entropy_cases())
+def test_entropy_matches_brute_force(impl, case):
+    x = lfq_input(case["n"], case["d"], case["seed"], case["scale"], case["dtype"], case["layout"])
+    check_entropy(x, case["tau"], ENTROPY[impl](x, case["tau"]))
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@pytest.mark.parametrize("d, n, tau", [(1, 300, 0.7), (2, 300, 0.7), (7, 300, 0.7), (10, 40, 3.0)])
+def test_entropy_float64_exact(impl, d, n, tau):
+    """float64, where the tolerances are ~1e-13: the per-sample entropy is the exact one and the codebook
+    entropy carries the 1e-5 clamp. At d = 10 (1024 codes, 40 rows, tau = 3) many codes have an average
+    probability below 1e-5, so dropping the clamp would change the codebook entropy far beyond the tolerance."""
+    x = lfq_input(n, d, seed=d, scale=1.0, dtype=torch.float64)
+    check_entropy(x, tau, ENTROPY[impl](x, tau))
+    if d == 10:
+        _, _, cb, avg = brute_force(x, tau)
+        unclamped = -(avg * avg.log()).sum()
+        assert abs(float(unclamped - cb)) > 1e6 * entropy_tolerances(x, tau)["codebook"], "the clamp must matter here"
+
+
+def test_per_sample_entropy_differs_from_clamped_within_bound():
+    """vector-quantize-pytorch's per-sample entropy clamps every code probability at eps = 1e-5 inside the
+    log; the factorised one is exact. Per row the difference sum_{p(c) < eps} p(c) log(eps / p(c)) is at
+    most m log(K eps / m) for the mass m below eps, hence at most K eps / e (K = 2**d, K eps <= e). Here
+    (d = 12, tau = 0.25) the difference is real (far above float64 noise) and within the bound."""
+    d = 12
+    x = lfq_input(64, d, seed=5, dtype=torch.float64)
+    tau = 0.25
+    per_sample = vqkernels.lfq_entropy(x, tau)[0]
+    exact, clamped, _, _ = brute_force(x, tau)
+    bound = 2 ** d * PROB_EPS / math.e
+    assert abs(float(per_sample - exact)) <= 1e-12
+    diff = float(exact - clamped)
+    assert 1e-6 < diff <= bound, (diff, bound)
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_nan_and_inf(impl, dtype):
+    """A NaN anywhere makes all three outputs NaN (one row poisons the batch average, as in the N x 2**d
+    computation); an infinite entry is a certain bit: the same as a huge finite one."""
+    x = lfq_input(20, 6, seed=6, dtype=dtype)
+    x[3, 2] = float("nan")
+    for t in ENTROPY[impl](x, 1.0):
+        assert bool(torch.isnan(t).all())
+    x[3, 2] = float("inf")
+    x[7, 0] = -float("inf")
+    got = ENTROPY[impl](x, 1.0)
+    finite = x.clone()
+    finite[3, 2], finite[7, 0] = 1e4, -1e4
+    check_entropy(finite, 1.0, got)
+
+
+# ---------------------------------------------------------------------------------------
+# lfq_entropy: gradients
+
+LOSS_WEIGHTS = {"per_sample": (1.0, 0.0, False), "codebook": (0.0, 1.0, False), "avg_probs": (0.0, 0.0, True),
+                "all": (0.7, -1.3, True)}
+
+
+def truth_grad(x, tau, a, b, w):
+    """d/dx of a * exact per-sample + b * codebook entropy + <w, avg_probs> (w None: 0), float64."""
+    x = x.double().detach().requires_grad_()
+    exact, _, cb, avg = brute_force(x, tau)
+    loss = a * exact + b * cb + ((avg * w).sum() if w is not None else 0.0)
+    return torch.autograd.grad(loss, x)[0]
+
+
+def assert_grad_close(got, want, x, tau):
+    tol = entropy_tolerances(x, tau)["grad"] * float(want.abs().max())
+    if x.dtype == torch.float16:  # rounding to float16, whose subnormals are 2**-24 apart
+        tol = tol + want.abs() * 2.0 ** -11 + 2.0 ** -24
+    if x.dtype == torch.bfloat16:
+        tol = tol + want.abs() * 2.0 ** -8
+    fail_rows(~((got.double() - want).abs() <= tol).all(1), "gradient", got=got, want=want)
+
+
+@pytest.mark.parametrize("which", LOSS_WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d, tau", [(1, 1.0), (6, 0.5), (9, 100.0)])
+def test_entropy_autograd_matches_brute_force(d, tau, dtype, which):
+    a, b, use_w = LOSS_WEIGHTS[which]
+    x = lfq_input(150, d, seed=7, scale=0.3 if tau > 1 else 1.0, dtype=dtype).requires_grad_()
+    w = torch.randn(2 ** d, generator=gen(8), dtype=torch.float64) if use_w else None
+    per_sample, codebook, avg = vqkernels.lfq_entropy(x, tau)
+    loss = a * per_sample + b * codebook + ((avg * w.to(avg.dtype)).sum() if use_w else 0.0)
+    loss.backward()
+    assert x.grad.dtype == dtype
+    assert_grad_close(x.grad, truth_grad(x, tau, a, b, w), x.detach(), tau)
+
+
+@pytest.mark.parametrize("impl", ENTROPY_BACKWARD)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_op_matches_brute_force(impl, dtype, layout):
+    """vqkernels::lfq_entropy_backward called directly with arbitrary incoming gradients (the
+    avg_probs input is the forward's, from the same implementation)."""
+    d, tau = 8, 2.0
+    x = lfq_input(120, d, seed=9, scale=0.5, dtype=dtype, layout=layout)
+    avg = ENTROPY[impl](x, tau)[2]
+    w = torch.randn(2 ** d, generator=gen(10), dtype=torch.float64)
+    ct = compute_dtype(x)
+    got = ENTROPY_BACKWARD[impl](torch.tensor(0.4, dtype=ct), torch.tensor(-2.0, dtype=ct), w.to(ct), x, avg, tau)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_grad_close(got, truth_grad(x, tau, 0.4, -2.0, w), x, tau)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_entropy_gradcheck(d):
+    x = lfq_input(6, d, seed=11, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: vqkernels.lfq_entropy(t, 0.3), (x,))
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_empty(impl, dtype):
+    x = torch.empty(0, 5, dtype=dtype)
+    check_entropy(x, 1.0, ENTROPY[impl](x, 1.0))
+    ct = compute_dtype(x)
+    grad = ENTROPY_BACKWARD[impl](torch.tensor(1.0, dtype=ct), torch.tensor(1.0, dtype=ct), torch.zeros(32, dtype=ct),
+                                  x, torch.zeros(32, dtype=ct), 1.0)
+    assert grad.shape == (0, 5) and grad.dtype == dtype
+
+
+def test_op_matches_reference():
+    x = lfq_input(500, 11, seed=12, scale=0.2)
+    for got, want in zip(vqkernels.lfq_entropy(x, 3.0), reference.lfq_entropy(x, 3.0)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_deterministic():
+    """Forward and backward are bitwise the same when repeated and with 1 or 2 threads (fixed row
+    blocks and sum blocks; the GEMMs reduce in a fixed order)."""
+    x64 = lfq_input(3000, 12, seed=13, scale=0.05)
+
+    def run():
+        x = x64.clone().requires_grad_()
+        per_sample, codebook, avg = vqkernels.lfq_entropy(x, 100.0)
+        codes, indices, commit = vqkernels.lfq_quantize(x, 1.0)
+        (per_sample - codebook + avg[::7].sum() + commit + codes.sum()).backward()
+        return per_sample, codebook, avg, codes, indices, commit, x.grad
+
+    assert_deterministic(run)
+
+
+def entropy_opcheck_samples():
+    x = torch.randn(9, 5, generator=gen(14))
+    return [
+        pytest.param(x, 1.0, id="f32"),
+        pytest.param(x.clone().requires_grad_(), 100.0, id="f32-grad"),
+        pytest.param(x.double().requires_grad_(), 0.5, id="f64-grad"),
+        pytest.param(x.bfloat16().requires_grad_(), 1.0, id="bf16-grad"),
+        pytest.param(x[:, :1].clone().requires_grad_(), 1.0, id="d1-grad"),
+        pytest.param(with_layout(x, "transposed").requires_grad_(), 1.0, id="strided-grad"),
+        pytest.param(x[:0], 1.0, id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("x, tau", entropy_opcheck_samples())
+def test_entropy_opcheck(x, tau):
+    opcheck("lfq_entropy", (x, tau))
+
+
+def entropy_backward_samples():
+    x = torch.randn(9, 5, generator=gen(15))
+    avg = vqkernels.lfq_entropy(x, 1.0)[2]
+    w = torch.randn(32, generator=gen(16))
+    one = torch.tensor(1.0)
+    return [
+        pytest.param((one, -one, w, x, avg, 1.0), id="f32"),
+        pytest.param((one.double(), one.double(), w.double(), x.double(), avg.double(), 1.0), id="f64"),
+        pytest.param((one, one, w, x.half(), avg, 2.0), id="f16"),
+        pytest.param((one, one, w, x[:0], avg, 1.0), id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("args", entropy_backward_samples())
+def test_entropy_backward_opcheck(args):
+    opcheck("lfq_entropy_backward", args)
+
+
+# ---------------------------------------------------------------------------------------
+# bad inputs
+
+X = torch.randn(4, 3)
+BAD_X = {
+    "x-1d": (torch.randn(3), r"\bx must be 2-D"),
+    "x-3d": (torch.randn(2, 4, 3), r"\bx must be 2-D"),
+    "x-int": (X.long(), r"\bx must be float32, float16, bfloat16 or float64"),
+    "x-complex": (X.to(torch.complex64), r"\bx must be float"),
+    "d-0": (X[:, :0], r"\bx must have d in \[1, \d+\] columns \(bits\), got shape \(4, 0\)"),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("op", ["lfq_quantize", "lfq_entropy"])
+@pytest.mark.parametrize("case", BAD_X)
+def test_rejects_x(case, op, device):
+    x, pattern = BAD_X[case]
+    with pytest.raises(ERRORS, match=pattern):
+        getattr(vqkernels, op)(x.to(device), 1.0)
+    with pytest.raises(ERRORS, match=pattern):
+        getattr(reference, op)(x, 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("impls, value, name", [(QUANTIZE, float("inf"), "codebook_scale"),
+                                                (QUANTIZE, float("nan"), "codebook_scale"),
+                                                (ENTROPY, float("-inf"), "inv_temperature"),
+                                                (ENTROPY, float("nan"), "inv_temperature")])
+def test_rejects_non_finite_scalars(impls, value, name, device):
+    for impl in impls.values():
+        with pytest.raises(ERRORS, match=rf"{name} must be finite, got {value}"):
+            impl(X.to(device), value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_rejects_too_many_bits(device):
+    with pytest.raises(ERRORS, match=r"\bx must have d in \[1, 63\] columns"):
+        vqkernels.lfq_quantize(torch.randn(2, 64, device=device))
+    with pytest.raises(ERRORS, match=r"\bx must have d in \[1, 30\] columns"):
+        vqkernels.lfq_entropy(torch.randn(2, 31, device=device))
+
+
+def backward_args(**changes):
+    ct = torch.float32
+    args = dict(grad_per_sample_entropy=torch.tensor(1.0), grad_codebook_entropy=torch.tensor(1.0),
+                grad_avg_probs=torch.zeros(8, dtype=ct), x=X, avg_probs=torch.zeros(8, dtype=ct), inv_temperature=1.0)
+    args.update(changes)
+    return args
+
+
+BAD_BACKWARD = {
+    "grad-per-sample-shape": (dict(grad_per_sample_entropy=torch.ones(2)),
+                              r"grad_per_sample_entropy must be a scalar, got shape \(2,\)"),
+    "grad-codebook-int": (dict(grad_codebook_entropy=torch.tensor(1)), r"grad_codebook_entropy must be float"),
+    "grad-avg-shape": (dict(grad_avg_probs=torch.zeros(16)),
+                       r"grad_avg_probs must have shape \[2\*\*d=8\], got \(16,\)"),
+    "avg-shape": (dict(avg_probs=torch.zeros(8, 1)), r"avg_probs must have shape \[2\*\*d=8\], got \(8, 1\)"),
+    "avg-device": (dict(avg_probs=torch.zeros(8, device="meta")), r"avg_probs is on meta but x is on cpu"),
+    "tau-nan": (dict(inv_temperature=float("nan")), r"inv_temperature must be finite"),
+    "x-1d": (dict(x=torch.randn(3)), r"\bx must be 2-D"),
+}
+
+
+@pytest.mark.parametrize("impl", ENTROPY_BACKWARD)
+@pytest.mark.parametrize("case", BAD_BACKWARD)
+def test_backward_rejects(case, impl):
+    changes, pattern = BAD_BACKWARD[case]
+    with pytest.raises(ERRORS, match=pattern):
+        ENTROPY_BACKWARD[impl](**backward_args(**changes))
+
+
+def test_backward_accepts_the_base_arguments():
+    assert ENTROPY_BACKWARD["op"](**backward_args()).shape == X.shape
+
+
+# ---------------------------------------------------------------------------------------
+# memory: d = 16, N = 4096; the N x 2**d float32 matrix would be 1 GiB
+
+MEMORY_SCRIPT = r"""
+import warnings
+import torch
+warnings.simplefilter("ignore")
+import vqkernels
+from vqkernels import reference
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+def measure(step, x):
+    step(x[:64])  # loads libraries and starts threads: not the step's memory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size restarts from the current one
+    before = peak_kib()
+    step(x)
+    return peak_kib() - before
+
+def op_step(x):
+    x = x.clone().requires_grad_()
+    per_sample, codebook, avg = vqkernels.lfq_entropy(x, 100.0)
+    (per_sample - codebook).backward()
+    assert x.grad.shape == x.shape
+
+def reference_step(x):
+    per_sample, codebook, avg = reference.lfq_entropy(x, 100.0)
+    one = torch.tensor(1.0)
+    assert reference.lfq_entropy_backward(one, -one, torch.zeros_like(avg), x, avg, 100.0).shape == x.shape
+
+def brute_force_step(x):  # the N x 2**d probabilities, to show the measurement sees them
+    c = torch.arange(2 ** x.shape[1])
+    signs = ((c.unsqueeze(1) >> torch.arange(x.shape[1] - 1, -1, -1)) & 1).float() * 2 - 1
+    p = torch.softmax(200.0 * x @ signs.T, 1)
+    assert p.shape == (x.shape[0], 2 ** x.shape[1])
+
+g = torch.Generator().manual_seed(0)
+x16 = torch.randn(4096, 16, generator=g)
+print(measure(op_step, x16), measure(reference_step, x16), measure(brute_force_step, x16[:, :10]))
+"""
+
+
+def test_peak_memory_d16():
+    """lfq_entropy forward + backward at d = 16, N = 4096 (float32): the N x 2**d probabilities would be
+    1 GiB; the C++ op and the reference must each stay within 64 MiB beyond the inputs (they hold
+    O(N 2**(d/2) + 2**d): a few N x 256 factors). Measured as in test_nearest_code: the peak resident
+    size (VmHWM, reset through /proc/self/clear_refs) in a fresh process, with glibc giving every
+    block of 128 KiB or more its own mapping, unmapped on free. The same measurement of the brute-force
+    N x 2**10 softmax must see at least its 16 MiB, so the method is not blind."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    op_kib, reference_kib, brute_kib = (int(v) for v in run.stdout.split()[-3:])
+    assert brute_kib >= 4096 * 2 ** 10 * 4 // 1024, f"the measurement missed the 16 MiB matrix ({brute_kib} KiB)"
+    assert op_kib <= 64 * 1024, f"lfq_entropy (op) used {op_kib / 1024:.1f} MiB"
+    assert reference_kib <= 64 * 1024, f"lfq_entropy (reference) used {reference_kib / 1024:.1f} MiB"

@@ -1,0 +1,142 @@
+"""Benchmarks of the vqkernels.nn quantizer layers: one training step (forward, backward,
+codebook update) of ours against vector-quantize-pytorch's layer of the same configuration,
+started from the same state on the same input, in one process. Part of ``python -m vqkernels.bench``.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import bench
+
+LFQ_MEMORY_LIMIT = 6 << 30  # bytes: vector-quantize-pytorch's LFQ is not run when it would need more
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    detail: str
+    make: Callable  # quick -> (ours module, theirs module or None, input tensor)
+    target: float = 0.0  # speedup needed (0: none)
+
+
+def _tokens(b, n, d, seed=0):
+    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(ours_cls, theirs_name, **kw):
+    vqp = bench._import("vector_quantize_pytorch")
+    theirs = getattr(vqp, theirs_name)(**kw)
+    ours = ours_cls(**kw)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _vq(quick):
+    from .nn import VectorQuantize
+    ours, theirs = _pair(VectorQuantize, "VectorQuantize", dim=64, codebook_size=1024, decay=0.99,
+                         commitment_weight=0.25)
+    return ours, theirs, _tokens(4 if quick else 16, 256, 64)
+
+
+def _rvq(shared):
+    def make(quick):
+        from .nn import ResidualVQ
+        ours, theirs = _pair(ResidualVQ, "ResidualVQ", dim=128, num_quantizers=8, codebook_size=1024,
+                             shared_codebook=shared, decay=0.99, commitment_weight=0.25)
+        return ours, theirs, _tokens(2 if quick else 8, 512, 128)
+    return make
+
+
+def _fsq(quick):
+    from .nn import FSQ
+    ours, theirs = _pair(FSQ, "FSQ", levels=[8, 5, 5, 5], dim=256)
+    return ours, theirs, _tokens(4 if quick else 16, 256, 256)
+
+
+def _lfq(bits):
+    def make(quick):
+        from .nn import LFQ
+        n = 256 if quick else 1024
+        kw = dict(dim=bits, codebook_size=2 ** bits, entropy_loss_weight=0.1, diversity_gamma=1.0)
+        if n * 2 ** bits * 4 * 6 > LFQ_MEMORY_LIMIT:
+            ours, theirs = LFQ(**kw), None
+        else:
+            ours, theirs = _pair(LFQ, "LFQ", **kw)
+        return ours, theirs, _tokens(n // 256, 256, bits)
+    return make
+
+
+CASES = (
+    Case("VectorQuantize", "dim 64, 1024 codes, 16 x 256 tokens", _vq, 5.0),
+    Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128, 8 x 512 tokens", _rvq(False), 5.0),
+    Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128, 8 x 512 tokens", _rvq(True), 5.0),
+    Case("FSQ", "levels 8,5,5,5, dim 256, 16 x 256 tokens", _fsq),
+    Case("LFQ 2^14", "14 bits, 4 x 256 tokens", _lfq(14)),
+    Case("LFQ 2^16", "16 bits, 4 x 256 tokens", _lfq(16)),
+)
+
+
+def _objective(out):
+    """quantized.mean() plus the layer's losses: the first output and every floating one after."""
+    if isinstance(out, torch.Tensor):
+        return out.mean()
+    total = out[0].mean()
+    for t in out[1:]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
+            total = total + t.sum()
+    return total
+
+
+def _step(module, x0):
+    module.train()
+    x = x0.clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        out = module(x)
+        _objective(out).backward()
+        return out
+    return step
+
+
+def run(repeats, budget, quick=False, log=print):
+    """Rows [layer, shape, ours ms, theirs ms, speedup, ours MiB, theirs MiB] and the target rows."""
+    rows, targets = [], []
+    for case in CASES:
+        ours, theirs, x = case.make(quick)
+        fns = {"ours": _step(ours, x)}
+        if theirs is not None:
+            fns["theirs"] = _step(theirs, x)
+        timed = bench.time_calls(fns, repeats, budget)
+        mib = {name: bench.peak_extra_mib(fn)[0] for name, fn in fns.items()}
+        t_ours = timed["ours"][0] if not isinstance(timed["ours"], Exception) else None
+        if isinstance(timed["ours"], Exception):
+            raise timed["ours"]
+        theirs_t = timed.get("theirs")
+        if theirs_t is None:
+            their_ms, speedup, their_mib = "not run (needs > 6 GiB)", None, None
+        elif isinstance(theirs_t, Exception):
+            their_ms, speedup, their_mib = f"failed: {type(theirs_t).__name__}", None, None
+        else:
+            their_ms, speedup, their_mib = f"{theirs_t[0] * 1e3:.1f}", theirs_t[0] / t_ours, mib.get("theirs")
+        rows.append([case.name, case.detail, f"{t_ours * 1e3:.1f}", their_ms, bench._ratio(speedup),
+                     _fmt_mib(mib["ours"]), _fmt_mib(their_mib)])
+        log(f"  {case.name}: ours {t_ours * 1e3:.1f} ms, vector-quantize-pytorch {their_ms} ms")
+        if case.target:
+            targets.append([f"{case.name} training step vs vector-quantize-pytorch", case.detail,
+                            f">= {case.target:g}x", bench._ratio(speedup),
+                            "n/a" if speedup is None else ("PASS" if speedup >= case.target else "FAIL")])
+        if case.name == "LFQ 2^16":
+            frac = mib["ours"] / their_mib if their_mib else None
+            targets.append(["LFQ 2^16 peak memory vs vector-quantize-pytorch", case.detail, "< 10%",
+                            "n/a" if frac is None else f"{100 * frac:.1f}%",
+                            "n/a" if frac is None else ("PASS" if frac < 0.10 else "FAIL")])
+    return rows, targets
+
+
+def _fmt_mib(v):
+    return "-" if v is None else f"{v:.1f}"

@@ -1,0 +1,192 @@
+"""``LFQ``: a drop-in for vector-quantize-pytorch's ``LFQ`` (1.32.0) on :func:`vqkernels.lfq_quantize`
+and :func:`vqkernels.lfq_entropy`."""
+
+from collections import namedtuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks, ops
+
+Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
+LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+
+
+def _reject(option, value, why):
+    raise ValueError(f"vqkernels.nn.LFQ: {option}={value!r} is not supported ({why})")
+
+
+class LFQ(nn.Module):
+    """Lookup-free quantization (Yu et al. 2023) with vector-quantize-pytorch's interface.
+
+    Same keyword-only constructor, attributes, ``forward(x, inv_temperature=100.,
+    return_loss_breakdown=False)`` returning ``Return(quantized, indices, entropy_aux_loss)``
+    (plus ``LossBreakdown(per_sample_entropy, batch_entropy, commitment)`` on request),
+    ``indices_to_codes`` and ``state_dict`` keys (the persistent ``mask`` buffer, and
+    ``project_in.*`` / ``project_out.*`` with projections), so a vector-quantize-pytorch ``LFQ``
+    state_dict loads into it.
+
+    In training the entropy terms come from :func:`vqkernels.lfq_entropy`, which never forms the
+    tokens x 2**d probability matrix (vector-quantize-pytorch does, and the 2**d x d codebook):
+    d = 16 with thousands of tokens fits in a few MB. The per-sample entropy is the exact one,
+    where vector-quantize-pytorch clamps every code probability at 1e-5 inside the log: it is
+    higher by at most 2**d * 1e-5 / e per token (see lfq_entropy); the batch entropy and its
+    clamp are the same. The codes are exactly +-codebook_scale also in training (there
+    x + (q - x).detach(), which can differ from q in the last bit).
+
+    Not supported (ValueError when set): ``straight_through_activation`` other than identity,
+    ``frac_per_sample_entropy`` < 1 (a memory saving this module does not need),
+    ``cosine_sim_project_in``, ``spherical``, ``orthogonal_rotation``,
+    ``force_quantization_f32=False``, and ``forward``'s ``mask`` (vector-quantize-pytorch 1.32.0
+    flattens the codebook axis into the tokens there, so its masked batch entropy equals the
+    per-sample one: there is no sound behaviour to match). The inputs may have any rank. A token
+    holding a NaN gets index -1 and NaN codes (there: index bit 0 and -codebook_scale in eval).
+    """
+
+    def __init__(self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1, commitment_loss_weight=0.0,
+                 diversity_gamma=1.0, straight_through_activation=None, num_codebooks=1,
+                 keep_num_codebooks_dim=None, codebook_scale=1.0, frac_per_sample_entropy=1.0, has_projections=None,
+                 projection_has_bias=True, soft_clamp_input_value=None, cosine_sim_project_in=False,
+                 cosine_sim_project_in_scale=None, channel_first=None, experimental_softplus_entropy_loss=False,
+                 entropy_loss_offset=5.0, spherical=False, force_quantization_f32=True, orthogonal_rotation=False):
+        super().__init__()
+        if straight_through_activation is not None and not isinstance(straight_through_activation, nn.Identity):
+            _reject("straight_through_activation", straight_through_activation, "the straight-through is the identity")
+        if not 0 < frac_per_sample_entropy <= 1:
+            raise ValueError(f"vqkernels.nn.LFQ: frac_per_sample_entropy must be in (0, 1], got "
+                             f"{frac_per_sample_entropy}")
+        if frac_per_sample_entropy < 1:
+            _reject("frac_per_sample_entropy", frac_per_sample_entropy,
+                    "the entropy never holds the tokens x codes matrix that sampling would shrink")
+        if cosine_sim_project_in:
+            _reject("cosine_sim_project_in", cosine_sim_project_in, "only a linear project_in is implemented")
+        if cosine_sim_project_in_scale is not None:
+            _reject("cosine_sim_project_in_scale", cosine_sim_project_in_scale, "it needs cosine_sim_project_in")
+        if spherical:
+            _reject("spherical", spherical, "only the plain sign codes are implemented")
+        if orthogonal_rotation:
+            _reject("orthogonal_rotation", orthogonal_rotation, "no rotation is implemented")
+        if not force_quantization_f32:
+            _reject("force_quantization_f32", force_quantization_f32,
+                    "the quantization always runs in float32 (float64 inputs too)")
+        if dim is None and codebook_size is None:
+            raise ValueError("vqkernels.nn.LFQ: either dim or codebook_size must be given")
+        codebook_size = 2 ** dim if codebook_size is None else codebook_size
+        if codebook_size < 2 or codebook_size & (codebook_size - 1):
+            raise ValueError(f"vqkernels.nn.LFQ: codebook_size must be a power of 2 of at least 2, got {codebook_size}")
+        codebook_dim = codebook_size.bit_length() - 1
+        if codebook_dim > _checks.LFQ_ENTROPY_MAX_BITS:
+            raise ValueError(f"vqkernels.nn.LFQ: codebook_size must be at most 2**{_checks.LFQ_ENTROPY_MAX_BITS}, "
+                             f"got 2**{codebook_dim}")
+        if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
+            raise ValueError(f"vqkernels.nn.LFQ: soft_clamp_input_value ({soft_clamp_input_value}) must be at least "
+                             f"codebook_scale ({codebook_scale})")
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("vqkernels.nn.LFQ: keep_num_codebooks_dim must be True when num_codebooks > 1")
+
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.num_codebooks = num_codebooks
+        codebook_dims = codebook_dim * num_codebooks
+        self.dim = codebook_dims if dim is None else dim
+        self.has_projections = self.dim != codebook_dims if has_projections is None else has_projections
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, codebook_dims, bias=projection_has_bias)
+            self.project_out = nn.Linear(codebook_dims, self.dim, bias=projection_has_bias)
+        else:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.channel_first = channel_first
+        self.diversity_gamma = diversity_gamma
+        self.entropy_loss_weight = entropy_loss_weight
+        self.codebook_scale = codebook_scale
+        self.commitment_loss_weight = commitment_loss_weight
+        self.soft_clamp_input_value = soft_clamp_input_value
+        self.entropy_loss_offset = entropy_loss_offset
+        self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
+        self.frac_per_sample_entropy = frac_per_sample_entropy
+        self.force_quantization_f32 = force_quantization_f32
+        # bit weights of the index, the first code dimension the top bit (persistent, as there)
+        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+
+    @property
+    def dtype(self):
+        """The dtype of codes made from indices (float32 unless the module was converted)."""
+        return self.zero.dtype
+
+    def _codes_of(self, indices):
+        """[..., codebook_dim] codes +-codebook_scale of integer indices [...]."""
+        bits = (indices.unsqueeze(-1).long() & self.mask) != 0
+        return (bits.to(self.dtype) * 2 - 1) * self.codebook_scale
+
+    @property
+    def codebook(self):
+        """All codebook_size codes [codebook_size, codebook_dim], built on request (not stored)."""
+        return self._codes_of(torch.arange(self.codebook_size, device=self.mask.device))
+
+    def indices_to_codes(self, indices, project_out=True):
+        """Codes of indices (optionally projected out), channel-first when the input was."""
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        should_transpose = is_img_or_video if self.channel_first is None else self.channel_first
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = self._codes_of(indices).flatten(-2)
+        if project_out:
+            codes = self.project_out(codes)
+        if should_transpose:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
+        """x [b, n, dim] (or [b, dim, ...] channel-first) -> Return(quantized, indices, aux_loss)."""
+        if mask is not None:
+            raise ValueError("vqkernels.nn.LFQ: mask is not supported (vector-quantize-pytorch 1.32.0 folds the "
+                             "codebook axis into the tokens when masking, so its masked batch entropy is the "
+                             "per-sample entropy)")
+        should_transpose = x.ndim >= 4 if self.channel_first is None else self.channel_first
+        if should_transpose:
+            x = x.movedim(1, -1)
+            spatial = x.shape[:-1]
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"vqkernels.nn.LFQ: expected the feature dimension {self.dim}, got shape "
+                             f"{tuple(x.shape)}")
+        x = self.project_in(x)
+        if self.soft_clamp_input_value is not None:
+            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+        lead = x.shape[:-1]
+        orig_dtype = x.dtype
+        tokens = x.float().reshape(-1, self.num_codebooks, self.codebook_dim)
+        codes, indices, commit_loss = ops.lfq_quantize(tokens.reshape(-1, self.codebook_dim), self.codebook_scale)
+        if not self.training:
+            codes = codes.detach()  # as there: in eval the output carries no gradient to x
+
+        if self.training:
+            terms = [ops.lfq_entropy(tokens[:, c], inv_temperature * self.codebook_scale)
+                     for c in range(self.num_codebooks)]
+            per_sample_entropy = torch.stack([t[0] for t in terms]).mean()
+            codebook_entropy = torch.stack([t[1] for t in terms]).mean()
+            entropy_aux_loss = per_sample_entropy - self.diversity_gamma * codebook_entropy
+            if self.experimental_softplus_entropy_loss:
+                entropy_aux_loss = F.softplus(entropy_aux_loss + self.entropy_loss_offset)
+        else:
+            entropy_aux_loss = per_sample_entropy = codebook_entropy = self.zero
+        if not (self.training and self.commitment_loss_weight > 0):
+            commit_loss = self.zero
+
+        quantized = self.project_out(codes.reshape(*lead, -1).to(orig_dtype))
+        indices = indices.reshape(*lead, self.num_codebooks)
+        if should_transpose:
+            quantized = quantized.reshape(*spatial, quantized.shape[-1]).movedim(-1, 1)
+            indices = indices.reshape(*spatial, self.num_codebooks)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        aux_loss = entropy_aux_loss * self.entropy_loss_weight + commit_loss * self.commitment_loss_weight
+        ret = Return(quantized, indices, aux_loss)
+        if return_loss_breakdown:
+            return ret, LossBreakdown(per_sample_entropy, codebook_entropy, commit_loss)
+        return ret
