@@ -4,10 +4,14 @@ from . import schemas  # noqa: F401  (defines the ops first)
 from . import _backend, autograd, fake  # noqa: F401  (kernels, autograd, fake tensors)
 from ._backend import backend, compiled, cpu_isa, cuda_compiled, set_cpu_isa
 from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
+# Gumbel-softmax quantization and the rotation trick
+from .ops import gumbel_quantize, rotation_trick
 
 __version__ = "0.1.0"
 
 __all__ = [
     "nearest_code", "nearest_code_topk", "vq_quantize", "ema_update_",
     "backend", "compiled", "cpu_isa", "cuda_compiled", "set_cpu_isa", "__version__",
+    # Gumbel-softmax quantization and the rotation trick
+    "gumbel_quantize", "rotation_trick",
 ]

@@ -42,3 +42,35 @@ def _vq_quantize_backward_fake(grad_quantized, grad_commit_loss, grad_codebook_l
 @torch.library.register_fake(_lib_op("ema_update_"))
 def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
     _checks.check_ema("ema_update_", codebook, cluster_size, embed_sum, x, indices, decay, eps)
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+@torch.library.register_fake(_lib_op("gumbel_quantize"))
+def _gumbel_quantize_fake(logits, codebook, gumbels, tau, hard):
+    _checks.check_gumbel("gumbel_quantize", logits, codebook, gumbels, tau)
+    out_dtype = torch.promote_types(logits.dtype, codebook.dtype)
+    return (logits.new_empty(logits.shape[0], codebook.shape[1], dtype=out_dtype),
+            logits.new_empty(logits.shape[0], dtype=torch.int64),
+            logits.new_empty((), dtype=_checks.compute_dtype(logits, codebook, gumbels)))
+
+
+@torch.library.register_fake(_lib_op("gumbel_quantize_backward"))
+def _gumbel_quantize_backward_fake(grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau, hard):
+    _checks.check_gumbel_backward("gumbel_quantize_backward", grad_quantized, grad_kl, logits, codebook, gumbels,
+                                  indices, tau)
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            torch.empty_like(codebook, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake(_lib_op("rotation_trick"))
+def _rotation_trick_fake(src, tgt):
+    _checks.check_rotation("rotation_trick", src, tgt)
+    return torch.empty_like(tgt, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib_op("rotation_trick_backward"))
+def _rotation_trick_backward_fake(grad, src, tgt):
+    _checks.check_rotation_backward("rotation_trick_backward", grad, src, tgt)
+    return torch.empty_like(src, memory_format=torch.contiguous_format)

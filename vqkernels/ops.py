@@ -68,3 +68,60 @@ def ema_update_(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Te
     in [-1, K), where -1 rows are ignored. One pass over ``x``; deterministic on the CPU.
     """
     _ops.ema_update_(codebook, cluster_size, embed_sum, x, indices, float(decay), float(eps))
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+def gumbel_quantize(logits: Tensor, codebook: Tensor, gumbels: Tensor, tau: float = 1.0,
+                    hard: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused Gumbel-softmax quantization (DALL-E dVAE, taming-transformers ``GumbelQuantize``).
+
+    With ``y = softmax((logits + gumbels) / tau)`` per row::
+
+        quantized = y @ codebook                       (hard=False)
+        quantized = codebook[indices]                  (hard=True, straight-through)
+        indices   = argmax(logits + gumbels)           (the first maximum)
+        kl        = mean_n sum_k q_k log(q_k K + 1e-10),   q = softmax(logits)
+
+    ``kl`` is taming's KL divergence to the uniform prior (before the noise and the
+    temperature). ``hard`` is ``F.gumbel_softmax``'s: the value is the one-hot row of
+    ``indices``, the gradient that of ``y`` (straight-through), so the codebook's gradient
+    goes to the chosen rows only and the logits' through the softmax's Jacobian. The
+    backward recomputes the softmaxes; nothing N x K is saved beyond the inputs.
+
+    Args:
+        logits: [N, K] rows of scores (channels last), any float dtype.
+        codebook: [K, D], K >= 1, same device.
+        gumbels: [N, K] Gumbel(0, 1) noise supplied by the caller, e.g.
+            ``-torch.empty_like(logits).exponential_().log()`` (zeros: plain softmax); it gets
+            no gradient.
+        tau: the temperature, positive and finite.
+
+    Returns:
+        ``quantized`` [N, D] (dtype ``torch.promote_types(logits.dtype, codebook.dtype)``),
+        ``indices`` int64 [N] and ``kl``, a scalar in float32 (float64 when any input is
+        float64); half inputs are computed in float32. A row whose ``logits + gumbels`` holds a
+        NaN gets index -1 and a NaN ``quantized`` row; a NaN in ``logits`` makes ``kl`` NaN.
+        ``y @ codebook`` and the hard one-hot product of ``F.gumbel_softmax`` differ from these
+        values by rounding only (``1 - y + y`` is not always exactly 1).
+    """
+    return _ops.gumbel_quantize(logits, codebook, gumbels, float(tau), bool(hard))
+
+
+def rotation_trick(src: Tensor, tgt: Tensor) -> Tensor:
+    """The rotation trick gradient estimator (Fifty et al. 2024, arXiv:2410.06424).
+
+    Returns ``tgt``'s values (a contiguous copy, in ``tgt``'s dtype) for rows ``src`` and
+    ``tgt`` [N, D]; the gradient ``g`` of the result reaches ``src`` as through
+    vector-quantize-pytorch's ``rotate_to(src, tgt)``::
+
+        grad_src = s (g - 2 (g.w) w + 2 (g.q) u),   u = src / max(|src|, 1e-6),
+        q = tgt / max(|tgt|, 1e-6),  w = (u + q) / max(|u + q|, 1e-6),  s = |tgt| / max(|src|, 1e-6)
+
+    and ``tgt`` gets none. vector-quantize-pytorch recomputes the forward value as the
+    rotation and rescaling of ``src``, which equals ``tgt`` up to a few rounding errors of
+    ``|tgt|`` per element; it differs from ``tgt`` where its clamps act (``|src| < 1e-6``,
+    ``|tgt| < 1e-6``, or ``src`` pointing opposite ``tgt``), where this op still returns ``tgt``.
+    """
+    return _ops.rotation_trick(src, tgt)
