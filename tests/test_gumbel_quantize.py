@@ -1,9 +1,10 @@
 """vqkernels.gumbel_quantize (Gumbel-softmax quantization with taming-transformers' KL term)
 and vqkernels::gumbel_quantize_backward.
 
-The kernels have no ISA-specific code, so instead of the `isa` fixture the tests run both
-implementations where it matters: the op as dispatched (the C++ kernel when the extension
-is built) and the pure-PyTorch reference called directly.
+The kernels' ISA-specific code is their row primitives (csrc/cpu/softmax_rows.h): AVX2 rows
+under the avx2 and avx512 ISAs, scalar rows under portable. So instead of the `isa`
+fixture, the `impl` fixture runs the C++ kernels with the AVX2 and the portable rows, and
+the pure-PyTorch reference called directly.
 """
 
 import math
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vq_helpers import (DTYPES, LAYOUTS, as_input, assert_deterministic, bits, compute_dtype, fail_rows, gen,
-                        hyp_settings, opcheck, reference, unit_roundoff, vqkernels)
+                        hyp_settings, opcheck, reference, run_without_extension, unit_roundoff, vqkernels)
 
 KL_EPS = 1e-10  # taming-transformers: sum_k q_k log(q_k K + 1e-10)
 TAUS = (0.3, 1.0, 2.5)
@@ -29,14 +30,33 @@ BACKWARD_IMPLS = {"op": torch.ops.vqkernels.gumbel_quantize_backward,
                   "reference": reference.gumbel_quantize_backward}
 
 
-@pytest.fixture(params=list(FORWARD_IMPLS))
-def forward_impl(request):
-    return FORWARD_IMPLS[request.param]
+IMPL_PARAMS = (["avx2", "portable"] if vqkernels.compiled() else []) + ["reference"]
 
 
-@pytest.fixture(params=list(BACKWARD_IMPLS))
-def backward_impl(request):
-    return BACKWARD_IMPLS[request.param]
+@pytest.fixture(params=IMPL_PARAMS)
+def impl(request):
+    """'reference', or the C++ kernels with the CPU ISA forced to the parameter (restored after)."""
+    if request.param == "reference":
+        yield "reference"
+        return
+    try:
+        vqkernels.set_cpu_isa(request.param)
+    except ValueError as exc:
+        pytest.skip(f"CPU ISA {request.param!r} unavailable: {exc}")
+    try:
+        yield request.param
+    finally:
+        vqkernels.set_cpu_isa("auto")
+
+
+@pytest.fixture
+def forward_impl(impl):
+    return FORWARD_IMPLS["reference" if impl == "reference" else "op"]
+
+
+@pytest.fixture
+def backward_impl(impl):
+    return BACKWARD_IMPLS["reference" if impl == "reference" else "op"]
 
 
 def gumbel_noise(n, k, seed):
@@ -190,6 +210,27 @@ def test_nan_rows(forward_impl, dtype, hard):
     quantized, indices, kl = forward_impl(bad, codebook, gumbels, 0.5, hard)
     assert indices[3] == -1 and bool(torch.isnan(quantized[3]).all()) and bool(torch.isnan(kl))
     assert bool((indices[torch.arange(12) != 3] >= 0).all())
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_infinite_logits(forward_impl, hard):
+    """-inf logits mask codes out: probability exactly 0, never chosen, no KL contribution
+    (0 log 1e-10 = 0). A +inf logit makes the row's softmaxes NaN, as torch's: kl is NaN."""
+    logits, codebook, gumbels = (t.float() for t in problem(20, 13, 4, seed=30))
+    masked = torch.tensor([0, 5, 8, 9, 12])  # the tail of K = 13 too (8 lanes + 5)
+    logits[:, masked] = float("-inf")
+    quantized, indices, kl = forward_impl(logits, codebook, gumbels, 0.5, hard)
+    assert not bool(torch.isin(indices, masked).any())
+    keep = torch.ones(13, dtype=torch.bool)
+    keep[masked] = False
+    sub = forward_impl(logits[:, keep], codebook[keep], gumbels[:, keep], 0.5, hard)
+    assert torch.equal(keep.nonzero().squeeze(1)[sub[1]], indices)
+    torch.testing.assert_close(quantized, sub[0], rtol=1e-6, atol=1e-6)
+    _, _, kl_true = truth(logits, codebook, gumbels, 0.5)
+    assert abs(float(kl) - float(kl_true)) <= 1e-5, (float(kl), float(kl_true))
+    logits[3, 2] = float("inf")
+    quantized, indices, kl = forward_impl(logits, codebook, gumbels, 0.5, hard)
+    assert bool(torch.isnan(kl)) and int(indices[3]) == 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,3 +526,22 @@ def test_backward_bad_inputs(backward_impl, case):
     grad, grad_kl, indices, pattern = BAD_BACKWARD[case]
     with pytest.raises(ValueError, match=r"vqkernels\.gumbel_quantize_backward: " + pattern):
         backward_impl(grad, grad_kl, L, C, G, indices, 1.0, True)
+
+
+def test_runs_on_the_reference_without_the_extension():
+    """Where the extension cannot load, the op, its backward and the module run on the reference."""
+    run_without_extension("""
+import torch, vqkernels
+from vqkernels.nn.gumbel import GumbelQuantize
+assert vqkernels.backend("gumbel_quantize", "cpu").startswith("reference")
+logits = torch.randn(6, 5, requires_grad=True)
+codebook = torch.randn(5, 3, requires_grad=True)
+for hard in (False, True):
+    q, i, kl = vqkernels.gumbel_quantize(logits, codebook, torch.zeros(6, 5), 0.5, hard)
+    (q.sum() + kl).backward()
+module = GumbelQuantize(4, 3, 5)
+z_q, diff, (_, _, ind) = module(torch.randn(2, 4, 3, 3))
+(z_q.sum() + diff).backward()
+assert logits.grad is not None and module.embed.weight.grad is not None and ind.shape == (2, 3, 3)
+print("ok")
+""")

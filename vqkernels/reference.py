@@ -223,4 +223,4 @@ def rotation_trick_backward(grad, src, tgt):
     scale = t.norm(dim=1, keepdim=True) / e.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
     gw = (g * w).sum(1, keepdim=True)
     gq = (g * q).sum(1, keepdim=True)
-    return (scale * (g - 2.0 * gw * w + 2.0 * gq * u)).to(src.dtype)
+    return (scale * (g - 2.0 * gw * w + 2.0 * gq * u)).to(src.dtype).contiguous()

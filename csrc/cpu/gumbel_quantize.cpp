@@ -21,85 +21,47 @@
 
 #include "cpu/scatter.h"
 #include "cpu/search.h"
+#include "cpu/softmax_rows.h"
 
 namespace vqk {
 namespace cpu {
 namespace {
 
 constexpr double kKlEps = 1e-10;  // taming-transformers: sum_k q_k log(q_k K + 1e-10)
-constexpr int64_t kRowTile = 128;  // rows per product of the soft codebook gradient
+constexpr int64_t kRowTile = 512;  // rows per product of the soft codebook gradient
 
 // Codes per task of the soft codebook gradient: small codebooks still give every thread work.
-inline int64_t code_chunk(int64_t K) { return K <= 256 ? 16 : 64; }
-
-// s = l + g for one row. Returns the first maximum's index and sets smax to the maximum,
-// or -1 and NaN when s holds a NaN.
-template <typename T>
-int64_t score_row(const T* l, const T* g, int64_t K, T* s, T& smax) {
-  int64_t best = 0;
-  bool nan = false;
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t k = 0; k < K; ++k) {
-    const T v = l[k] + g[k];
-    s[k] = v;
-    nan |= v != v;
-    if (v > m) {
-      m = v;
-      best = k;
-    }
-  }
-  smax = nan ? std::numeric_limits<T>::quiet_NaN() : m;
-  return nan ? -1 : best;
-}
-
-template <typename T>
-T row_max(const T* x, int64_t K) {
-  T m = -std::numeric_limits<T>::infinity();
-  bool nan = false;
-  for (int64_t k = 0; k < K; ++k) {
-    nan |= x[k] != x[k];
-    m = x[k] > m ? x[k] : m;
-  }
-  return nan ? std::numeric_limits<T>::quiet_NaN() : m;
-}
+inline int64_t code_chunk(int64_t K) { return K <= 256 ? 16 : 128; }
 
 // y = softmax(s * scale), given smax = max(s) (NaN: the row comes out NaN); y may be s.
 // Returns the normaliser 1 / sum_k exp((s_k - smax) * scale).
 template <typename T>
 T softmax_row(const T* s, int64_t K, T smax, T scale, T* y) {
-  double sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const T e = std::exp((s[k] - smax) * scale);
-    y[k] = e;
-    sum += e;
-  }
-  const T inv = static_cast<T>(1.0 / sum);
+  const T inv = static_cast<T>(1.0 / exp_row(s, K, smax, scale, y));
   for (int64_t k = 0; k < K; ++k) y[k] *= inv;
   return inv;
 }
 
-// sum_k q_k log(q_k K + 1e-10) with q = softmax(l), q a scratch row of K values.
+// sum_k q_k log(q_k K + 1e-10) with q = softmax(l), q a scratch row of K values. NaN where
+// torch's softmax is NaN: a NaN or +inf in l, or every entry -inf.
 template <typename T>
 double kl_row(const T* l, int64_t K, T* q) {
-  softmax_row(l, K, row_max(l, K), T(1), q);
-  const T kk = static_cast<T>(K), eps = static_cast<T>(kKlEps);
-  double acc = 0;
-  for (int64_t k = 0; k < K; ++k) acc += q[k] * std::log(q[k] * kk + eps);
-  return acc;
+  const T m = row_max(l, K);
+  if (!std::isfinite(m)) return std::numeric_limits<double>::quiet_NaN();
+  softmax_row(l, K, m, T(1), q);
+  return xlog_row(q, K, static_cast<T>(K), static_cast<T>(kKlEps));
 }
 
 // out += c * d(kl_row)/dl = c * q (f - <q, f>), f_k = log(q_k K + eps) + q_k K / (q_k K + eps).
 template <typename T>
 void add_kl_grad(const T* l, int64_t K, T c, T* q, T* f, T* out) {
-  softmax_row(l, K, row_max(l, K), T(1), q);
-  const T kk = static_cast<T>(K), eps = static_cast<T>(kKlEps);
-  double dot = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const T a = q[k] * kk;
-    f[k] = std::log(a + eps) + a / (a + eps);
-    dot += q[k] * f[k];
+  const T m = row_max(l, K);
+  if (!std::isfinite(m)) {
+    std::fill(out, out + K, std::numeric_limits<T>::quiet_NaN());
+    return;
   }
-  const T qf = static_cast<T>(dot);
+  softmax_row(l, K, m, T(1), q);
+  const T qf = static_cast<T>(kl_deriv_row(q, K, static_cast<T>(K), static_cast<T>(kKlEps), f));
   for (int64_t k = 0; k < K; ++k) out[k] += c * q[k] * (f[k] - qf);
 }
 
@@ -225,9 +187,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
           smax[r0 + i] = m;
           norm[r0 + i] = inv;
         }
-        double dot = 0;
-        for (int64_t k = 0; k < K; ++k) dot += w.y[k] * gl[k];
-        const T yd = static_cast<T>(dot);
+        const T yd = static_cast<T>(dot_row(w.y.data(), gl, K));
         for (int64_t k = 0; k < K; ++k) gl[k] = w.y[k] * (gl[k] - yd) * scale;
         if (c != 0) {  // a zero grad_kl adds nothing, not even a NaN row's NaN
           w.q.resize(K);
@@ -258,11 +218,13 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
           const int64_t rows = std::min(kRowTile, n - r0);
           load_block(logits, r0, rows, k0, kc, lt.data());
           load_block(gumbels, r0, rows, k0, kc, gt.data());
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < kc; ++j) {
-              const T s = lt[i * kc + j] + gt[i * kc + j];
-              yp[i * chunk + j] = std::exp((s - smax[r0 + i]) * scale) * norm[r0 + i];
-            }
+          for (int64_t i = 0; i < rows; ++i) {  // y's columns [k0, k0 + kc), as the first pass formed them
+            T* s = lt.data() + i * kc;
+            for (int64_t j = 0; j < kc; ++j) s[j] += gt[i * kc + j];
+            T* y = yp + i * chunk;
+            exp_row(s, kc, smax[r0 + i], scale, y);
+            for (int64_t j = 0; j < kc; ++j) y[j] *= norm[r0 + i];
+          }
           out.addmm_(yt.narrow(0, 0, rows).narrow(1, 0, kc).t(), gq.narrow(0, r0, rows));
         }
       }
