@@ -411,10 +411,31 @@ def test_zero_kl_gradient_adds_no_nan(backward_impl):
 
 
 @pytest.mark.parametrize("hard", [False, True])
-def test_deterministic(hard):
-    """Bitwise equal when repeated and with 1 or 2 threads: several row blocks, code chunks
-    and row tiles (N = 700, K = 300)."""
-    logits64, codebook64, gumbels64 = problem(700, 300, 9, seed=18)
+def test_autograd_saves_no_n_by_k_tensor_but_the_inputs(hard):
+    """The backward recomputes the softmaxes: what autograd saves is the inputs themselves
+    and the indices, nothing else of N x K size."""
+    logits, codebook, gumbels = (t.float() for t in problem(64, 50, 3, seed=31))
+    logits.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        quantized, _, kl = vqkernels.gumbel_quantize(logits, codebook, gumbels, 0.5, hard)
+    assert saved, "expected the op to save its inputs"
+    inputs = {logits.data_ptr(), gumbels.data_ptr(), codebook.data_ptr()}
+    for t in saved:
+        assert t.numel() <= 64 or t.data_ptr() in inputs, f"saved a new tensor of shape {tuple(t.shape)}"
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("n, k", [(700, 300), (1100, 10)])
+def test_deterministic(n, k, hard):
+    """Bitwise equal when repeated and with 1 or 2 threads: several row blocks and code
+    chunks (K = 300), several row tiles in a single code chunk (K = 10)."""
+    logits64, codebook64, gumbels64 = problem(n, k, 9, seed=18)
 
     def run():
         logits, codebook = logits64.float().requires_grad_(), codebook64.float().requires_grad_()

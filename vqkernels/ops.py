@@ -97,14 +97,18 @@ def gumbel_quantize(logits: Tensor, codebook: Tensor, gumbels: Tensor, tau: floa
             ``-torch.empty_like(logits).exponential_().log()`` (zeros: plain softmax); it gets
             no gradient.
         tau: the temperature, positive and finite.
+        hard: straight-through one-hot values; ``tau`` and ``hard`` default as in
+            ``F.gumbel_softmax``.
 
     Returns:
         ``quantized`` [N, D] (dtype ``torch.promote_types(logits.dtype, codebook.dtype)``),
         ``indices`` int64 [N] and ``kl``, a scalar in float32 (float64 when any input is
-        float64); half inputs are computed in float32. A row whose ``logits + gumbels`` holds a
-        NaN gets index -1 and a NaN ``quantized`` row; a NaN in ``logits`` makes ``kl`` NaN.
-        ``y @ codebook`` and the hard one-hot product of ``F.gumbel_softmax`` differ from these
-        values by rounding only (``1 - y + y`` is not always exactly 1).
+        float64, 0 for N = 0); half inputs are computed in float32. A row whose
+        ``logits + gumbels`` holds a NaN gets index -1 and a NaN ``quantized`` row; ``kl`` is
+        NaN where torch's softmax of a logits row is (a NaN or +inf in it, or every entry
+        -inf); -inf logits mask codes out. Plain PyTorch (``F.gumbel_softmax``, its argmax, the
+        product with the codebook) gives the same up to rounding: its hard value is
+        ``1 - y + y``, not always exactly 1, and its argmax of ``y`` can differ on near-ties.
     """
     return _ops.gumbel_quantize(logits, codebook, gumbels, float(tau), bool(hard))
 
@@ -119,9 +123,14 @@ def rotation_trick(src: Tensor, tgt: Tensor) -> Tensor:
         grad_src = s (g - 2 (g.w) w + 2 (g.q) u),   u = src / max(|src|, 1e-6),
         q = tgt / max(|tgt|, 1e-6),  w = (u + q) / max(|u + q|, 1e-6),  s = |tgt| / max(|src|, 1e-6)
 
-    and ``tgt`` gets none. vector-quantize-pytorch recomputes the forward value as the
-    rotation and rescaling of ``src``, which equals ``tgt`` up to a few rounding errors of
-    ``|tgt|`` per element; it differs from ``tgt`` where its clamps act (``|src| < 1e-6``,
-    ``|tgt| < 1e-6``, or ``src`` pointing opposite ``tgt``), where this op still returns ``tgt``.
+    and ``tgt`` gets none (every term of ``rotate_to`` that holds it is detached). The
+    gradient is computed in double per row and rounded to ``src``'s dtype.
+
+    vector-quantize-pytorch recomputes the forward value as the rotation and rescaling of
+    ``src``; that equals ``tgt`` up to rounding, about ``2 u |tgt|`` per element and at most
+    ``13 u |tgt|`` on random rows (``u`` the unit roundoff of the dtype; more where ``src``
+    points nearly opposite ``tgt``, where ``w`` is ill-conditioned). Where its clamps act
+    (``|src| < 1e-6``) its value is not ``tgt`` at all (``src = 0`` gives 0); this op always
+    returns ``tgt``. Rows are ``[N, D]`` (flatten leading dimensions first).
     """
     return _ops.rotation_trick(src, tgt)

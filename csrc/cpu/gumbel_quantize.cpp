@@ -2,9 +2,11 @@
 // taming-transformers' KL-to-uniform term) and its backward.
 //
 // Rows are processed in blocks (parallel_row_blocks); a row's softmaxes live in the task's
-// scratch (K values each), never in an N x K buffer. The soft lookup y @ codebook is one
-// matrix product per row block (at::mm, single-threaded inside the parallel task, so its
-// summation order depends on the block's shape alone); the hard lookup copies the chosen row.
+// scratch (K values each), never in an N x K buffer; its exponentials, logarithms and sums
+// are softmax_rows.h's row primitives. The soft lookup y @ codebook is one matrix product
+// per row block (at::mm inside the parallel task, where ATen and the BLAS run
+// single-threaded, so its summation order depends on the block's shape alone); the hard
+// lookup copies the chosen row.
 //
 // The backward recomputes both softmaxes. Its first pass, over row blocks, forms the logits'
 // gradient: y's softmax Jacobian applied to grad_quantized @ codebook^T (also for hard: the

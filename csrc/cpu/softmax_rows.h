@@ -2,7 +2,7 @@
 // term's logarithms and dot products over one row of K values.
 //
 // float rows use AVX2+FMA (8 lanes) whenever the active ISA is AVX2 or AVX-512, with
-// Cephes-style polynomial exp and log (about 1 ulp apart from the correctly rounded value);
+// Cephes-style polynomial exp and log (within a few ulp of the correctly rounded value);
 // the portable ISA and double rows use std::exp and std::log. Sums are accumulated per lane
 // and the lanes added in a fixed order, so a row's result depends on K and the ISA only,
 // never on the thread count. Sums of the scalar forms accumulate in double.
