@@ -164,3 +164,18 @@ def test_compiled_training_step(straight_through):
         got = run(module, z, 12, call=compiled)
     assert_results_close(got, run(module, z, 12))
     torch._dynamo.reset()
+
+
+def test_bfloat16_module():
+    """A bfloat16 module trains: z_q in bfloat16 (the codebook's rows, exactly, in eval),
+    diff in float32 (the kernels compute half inputs in float32), gradients in bfloat16."""
+    torch.manual_seed(13)
+    module = GumbelQuantize(C, D, K, kl_weight=0.5).to(torch.bfloat16)
+    z = features(seed=14).to(torch.bfloat16).requires_grad_()
+    z_q, diff, (_, _, ind) = seeded(module, 15, z)
+    assert z_q.dtype == torch.bfloat16 and diff.dtype == torch.float32 and ind.dtype == torch.int64
+    (z_q.float().square().sum() + diff).backward()
+    assert module.proj.weight.grad.dtype == torch.bfloat16 and bool(module.embed.weight.grad.any())
+    module.eval()
+    z_q, _, (_, _, ind) = seeded(module, 16, z)
+    assert torch.equal(z_q, module.embed.weight[ind].permute(0, 3, 1, 2))

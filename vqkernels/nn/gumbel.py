@@ -34,12 +34,14 @@ class GumbelQuantize(nn.Module):
     ``forward(z, temp=None, return_logits=False)`` returns ``z_q`` ``[B, D, H, W]``, ``diff``
     (``kl_weight`` times the KL term, a scalar; float32 for half inputs) and ``ind`` int64
     ``[B, H, W]``, plus the logits ``[B, K, H, W]`` when ``return_logits`` (only with
-    ``use_vqinterface``, as in taming). Differences from taming, all by rounding only: the
-    hard ``z_q`` is the codebook row itself (taming multiplies it by ``1 - y + y``), and the
-    soft one and ``diff`` are summed in another order. ``z_q`` is a channels-first view of a
-    channels-last result. The noise comes from torch's generator exactly as in
-    ``F.gumbel_softmax``, so a seeded run draws the same sample as taming's. A position whose
-    logits + noise hold a NaN gets index -1 and a NaN ``z_q`` (taming: the NaN's index).
+    ``use_vqinterface``, as in taming). The noise comes from torch's generator exactly as in
+    ``F.gumbel_softmax``, so a seeded run draws the same sample as taming's, and the results
+    match taming's up to rounding: the hard ``z_q`` is the codebook row itself (taming
+    multiplies it by ``1 - y + y``), the soft one and ``diff`` are summed in another order,
+    and ``ind`` is the first maximum of logits + noise (taming's argmax of the sample can
+    differ on near-ties). ``z_q`` is a channels-first view of a channels-last result. Not
+    rounding: a position whose logits + noise hold a NaN gets index -1 and a NaN ``z_q``
+    (taming: the NaN's index), and ``get_codebook_entry`` keeps the embedding's dtype.
     """
 
     def __init__(self, num_hiddens, embedding_dim, n_embed, straight_through=True, kl_weight=5e-4, temp_init=1.0,
