@@ -360,7 +360,7 @@ def backward_truth(grad_quantized, grad_kl, logits, codebook, gumbels, indices, 
     grad_logits = y * (dy - (y * dy).sum(1, keepdim=True)) / tau
     q = softmax64(logits)
     f = torch.log(q * k + KL_EPS) + q * k / (q * k + KL_EPS)
-    grad_logits = grad_logits + float(grad_kl) / n * q * (f - (q * f).sum(1, keepdim=True))
+    grad_logits = grad_logits + float(grad_kl) / max(n, 1) * q * (f - (q * f).sum(1, keepdim=True))
     if hard:
         onehot = (indices.unsqueeze(1) == torch.arange(k).unsqueeze(0)).double()
         grad_codebook = onehot.T @ g
@@ -392,6 +392,29 @@ def test_backward_op(backward_impl, dtypes, hard):
         rtol = max(GRAD_RTOL[got.dtype], GRAD_RTOL[compute_dtype(logits, codebook, gumbels)])
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@hyp_settings(25)
+@given(case=gumbel_cases())
+def test_backward_op_random_shapes(backward_impl, case):
+    """The backward op on random shapes (row tails of the 8-lane rows, code chunks, row tiles),
+    dtypes and layouts, against the float64 truth; the tolerance grows with scale / tau, as
+    the exponentials' arguments carry an error of u |s| / tau."""
+    logits64, codebook64, gumbels64 = problem(case["n"], case["k"], case["d"], case["seed"], case["scale"])
+    logits, codebook, gumbels = (as_input(t, dt, layout)
+                                 for t, dt, layout in zip((logits64, codebook64, gumbels64), case["dtypes"],
+                                                          case["layouts"]))
+    g = torch.randn(case["n"], case["d"], generator=gen(case["seed"] + 2), dtype=torch.float64)
+    g = as_input(g, torch.promote_types(logits.dtype, codebook.dtype), case["layouts"][0])
+    indices = (logits.double() + gumbels.double()).argmax(1)
+    grad_kl = torch.tensor(0.7)
+    got = backward_impl(g, grad_kl, logits, codebook, gumbels, indices, case["tau"], case["hard"])
+    want = backward_truth(g, grad_kl, logits, codebook, gumbels, indices, case["tau"], case["hard"])
+    cdt = compute_dtype(logits, codebook, gumbels)
+    for name, a, b in zip(("grad_logits", "grad_codebook"), got, want):
+        rtol = max(GRAD_RTOL[a.dtype], GRAD_RTOL[cdt]) * (1 + case["scale"] / case["tau"])
+        atol = rtol * float(b.abs().max()) if b.numel() else 0.0
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_zero_kl_gradient_adds_no_nan(backward_impl):

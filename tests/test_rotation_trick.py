@@ -7,10 +7,12 @@ when the extension is built) and the pure-PyTorch reference called directly.
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
 
-from vq_helpers import (DTYPES, LAYOUTS, as_input, bits, compute_dtype, fail_rows, gen, opcheck, reference,
-                        run_without_extension, vqkernels)
+from vq_helpers import (DTYPES, LAYOUTS, as_input, bits, compute_dtype, fail_rows, gen, hyp_settings, opcheck,
+                        reference, run_without_extension, vqkernels)
 
 EPS = 1e-6  # vector-quantize-pytorch's l2norm and safe_div
 GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -161,6 +163,20 @@ def test_backward_in_other_dtypes_and_layouts(backward_impl, dtypes, layout):
     want, _, _, _ = rotation_truth(src, tgt, grad)
     rtol = max(GRAD_RTOL[src.dtype], GRAD_RTOL[compute_dtype(grad, src, tgt)])
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+@hyp_settings(30)
+@given(n=st.integers(0, 120), d=st.integers(1, 70), dtypes=st.lists(st.sampled_from(DTYPES), min_size=3, max_size=3),
+       layouts=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3), seed=st.integers(0, 2 ** 31 - 1))
+def test_random_shapes(forward_impl, backward_impl, n, d, dtypes, layouts, seed):
+    """Random shapes, dtypes and layouts: the value is tgt, the gradient the float64 truth."""
+    grad, src, tgt = (as_input(t, dt, layout)
+                      for t, dt, layout in zip(regular_rows(n, d, seed)[::-1], dtypes, layouts))
+    assert bits(forward_impl(src, tgt)).equal(bits(tgt.contiguous()))
+    got = backward_impl(grad, src, tgt)
+    want, _, _, _ = rotation_truth(src, tgt, grad)
+    rtol = max(GRAD_RTOL[src.dtype], GRAD_RTOL[compute_dtype(grad, src, tgt)])
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()) if n else 0.0)
 
 
 def test_nan_rows(backward_impl):
