@@ -107,7 +107,8 @@ def fsq_input(n, levels, seed, scale=1.0, dtype=torch.float32, layout="contiguou
 
 @st.composite
 def fsq_cases(draw):
-    levels = draw(st.lists(st.one_of(st.integers(3, 16), st.integers(3, 1000)), min_size=1, max_size=8))
+    levels = draw(st.lists(st.one_of(st.integers(3, 16), st.integers(3, 1000)), min_size=1, max_size=8)
+                  .filter(lambda lv: math.prod(lv) < 2 ** 63))  # larger products are refused (tested apart)
     return dict(n=draw(st.sampled_from([0, 1, 7, 33, draw(st.integers(0, 300))])), levels=levels,
                 seed=draw(st.integers(0, 2 ** 31 - 1)), scale=draw(st.sampled_from([0.05, 1.0, 3.0, 30.0])),
                 dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(LAYOUTS)))

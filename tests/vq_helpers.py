@@ -516,3 +516,21 @@ def tie_problem(positions, d, k, seed=0):
 # positions of the tied codes: several 16-code panels and lanes, the lowest one first, in
 # a later panel than a lower lane, or all in the tail
 TIE_POSITIONS = ([5, 18, 47, 69], [18, 47, 69], [47, 66, 69], [0, 69], [66, 67, 68, 69])
+
+
+# ---------------------------------------------------------------------------------------
+# Gumbel-softmax quantization and the rotation trick
+
+
+def run_without_extension(code):
+    """Runs `code` in a fresh interpreter where vqkernels._C cannot load (the reference then
+    serves every op, with a RuntimeWarning silenced here); it must print exactly 'ok'."""
+    import subprocess
+    import sys
+    prelude = ("import sys, warnings\n"
+               "sys.modules['vqkernels._C'] = None\n"
+               "warnings.simplefilter('ignore', RuntimeWarning)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -8,6 +8,8 @@ from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
 from .ops import residual_quantize
 # --- scalar quantizers: FSQ and LFQ ---
 from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
+# Gumbel-softmax quantization and the rotation trick
+from .ops import gumbel_quantize, rotation_trick
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,6 @@ __all__ = [
     "residual_quantize",
     # --- scalar quantizers: FSQ and LFQ ---
     "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
+    # Gumbel-softmax quantization and the rotation trick
+    "gumbel_quantize", "rotation_trick",
 ]

@@ -221,3 +221,59 @@ def check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_prob
             _fail(op, f"{name} must have shape [2**d={k}], got {tuple(t.shape)}")
         if t.device != x.device:
             _fail(op, f"{name} is on {t.device} but x is on {x.device}")
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+def check_gumbel(op, logits, codebook, gumbels, tau):
+    """logits and gumbels [N, K], codebook [K, D], floating, one device, K >= 1, 0 < tau < inf."""
+    if logits.dim() != 2:
+        _fail(op, f"logits must be 2-D [N, K], got shape {tuple(logits.shape)}")
+    if codebook.dim() != 2:
+        _fail(op, f"codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}")
+    if gumbels.shape != logits.shape:
+        _fail(op, f"gumbels must have logits' shape {tuple(logits.shape)}, got {tuple(gumbels.shape)}")
+    check_float(op, "logits", logits)
+    check_float(op, "codebook", codebook)
+    check_float(op, "gumbels", gumbels)
+    for name, t in (("codebook", codebook), ("gumbels", gumbels)):
+        if t.device != logits.device:
+            _fail(op, f"logits is on {logits.device} but {name} is on {t.device}")
+    if logits.shape[1] != codebook.shape[0]:
+        _fail(op, f"logits has K={logits.shape[1]} (shape {tuple(logits.shape)}) but codebook has "
+                  f"K={codebook.shape[0]} (shape {tuple(codebook.shape)})")
+    if codebook.shape[0] == 0:
+        _fail(op, f"codebook is empty (shape {tuple(codebook.shape)}); K must be at least 1")
+    if not 0.0 < tau < float("inf"):
+        _fail(op, f"tau must be positive and finite, got {tau}")
+
+
+def check_gumbel_backward(op, grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau):
+    check_gumbel(op, logits, codebook, gumbels, tau)
+    n, d = logits.shape[0], codebook.shape[1]
+    if tuple(grad_quantized.shape) != (n, d):
+        _fail(op, f"grad_quantized must have shape [N={n}, D={d}], got {tuple(grad_quantized.shape)}")
+    check_float(op, "grad_quantized", grad_quantized)
+    if grad_kl.numel() != 1:
+        _fail(op, f"grad_kl must hold one value, got shape {tuple(grad_kl.shape)}")
+    check_indices(op, indices, n, logits.device)
+
+
+def check_rotation(op, src, tgt):
+    """src and tgt [N, D] of one shape, floating, on one device."""
+    if src.dim() != 2:
+        _fail(op, f"src must be 2-D [N, D], got shape {tuple(src.shape)}")
+    if tgt.shape != src.shape:
+        _fail(op, f"tgt must have src's shape {tuple(src.shape)}, got {tuple(tgt.shape)}")
+    check_float(op, "src", src)
+    check_float(op, "tgt", tgt)
+    if tgt.device != src.device:
+        _fail(op, f"src is on {src.device} but tgt is on {tgt.device}")
+
+
+def check_rotation_backward(op, grad, src, tgt):
+    check_rotation(op, src, tgt)
+    if grad.shape != src.shape:
+        _fail(op, f"grad must have src's shape {tuple(src.shape)}, got {tuple(grad.shape)}")
+    check_float(op, "grad", grad)

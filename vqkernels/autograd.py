@@ -128,3 +128,37 @@ def _lfq_entropy_backward(ctx, grad_per_sample, grad_codebook, grad_avg_probs):
 torch.library.register_autograd("vqkernels::fsq_quantize", _fsq_quantize_backward, setup_context=_fsq_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup)
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+def _gumbel_quantize_setup(ctx, inputs, output):
+    logits, codebook, gumbels, tau, hard = inputs
+    ctx.tau, ctx.hard = tau, hard
+    ctx.save_for_backward(logits, codebook, gumbels, output[1])
+
+
+def _gumbel_quantize_backward(ctx, grad_quantized, grad_indices, grad_kl):
+    logits, codebook, gumbels, indices = ctx.saved_tensors
+    grad_logits, grad_codebook = torch.ops.vqkernels.gumbel_quantize_backward(
+        grad_quantized, grad_kl, logits, codebook, gumbels, indices, ctx.tau, ctx.hard)
+    # gumbels is noise: it gets no gradient.
+    return (grad_logits if ctx.needs_input_grad[0] else None,
+            grad_codebook if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def _rotation_trick_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _rotation_trick_backward(ctx, grad):
+    src, tgt = ctx.saved_tensors
+    # tgt gets no gradient through the rotation (every term that holds it is detached).
+    return torch.ops.vqkernels.rotation_trick_backward(grad, src, tgt) if ctx.needs_input_grad[0] else None, None
+
+
+torch.library.register_autograd("vqkernels::gumbel_quantize", _gumbel_quantize_backward,
+                                setup_context=_gumbel_quantize_setup)
+torch.library.register_autograd("vqkernels::rotation_trick", _rotation_trick_backward,
+                                setup_context=_rotation_trick_setup)

@@ -100,3 +100,35 @@ def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, g
     _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
                                        grad_avg_probs, x, avg_probs, inv_temperature)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+@torch.library.register_fake(_lib_op("gumbel_quantize"))
+def _gumbel_quantize_fake(logits, codebook, gumbels, tau, hard):
+    _checks.check_gumbel("gumbel_quantize", logits, codebook, gumbels, tau)
+    out_dtype = torch.promote_types(logits.dtype, codebook.dtype)
+    return (logits.new_empty(logits.shape[0], codebook.shape[1], dtype=out_dtype),
+            logits.new_empty(logits.shape[0], dtype=torch.int64),
+            logits.new_empty((), dtype=_checks.compute_dtype(logits, codebook, gumbels)))
+
+
+@torch.library.register_fake(_lib_op("gumbel_quantize_backward"))
+def _gumbel_quantize_backward_fake(grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau, hard):
+    _checks.check_gumbel_backward("gumbel_quantize_backward", grad_quantized, grad_kl, logits, codebook, gumbels,
+                                  indices, tau)
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            torch.empty_like(codebook, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake(_lib_op("rotation_trick"))
+def _rotation_trick_fake(src, tgt):
+    _checks.check_rotation("rotation_trick", src, tgt)
+    return torch.empty_like(tgt, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib_op("rotation_trick_backward"))
+def _rotation_trick_backward_fake(grad, src, tgt):
+    _checks.check_rotation_backward("rotation_trick_backward", grad, src, tgt)
+    return torch.empty_like(src, memory_format=torch.contiguous_format)

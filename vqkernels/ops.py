@@ -201,3 +201,69 @@ def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tens
     zeros; a NaN anywhere makes every output NaN. 1 <= d <= 30.
     """
     return _ops.lfq_entropy(x, float(inv_temperature))
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+
+def gumbel_quantize(logits: Tensor, codebook: Tensor, gumbels: Tensor, tau: float = 1.0,
+                    hard: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused Gumbel-softmax quantization (DALL-E dVAE, taming-transformers ``GumbelQuantize``).
+
+    With ``y = softmax((logits + gumbels) / tau)`` per row::
+
+        quantized = y @ codebook                       (hard=False)
+        quantized = codebook[indices]                  (hard=True, straight-through)
+        indices   = argmax(logits + gumbels)           (the first maximum)
+        kl        = mean_n sum_k q_k log(q_k K + 1e-10),   q = softmax(logits)
+
+    ``kl`` is taming's KL divergence to the uniform prior (before the noise and the
+    temperature). ``hard`` is ``F.gumbel_softmax``'s: the value is the one-hot row of
+    ``indices``, the gradient that of ``y`` (straight-through), so the codebook's gradient
+    goes to the chosen rows only and the logits' through the softmax's Jacobian. The
+    backward recomputes the softmaxes; nothing N x K is saved beyond the inputs.
+
+    Args:
+        logits: [N, K] rows of scores (channels last), any float dtype.
+        codebook: [K, D], K >= 1, same device.
+        gumbels: [N, K] Gumbel(0, 1) noise supplied by the caller, e.g.
+            ``-torch.empty_like(logits).exponential_().log()`` (zeros: plain softmax); it gets
+            no gradient.
+        tau: the temperature, positive and finite.
+        hard: straight-through one-hot values; ``tau`` and ``hard`` default as in
+            ``F.gumbel_softmax``.
+
+    Returns:
+        ``quantized`` [N, D] (dtype ``torch.promote_types(logits.dtype, codebook.dtype)``),
+        ``indices`` int64 [N] and ``kl``, a scalar in float32 (float64 when any input is
+        float64, 0 for N = 0); half inputs are computed in float32. A row whose
+        ``logits + gumbels`` holds a NaN gets index -1 and a NaN ``quantized`` row; ``kl`` is
+        NaN where torch's softmax of a logits row is (a NaN or +inf in it, or every entry
+        -inf); -inf logits mask codes out. Plain PyTorch (``F.gumbel_softmax``, its argmax, the
+        product with the codebook) gives the same up to rounding: its hard value is
+        ``1 - y + y``, not always exactly 1, and its argmax of ``y`` can differ on near-ties.
+    """
+    return _ops.gumbel_quantize(logits, codebook, gumbels, float(tau), bool(hard))
+
+
+def rotation_trick(src: Tensor, tgt: Tensor) -> Tensor:
+    """The rotation trick gradient estimator (Fifty et al. 2024, arXiv:2410.06424).
+
+    Returns ``tgt``'s values (a contiguous copy, in ``tgt``'s dtype) for rows ``src`` and
+    ``tgt`` [N, D]; the gradient ``g`` of the result reaches ``src`` as through
+    vector-quantize-pytorch's ``rotate_to(src, tgt)``::
+
+        grad_src = s (g - 2 (g.w) w + 2 (g.q) u),   u = src / max(|src|, 1e-6),
+        q = tgt / max(|tgt|, 1e-6),  w = (u + q) / max(|u + q|, 1e-6),  s = |tgt| / max(|src|, 1e-6)
+
+    and ``tgt`` gets none (every term of ``rotate_to`` that holds it is detached). The
+    gradient is computed in double per row and rounded to ``src``'s dtype.
+
+    vector-quantize-pytorch recomputes the forward value as the rotation and rescaling of
+    ``src``; that equals ``tgt`` up to rounding, about ``2 u |tgt|`` per element and at most
+    ``13 u |tgt|`` on random rows (``u`` the unit roundoff of the dtype; more where ``src``
+    points nearly opposite ``tgt``, where ``w`` is ill-conditioned). Where its clamps act
+    (``|src| < 1e-6``) its value is not ``tgt`` at all (``src = 0`` gives 0); this op always
+    returns ``tgt``. Rows are ``[N, D]`` (flatten leading dimensions first).
+    """
+    return _ops.rotation_trick(src, tgt)

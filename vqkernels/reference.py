@@ -342,3 +342,94 @@ def lfq_entropy_backward(grad_per_sample_entropy, grad_codebook_entropy, grad_av
                              _code_probs_backward(bottom, _code_probs(top) @ g)], 1)
     grad_logits = grad_logits + grad_per_sample_entropy.to(dt) / n * _binary_entropy_grad(logits)
     return (grad_logits * (4.0 * inv_temperature)).to(x.dtype)
+
+
+# Gumbel-softmax quantization and the rotation trick
+
+GUMBEL_KL_EPS = 1e-10  # taming-transformers' GumbelQuantize: sum_k q_k log(q_k K + 1e-10)
+ROTATION_EPS = 1e-6  # vector-quantize-pytorch's l2norm and safe_div
+
+
+def _gumbel_scores(logits, gumbels, dt):
+    """logits + gumbels in dt, and the first maximum of each row (-1 for a row holding a NaN)."""
+    s = logits.to(dt) + gumbels.to(dt)
+    idx = s.argmax(1).masked_fill(torch.isnan(s).any(1), -1)
+    return s, idx
+
+
+def _kl_terms(logits, dt):
+    """q = softmax(logits) and the derivative f = d(q log(q K + eps))/dq, both [B, K] in dt."""
+    q = torch.softmax(logits.to(dt), 1)
+    a = q * logits.shape[1]
+    return q, torch.log(a + GUMBEL_KL_EPS) + a / (a + GUMBEL_KL_EPS)
+
+
+def gumbel_quantize(logits, codebook, gumbels, tau, hard):
+    """Gumbel-softmax quantization with the KL-to-uniform term; see vqkernels.gumbel_quantize."""
+    _checks.check_gumbel("gumbel_quantize", logits, codebook, gumbels, tau)
+    n, k = logits.shape
+    dt = _checks.compute_dtype(logits, codebook, gumbels)
+    cb = codebook.to(dt)
+    quantized = torch.empty(n, cb.shape[1], dtype=torch.promote_types(logits.dtype, codebook.dtype),
+                            device=logits.device)
+    indices = torch.empty(n, dtype=torch.int64, device=logits.device)
+    kl = torch.zeros((), dtype=dt, device=logits.device)
+    for s, e in _row_chunks(n, k):
+        scores, idx = _gumbel_scores(logits[s:e], gumbels[s:e], dt)
+        indices[s:e] = idx
+        quantized[s:e] = lookup(cb, idx) if hard else torch.softmax(scores / tau, 1) @ cb
+        q = torch.softmax(logits[s:e].to(dt), 1)
+        kl = kl + (q * torch.log(q * k + GUMBEL_KL_EPS)).sum()
+    return quantized, indices, kl / max(n, 1)
+
+
+def gumbel_quantize_backward(grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau, hard):
+    """Gradients of gumbel_quantize in logits and codebook, the softmaxes recomputed per chunk."""
+    op = "gumbel_quantize_backward"
+    _checks.check_gumbel_backward(op, grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau)
+    n, k = logits.shape
+    dt = _checks.compute_dtype(logits, codebook, gumbels)
+    cb = codebook.to(dt)
+    g = grad_quantized.to(dt)
+    c = grad_kl.to(dt).reshape(()) / max(n, 1)
+    grad_logits = torch.empty(n, k, dtype=dt, device=logits.device)
+    grad_codebook = torch.zeros(cb.shape, dtype=dt, device=logits.device)
+    for s, e in _row_chunks(n, k):
+        scores, _ = _gumbel_scores(logits[s:e], gumbels[s:e], dt)
+        y = torch.softmax(scores / tau, 1)
+        dy = g[s:e] @ cb.t()
+        grad = y * (dy - (y * dy).sum(1, keepdim=True)) / tau
+        q, f = _kl_terms(logits[s:e], dt)
+        # A zero grad_kl (kl unused) adds nothing, not even the NaN of a NaN row's KL term.
+        kl_grad = torch.where(c != 0, c * q * (f - (q * f).sum(1, keepdim=True)), 0.0)
+        grad_logits[s:e] = grad + kl_grad
+        if hard:  # the value is the one-hot row: its gradient goes to the chosen code only
+            idx = indices[s:e]
+            valid = idx >= 0
+            grad_codebook.index_add_(0, idx[valid], g[s:e][valid])
+        else:
+            grad_codebook.addmm_(y.t(), g[s:e])
+    return grad_logits.to(logits.dtype), grad_codebook.to(codebook.dtype)
+
+
+def rotation_trick(src, tgt):
+    """The rotation trick's forward value: tgt itself; see vqkernels.rotation_trick."""
+    _checks.check_rotation("rotation_trick", src, tgt)
+    return tgt.clone(memory_format=torch.contiguous_format)
+
+
+def _safe_unit(t):
+    return t / t.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+
+
+def rotation_trick_backward(grad, src, tgt):
+    """src's gradient through vector-quantize-pytorch's rotate_to: s (g - 2 (g.w) w + 2 (g.q) u)."""
+    _checks.check_rotation_backward("rotation_trick_backward", grad, src, tgt)
+    dt = _checks.compute_dtype(grad, src, tgt)
+    e, t, g = src.to(dt), tgt.to(dt), grad.to(dt)
+    u, q = _safe_unit(e), _safe_unit(t)
+    w = _safe_unit(u + q)
+    scale = t.norm(dim=1, keepdim=True) / e.norm(dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    gw = (g * w).sum(1, keepdim=True)
+    gq = (g * q).sum(1, keepdim=True)
+    return (scale * (g - 2.0 * gw * w + 2.0 * gq * u)).to(src.dtype).contiguous()

@@ -49,6 +49,17 @@ SCHEMAS = {
         "lfq_entropy_backward(Tensor grad_per_sample_entropy, Tensor grad_codebook_entropy, Tensor grad_avg_probs, "
         "Tensor x, Tensor avg_probs, float inv_temperature) -> Tensor grad_x"
     ),
+    # Gumbel-softmax quantization (taming-transformers GumbelQuantize) and the rotation trick
+    "gumbel_quantize": (
+        "gumbel_quantize(Tensor logits, Tensor codebook, Tensor gumbels, float tau, bool hard) "
+        "-> (Tensor quantized, Tensor indices, Tensor kl)"
+    ),
+    "gumbel_quantize_backward": (
+        "gumbel_quantize_backward(Tensor grad_quantized, Tensor grad_kl, Tensor logits, Tensor codebook, "
+        "Tensor gumbels, Tensor indices, float tau, bool hard) -> (Tensor grad_logits, Tensor grad_codebook)"
+    ),
+    "rotation_trick": "rotation_trick(Tensor src, Tensor tgt) -> Tensor",
+    "rotation_trick_backward": "rotation_trick_backward(Tensor grad, Tensor src, Tensor tgt) -> Tensor",
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.

@@ -6,8 +6,9 @@ Constructor keywords, forward return convention ``(quantized, indices, loss)`` a
 
 from .frozen import minilm_word_embeddings
 from .fsq import FSQ
+from .gumbel import GumbelQuantize
 from .lfq import LFQ
 from .residual import GroupedResidualVQ, ResidualVQ
 from .vq import VectorQuantize
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "minilm_word_embeddings"]
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "minilm_word_embeddings"]

@@ -38,7 +38,7 @@ def training_losses(commit, codebook_loss, weight, learnable):
 def route_gradient(x, quantized, rotation_trick):
     """The training output: the rotation trick, or the straight-through one the op already gives."""
     if rotation_trick and x.requires_grad:
-        return ops.rotate_to(x, quantized.detach())
+        return ops.rotation_trick(x, quantized.detach())
     return quantized
 
 
