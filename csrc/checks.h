@@ -170,10 +170,6 @@ inline void check_lfq(const char* op, const at::Tensor& x, int64_t max_bits) {
             "] columns (bits), got shape ", shape_str(x));
 }
 
-}  // namespace vqk
-
-namespace vqk {
-
 // Gumbel-softmax quantization and the rotation trick
 
 inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
