@@ -528,7 +528,7 @@ def machine_info():
     ]
 
 
-def render(runs, args, elapsed, plot_rel=None, other=None):
+def render(runs, args, elapsed, plot_rel=None, other=None, layers=None):
     names = [m.name for m in NEAREST]
     baselines = _baselines()
     train_names = [m.name for m in TRAIN]
@@ -545,6 +545,8 @@ def render(runs, args, elapsed, plot_rel=None, other=None):
         md_table(["", ""], machine_info()),
         "## Targets",
         md_table(["target", "N x D x K", "needed", "measured", "result"], evaluate_targets(runs)),
+        *(["## Targets of the quantizer layers",
+           md_table(["target", "configuration", "needed", "measured", "result"], layers[1])] if layers else []),
         "## nearest_code: median ms",
         _per_shape(runs, names, lambda r, n: _ms(r.nearest[n])),
         "## nearest_code: speedup of ours over each baseline (baseline time / our time; ip baselines vs ours ip)",
@@ -574,6 +576,14 @@ def render(runs, args, elapsed, plot_rel=None, other=None):
         shape, rows = other
         parts += [f"## Other ops at {_shape_str(shape)}: median ms",
                   md_table(["op", "ours", "plain PyTorch", "its ms", "speedup"], rows)]
+    if layers:
+        parts += ["## Quantizer layers: one training step, median ms",
+                  "Forward (codebook update included), backward of quantized.mean() plus the layer's losses; "
+                  "ours (vqkernels.nn) against vector-quantize-pytorch's layer of the same keywords (defaults "
+                  "otherwise, rotation trick included), ours loading its state_dict; same input. Memory: peak RSS "
+                  "growth of one step.",
+                  md_table(["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup", "ours MiB",
+                            "vector-quantize-pytorch MiB"], layers[0])]
     if plot_rel:
         parts += ["## Plot", f"![speedup of nearest_code over each baseline]({plot_rel})"]
     return "\n\n".join(parts) + "\n"
@@ -682,6 +692,9 @@ def main(argv=None):
     other_shape = shapes[0] if args.quick or HEADLINE not in shapes else HEADLINE
     _log(f"other ops at {_shape_str(other_shape)}")
     other = (other_shape, run_other_ops(other_shape, args))
+    _log("quantizer layers: one training step each")
+    from . import bench_layers
+    layers = bench_layers.run(args.repeats, args.budget, quick=args.quick, log=_log)
     elapsed = time.perf_counter() - start
 
     plot_rel = None
@@ -691,7 +704,7 @@ def main(argv=None):
             plot_rel = os.path.relpath(plot_path, output.parent if output else Path.cwd())
         else:
             _log("plot skipped: matplotlib not installed")
-    text = render(runs, args, elapsed, plot_rel, other)
+    text = render(runs, args, elapsed, plot_rel, other, layers)
     print(text)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

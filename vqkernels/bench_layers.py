@@ -51,8 +51,8 @@ def _rvq(shared):
 
 def _fsq(quick):
     from .nn import FSQ
-    ours, theirs = _pair(FSQ, "FSQ", levels=[8, 5, 5, 5], dim=256)
-    return ours, theirs, _tokens(4 if quick else 16, 256, 256)
+    ours, theirs = _pair(FSQ, "FSQ", levels=[8, 8, 8, 5, 5, 5])
+    return ours, theirs, _tokens(4 if quick else 16, 1024, 6)
 
 
 def _lfq(bits):
@@ -72,7 +72,7 @@ CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes, 16 x 256 tokens", _vq, 5.0),
     Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128, 8 x 512 tokens", _rvq(False), 5.0),
     Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128, 8 x 512 tokens", _rvq(True), 5.0),
-    Case("FSQ", "levels 8,5,5,5, dim 256, 16 x 256 tokens", _fsq),
+    Case("FSQ", "levels 8,8,8,5,5,5 (64000 codes), 16 x 1024 tokens", _fsq),
     Case("LFQ 2^14", "14 bits, 4 x 256 tokens", _lfq(14)),
     Case("LFQ 2^16", "16 bits, 4 x 256 tokens", _lfq(16)),
 )
@@ -89,9 +89,10 @@ def _objective(out):
     return total
 
 
-def _step(module, x0):
-    module.train()
-    x = x0.clone().requires_grad_()
+def _step(module, x0, device):
+    module.to(device).train()
+    x = x0.to(device).requires_grad_()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
         x.grad = None
@@ -99,20 +100,32 @@ def _step(module, x0):
             p.grad = None
         out = module(x)
         _objective(out).backward()
+        sync()
         return out
     return step
 
 
-def run(repeats, budget, quick=False, log=print):
+def _peak_mib(fn, device):
+    """Peak extra memory of one call: RSS growth on the CPU, allocator peak growth on CUDA."""
+    if device == "cpu":
+        return bench.peak_extra_mib(fn)[0]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def run(repeats, budget, quick=False, log=print, device="cpu"):
     """Rows [layer, shape, ours ms, theirs ms, speedup, ours MiB, theirs MiB] and the target rows."""
     rows, targets = [], []
     for case in CASES:
         ours, theirs, x = case.make(quick)
-        fns = {"ours": _step(ours, x)}
+        fns = {"ours": _step(ours, x, device)}
         if theirs is not None:
-            fns["theirs"] = _step(theirs, x)
+            fns["theirs"] = _step(theirs, x, device)
         timed = bench.time_calls(fns, repeats, budget)
-        mib = {name: bench.peak_extra_mib(fn)[0] for name, fn in fns.items()}
+        mib = {name: _peak_mib(fn, device) for name, fn in fns.items()}
         t_ours = timed["ours"][0] if not isinstance(timed["ours"], Exception) else None
         if isinstance(timed["ours"], Exception):
             raise timed["ours"]
