@@ -11,3 +11,8 @@ __all__ = [
     "nearest_code", "nearest_code_topk", "vq_quantize", "ema_update_",
     "backend", "compiled", "cpu_isa", "cuda_compiled", "set_cpu_isa", "__version__",
 ]
+
+# multiscale (VAR's multi-scale residual quantizer)
+from .ops import multiscale_quantize_step  # noqa: E402
+
+__all__ += ["multiscale_quantize_step"]

@@ -26,6 +26,14 @@ SCHEMAS = {
         "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_sum, Tensor x, "
         "Tensor indices, float decay, float eps) -> ()"
     ),
+    # multiscale (VAR's multi-scale residual quantizer): one scale, and its codebook gradient
+    "multiscale_quantize_step": (
+        "multiscale_quantize_step(Tensor f_rest, Tensor codebook, int[2] pn, str metric=\"l2\") "
+        "-> (Tensor indices, Tensor h)"
+    ),
+    "multiscale_quantize_step_backward": (
+        "multiscale_quantize_step_backward(Tensor grad_h, Tensor codebook, Tensor indices) -> Tensor"
+    ),
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.

@@ -1,0 +1,134 @@
+"""Benchmark of vqkernels.nn.MultiScaleVQ against VAR's per-scale loop in plain PyTorch.
+
+    python -m vqkernels.bench_var             # B=8, 15 timed steps per method
+    python -m vqkernels.bench_var --quick     # B=2, 5 timed steps
+
+One VQ-VAE training step of the quantizer at VAR's shape (Cvae=32, vocab 4096, patch sides
+1..16, H = W = 16, float32, torch.set_num_threads(2)): forward, then backward of
+mean_vq_loss + f_hat.sum() into the encoder output, the embedding and the Phi convolutions.
+Both methods share the module's parameters and the input; each gets warm-up steps, then the
+two are timed alternately (so drift on a shared machine hits both alike) and the median of
+each is reported with the ratio ours / plain (below 1: ours is faster).
+
+:func:`plain_var_quantize` is the baseline: VAR's ``VectorQuantizer2.forward`` loop as written
+there (F.interpolate area and bicubic, a GEMM distance matrix and argmin, an nn.Embedding
+lookup). The tests use it as the reference re-implementation of VAR.
+"""
+
+import argparse
+import statistics
+import time
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn.multiscale import MultiScaleVQ
+
+THREADS = 2
+WARMUP = 3
+PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def plain_var_quantize(f_BChw: torch.Tensor, embedding: nn.Embedding, quant_resi, v_patch_nums: Sequence[int],
+                       beta: float = 0.25, using_znorm: bool = False
+                       ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """VAR's per-scale quantizer loop in plain PyTorch, with VAR's arithmetic.
+
+    ``quant_resi`` is indexed like VAR's, by the scale's position si / (SN - 1). Works in the
+    embedding's dtype (VAR: float32). Returns ``(f_hat, mean_vq_loss, idx_Bl, hits)``: the
+    straight-through f_hat, the loss, per scale the indices [B, pn * pn] and the code counts.
+    """
+    f = f_BChw.to(embedding.weight.dtype)
+    B, C, H, W = f.shape
+    f_no_grad = f.detach()
+    f_rest = f_no_grad.clone()
+    f_hat = torch.zeros_like(f_rest)
+    mean_vq_loss = 0.0
+    sn = len(v_patch_nums)
+    idx_Bl, hits = [], []
+    codes = embedding.weight.data
+    for si, pn in enumerate(v_patch_nums):
+        rest = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != sn - 1 else f_rest
+        rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
+        if using_znorm:
+            idx_N = torch.argmax(F.normalize(rest_NC, dim=-1) @ F.normalize(codes.T, dim=0), dim=1)
+        else:
+            d_no_grad = torch.sum(rest_NC.square(), dim=1, keepdim=True) + torch.sum(codes.square(), dim=1)
+            d_no_grad.addmm_(rest_NC, codes.T, alpha=-2, beta=1)
+            idx_N = torch.argmin(d_no_grad, dim=1)
+        hits.append(idx_N.bincount(minlength=codes.shape[0]).float())
+        idx_Bl.append(idx_N.view(B, pn * pn))
+        h = embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
+        if si != sn - 1:
+            h = F.interpolate(h, size=(H, W), mode="bicubic")
+        h = quant_resi[si / (sn - 1)](h.contiguous())
+        f_hat = f_hat + h
+        f_rest -= h
+        mean_vq_loss += F.mse_loss(f_hat.detach(), f).mul_(beta) + F.mse_loss(f_hat, f_no_grad)
+    mean_vq_loss *= 1.0 / sn
+    f_hat = (f_hat.detach() - f_no_grad).add_(f)
+    return f_hat, mean_vq_loss, idx_Bl, hits
+
+
+def _median_ms(samples):
+    return statistics.median(samples) * 1e3
+
+
+def run(repeats: int = 15, quick: bool = False) -> List[dict]:
+    """Time one training step of MultiScaleVQ and of plain_var_quantize; one dict per shape."""
+    batch = 2 if quick else 8
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        torch.manual_seed(0)
+        vq = MultiScaleVQ(4096, 32, v_patch_nums=PATCH_NUMS).train()
+        f = torch.randn(batch, 32, 16, 16, requires_grad=True)
+        params = [f, *vq.parameters()]
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        def ours():
+            clear()
+            f_hat, _, loss = vq(f)
+            (loss + f_hat.sum()).backward()
+
+        def plain():
+            clear()
+            f_hat, loss, _, _ = plain_var_quantize(f, vq.embedding, vq.quant_resi, PATCH_NUMS, vq.beta)
+            (loss + f_hat.sum()).backward()
+
+        methods = {"ours": ours, "plain": plain}
+        for fn in methods.values():
+            for _ in range(WARMUP):
+                fn()
+        times = {name: [] for name in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old_threads)
+    ours_ms, plain_ms = _median_ms(times["ours"]), _median_ms(times["plain"])
+    return [dict(name="MultiScaleVQ train step", B=batch, Cvae=32, vocab=4096, patch_nums=PATCH_NUMS, H=16,
+                 threads=THREADS, repeats=repeats, ours_ms=ours_ms, plain_ms=plain_ms, ratio=ours_ms / plain_ms)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B=2 and 5 timed steps")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 15, quick 5)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    for row in run(repeats, args.quick):
+        print(f"{row['name']}: B={row['B']} Cvae={row['Cvae']} vocab={row['vocab']} H=W={row['H']} "
+              f"threads={row['threads']}: ours {row['ours_ms']:.2f} ms, plain PyTorch {row['plain_ms']:.2f} ms, "
+              f"ratio ours/plain {row['ratio']:.3f} ({1 / row['ratio']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
