@@ -516,3 +516,6 @@ def tie_problem(positions, d, k, seed=0):
 # positions of the tied codes: several 16-code panels and lanes, the lowest one first, in
 # a later panel than a lower lane, or all in the tail
 TIE_POSITIONS = ([5, 18, 47, 69], [18, 47, 69], [47, 66, 69], [0, 69], [66, 67, 68, 69])
+
+# multiscale (VAR's multi-scale residual quantizer): int64 indices come first there too
+INT_FIRST_OUTPUT += ("multiscale_quantize_step",)

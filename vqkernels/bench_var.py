@@ -37,7 +37,8 @@ def plain_var_quantize(f_BChw: torch.Tensor, embedding: nn.Embedding, quant_resi
     """VAR's per-scale quantizer loop in plain PyTorch, with VAR's arithmetic.
 
     ``quant_resi`` is indexed like VAR's, by the scale's position si / (SN - 1). Works in the
-    embedding's dtype (VAR: float32). Returns ``(f_hat, mean_vq_loss, idx_Bl, hits)``: the
+    embedding's dtype (VAR: float32). A side may be a pair (ph, pw), as in VAR's
+    f_to_idxBl_or_fhat; the last must be (H, W). Returns ``(f_hat, mean_vq_loss, idx_Bl, hits)``: the
     straight-through f_hat, the loss, per scale the indices [B, pn * pn] and the code counts.
     """
     f = f_BChw.to(embedding.weight.dtype)
@@ -50,7 +51,8 @@ def plain_var_quantize(f_BChw: torch.Tensor, embedding: nn.Embedding, quant_resi
     idx_Bl, hits = [], []
     codes = embedding.weight.data
     for si, pn in enumerate(v_patch_nums):
-        rest = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != sn - 1 else f_rest
+        ph, pw = (pn, pn) if isinstance(pn, int) else pn
+        rest = F.interpolate(f_rest, size=(ph, pw), mode="area") if si != sn - 1 else f_rest
         rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
         if using_znorm:
             idx_N = torch.argmax(F.normalize(rest_NC, dim=-1) @ F.normalize(codes.T, dim=0), dim=1)
@@ -59,8 +61,8 @@ def plain_var_quantize(f_BChw: torch.Tensor, embedding: nn.Embedding, quant_resi
             d_no_grad.addmm_(rest_NC, codes.T, alpha=-2, beta=1)
             idx_N = torch.argmin(d_no_grad, dim=1)
         hits.append(idx_N.bincount(minlength=codes.shape[0]).float())
-        idx_Bl.append(idx_N.view(B, pn * pn))
-        h = embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
+        idx_Bl.append(idx_N.view(B, ph * pw))
+        h = embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
         if si != sn - 1:
             h = F.interpolate(h, size=(H, W), mode="bicubic")
         h = quant_resi[si / (sn - 1)](h.contiguous())

@@ -84,9 +84,10 @@ def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: Union[int, Tu
         metric: ``"l2"`` (VAR's default), ``"cosine"`` (VAR's ``using_znorm``) or ``"ip"``.
 
     The downsampling is ``F.interpolate(f_rest, (ph, pw), mode='area')`` (adaptive average
-    pooling, non-divisible sizes included) with the same arithmetic: sums in float32 (float64
-    for float64), rounded to ``f_rest``'s dtype, bit for bit PyTorch's result on a contiguous
-    ``f_rest``; ``pn == (H, W)`` is the identity (VAR's last scale). The search follows
+    pooling, non-divisible sizes included) with the same arithmetic, bit for bit the result
+    F.interpolate gives for ``f_rest.contiguous()`` (whatever ``f_rest``'s layout): sums in
+    float32 (float64 for float64) rounded to ``f_rest``'s dtype, the mean over (H, W) for a 1 x 1
+    output; ``pn == (H, W)`` is the identity (VAR's last scale). The search follows
     :func:`nearest_code` (ties to the lowest index; a cell holding a NaN gets index -1 and a NaN
     code; a codebook row with a NaN is never chosen).
 

@@ -143,7 +143,7 @@ def multiscale_quantize_step(f_rest, codebook, pn, metric="l2"):
     b, c = f_rest.shape[0], f_rest.shape[1]
     ph, pw = pn
     if b and c:
-        rest = F.interpolate(f_rest, size=(ph, pw), mode="area")
+        rest = F.interpolate(f_rest.contiguous(), size=(ph, pw), mode="area")  # NCHW: the kernel's arithmetic
     else:  # adaptive pooling rejects C = 0; nothing to average anyway
         rest = f_rest.new_zeros(b, c, ph, pw)
     indices, _ = nearest_code(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook, metric)

@@ -20,8 +20,9 @@ inline int64_t window_end(int64_t o, int64_t n_in, int64_t n_out) { return ((o +
 // Row r is the output cell (b, y, x) with r = (b * ph + y) * pw + x. Each channel's window is
 // summed in f_rest's opmath type, rows of the window outer and columns inner, divided by the
 // window's height then its width, and rounded to f_rest's dtype: what adaptive_avg_pool2d
-// computes (and F.interpolate returns) for an output larger than 1 x 1. For a 1 x 1 output
-// PyTorch takes f_rest.mean((2, 3)) instead, and so do we: `means` [B, C] holds it.
+// computes (and F.interpolate returns) for a contiguous f_rest and an output larger than 1 x 1.
+// For a 1 x 1 output PyTorch takes the mean over (H, W) instead, and so do we (of f_rest made
+// contiguous, so that the result never depends on the layout): `means` [B, C] holds it.
 template <typename scalar_t, typename T>
 void area_rows(const at::Tensor& f_rest, const at::Tensor& means, int64_t ph, int64_t pw, int64_t r0, int64_t r1,
                T* out) {
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
     return {indices, h};
   }
   int64_t* idx = indices.data_ptr<int64_t>();
-  const at::Tensor means = ph == 1 && pw == 1 ? f_rest.mean({2, 3}).contiguous() : at::Tensor();
+  const at::Tensor means = ph == 1 && pw == 1 ? f_rest.contiguous().mean({2, 3}) : at::Tensor();
   with_compute_type(f_rest, codebook, [&](auto t) {
     using T = decltype(t);
     const PackedCodebook<T> pc = pack_codebook<T>(codebook, metric);

@@ -14,7 +14,6 @@ Gradients reach the embedding (through the looked-up codes) and the Phi convolut
 f_hat, and the encoder output ``f`` through the beta term and the straight-through output.
 """
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -42,10 +41,20 @@ def _cubic_weights(t):
     return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
 
 
-@functools.lru_cache(maxsize=None)
+_BICUBIC_MATRICES = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant of (n_in, n_out), not traced
 def _bicubic_matrix(n_in, n_out):
     """[n_out][n_in] weights of F.interpolate(mode='bicubic', align_corners=False) along one
-    axis: source x = (o + 0.5) * n_in / n_out - 0.5, indices clamped to the border."""
+    axis: source x = (o + 0.5) * n_in / n_out - 0.5, indices clamped to the border (cached)."""
+    key = (n_in, n_out)
+    if key not in _BICUBIC_MATRICES:
+        _BICUBIC_MATRICES[key] = _bicubic_rows(n_in, n_out)
+    return _BICUBIC_MATRICES[key]
+
+
+def _bicubic_rows(n_in, n_out):
     rows = []
     for o in range(n_out):
         x = (o + 0.5) * (n_in / n_out) - 0.5
