@@ -78,10 +78,23 @@ def upsample_bicubic(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     out_h, out_w = size
     if (h, w) == (out_h, out_w):
         return x.contiguous()
-    uy = torch.tensor(_bicubic_matrix(h, out_h), dtype=x.dtype, device=x.device)
-    ux = torch.tensor(_bicubic_matrix(w, out_w), dtype=x.dtype, device=x.device)
-    t = x.transpose(2, 3) @ uy.T  # [B, C, w, H]
-    return t.transpose(2, 3) @ ux.T  # [B, C, H, W]
+    uy = _bicubic_tensor(h, out_h, x.dtype, x.device)
+    ux = _bicubic_tensor(w, out_w, x.dtype, x.device)
+    t = x.reshape(b * c, h, w) @ ux.T  # [B * C, h, W]: one matrix product (rows folded)
+    return torch.matmul(uy, t).view(b, c, out_h, out_w)  # uy broadcast over B * C
+
+
+_BICUBIC_TENSORS = {}
+
+
+def _bicubic_tensor(n_in, n_out, dtype, device):
+    """_bicubic_matrix as a tensor; kept per dtype and device in eager mode (never modified)."""
+    if torch.compiler.is_compiling():  # a graph constant
+        return torch.tensor(_bicubic_matrix(n_in, n_out), dtype=dtype, device=device)
+    key = (n_in, n_out, dtype, device)
+    if key not in _BICUBIC_TENSORS:
+        _BICUBIC_TENSORS[key] = torch.tensor(_bicubic_matrix(n_in, n_out), dtype=dtype, device=device)
+    return _BICUBIC_TENSORS[key]
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,21 +270,24 @@ class MultiScaleVQ(nn.Module):
             raise ValueError(f"MultiScaleVQ: f_BChw must be [B, C, H, W] with (H, W) = the last patch size {last}, "
                              f"got shape {tuple(f_BChw.shape)}")
 
-    def _count_hits(self, si: int, idx: torch.Tensor) -> None:
-        """Fold scale si's code counts into ema_vocab_hit_SV[si] with VAR's schedule: a copy while
-        record_hit is 0, then 0.9 / 0.1 below 100 updates, then 0.99 / 0.01 (record_hit counts
-        scales, not calls, as in VAR)."""
-        flat = idx.reshape(-1)
-        hits = torch.zeros(self.vocab_size, dtype=torch.float32, device=idx.device)
-        hits.index_add_(0, flat.clamp_min(0), (flat >= 0).to(torch.float32))  # index -1 (NaN cell): no hit
+    def _count_hits(self, indices: List[torch.Tensor]) -> None:
+        """Fold every scale's code counts into ema_vocab_hit_SV with VAR's schedule: a copy while
+        record_hit is 0, then 0.9 / 0.1 below 100 updates, then 0.99 / 0.01, where record_hit
+        counts scales, not calls, as in VAR (scale si of this call sees record_hit + si). One
+        histogram for all scales: code k of scale si in bin si * V + k, index -1 (a NaN cell) in
+        a last bin that is dropped."""
+        sn, v = len(indices), self.vocab_size
+        bins = torch.cat([torch.where(idx >= 0, idx + si * v, sn * v).reshape(-1) for si, idx in enumerate(indices)])
+        hits = torch.zeros(sn * v + 1, dtype=torch.float32, device=bins.device)
+        hits = hits.index_add_(0, bins, torch.ones(bins.shape, dtype=torch.float32, device=bins.device))
+        hits = hits[:-1].view(sn, v)
         if tdist.is_available() and tdist.is_initialized():
             tdist.all_reduce(hits)
-        n = self.record_hit
+        n = (self.record_hit + torch.arange(sn, device=bins.device)).unsqueeze(1)
         keep = torch.where(n == 0, 0.0, torch.where(n < 100, 0.9, 0.99))
         new = torch.where(n == 0, 1.0, torch.where(n < 100, 0.1, 0.01))
-        ema = self.ema_vocab_hit_SV[si]
-        ema.copy_(ema * keep + hits * new)
-        self.record_hit.add_(1)
+        self.ema_vocab_hit_SV.copy_(self.ema_vocab_hit_SV * keep + hits * new)
+        self.record_hit.add_(sn)
 
     # ===================== forward: VQ-VAE training =====================
     def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False
@@ -294,22 +310,29 @@ class MultiScaleVQ(nn.Module):
         weight = self.embedding.weight
 
         with torch.autocast(device_type=f.device.type, enabled=False):
+            # VAR's loss per scale is beta * mse(sg(f_hat), f) + mse(f_hat, sg(f)): two equal values
+            # m, m's gradient 2 (f_hat - f) / N to f_hat and beta times its negative to f. One
+            # mse against target = sg(f) + beta * (f - sg(f)) (equal to f bit for bit; its
+            # gradient reaches f times beta) has both gradients, and m + beta * sg(m) VAR's value.
+            target = f_no_grad + (f - f_no_grad) * self.beta
             f_rest = f_no_grad
             f_hat = torch.zeros_like(f_no_grad)
             mean_vq_loss = f.new_zeros(())
+            indices = []
             for si, pn in enumerate(self.v_patch_nums):
                 idx, h = multiscale_quantize_step(f_rest, weight, pn, self._metric)
-                if self.training:
-                    self._count_hits(si, idx)
+                indices.append(idx)
                 if si != sn - 1:
                     h = upsample_bicubic(h, (H, W))
                 h = self._phi(si)(h)
                 f_hat = f_hat + h
                 f_rest = f_rest - h.detach()
-                mean_vq_loss = mean_vq_loss + (F.mse_loss(f_hat.detach(), f).mul_(self.beta)
-                                               + F.mse_loss(f_hat, f_no_grad))
+                m = F.mse_loss(f_hat, target)
+                mean_vq_loss = mean_vq_loss + (m + m.detach() * self.beta)
             mean_vq_loss = mean_vq_loss * (1.0 / sn)
             f_hat = (f_hat.detach() - f_no_grad) + f
+            if self.training:
+                self._count_hits(indices)
 
         usages = None
         if ret_usages:
