@@ -251,17 +251,28 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda f, c: step(f, c, (3, 2))[1], (f_rest, codebook))
 
 
+# (B, C, pn): VAR's sizes, whose backward runs on one thread, and one past 2**20 cells x
+# channels, where it is a parallel scatter by code
+DETERMINISM_SHAPES = [(8, 16, 13), (72, 64, 16)]
+
+
+@pytest.mark.parametrize("shape", DETERMINISM_SHAPES, ids=str)
 @pytest.mark.parametrize("metric", METRICS)
-def test_deterministic(isa, metric):
-    f64 = torch.randn(8, 16, 16, 16, generator=gen(16), dtype=torch.float64)
-    cb64 = torch.randn(300, 16, generator=gen(17), dtype=torch.float64)
+def test_deterministic(isa, metric, shape):
+    b, c, pn = shape
+    f64 = torch.randn(b, c, 16, 16, generator=gen(16), dtype=torch.float64)
+    cb64 = torch.randn(300, c, generator=gen(17), dtype=torch.float64)
+    g = torch.randn(b, c, pn, pn, generator=gen(18))
 
     def run():
         codebook = cb64.float().requires_grad_()
-        indices, h = step(f64.float(), codebook, 13, metric)
-        (h * h).sum().backward()
+        indices, h = step(f64.float(), codebook, pn, metric)
+        (h * g).sum().backward()
         return indices, h, codebook.grad
 
+    indices, _, grad = run()
+    want = torch.zeros(300, c, dtype=torch.float64).index_add_(0, indices.reshape(-1), rows_of(g.double()))
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert_deterministic(run)
 
 

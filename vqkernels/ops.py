@@ -1,6 +1,6 @@
 """Typed Python entry points for the ``torch.ops.vqkernels`` ops."""
 
-from typing import Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -72,7 +72,7 @@ def ema_update_(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Te
 
 # multiscale (VAR's multi-scale residual quantizer)
 
-def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: Union[int, Tuple[int, int]],
+def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[int, int],
                              metric: str = "l2") -> Tuple[Tensor, Tensor]:
     """One scale of VAR's multi-scale residual quantizer, fused: area-downsample ``f_rest`` to
     ``pn``, find each cell's nearest code, look it up.

@@ -10,6 +10,8 @@ namespace vqk {
 namespace cpu {
 namespace {
 
+constexpr int64_t kSerialScatter = 1 << 20;  // cells x channels up to which the backward runs on one thread
+
 // The input window of output cell o along an axis of n_in inputs and n_out outputs, as
 // adaptive average pooling (F.interpolate(mode='area')) takes it: [floor(o * n_in / n_out),
 // ceil((o + 1) * n_in / n_out)).
@@ -116,13 +118,21 @@ at::Tensor multiscale_quantize_step_backward(const at::Tensor& grad_h, const at:
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_h.scalar_type(), "multiscale_backward_grad", [&] {
       const scalar_t* g = grad_h.const_data_ptr<scalar_t>();
       const int64_t sb = grad_h.stride(0), sc = grad_h.stride(1), sh = grad_h.stride(2), sw = grad_h.stride(3);
-      // Per code, its rows in increasing order: the same sums whatever the thread count.
-      scatter_by_code(ip, n, K, [&](int64_t k, int64_t r) {
+      auto add_row = [&](int64_t k, int64_t r) {
         const int64_t cell = r % plane;
         const scalar_t* src = g + (r / plane) * sb + (cell / pw) * sh + (cell % pw) * sw;
         acc_t* dst = out + k * C;
         for (int64_t c = 0; c < C; ++c) dst[c] += static_cast<acc_t>(src[c * sc]);
-      });
+      };
+      // Per code, its rows in increasing order either way: the same sums whatever the thread
+      // count. VAR's scales are small (B * 256 cells at most): a parallel region costs more
+      // than the adds there.
+      if (n * C <= kSerialScatter) {
+        for (int64_t r = 0; r < n; ++r)
+          if (ip[r] >= 0) add_row(ip[r], r);
+      } else {
+        scatter_by_code(ip, n, K, add_row);
+      }
     });
   });
   return acc.to(codebook.scalar_type());
