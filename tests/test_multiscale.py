@@ -92,6 +92,9 @@ def test_matches_float64_truth(isa, case):
     # The layout does not change anything.
     again = step(f_rest.contiguous(), codebook, pn, case["metric"])
     assert torch.equal(again[0], indices) and bits(again[1]).equal(bits(h))
+    # The pure-PyTorch reference (the fallback kernel) follows the same rules.
+    check_step(f_rest, codebook, pn, case["metric"], *reference.multiscale_quantize_step(f_rest, codebook, pn,
+                                                                                         case["metric"]))
 
 
 # (H, W) -> (ph, pw): divisible, VAR's non-divisible ones (16 -> 13, 10, 6), a 1 x 1 mean,
@@ -228,11 +231,14 @@ def test_codebook_gradient(isa, dtypes):
     assert bool(unused.any()) and not bool(codebook.grad[unused].any())
 
 
-def test_backward_op_skips_index_minus_one(isa):
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_backward_op_skips_index_minus_one(isa, impl):
     grad_h = torch.randn(2, 3, 2, 2, generator=gen(13))
     codebook = torch.randn(4, 3)
     indices = torch.tensor([[[0, -1], [2, 0]], [[-1, 3], [3, 3]]])
-    got = torch.ops.vqkernels.multiscale_quantize_step_backward(grad_h, codebook, indices)
+    call = (torch.ops.vqkernels.multiscale_quantize_step_backward if impl == "op"
+            else reference.multiscale_quantize_step_backward)
+    got = call(grad_h, codebook, indices)
     rows, idx = rows_of(grad_h), indices.reshape(-1)
     want = torch.stack([rows[idx == k].sum(0) for k in range(4)])
     torch.testing.assert_close(got, want)
@@ -535,6 +541,28 @@ def test_hit_statistics_and_usages():
     margin = (2 * 8 * 8) / 64 * 0.08
     assert usages == [(before[si] >= margin).float().mean().item() * 100 for si in range(len(PNS))]
     assert vq(f)[1] is None
+
+
+def test_nan_cells_are_not_counted():
+    """A NaN in the input makes its cells index -1: they count as no hit. Scale 0's NaN code,
+    upsampled, makes all of that image's residual NaN, so only the other image's cells count."""
+    vq = make_vq("shared", dtype=torch.float32)
+    f = torch.randn(2, 8, 8, 8, generator=gen(35))
+    f[1, 3, 6, 6] = float("nan")
+    f_hat, _, _ = vq(f)
+    counted = vq.ema_vocab_hit_SV[0].sum() + sum(vq.ema_vocab_hit_SV[si].sum() / 0.1 for si in range(1, len(PNS)))
+    torch.testing.assert_close(counted, torch.tensor(float(sum(pn * pn for pn in PNS))))
+    assert bool(torch.isnan(f_hat[1]).all()) and not bool(torch.isnan(f_hat[0]).any())
+
+
+def test_eini():
+    """VAR's embedding initialisations: truncated normal (eini > 0), uniform +-|eini| / K (< 0)."""
+    vq = make_vq("shared", dtype=torch.float32)
+    vq.eini(0.02)
+    w = vq.embedding.weight.detach()
+    assert abs(float(w.std()) - 0.02) < 0.005 and float(w.abs().max()) < 0.2
+    vq.eini(-1.0)
+    assert float(w.abs().max()) <= 1 / 64 and float(w.std()) > 1 / 64 / 4
 
 
 def test_rejects_wrong_feature_map():
