@@ -41,20 +41,9 @@ def _cubic_weights(t):
     return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
 
 
-_BICUBIC_MATRICES = {}
-
-
-@torch.compiler.assume_constant_result  # torch.compile: a constant of (n_in, n_out), not traced
-def _bicubic_matrix(n_in, n_out):
-    """[n_out][n_in] weights of F.interpolate(mode='bicubic', align_corners=False) along one
-    axis: source x = (o + 0.5) * n_in / n_out - 0.5, indices clamped to the border (cached)."""
-    key = (n_in, n_out)
-    if key not in _BICUBIC_MATRICES:
-        _BICUBIC_MATRICES[key] = _bicubic_rows(n_in, n_out)
-    return _BICUBIC_MATRICES[key]
-
-
 def _bicubic_rows(n_in, n_out):
+    """[n_out][n_in] weights of F.interpolate(mode='bicubic', align_corners=False) along one
+    axis: source x = (o + 0.5) * n_in / n_out - 0.5, indices clamped to the border."""
     rows = []
     for o in range(n_out):
         x = (o + 0.5) * (n_in / n_out) - 0.5
@@ -62,8 +51,21 @@ def _bicubic_rows(n_in, n_out):
         row = [0.0] * n_in
         for j, w in enumerate(_cubic_weights(x - base)):
             row[min(max(base - 1 + j, 0), n_in - 1)] += w
-        rows.append(tuple(row))
-    return tuple(rows)
+        rows.append(row)
+    return rows
+
+
+_BICUBIC_TENSORS = {}
+
+
+def _bicubic_tensor(n_in, n_out, dtype, device):
+    """_bicubic_rows as a tensor, kept per dtype and device in eager mode (never modified)."""
+    if torch.compiler.is_compiling():  # traced into a graph constant
+        return torch.tensor(_bicubic_rows(n_in, n_out), dtype=dtype, device=device)
+    key = (n_in, n_out, dtype, device)
+    if key not in _BICUBIC_TENSORS:
+        _BICUBIC_TENSORS[key] = torch.tensor(_bicubic_rows(n_in, n_out), dtype=dtype, device=device)
+    return _BICUBIC_TENSORS[key]
 
 
 def upsample_bicubic(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -82,19 +84,6 @@ def upsample_bicubic(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     ux = _bicubic_tensor(w, out_w, x.dtype, x.device)
     t = x.reshape(b * c, h, w) @ ux.T  # [B * C, h, W]: one matrix product (rows folded)
     return torch.matmul(uy, t).view(b, c, out_h, out_w)  # uy broadcast over B * C
-
-
-_BICUBIC_TENSORS = {}
-
-
-def _bicubic_tensor(n_in, n_out, dtype, device):
-    """_bicubic_matrix as a tensor; kept per dtype and device in eager mode (never modified)."""
-    if torch.compiler.is_compiling():  # a graph constant
-        return torch.tensor(_bicubic_matrix(n_in, n_out), dtype=dtype, device=device)
-    key = (n_in, n_out, dtype, device)
-    if key not in _BICUBIC_TENSORS:
-        _BICUBIC_TENSORS[key] = torch.tensor(_bicubic_matrix(n_in, n_out), dtype=dtype, device=device)
-    return _BICUBIC_TENSORS[key]
 
 
 # ---------------------------------------------------------------------------------------
