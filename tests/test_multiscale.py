@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, METRICS, assert_deterministic, bits, check_nearest, compute_dtype, fail_rows, gen,
+from vq_helpers import (DTYPES, METRICS, assert_deterministic, bits, check_nearest, fail_rows, gen,
                         hyp_settings, num_threads, opcheck, reference, vqkernels)
 from vqkernels.bench_var import plain_var_quantize
 from vqkernels.nn.multiscale import MultiScaleVQ, Phi, upsample_bicubic
@@ -563,6 +563,17 @@ def test_eini():
     assert abs(float(w.std()) - 0.02) < 0.005 and float(w.abs().max()) < 0.2
     vq.eini(-1.0)
     assert float(w.abs().max()) <= 1 / 64 and float(w.std()) > 1 / 64 / 4
+
+
+def test_single_scale_is_plain_vq():
+    """One scale (VAR divides by zero there; position 0 here) with Phi the identity is plain VQ:
+    f_hat's value is vq_quantize's codes, the loss (1 + beta) times its loss."""
+    vq = make_vq("identity", pns=(8,))
+    f = torch.randn(2, 8, 8, 8, generator=gen(36), dtype=torch.float64)
+    f_hat, _, loss = vq(f)
+    quantized, _, commit, _ = vqkernels.vq_quantize(rows_of(f), vq.embedding.weight.detach())
+    torch.testing.assert_close(rows_of(f_hat), quantized)
+    torch.testing.assert_close(loss, (1 + vq.beta) * commit)
 
 
 def test_rejects_wrong_feature_map():

@@ -191,13 +191,15 @@ class MultiScaleVQ(nn.Module):
         quant_resi: the Phi mixing ratio r (its absolute value is used).
         share_quant_resi: 0 non-shared, 1 shared, K > 1 partially shared (K Phis).
 
-    Deviations from VAR, all outside its float32 single-call results: the codebook hit
-    statistics ``ema_vocab_hit_SV`` are updated in every training forward (VAR updates them only
-    under torch.distributed; hits are all-reduced when it is initialised), so ``ret_usages``
-    works in a single process too; ``record_hit`` is a tensor (VAR: a Python int), so a compiled
-    forward does not recompile as it counts; a float64 module computes in float64 (VAR always
-    casts to float32); autocast is disabled for the input's device (VAR: CUDA only); the bicubic
-    upsampling is :func:`upsample_bicubic` (F.interpolate's result up to rounding).
+    Results: the indices are VAR's (the search is exact; only a near-tie within rounding could
+    go the other way) and f_hat, the loss and the gradients agree with VAR's to rounding, the
+    bicubic upsampling being :func:`upsample_bicubic` (F.interpolate's result up to rounding).
+    Deviations from VAR: the codebook hit statistics ``ema_vocab_hit_SV`` are updated in every
+    training forward (VAR updates them only under torch.distributed; hits are all-reduced when
+    it is initialised), so ``ret_usages`` works in a single process too; ``record_hit`` is a
+    tensor (VAR: a Python int), so a compiled forward does not recompile as it counts; a float64
+    module computes in float64 (VAR always casts to float32); autocast is disabled for the
+    input's device (VAR: CUDA only); a single scale sits at position 0 (VAR divides by zero).
     """
 
     def __init__(self, vocab_size: int, Cvae: int, using_znorm: bool = False, beta: float = 0.25,
@@ -400,7 +402,8 @@ class MultiScaleVQ(nn.Module):
             h = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn_next, pn_next)
             f_hat = f_hat + self._phi(si)(upsample_bicubic(h, (H, W)))
             pn_next = self.v_patch_nums[si + 1]
-            next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2))
+            nxt = F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
+            next_scales.append(nxt.view(B, C, -1).transpose(1, 2))
         return torch.cat(next_scales, dim=1) if next_scales else None
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
