@@ -534,3 +534,7 @@ def run_without_extension(code):
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# multiscale (VAR's multi-scale residual quantizer): int64 indices come first there too
+INT_FIRST_OUTPUT += ("multiscale_quantize_step",)

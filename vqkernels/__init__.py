@@ -10,6 +10,8 @@ from .ops import residual_quantize
 from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
 # Gumbel-softmax quantization and the rotation trick
 from .ops import gumbel_quantize, rotation_trick
+# multi-scale residual quantization (VAR)
+from .ops import multiscale_quantize_step
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,6 @@ __all__ = [
     "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
     # Gumbel-softmax quantization and the rotation trick
     "gumbel_quantize", "rotation_trick",
+    # multi-scale residual quantization (VAR)
+    "multiscale_quantize_step",
 ]

@@ -277,3 +277,46 @@ def check_rotation_backward(op, grad, src, tgt):
     if grad.shape != src.shape:
         _fail(op, f"grad must have src's shape {tuple(src.shape)}, got {tuple(grad.shape)}")
     check_float(op, "grad", grad)
+
+
+# multiscale (VAR's multi-scale residual quantizer)
+def check_multiscale(op, f_rest, codebook, pn, metric):
+    """f_rest [B, C, H, W] with H, W >= 1, codebook [K, C], floating, same device, K > 0, pn two sizes >= 1."""
+    if f_rest.dim() != 4:
+        _fail(op, f"f_rest must be 4-D [B, C, H, W], got shape {tuple(f_rest.shape)}")
+    if codebook.dim() != 2:
+        _fail(op, f"codebook must be 2-D [K, C], got shape {tuple(codebook.shape)}")
+    check_float(op, "f_rest", f_rest)
+    check_float(op, "codebook", codebook)
+    if f_rest.device != codebook.device:
+        _fail(op, f"f_rest is on {f_rest.device} but codebook is on {codebook.device}")
+    if f_rest.shape[1] != codebook.shape[1]:
+        _fail(op, f"f_rest has C={f_rest.shape[1]} (shape {tuple(f_rest.shape)}) but codebook has "
+                  f"C={codebook.shape[1]} (shape {tuple(codebook.shape)})")
+    if codebook.shape[0] == 0:
+        _fail(op, f"codebook is empty (shape {tuple(codebook.shape)}); K must be at least 1")
+    if f_rest.shape[2] < 1 or f_rest.shape[3] < 1:
+        _fail(op, f"f_rest must have H >= 1 and W >= 1, got shape {tuple(f_rest.shape)}")
+    if len(pn) != 2 or pn[0] < 1 or pn[1] < 1:
+        _fail(op, f"pn must be a size >= 1 or a pair of them, got {list(pn)}")
+    check_metric(op, metric)
+
+
+def check_multiscale_backward(op, grad_h, codebook, indices):
+    if grad_h.dim() != 4:
+        _fail(op, f"grad_h must be 4-D [B, C, ph, pw], got shape {tuple(grad_h.shape)}")
+    if codebook.dim() != 2:
+        _fail(op, f"codebook must be 2-D [K, C], got shape {tuple(codebook.shape)}")
+    check_float(op, "grad_h", grad_h)
+    check_float(op, "codebook", codebook)
+    if grad_h.shape[1] != codebook.shape[1]:
+        _fail(op, f"grad_h has C={grad_h.shape[1]} (shape {tuple(grad_h.shape)}) but codebook has "
+                  f"C={codebook.shape[1]} (shape {tuple(codebook.shape)})")
+    if indices.dtype != torch.int64:
+        _fail(op, f"indices must be int64, got {indices.dtype}")
+    want = (grad_h.shape[0], grad_h.shape[2], grad_h.shape[3])
+    if tuple(indices.shape) != want:
+        _fail(op, f"indices must have shape [B, ph, pw] = {want}, got {tuple(indices.shape)}")
+    for name, t in (("grad_h", grad_h), ("indices", indices)):
+        if t.device != codebook.device:
+            _fail(op, f"{name} is on {t.device} but codebook is on {codebook.device}")

@@ -162,3 +162,22 @@ torch.library.register_autograd("vqkernels::gumbel_quantize", _gumbel_quantize_b
                                 setup_context=_gumbel_quantize_setup)
 torch.library.register_autograd("vqkernels::rotation_trick", _rotation_trick_backward,
                                 setup_context=_rotation_trick_setup)
+
+
+# multiscale (VAR's multi-scale residual quantizer)
+def _multiscale_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], output[0])
+
+
+def _multiscale_backward(ctx, grad_indices, grad_h):
+    # f_rest gets no gradient: h depends on it only through the indices, which are piecewise
+    # constant, so its gradient is zero wherever it is defined (VAR detaches f_rest too).
+    codebook, indices = ctx.saved_tensors
+    grad_codebook = None
+    if ctx.needs_input_grad[1]:
+        grad_codebook = torch.ops.vqkernels.multiscale_quantize_step_backward(grad_h, codebook, indices)
+    return None, grad_codebook, None, None
+
+
+torch.library.register_autograd("vqkernels::multiscale_quantize_step", _multiscale_backward,
+                                setup_context=_multiscale_setup)

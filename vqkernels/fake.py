@@ -132,3 +132,18 @@ def _rotation_trick_fake(src, tgt):
 def _rotation_trick_backward_fake(grad, src, tgt):
     _checks.check_rotation_backward("rotation_trick_backward", grad, src, tgt)
     return torch.empty_like(src, memory_format=torch.contiguous_format)
+
+
+# multiscale (VAR's multi-scale residual quantizer)
+@torch.library.register_fake(_lib_op("multiscale_quantize_step"))
+def _multiscale_quantize_step_fake(f_rest, codebook, pn, metric="l2"):
+    _checks.check_multiscale("multiscale_quantize_step", f_rest, codebook, pn, metric)
+    b, c = f_rest.shape[0], f_rest.shape[1]
+    return (f_rest.new_empty(b, pn[0], pn[1], dtype=torch.int64),
+            codebook.new_empty(b, c, pn[0], pn[1]))
+
+
+@torch.library.register_fake(_lib_op("multiscale_quantize_step_backward"))
+def _multiscale_quantize_step_backward_fake(grad_h, codebook, indices):
+    _checks.check_multiscale_backward("multiscale_quantize_step_backward", grad_h, codebook, indices)
+    return torch.empty_like(codebook, memory_format=torch.contiguous_format)

@@ -267,3 +267,34 @@ def rotation_trick(src: Tensor, tgt: Tensor) -> Tensor:
     returns ``tgt``. Rows are ``[N, D]`` (flatten leading dimensions first).
     """
     return _ops.rotation_trick(src, tgt)
+
+
+# multiscale (VAR's multi-scale residual quantizer)
+def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[int, int],
+                             metric: str = "l2") -> Tuple[Tensor, Tensor]:
+    """One scale of VAR's multi-scale residual quantizer, fused: area-downsample ``f_rest`` to
+    ``pn``, find each cell's nearest code, look it up.
+
+    Args:
+        f_rest: [B, C, H, W] (any strides), H, W >= 1; float32, float16, bfloat16 or float64.
+        codebook: [K, C], K >= 1, same device; any of the same dtypes.
+        pn: the output side ``pn`` (``pn`` x ``pn`` cells) or a pair ``(ph, pw)``.
+        metric: ``"l2"`` (VAR's default), ``"cosine"`` (VAR's ``using_znorm``) or ``"ip"``.
+
+    The downsampling is ``F.interpolate(f_rest, (ph, pw), mode='area')`` (adaptive average
+    pooling, non-divisible sizes included) with the same arithmetic, bit for bit the result
+    F.interpolate gives for ``f_rest.contiguous()`` (whatever ``f_rest``'s layout): sums in
+    float32 (float64 for float64) rounded to ``f_rest``'s dtype, the mean over (H, W) for a 1 x 1
+    output; ``pn == (H, W)`` is the identity (VAR's last scale). The search follows
+    :func:`nearest_code` (ties to the lowest index; a cell holding a NaN gets index -1 and a NaN
+    code; a codebook row with a NaN is never chosen).
+
+    Returns:
+        ``indices`` int64 [B, ph, pw] and ``h`` [B, C, ph, pw] (contiguous NCHW, the codebook's
+        dtype): ``h[b, :, y, x] = codebook[indices[b, y, x]]``. ``h`` is differentiable with
+        respect to ``codebook`` (the gradient of each cell lands on its code, summed in a fixed
+        order: deterministic). ``f_rest`` gets no gradient: h depends on it only through the
+        piecewise-constant indices (VAR detaches it as well).
+    """
+    pn = (pn, pn) if isinstance(pn, int) else tuple(pn)
+    return _ops.multiscale_quantize_step(f_rest, codebook, pn, metric)

@@ -433,3 +433,30 @@ def rotation_trick_backward(grad, src, tgt):
     gw = (g * w).sum(1, keepdim=True)
     gq = (g * q).sum(1, keepdim=True)
     return (scale * (g - 2.0 * gw * w + 2.0 * gq * u)).to(src.dtype).contiguous()
+
+
+# multiscale (VAR's multi-scale residual quantizer)
+def multiscale_quantize_step(f_rest, codebook, pn, metric="l2"):
+    """Area downsampling to pn, nearest code per cell, lookup; see vqkernels.multiscale_quantize_step."""
+    _checks.check_multiscale("multiscale_quantize_step", f_rest, codebook, pn, metric)
+    b, c = f_rest.shape[0], f_rest.shape[1]
+    ph, pw = pn
+    if b and c:
+        rest = F.interpolate(f_rest.contiguous(), size=(ph, pw), mode="area")  # NCHW: the kernel's arithmetic
+    else:  # adaptive pooling rejects C = 0; nothing to average anyway
+        rest = f_rest.new_zeros(b, c, ph, pw)
+    indices, _ = nearest_code(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook, metric)
+    h = lookup(codebook, indices).view(b, ph, pw, c).permute(0, 3, 1, 2).contiguous()
+    return indices.view(b, ph, pw), h
+
+
+def multiscale_quantize_step_backward(grad_h, codebook, indices):
+    """Codebook gradient of multiscale_quantize_step's h: grad_h's cells summed onto their codes."""
+    _checks.check_multiscale_backward("multiscale_quantize_step_backward", grad_h, codebook, indices)
+    dt = _checks.compute_dtype(grad_h, codebook)
+    c = codebook.shape[1]
+    idx = indices.reshape(-1)
+    valid = (idx >= 0).unsqueeze(1)
+    g = torch.where(valid, grad_h.to(dt).permute(0, 2, 3, 1).reshape(-1, c), torch.zeros((), dtype=dt))
+    grad = torch.zeros(codebook.shape, dtype=dt, device=codebook.device).index_add_(0, idx.clamp_min(0), g)
+    return grad.to(codebook.dtype)

@@ -60,6 +60,14 @@ SCHEMAS = {
     ),
     "rotation_trick": "rotation_trick(Tensor src, Tensor tgt) -> Tensor",
     "rotation_trick_backward": "rotation_trick_backward(Tensor grad, Tensor src, Tensor tgt) -> Tensor",
+    # multiscale (VAR's multi-scale residual quantizer): one scale, and its codebook gradient
+    "multiscale_quantize_step": (
+        "multiscale_quantize_step(Tensor f_rest, Tensor codebook, int[2] pn, str metric=\"l2\") "
+        "-> (Tensor indices, Tensor h)"
+    ),
+    "multiscale_quantize_step_backward": (
+        "multiscale_quantize_step_backward(Tensor grad_h, Tensor codebook, Tensor indices) -> Tensor"
+    ),
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.

@@ -8,7 +8,8 @@ from .frozen import minilm_word_embeddings
 from .fsq import FSQ
 from .gumbel import GumbelQuantize
 from .lfq import LFQ
+from .multiscale import MultiScaleVQ
 from .residual import GroupedResidualVQ, ResidualVQ
 from .vq import VectorQuantize
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "minilm_word_embeddings"]
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ", "minilm_word_embeddings"]
