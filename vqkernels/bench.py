@@ -581,7 +581,9 @@ def render(runs, args, elapsed, plot_rel=None, other=None, layers=None):
                   "Forward (codebook update included), backward of quantized.mean() plus the layer's losses; "
                   "ours (vqkernels.nn) against vector-quantize-pytorch's layer of the same keywords (defaults "
                   "otherwise, rotation trick included), ours loading its state_dict; same input. Memory: peak RSS "
-                  "growth of one step.",
+                  "growth of one step. MultiScaleVQ rows: against VAR's VectorQuantizer2 loop in plain PyTorch "
+                  "(vqkernels/bench_var.py), forward and backward of mean_vq_loss + f_hat.sum(), the median of "
+                  "alternating steps; the one-thread row counts process CPU time.",
                   md_table(["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup", "ours MiB",
                             "vector-quantize-pytorch MiB"], layers[0])]
     if plot_rel:
@@ -693,8 +695,21 @@ def main(argv=None):
     _log(f"other ops at {_shape_str(other_shape)}")
     other = (other_shape, run_other_ops(other_shape, args))
     _log("quantizer layers: one training step each")
-    from . import bench_layers
+    from . import bench_layers, bench_var
     layers = bench_layers.run(args.repeats, args.budget, quick=args.quick, log=_log)
+    _log("VAR multi-scale quantizer vs its plain per-scale loop")
+    var_rows = bench_var.run(repeats=min(args.repeats, 15), quick=args.quick)
+    for r in var_rows:
+        speedup = r["plain_ms"] / r["ours_ms"]
+        _log(f"  {r['threads']} thread(s), {r['clock']}: ours {r['ours_ms']:.1f} ms, plain {r['plain_ms']:.1f} ms")
+        layers[0].append([f"MultiScaleVQ ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, {r['clock']} time)",
+                          f"VAR: B={r['B']}, Cvae 32, vocab 4096, patch sides 1..16; baseline VAR's plain loop",
+                          f"{r['ours_ms']:.1f}", f"{r['plain_ms']:.1f} (plain loop)", _ratio(speedup), "-", "-"])
+    wall = var_rows[0]
+    wall_speedup = wall["plain_ms"] / wall["ours_ms"]
+    layers[1].append(["VAR quantizer training step vs the plain per-scale loop",
+                      f"B={wall['B']}, {wall['threads']} threads, wall clock", ">= 2x", _ratio(wall_speedup),
+                      "PASS" if wall_speedup >= 2.0 else "FAIL"])
     elapsed = time.perf_counter() - start
 
     plot_rel = None
