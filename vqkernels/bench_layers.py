@@ -69,12 +69,12 @@ def _lfq(bits):
 
 
 CASES = (
-    Case("VectorQuantize", "dim 64, 1024 codes, 16 x 256 tokens", _vq, 5.0),
-    Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128, 8 x 512 tokens", _rvq(False), 5.0),
-    Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128, 8 x 512 tokens", _rvq(True), 5.0),
-    Case("FSQ", "levels 8,8,8,5,5,5 (64000 codes), 16 x 1024 tokens", _fsq),
-    Case("LFQ 2^14", "14 bits, 4 x 256 tokens", _lfq(14)),
-    Case("LFQ 2^16", "16 bits, 4 x 256 tokens", _lfq(16)),
+    Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
+    Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128", _rvq(False), 5.0),
+    Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128", _rvq(True), 5.0),
+    Case("FSQ", "levels 8,8,8,5,5,5 (64000 codes)", _fsq),
+    Case("LFQ 2^14", "14 bits", _lfq(14)),
+    Case("LFQ 2^16", "16 bits", _lfq(16)),
 )
 
 
@@ -121,6 +121,7 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
     rows, targets = [], []
     for case in CASES:
         ours, theirs, x = case.make(quick)
+        detail = f"{case.detail}, {x.shape[0]} x {x.shape[1]} tokens"
         fns = {"ours": _step(ours, x, device)}
         if theirs is not None:
             fns["theirs"] = _step(theirs, x, device)
@@ -136,16 +137,16 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
             their_ms, speedup, their_mib = f"failed: {type(theirs_t).__name__}", None, None
         else:
             their_ms, speedup, their_mib = f"{theirs_t[0] * 1e3:.1f}", theirs_t[0] / t_ours, mib.get("theirs")
-        rows.append([case.name, case.detail, f"{t_ours * 1e3:.1f}", their_ms, bench._ratio(speedup),
+        rows.append([case.name, detail, f"{t_ours * 1e3:.1f}", their_ms, bench._ratio(speedup),
                      _fmt_mib(mib["ours"]), _fmt_mib(their_mib)])
         log(f"  {case.name}: ours {t_ours * 1e3:.1f} ms, vector-quantize-pytorch {their_ms} ms")
         if case.target:
-            targets.append([f"{case.name} training step vs vector-quantize-pytorch", case.detail,
+            targets.append([f"{case.name} training step vs vector-quantize-pytorch", detail,
                             f">= {case.target:g}x", bench._ratio(speedup),
                             "n/a" if speedup is None else ("PASS" if speedup >= case.target else "FAIL")])
         if case.name == "LFQ 2^16":
             frac = mib["ours"] / their_mib if their_mib else None
-            targets.append(["LFQ 2^16 peak memory vs vector-quantize-pytorch", case.detail, "< 10%",
+            targets.append(["LFQ 2^16 peak memory vs vector-quantize-pytorch", detail, "< 10%",
                             "n/a" if frac is None else f"{100 * frac:.1f}%",
                             "n/a" if frac is None else ("PASS" if frac < 0.10 else "FAIL")])
     return rows, targets
@@ -153,3 +154,28 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
 
 def _fmt_mib(v):
     return "-" if v is None else f"{v:.1f}"
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vqkernels.bench_layers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true", help="smaller batches")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per method")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(bench.THREADS)
+    rows, targets = run(args.repeats, args.budget, quick=args.quick, device=args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {bench.THREADS} threads"
+    print(f"\nQuantizer layers, one training step, median ms ({where}; vqkernels serves this device with: "
+          f"{bench.vqkernels.backend('vq_quantize', args.device.split(':')[0])}):\n")
+    print(bench.md_table(["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup", "ours MiB",
+                          "vector-quantize-pytorch MiB"], rows))
+    print()
+    print(bench.md_table(["target", "configuration", "needed", "measured", "result"], targets))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,11 @@ namespace {
 // vqkernels.reference.fsq_constants (and vector-quantize-pytorch): half_l = (L - 1) * 1.001 / 2,
 // offset = 0.5 for even L else 0, shift = atanh(offset / half_l); plus L // 2 and the
 // mixed-radix basis (the first dimension varies fastest).
+// Row blocks per parallel task: elementwise work this light pays for a thread only in large chunks.
+int64_t elementwise_grain(int64_t n, int64_t d) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_block_size(n) * d));
+}
+
 struct FsqConstants {
   std::vector<float> half_l, offset, shift;
   std::vector<int64_t> half_width, basis;
@@ -74,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArra
           }
           idx[r] = nan ? -1 : index;
         }
-      });
+      }, elementwise_grain(n, d));
     });
   });
   return {codes, indices};
@@ -111,7 +116,7 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
             const T g = gr[(r - r0) * ldg + j] / T(k.half_width[j]) * T(k.half_l[j]);
             out[r * d + j] = static_cast<scalar_t>(g * (T(1) - th * th));
           }
-      });
+      }, elementwise_grain(n, d));
     });
   });
   return grad;

@@ -728,12 +728,12 @@ inline int64_t row_block_count(int64_t n) {
   return (n + rows - 1) / rows;
 }
 
-// Runs fn(scratch, block, r0, r1) over the row blocks in parallel; each parallel task owns
-// one Scratch.
+// Runs fn(scratch, block, r0, r1) over the row blocks in parallel, at least grain_blocks
+// blocks per task; each parallel task owns one Scratch.
 template <typename Scratch, typename F>
-void parallel_row_blocks(int64_t n, F&& fn) {
+void parallel_row_blocks(int64_t n, F&& fn, int64_t grain_blocks = 1) {
   const int64_t rows = row_block_size(n);
-  at::parallel_for(0, row_block_count(n), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, row_block_count(n), grain_blocks, [&](int64_t b0, int64_t b1) {
     Scratch scratch;
     for (int64_t b = b0; b < b1; ++b) fn(scratch, b, b * rows, std::min(n, (b + 1) * rows));
   });

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a bare GPU machine (torch with CUDA already installed): builds the extension with its CUDA
+# sources, runs the GPU tests, then the GPU benchmarks, and prints a short table last.
+#   bash benchmarks/gpu.sh            # PYTHON=... to pick the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ -z "${CUDA_HOME:-}" ]; then
+  nvcc_path=$(readlink -f "$(command -v nvcc)")
+  CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")
+fi
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export VQK_BUILD_CUDA=1 VQK_REQUIRE_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -m pip install --no-build-isolation --no-deps -q -e .
+"$PY" -m vqkernels.info
+"$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider
+"$PY" -m vqkernels.bench_layers --device cuda
