@@ -6,19 +6,15 @@ test_fsq.py, both the op as served and the pure-PyTorch reference called directl
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, LAYOUTS, assert_deterministic, bits, compute_dtype, fail_rows, gen, hyp_settings,
+from vq_helpers import (peak_memory_kib, DTYPES, LAYOUTS, assert_deterministic, bits, compute_dtype, fail_rows, gen, hyp_settings,
                         opcheck, reference, unit_roundoff, vqkernels, with_layout)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ERRORS = (ValueError, RuntimeError)
 PROB_EPS = 1e-5  # vector-quantize-pytorch's clamp inside the log
 QUANTIZE = {"op": vqkernels.lfq_quantize, "reference": reference.lfq_quantize}
@@ -475,25 +471,8 @@ def test_backward_accepts_the_base_arguments():
 # memory: d = 16, N = 4096; the N x 2**d float32 matrix would be 1 GiB
 
 MEMORY_SCRIPT = r"""
-import warnings
-import torch
-warnings.simplefilter("ignore")
 import vqkernels
 from vqkernels import reference
-
-def peak_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-
-def measure(step, x):
-    step(x[:64])  # loads libraries and starts threads: not the step's memory
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size restarts from the current one
-    before = peak_kib()
-    step(x)
-    return peak_kib() - before
 
 def op_step(x):
     x = x.clone().requires_grad_()
@@ -514,7 +493,9 @@ def brute_force_step(x):  # the N x 2**d probabilities, to show the measurement 
 
 g = torch.Generator().manual_seed(0)
 x16 = torch.randn(4096, 16, generator=g)
-print(measure(op_step, x16), measure(reference_step, x16), measure(brute_force_step, x16[:, :10]))
+x10 = x16[:, :10]
+print(measure(op_step, (x16[:64],), (x16,)), measure(reference_step, (x16[:64],), (x16,)),
+      measure(brute_force_step, (x10[:64],), (x10,)))
 """
 
 
@@ -525,14 +506,7 @@ def test_peak_memory_d16():
     size (VmHWM, reset through /proc/self/clear_refs) in a fresh process, with glibc giving every
     block of 128 KiB or more its own mapping, unmapped on free. The same measurement of the brute-force
     N x 2**10 softmax must see at least its 16 MiB, so the method is not blind."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    op_kib, reference_kib, brute_kib = (int(v) for v in run.stdout.split()[-3:])
+    op_kib, reference_kib, brute_kib = peak_memory_kib(MEMORY_SCRIPT)
     assert brute_kib >= 4096 * 2 ** 10 * 4 // 1024, f"the measurement missed the 16 MiB matrix ({brute_kib} KiB)"
     assert op_kib <= 64 * 1024, f"lfq_entropy (op) used {op_kib / 1024:.1f} MiB"
     assert reference_kib <= 64 * 1024, f"lfq_entropy (reference) used {reference_kib / 1024:.1f} MiB"

@@ -1,20 +1,16 @@
 """vqkernels.nearest_code against float64 ground truth."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 
-from vq_helpers import (DTYPES, METRICS, TIE_POSITIONS, assert_deterministic, assert_separated, bits, build_case,
+from vq_helpers import (peak_memory_kib, DTYPES, METRICS, TIE_POSITIONS, assert_deterministic, assert_separated, bits, build_case,
                         check_nearest, clustered, compute_dtype, distance_tolerance, duplicates_xfail, fail_rows,
                         hyp_settings, opcheck, reference, search_cases, search_opcheck_samples, separated,
                         separated_cases, tie_problem, vqkernels)
 
 nearest_code = vqkernels.nearest_code
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @hyp_settings(150)
@@ -212,28 +208,18 @@ def test_n_times_k_above_2_31(isa):
 
 
 MEMORY_SCRIPT = r"""
-import warnings
-import torch
-warnings.simplefilter("ignore")
 import vqkernels
 
-def peak_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+
+def step(x, codebook):
+    indices, distances = vqkernels.nearest_code(x, codebook)
+    assert indices.shape == (x.shape[0],) and bool((indices >= 0).all())
+
 
 g = torch.Generator().manual_seed(0)
 x = torch.randn(65536, 64, generator=g)
 codebook = torch.randn(16384, 64, generator=g)
-vqkernels.nearest_code(x[:8], codebook[:8])  # loads libraries and starts threads: not the op's memory
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak resident size restarts from the current one
-before = peak_kib()
-indices, distances = vqkernels.nearest_code(x, codebook)
-after = peak_kib()
-assert indices.shape == (65536,) and bool((indices >= 0).all())
-print(after - before)
+print(measure(step, (x[:8], codebook[:8]), (x, codebook)))
 """
 
 
@@ -242,17 +228,8 @@ def test_peak_memory_stays_small():
     """N=65536, D=64, K=16384 float32: the N x K distance matrix would be 4 GiB; the op may
     use at most 64 MiB beyond its inputs (outputs included). The reference kernel stays
     near 52 MiB with its 4M-element chunks, so this runs for either backend.
-
-    MALLOC_MMAP_THRESHOLD_ makes glibc give every block of 128 KiB or more its own mapping
-    and unmap it on free, so the peak resident size follows the live allocations instead of
-    depending on which freed heap pages happen to be reused.
+    Measured by vq_helpers.peak_memory_kib (peak resident size of a fresh process).
     """
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    extra_mib = int(run.stdout.split()[-1]) / 1024
+    (extra_kib,) = peak_memory_kib(MEMORY_SCRIPT)
+    extra_mib = extra_kib / 1024
     assert extra_mib <= 64, f"nearest_code used {extra_mib:.1f} MiB beyond its inputs"

@@ -2,19 +2,15 @@
 same keywords, outputs, indices and state_dict; unsupported options refused; torch.compile; memory."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import vector_quantize_pytorch as vqp
 
-from vq_helpers import bits, gen
+from vq_helpers import bits, gen, peak_memory_kib
 from vqkernels.nn.fsq import FSQ
 from vqkernels.nn.lfq import LFQ, LossBreakdown, Return
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROB_EPS = 1e-5
 
 
@@ -328,35 +324,25 @@ def test_compiled_training_step_matches_eager():
 # LFQ memory: d = 16, 4096 tokens
 
 MEMORY_SCRIPT = r"""
-import warnings
-import torch
-warnings.simplefilter("ignore")
 from vqkernels.nn.lfq import LFQ
 import vector_quantize_pytorch as vqp
 
-def peak_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
 
-def measure(module, x):
+def step_of(module):
     module.train()
+
     def step(x):
         x = x.clone().requires_grad_()
         ret = module(x)
         (ret.quantized.sum() + ret.entropy_aux_loss).backward()
         assert x.grad.shape == x.shape
-    step(x[:, :64])  # loads libraries and starts threads: not the step's memory
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size restarts from the current one
-    before = peak_kib()
-    step(x)
-    return peak_kib() - before
+    return step
+
 
 g = torch.Generator().manual_seed(0)
-print(measure(LFQ(dim=16), torch.randn(1, 4096, 16, generator=g)),
-      measure(vqp.LFQ(dim=10), torch.randn(1, 4096, 10, generator=g)))
+x16, x10 = torch.randn(1, 4096, 16, generator=g), torch.randn(1, 4096, 10, generator=g)
+print(measure(step_of(LFQ(dim=16)), (x16[:, :64],), (x16,)),
+      measure(step_of(vqp.LFQ(dim=10)), (x10[:, :64],), (x10,)))
 """
 
 
@@ -366,13 +352,6 @@ def test_lfq_peak_memory_d16():
     inputs. Measured as in test_lfq.test_peak_memory_d16 (peak resident size of a fresh process,
     reset through /proc/self/clear_refs, every block of 128 KiB or more its own mapping); the same
     measurement of vector-quantize-pytorch's LFQ(dim=10) must see at least one 4096 x 2**10 matrix."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    ours_kib, theirs_kib = (int(v) for v in run.stdout.split()[-2:])
+    ours_kib, theirs_kib = peak_memory_kib(MEMORY_SCRIPT)
     assert theirs_kib >= 4096 * 2 ** 10 * 4 // 1024, f"the measurement missed their 16 MiB matrix ({theirs_kib} KiB)"
     assert ours_kib <= 64 * 1024, f"LFQ(dim=16) used {ours_kib / 1024:.1f} MiB for one step"

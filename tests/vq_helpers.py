@@ -538,3 +538,50 @@ def run_without_extension(code):
 
 # multiscale (VAR's multi-scale residual quantizer): int64 indices come first there too
 INT_FIRST_OUTPUT += ("multiscale_quantize_step",)
+
+
+# ---------------------------------------------------------------------------------------
+# peak memory of a step, measured in a fresh process
+
+PEAK_RSS_PRELUDE = r"""
+import warnings
+import torch
+warnings.simplefilter("ignore")
+
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+
+def measure(step, warmup_args, args):
+    # Peak resident-size growth (KiB) of step(*args), after step(*warmup_args) has loaded the
+    # libraries and started the threads (not the step's memory).
+    step(*warmup_args)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size restarts from the current one
+    before = peak_kib()
+    step(*args)
+    return peak_kib() - before
+"""
+
+
+def peak_memory_kib(code):
+    """Runs PEAK_RSS_PRELUDE + ``code`` (which prints integers, e.g. from ``measure``) in a fresh
+    interpreter and returns the integers of its last output line. glibc gives every block of
+    128 KiB or more its own mapping and unmaps it on free (MALLOC_MMAP_THRESHOLD_), so the peak
+    resident size follows the live allocations instead of depending on which freed heap pages
+    happen to be reused. Skips where /proc/self/clear_refs cannot reset the peak."""
+    import subprocess
+    import sys
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_PRELUDE + code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return [int(v) for v in run.stdout.strip().splitlines()[-1].split()]

@@ -591,6 +591,20 @@ def render(runs, args, elapsed, plot_rel=None, other=None, layers=None):
     return "\n\n".join(parts) + "\n"
 
 
+GPU_HEADING = "## On a GPU"
+
+
+def _kept_gpu_section(path):
+    """The report's GPU section (recorded by hand from benchmarks/gpu.sh on a lent GPU machine),
+    carried over when this CPU benchmark rewrites the file."""
+    try:
+        old = path.read_text()
+    except OSError:
+        return ""
+    at = old.find("\n" + GPU_HEADING)
+    return "" if at < 0 else old[at:]
+
+
 def _fmt(v):
     return f"{v:.1f}" if v else "-"
 
@@ -723,6 +737,7 @@ def main(argv=None):
     print(text)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
+        text += _kept_gpu_section(output)
         output.write_text(text)
         _log(f"wrote {output}" + (f" and {plot_path}" if plot_rel else ""))
     return 0
