@@ -48,3 +48,23 @@ class Layout:
         if self.only_one:
             return idx.unsqueeze(1)
         return idx
+
+
+class ChannelFirst:
+    """Channel-first inputs of any rank ([b, d, ...], e.g. images and videos) as tokens
+    [b, n, d] and results back; a no-op when ``channel_first`` is false."""
+
+    def __init__(self, x, channel_first):
+        self.on = channel_first
+        self.spatial = x.movedim(1, -1).shape[:-1] if channel_first else None
+
+    def tokens(self, x):
+        return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1]) if self.on else x
+
+    def restore(self, t):
+        """[b, n, d'] -> [b, d', ...]."""
+        return t.reshape(*self.spatial, t.shape[-1]).movedim(-1, 1) if self.on else t
+
+    def indices(self, idx):
+        """[b, n, c] -> [b, ..., c]."""
+        return idx.reshape(*self.spatial, idx.shape[-1]) if self.on else idx

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import _checks, ops
+from ._layout import ChannelFirst
 
 
 def _reject(option, value, why):
@@ -103,11 +104,8 @@ class FSQ(nn.Module):
 
     def forward(self, z):
         """z [b, n, dim] (or [b, dim, ...] channel-first) -> (quantized like z, indices [b, n(, c)] or None)."""
-        channel_last = z.ndim >= 4 or self.channel_first
-        if channel_last:
-            z = z.movedim(1, -1)
-            spatial = z.shape[:-1]
-            z = z.reshape(z.shape[0], -1, z.shape[-1])
+        layout = ChannelFirst(z, z.ndim >= 4 or self.channel_first)
+        z = layout.tokens(z)
         if z.shape[-1] != self.dim:
             raise ValueError(f"vqkernels.nn.FSQ: expected the feature dimension {self.dim}, got shape "
                              f"{tuple(z.shape)}")
@@ -119,10 +117,7 @@ class FSQ(nn.Module):
             flat = flat.float()
         codes, indices = ops.fsq_quantize(flat, self.levels)
         out = self.project_out(codes.reshape(*lead, self.effective_codebook_dim).to(orig_dtype))
-        indices = indices.int().reshape(*lead, self.num_codebooks)
-        if channel_last:
-            out = out.reshape(*spatial, out.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(*spatial, self.num_codebooks)
+        out, indices = layout.restore(out), layout.indices(indices.int().reshape(*lead, self.num_codebooks))
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         return out, indices if self.return_indices else None

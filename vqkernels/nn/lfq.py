@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks, ops
+from ._layout import ChannelFirst
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
@@ -147,11 +148,8 @@ class LFQ(nn.Module):
             raise ValueError("vqkernels.nn.LFQ: mask is not supported (vector-quantize-pytorch 1.32.0 folds the "
                              "codebook axis into the tokens when masking, so its masked batch entropy is the "
                              "per-sample entropy)")
-        should_transpose = x.ndim >= 4 if self.channel_first is None else self.channel_first
-        if should_transpose:
-            x = x.movedim(1, -1)
-            spatial = x.shape[:-1]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        layout = ChannelFirst(x, x.ndim >= 4 if self.channel_first is None else self.channel_first)
+        x = layout.tokens(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"vqkernels.nn.LFQ: expected the feature dimension {self.dim}, got shape "
                              f"{tuple(x.shape)}")
@@ -178,11 +176,8 @@ class LFQ(nn.Module):
         if not (self.training and self.commitment_loss_weight > 0):
             commit_loss = self.zero
 
-        quantized = self.project_out(codes.reshape(*lead, -1).to(orig_dtype))
-        indices = indices.reshape(*lead, self.num_codebooks)
-        if should_transpose:
-            quantized = quantized.reshape(*spatial, quantized.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(*spatial, self.num_codebooks)
+        quantized = layout.restore(self.project_out(codes.reshape(*lead, -1).to(orig_dtype)))
+        indices = layout.indices(indices.reshape(*lead, self.num_codebooks))
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         aux_loss = entropy_aux_loss * self.entropy_loss_weight + commit_loss * self.commitment_loss_weight
