@@ -257,3 +257,21 @@ def test_compiled_training_matches_eager(kw, rotation):
     g = torch.Generator().manual_seed(5)
     batches = [torch.randn(2, 24, 16, generator=g) for _ in range(3)]
     assert_compiled_training_matches_eager(lambda: VectorQuantize(rotation_trick=rotation, **kw), batches)
+
+
+def test_nan_token_gets_index_minus_one_and_leaves_the_codebook_finite():
+    """A token holding a NaN: index -1, a NaN output row, a NaN loss (as any mse of it); the
+    other tokens are untouched and the EMA codebook ignores the token."""
+    from vqkernels.nn import ResidualVQ
+    torch.manual_seed(0)
+    for layer in (VectorQuantize(dim=8, codebook_size=16, rotation_trick=False),
+                  ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, rotation_trick=False)):
+        layer.train()
+        x = torch.randn(2, 10, 8)
+        x[0, 3, 2] = float("nan")
+        q, idx, loss = layer(x)
+        assert torch.all(idx[0, 3] == -1) and torch.all(idx[1] >= 0)
+        assert torch.isnan(q[0, 3]).all() and torch.isfinite(q[1]).all()
+        assert torch.isnan(loss).all()
+        codebooks = layer.codebooks if isinstance(layer, ResidualVQ) else layer.codebook
+        assert torch.isfinite(codebooks).all()
