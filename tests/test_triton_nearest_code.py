@@ -1,10 +1,12 @@
 """vqkernels.triton.nearest_code: the Triton kernel of the fused nearest-code search.
 
 Without CUDA the kernel runs on CPU tensors under the Triton interpreter: TRITON_INTERPRET=1
-is set here before vqkernels.triton (and with it triton.jit) is imported, which works under
-pytest-xdist too since every worker is a fresh process and no other test module imports
-vqkernels.triton. With CUDA (the GPU machine) the same small checks run compiled on the GPU,
+is set here before triton (and with it triton.jit) is first imported. With CUDA (the GPU machine) the same small checks run compiled on the GPU,
 and the tests marked `cuda` add large shapes.
+
+A run that imported triton earlier without the interpreter (a whole-suite run in one process:
+tests/test_nn_fsq_lfq.py gets triton through torch.compile) cannot switch it on any more; this
+module is then skipped and tests/test_triton_nearest_code_fresh.py runs it in a fresh process.
 """
 
 import os
@@ -14,20 +16,24 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+TRITON_PRELOADED = "triton" in sys.modules
+if not torch.cuda.is_available() and not TRITON_PRELOADED:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs; the interpreter is slow
+# Without CUDA the kernels need the interpreter, which must be on before triton is first imported.
+INTERPRETER_UNUSABLE = not torch.cuda.is_available() and (
+    TRITON_PRELOADED and os.environ.get("TRITON_INTERPRET") != "1")
 
 pytest.importorskip("triton")
 
 from vq_helpers import TIE_POSITIONS, gen, tie_problem, vqkernels, with_layout  # noqa: E402
 
-import vqkernels.triton as vqt  # noqa: E402
-from vqkernels.triton import nearest_code as _nc_module  # noqa: E402,F401
+if INTERPRETER_UNUSABLE:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; "
+                "test_triton_nearest_code_fresh.py runs this file in a fresh process", allow_module_level=True)
 
-NC = sys.modules["vqkernels.triton.nearest_code"]
+import vqkernels.triton as vqt  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and not NC._INTERPRET:
-    pytest.skip("vqkernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 METRICS = ("l2", "ip", "cosine")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
