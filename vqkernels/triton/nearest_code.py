@@ -37,12 +37,17 @@ OP = "triton.nearest_code"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import time too
 
 
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages): a few points of {64, 128}^2 x {32, 64} x
+# {4, 8} x {2, 3}, so that autotuning a new (K, D, dtype) stays at a few seconds.
+_CUDA_CONFIGS = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (128, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+                 (64, 128, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2), (64, 128, 64, 4, 2)]
+
+
 def _configs():
     if _INTERPRET:  # the interpreter is ~1000x slower: one config
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd},
-                          num_warps=w, num_stages=s)
-            for bn in (64, 128) for bk in (64, 128) for bd in (32, 64) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bn, bk, bd, w, s in _CUDA_CONFIGS]
 
 
 @triton.autotune(configs=_configs(), key=["K", "D", "METRIC", "IEEE", "UPCAST"])
