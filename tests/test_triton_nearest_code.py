@@ -34,6 +34,7 @@ if INTERPRETER_UNUSABLE:
 import vqkernels.triton as vqt  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METRICS = ("l2", "ip", "cosine")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,10 +87,17 @@ def problem(n, k, d, dtype, seed=0, device=DEV):
     return x.to(device), c.to(device)
 
 
+def subprocess_env(interpret):
+    """This process's environment for a child Python that imports this checkout's vqkernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or interpret}
+    env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def test_import_vqkernels_does_not_import_triton():
     code = "import sys, vqkernels; assert 'triton' not in sys.modules, 'triton imported'"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(True))
 
 
 SHAPES = [(1, 1, 1), (1, 80, 40), (100, 33, 7), (37, 80, 17), (64, 64, 32), (0, 5, 3)]
@@ -265,3 +273,29 @@ def test_cuda_torch_compile_fullgraph():
     idx, dist = compiled(x, c)
     eidx, edist = vqt.nearest_code(x, c, "cosine")
     assert torch.equal(idx, eidx) and torch.equal(dist, edist)
+
+
+AOT_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vqkernels.triton
+fn = sys.modules["vqkernels.triton.nearest_code"]._nearest_code_kernel.fn
+ints = ("N", "K", "D", "sxn", "sxd", "scn", "scd")
+for dtype, metric in (("fp32", 0), ("bf16", 2)):
+    sig = dict(x_ptr="*" + dtype, c_ptr="*" + dtype, add_ptr="*fp32", scale_ptr="*fp32", idx_ptr="*i64",
+               dist_ptr="*fp32", **{a: "i32" for a in ints})
+    const = dict(METRIC=metric, IEEE=dtype == "fp32", UPCAST=False, EPS=1e-12, BLOCK_N=128, BLOCK_K=128, BLOCK_D=32)
+    sig.update({a: "constexpr" for a in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    assert ("wgmma" in ptx) == (dtype == "bf16"), dtype  # bf16 on tensor cores; fp32 IEEE never on TF32 ones
+"""
+
+
+def test_compiles_for_sm90():
+    """The kernel compiles (not interpreted) for an H100/H200 without a GPU: catches errors the
+    interpreter lets through; bf16 uses wgmma, fp32 no tensor-core (TF32) instruction at all."""
+    r = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=subprocess_env(False), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
