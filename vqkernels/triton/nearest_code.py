@@ -21,6 +21,7 @@ float64 inputs are served by ``vqkernels.reference.nearest_code`` (float64 seman
 no float64 Triton kernel yet).
 """
 
+import contextlib
 import os
 from typing import Tuple
 
@@ -159,10 +160,11 @@ def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, 
         x, codebook = x.float(), codebook.float()
     add, scale = _code_terms(codebook, metric)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_code_kernel[grid](x, codebook, add, scale, indices, distances,
-                               n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-                               METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
-                               UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        _nearest_code_kernel[grid](x, codebook, add, scale, indices, distances,
+                                   n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+                                   METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
+                                   UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
     return indices, distances
 
 
