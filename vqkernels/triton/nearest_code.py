@@ -1,0 +1,193 @@
+"""Fused nearest-code search in Triton: the N x K distance matrix is never written.
+
+Each program takes BLOCK_N rows of x and walks the codebook in tiles of BLOCK_K codes; a
+tile's dot products x . c accumulate in float32 with ``tl.dot`` over BLOCK_D-wide chunks
+of D (IEEE float32 for float32 inputs, never TF32; float16/bfloat16 inputs multiply in
+their own type and accumulate in float32). Every metric is one affine form of the dot:
+
+    score[n, k] = add[k] - dot[n, k] * scale[k] (* rowscale[n] for cosine)
+
+    l2:     add = ||c||^2,  scale = 2            (||x||^2 does not change the argmin)
+    ip:     add = 0,        scale = 1
+    cosine: add = 1,        scale = 1/max(||c||, eps), rowscale = 1/max(||x||, eps)
+
+with ``add = +inf`` for a codebook row holding a NaN, so it is never chosen. A running
+(min, argmin) per row stays in registers; tiles merge with a strict ``<`` in increasing K
+order and a tile's own argmin takes its first minimum, so ties go to the lowest index.
+The epilogue recomputes the distance of the chosen code directly in float32 (l2:
+sum (x - c)^2, no cancellation), and gives a row of x holding a NaN index -1, distance NaN.
+
+float64 inputs are served by ``vqkernels.reference.nearest_code`` (float64 semantics;
+no float64 Triton kernel yet).
+"""
+
+import contextlib
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _checks, reference
+
+NORM_EPS = reference.NORM_EPS
+_METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
+OP = "triton.nearest_code"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import time too
+
+
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages): a few points of {64, 128}^2 x {32, 64} x
+# {4, 8} x {2, 3}, so that autotuning a new (K, D, dtype) stays at a few seconds.
+_CUDA_CONFIGS = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (128, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+                 (64, 128, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2), (64, 128, 64, 4, 2)]
+
+
+def _configs():
+    if _INTERPRET:  # the interpreter is ~1000x slower: one config
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bn, bk, bd, w, s in _CUDA_CONFIGS]
+
+
+@triton.autotune(configs=_configs(), key=["K", "D", "METRIC", "IEEE", "UPCAST"])
+@triton.jit
+def _nearest_code_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
+                         N, K, D, sxn, sxd, scn, scd,
+                         METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
+    dr = tl.arange(0, BLOCK_D)
+
+    # ||x||^2 per row: the cosine row scale, and NaN detection (a NaN entry makes it NaN).
+    xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dr
+        xt = tl.load(xrow + dd[None, :] * sxd, mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
+        xt = xt.to(tl.float32)
+        xsq += tl.sum(xt * xt, axis=1)
+    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    kr = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + kr
+        cmask = cols < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dr
+            dmask = dd < D
+            xt = tl.load(xrow + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            ct = tl.load(c_ptr + cols[None, :] * scn + dd[:, None] * scd,
+                         mask=cmask[None, :] & dmask[:, None], other=0.0)
+            if UPCAST:  # the interpreter's bfloat16 tl.dot is wrong; bf16 products are exact in fp32
+                acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(xt, ct, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, ct, acc)
+        add = tl.load(add_ptr + cols, mask=cmask, other=float("inf"))
+        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+        if METRIC == 2:
+            acc = acc * inv_xn[:, None]
+        score = add[None, :] - acc * scale[None, :]
+        score = tl.where(score != score, float("inf"), score)  # NaN (inf - inf, NaN codes) -> never chosen
+        tmin = tl.min(score, axis=1)
+        targ = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int32) + k0
+        better = tmin < best
+        best = tl.where(better, tmin, best)
+        best_idx = tl.where(better, targ, best_idx)
+
+    # Epilogue: the chosen code's distance, recomputed in float32 from x and that code.
+    crow = c_ptr + best_idx[:, None] * scn
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dr
+        m = rmask[:, None] & (dd < D)[None, :]
+        xt = tl.load(xrow + dd[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        ct = tl.load(crow + dd[None, :] * scd, mask=m, other=0.0).to(tl.float32)
+        diff = xt - ct
+        sq += tl.sum(diff * diff, axis=1)
+        dot += tl.sum(xt * ct, axis=1)
+    add_best = tl.load(add_ptr + best_idx, mask=rmask, other=0.0)
+    scale_best = tl.load(scale_ptr + best_idx, mask=rmask, other=0.0)
+    if METRIC == 0:
+        dist = sq
+    elif METRIC == 1:
+        dist = -dot
+    else:
+        dist = add_best - dot * scale_best * inv_xn
+    dist = tl.where(best == float("inf"), float("inf"), dist)  # no finite score: as the reference
+    # No usable code (NaN row, or the only candidates are NaN codes): index -1, distance NaN.
+    invalid = (xsq != xsq) | (add_best == float("inf"))
+    tl.store(idx_ptr + rows, tl.where(invalid, -1, best_idx.to(tl.int64)), mask=rmask)
+    tl.store(dist_ptr + rows, tl.where(invalid, float("nan"), dist), mask=rmask)
+
+
+def _code_terms(cb, metric):
+    """add [K] and scale [K] of the affine score form, float32; add = +inf for NaN codes."""
+    c = cb.float()
+    k = c.shape[0]
+    if metric == "l2":
+        add, scale = (c * c).sum(1), torch.full((k,), 2.0, device=c.device)
+    elif metric == "ip":
+        add, scale = torch.zeros(k, device=c.device), torch.ones(k, device=c.device)
+    else:
+        add = torch.ones(k, device=c.device)
+        scale = 1.0 / c.norm(dim=1).clamp_min(NORM_EPS)
+    add = add.masked_fill(torch.isnan(c).any(1), float("inf"))
+    return add.contiguous(), scale.contiguous()
+
+
+@torch.library.custom_op("vqkernels_triton::nearest_code", mutates_args=())
+def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor]:
+    if _checks.compute_dtype(x, codebook) == torch.float64:
+        return tuple(t.clone() for t in reference.nearest_code(x, codebook, metric))
+    n, d = x.shape
+    k = codebook.shape[0]
+    indices = torch.empty(n, dtype=torch.int64, device=x.device)
+    distances = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return indices, distances
+    # tl.dot needs one operand type: float16/bfloat16 pairs stay as they are, any mix -> float32.
+    if x.dtype != codebook.dtype:
+        x, codebook = x.float(), codebook.float()
+    add, scale = _code_terms(codebook, metric)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        _nearest_code_kernel[grid](x, codebook, add, scale, indices, distances,
+                                   n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+                                   METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
+                                   UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
+    return indices, distances
+
+
+@_nearest_code_op.register_fake
+def _(x, codebook, metric):
+    _checks.check_search(OP, x, codebook, metric)
+    n = x.shape[0]
+    dt = _checks.compute_dtype(x, codebook)
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=dt)
+
+
+def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor]:
+    """Nearest code of every row of ``x``: the Triton kernel of :func:`vqkernels.nearest_code`.
+
+    Same inputs, metrics, tie and NaN rules as :func:`vqkernels.nearest_code`. Returns
+    ``indices`` int64 [N] and ``distances`` [N] float32 (float64 for float64 inputs, which the
+    PyTorch reference serves). The distance of the chosen code is recomputed directly in float32
+    (l2: sum (x - c)^2), so it can differ from ``vqkernels.nearest_code``'s by float32 rounding
+    (its l2 uses the expanded form). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    No autograd yet: ``distances`` carries no gradient.
+    """
+    _checks.check_search(OP, x, codebook, metric)
+    if x.device.type != "cuda" and not _INTERPRET:
+        _checks._fail(OP, f"x is on {x.device}; the Triton kernel needs CUDA tensors "
+                          "(or TRITON_INTERPRET=1 for CPU tensors)")
+    return _nearest_code_op(x, codebook, metric)
