@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -11,6 +12,12 @@
 #include <utility>
 
 namespace vqk {
+
+// Kernels that call ATen ops (at::mm) hold this: under torch.autocast those inner calls would
+// otherwise be autocast too (to bfloat16 / float16) and no longer match the kernel's buffers.
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 enum class Metric { L2, Cosine, IP };
 

@@ -80,6 +80,7 @@ void load_block(const at::Tensor& t, int64_t r0, int64_t rows, int64_t c0, int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor& logits, const at::Tensor& codebook,
                                                                const at::Tensor& gumbels, double tau, bool hard) {
+  const NoAutocastGuard no_autocast;
   const char* op = "gumbel_quantize";
   check_gumbel(op, logits, codebook, gumbels, tau);
   const int64_t n = logits.size(0), K = logits.size(1), D = codebook.size(1);
@@ -150,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
                                                             const at::Tensor& grad_kl, const at::Tensor& logits,
                                                             const at::Tensor& codebook, const at::Tensor& gumbels,
                                                             const at::Tensor& indices, double tau, bool hard) {
+  const NoAutocastGuard no_autocast;
   const char* op = "gumbel_quantize_backward";
   check_gumbel_backward(op, grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau);
   const int64_t n = logits.size(0), K = logits.size(1), D = codebook.size(1);

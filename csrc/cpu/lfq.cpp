@@ -175,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, double inv_temperature) {
+  const NoAutocastGuard no_autocast;
   const char* op = "lfq_entropy";
   check_lfq(op, x, kLfqEntropyMaxBits);
   check_finite(op, "inv_temperature", inv_temperature);
@@ -202,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, 
 at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Tensor& grad_codebook,
                                 const at::Tensor& grad_avg_probs, const at::Tensor& x, const at::Tensor& avg_probs,
                                 double inv_temperature) {
+  const NoAutocastGuard no_autocast;
   const char* op = "lfq_entropy_backward";
   check_lfq(op, x, kLfqEntropyMaxBits);
   check_finite(op, "inv_temperature", inv_temperature);
