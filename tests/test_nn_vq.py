@@ -275,3 +275,26 @@ def test_nan_token_gets_index_minus_one_and_leaves_the_codebook_finite():
         assert torch.isnan(loss).all()
         codebooks = layer.codebooks if isinstance(layer, ResidualVQ) else layer.codebook
         assert torch.isfinite(codebooks).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 3, 8), (1, 1, 8)])
+def test_empty_and_single_token_batches(shape):
+    from vqkernels.nn import ResidualVQ
+    for layer in (VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=1.0),
+                  ResidualVQ(dim=8, num_quantizers=2, codebook_size=16)):
+        layer.train()
+        x = torch.randn(*shape, requires_grad=True)
+        q, idx, loss = layer(x)
+        assert q.shape == x.shape and idx.shape[:2] == shape[:2]
+        (q.sum() + loss.sum()).backward()
+        assert torch.isfinite(layer.codebook if isinstance(layer, VectorQuantize) else layer.codebooks).all()
+
+
+def test_wrong_feature_dimension_names_the_layer():
+    from vqkernels.nn import ResidualVQ
+    with pytest.raises(ValueError, match="VectorQuantize: expects 8 features"):
+        VectorQuantize(dim=8, codebook_size=16)(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="ResidualVQ: expects 8 features"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16)(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="VectorQuantize: expects 8 features"):
+        VectorQuantize(dim=8, codebook_size=16, accept_image_fmap=True)(torch.randn(2, 7, 3, 3))

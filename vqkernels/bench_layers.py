@@ -127,9 +127,9 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
             fns["theirs"] = _step(theirs, x, device)
         timed = bench.time_calls(fns, repeats, budget)
         mib = {name: _peak_mib(fn, device) for name, fn in fns.items()}
-        t_ours = timed["ours"][0] if not isinstance(timed["ours"], Exception) else None
-        if isinstance(timed["ours"], Exception):
+        if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
             raise timed["ours"]
+        t_ours = timed["ours"][0]
         theirs_t = timed.get("theirs")
         if theirs_t is None:
             their_ms, speedup, their_mib = "not run (needs > 6 GiB)", None, None

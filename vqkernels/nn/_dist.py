@@ -16,12 +16,6 @@ def distributed_ready():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum_(t):
-    """Sums ``t`` over ranks, in place."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def gather_rows(x):
     """The rows [M, D] of every rank, concatenated in rank order (equal M on every rank)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]

@@ -6,17 +6,20 @@ single token per sample [B, D]. Everything is quantized as rows of a [B, N, D] v
 class Layout:
     """Moves an input to tokens [B, N, D] and results back to the input's layout."""
 
-    def __init__(self, x, accept_image_fmap=False, channel_last=True):
+    def __init__(self, owner, x, dim, accept_image_fmap=False, channel_last=True):
         self.image = accept_image_fmap
         self.only_one = not accept_image_fmap and x.dim() == 2
         self.transposed = not accept_image_fmap and not channel_last and not self.only_one
         if self.image:
             if x.dim() != 4:
-                raise ValueError(f"accept_image_fmap expects [B, C, H, W] inputs, got shape {tuple(x.shape)}")
+                raise ValueError(f"{owner}: accept_image_fmap expects [B, C, H, W] inputs, got shape {tuple(x.shape)}")
             self.hw = tuple(x.shape[-2:])
         elif not self.only_one and x.dim() != 3:
-            raise ValueError(f"expects [B, N, D] (or [B, D, N] with channel_last=False, or [B, D]) inputs, "
+            raise ValueError(f"{owner}: expects [B, N, D] (or [B, D, N] with channel_last=False, or [B, D]) inputs, "
                              f"got shape {tuple(x.shape)}")
+        features = x.shape[1] if self.image or self.transposed else x.shape[-1]
+        if features != dim:
+            raise ValueError(f"{owner}: expects {dim} features (dim={dim}), got input shape {tuple(x.shape)}")
 
     def tokens(self, x):
         if self.image:
@@ -39,14 +42,6 @@ class Layout:
             return idx.reshape(idx.shape[0], *self.hw, *idx.shape[2:])
         if self.only_one:
             return idx.squeeze(1)
-        return idx
-
-    def flat_indices(self, idx):
-        """Inverse of :meth:`indices`: back to [B, N, ...]."""
-        if self.image:
-            return idx.flatten(1, 2)
-        if self.only_one:
-            return idx.unsqueeze(1)
         return idx
 
 

@@ -108,7 +108,7 @@ class ResidualVQ(nn.Module):
                            dict(mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                                 rand_quantize_dropout_fixed_seed=None))
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        layout = Layout(x, self.accept_image_fmap, self.channel_last)
+        layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
         rows = self.project_in(tokens).reshape(-1, self.codebook_dim)
@@ -138,8 +138,8 @@ class ResidualVQ(nn.Module):
         if levels < self.num_quantizers:
             idx = torch.cat([idx, idx.new_full((idx.shape[0], self.num_quantizers - levels), -1)], dim=1)
             losses = torch.cat([losses, losses.new_zeros(self.num_quantizers - levels)])
-        out = layout.restore(self.project_out(q.reshape(b, n, -1).to(x.dtype)))
-        return out, layout.indices(idx.reshape(b, n, -1)), losses
+        out = layout.restore(self.project_out(q.reshape(b, n, self.codebook_dim).to(x.dtype)))
+        return out, layout.indices(idx.reshape(b, n, self.num_quantizers)), losses
 
     @torch.no_grad()
     def _update_codebooks(self, rows, codebooks, idx):

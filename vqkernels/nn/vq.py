@@ -128,7 +128,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x, freeze_codebook=None, **unsupported):
         reject_unsupported("VectorQuantize.forward", unsupported, _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        layout = Layout(x, self.accept_image_fmap, self.channel_last)
+        layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
         cb = self._codebook
@@ -151,10 +151,10 @@ class VectorQuantize(nn.Module):
             quantized.append(q)
             indices.append(idx)
         if self.separate_codebook_per_head:
-            q = torch.cat([t.reshape(b, n, -1) for t in quantized], dim=-1)
+            q = torch.cat([t.reshape(b, n, self.codebook_dim) for t in quantized], dim=-1)
             idx = torch.stack([t.reshape(b, n) for t in indices], dim=-1)
         else:
-            q = quantized[0].reshape(b, n, -1)
+            q = quantized[0].reshape(b, n, self.heads * self.codebook_dim)
             idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
         if self.training and self.commitment_weight > 0:
             loss = torch.stack(losses).mean()
