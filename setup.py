@@ -63,7 +63,7 @@ cxx_flags = ["-O3", "-fopenmp", "-DVQK_WITH_CUDA=%d" % int(build_cuda)]
 if build_cuda:
     ext = CUDAExtension(
         "vqkernels._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         extra_link_args=["-fopenmp"],
