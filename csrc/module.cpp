@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "dispatch.h"
 #if VQK_WITH_CUDA
 #include "cuda/probe.h"
 #endif
@@ -17,6 +18,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &vqk::set_isa, "Choose the CPU instruction set: 'auto', 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_has_avx2", &vqk::cpu_has_avx2, "Whether this CPU supports AVX2 and FMA.");
   m.def("cpu_has_avx512", &vqk::cpu_has_avx512, "Whether this CPU supports AVX-512F (and AVX2, FMA).");
+  m.def("install_routers", &vqk::dispatch::install_routers,
+        "Register the backend router of each named op for the CPU and CUDA keys.");
+  m.def("set_route", [](const std::string& device, const std::string& op,
+                        const std::vector<std::tuple<int64_t, std::string, std::string>>& rules) {
+    std::vector<vqk::dispatch::RuleSpec> specs;
+    for (const auto& [rows, dtype, ns] : rules) specs.push_back({rows, dtype, ns});
+    vqk::dispatch::set_route(device, op, specs);
+  }, "Set the routing rules (max_rows, dtype name or '', namespace) of one op on one device.");
+  m.def("get_route", [](const std::string& device, const std::string& op) {
+    std::vector<std::tuple<int64_t, std::string, std::string>> out;
+    for (const auto& r : vqk::dispatch::get_route(device, op)) out.emplace_back(r.max_rows, r.dtype, r.ns);
+    return out;
+  }, "The routing rules of one op on one device.");
   m.def("cuda_compiled", [] { return bool(VQK_WITH_CUDA); }, "Whether the CUDA sources were built.");
 #if VQK_WITH_CUDA
   m.def("cuda_runtime_version", &vqk::cuda::runtime_version, "CUDART_VERSION compiled against.");

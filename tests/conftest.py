@@ -1,8 +1,17 @@
 """Fixtures of the vqkernels tests (plain helper functions live in vq_helpers.py)."""
 
-import pytest
+import os
 
-from vq_helpers import vqkernels
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through the interpreter, which must be on
+# before triton is first imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vq_helpers import vqkernels  # noqa: E402
 
 # With the extension loaded, the CPU kernels run with either instruction set; without
 # it the reference serves the CPU and there is a single, do-nothing parameter.

@@ -1,12 +1,8 @@
 """vqkernels.triton.nearest_code: the Triton kernel of the fused nearest-code search.
 
-Without CUDA the kernel runs on CPU tensors under the Triton interpreter: TRITON_INTERPRET=1
-is set here before triton (and with it triton.jit) is first imported. With CUDA (the GPU machine) the same small checks run compiled on the GPU,
-and the tests marked `cuda` add large shapes.
-
-A run that imported triton earlier without the interpreter (a whole-suite run in one process:
-tests/test_nn_fsq_lfq.py gets triton through torch.compile) cannot switch it on any more; this
-module is then skipped and tests/test_triton_nearest_code_fresh.py runs it in a fresh process.
+Without CUDA the kernel runs on CPU tensors under the Triton interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is first imported). With CUDA (the GPU machine) the same
+small checks run compiled on the GPU, and the tests marked `cuda` add large shapes.
 """
 
 import os
@@ -16,22 +12,9 @@ import sys
 import pytest
 import torch
 
-TRITON_PRELOADED = "triton" in sys.modules
-if not torch.cuda.is_available() and not TRITON_PRELOADED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs; the interpreter is slow
-# Without CUDA the kernels need the interpreter, which must be on before triton is first imported.
-INTERPRETER_UNUSABLE = not torch.cuda.is_available() and (
-    TRITON_PRELOADED and os.environ.get("TRITON_INTERPRET") != "1")
+from vq_helpers import TIE_POSITIONS, gen, require_triton, tie_problem, vqkernels, with_layout
 
-pytest.importorskip("triton")
-
-from vq_helpers import TIE_POSITIONS, gen, tie_problem, vqkernels, with_layout  # noqa: E402
-
-if INTERPRETER_UNUSABLE:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; "
-                "test_triton_nearest_code_fresh.py runs this file in a fresh process", allow_module_level=True)
-
-import vqkernels.triton as vqt  # noqa: E402
+vqt = require_triton()
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

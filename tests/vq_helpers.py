@@ -37,6 +37,16 @@ def hyp_settings(max_examples):
     return settings(max_examples=max_examples * scale, **HYPOTHESIS_SETTINGS)
 
 
+def require_triton():
+    """vqkernels.triton, or skip the calling test module: Triton missing, or no GPU and no
+    interpreter (tests/conftest.py turns TRITON_INTERPRET=1 on when there is no GPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+    import vqkernels.triton
+    return vqkernels.triton
+
+
 def reference_serves(op):
     """True when the pure-PyTorch reference kernel serves `op` on the CPU."""
     return vqkernels.backend(op, "cpu").startswith("reference")
@@ -585,3 +595,72 @@ def peak_memory_kib(code):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     return [int(v) for v in run.stdout.strip().splitlines()[-1].split()]
+
+
+def op_samples(device="cpu", dtype=torch.float32, seed=0):
+    """One small, tie-free argument tuple for every ``torch.ops.vqkernels`` op: {op: args}.
+
+    Backward ops get the indices their forward op chooses (computed by the reference), so any
+    backend can be run on the same arguments and compared with another one.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    ref = vqkernels.reference
+    x, c, cbs = randn(13, 5), randn(7, 5), randn(3, 7, 5)
+    idx = ref.nearest_code(x, c)[0]
+    ridx = ref.residual_quantize(x, cbs)[1]
+    z, levels = randn(13, 4), [3, 5, 4, 8]
+    bits = randn(13, 6)
+    avg = ref.lfq_entropy(bits, 10.0)[2]
+    logits, gumbels = randn(13, 7), randn(13, 7)
+    gidx = ref.gumbel_quantize(logits, c, gumbels, 1.0, True)[1]
+    f = randn(2, 5, 6, 6)
+    midx = ref.multiscale_quantize_step(f, c, [3, 3])[0]
+    acc = torch.float32 if dtype != torch.float64 else torch.float64
+    scalar = lambda v: torch.tensor(v, dtype=acc, device=device)  # noqa: E731
+    return {
+        "nearest_code": (x, c, "l2"),
+        "nearest_code_topk": (x, c, 3, "l2"),
+        "vq_quantize": (x, c, "l2"),
+        "vq_quantize_backward": (randn(13, 5), scalar(0.7), scalar(1.3), x, c, idx),
+        "ema_update_": (c.clone(), torch.rand(7, generator=g, dtype=torch.float64).to(device, acc),
+                        randn(7, 5).to(acc), x, idx, 0.9, 1e-5),
+        "residual_quantize": (x, cbs, -1, 1),
+        "residual_quantize_backward": (randn(13, 5), randn(3).to(acc), randn(3).to(acc), x, cbs, ridx),
+        "fsq_quantize": (z, levels),
+        "fsq_quantize_backward": (randn(13, 4), z, levels),
+        "lfq_quantize": (bits, 1.0),
+        "lfq_entropy": (bits, 10.0),
+        "lfq_entropy_backward": (scalar(0.5), scalar(-1.5), randn(64).to(acc), bits, avg, 10.0),
+        "gumbel_quantize": (logits, c, gumbels, 1.0, True),
+        "gumbel_quantize_backward": (randn(13, 5), scalar(0.3), logits, c, gumbels, gidx, 1.0, True),
+        "rotation_trick": (x, randn(13, 5)),
+        "rotation_trick_backward": (randn(13, 5), x, randn(13, 5)),
+        "multiscale_quantize_step": (f, c, [3, 3], "l2"),
+        "multiscale_quantize_step_backward": (randn(2, 5, 3, 3), c, midx),
+    }
+
+
+def run_op(op, args):
+    """Calls torch.ops.vqkernels.<op> on copies of ``args``; returns its outputs (the mutated
+    tensors for an in-place op) as a tuple."""
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    out = getattr(torch.ops.vqkernels, op)(*args)
+    if out is None:  # in place: the mutated arguments are the result
+        return tuple(a for a in args[:3])
+    return out if isinstance(out, tuple) else (out,)
+
+
+def assert_outputs_close(got, want, rtol=1e-4, atol=1e-5):
+    """Integer outputs equal, floating outputs close (NaN where the other has NaN), same dtypes."""
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        a, b = a.cpu(), b.cpu()
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=f"output {i}")
+        else:
+            assert torch.equal(a, b), f"output {i}: {a} != {b}"

@@ -2,7 +2,8 @@
 
 from . import schemas  # noqa: F401  (defines the ops first)
 from . import _backend, autograd, fake  # noqa: F401  (kernels, autograd, fake tensors)
-from ._backend import backend, compiled, cpu_isa, cuda_compiled, set_cpu_isa
+from ._backend import (backend, compiled, cpu_isa, cuda_compiled, get_backend, set_auto_table, set_backend,
+                       set_cpu_isa, use_backend)
 from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
 # residual quantization (RQ-VAE)
 from .ops import residual_quantize
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "nearest_code", "nearest_code_topk", "vq_quantize", "ema_update_",
     "backend", "compiled", "cpu_isa", "cuda_compiled", "set_cpu_isa", "__version__",
+    "set_backend", "use_backend", "get_backend", "set_auto_table",
     # residual quantization (RQ-VAE)
     "residual_quantize",
     # --- scalar quantizers: FSQ and LFQ ---

@@ -1,12 +1,31 @@
-"""Loads the compiled extension and registers the reference kernels as the fallback.
+"""Loads the compiled extension and chooses which backend serves each op on each device.
 
-The compiled kernels register themselves per dispatch key (CPU today) when the
-extension loads. The pure-PyTorch reference is registered under
-CompositeExplicitAutograd, which the dispatcher uses only for a device with no
-kernel of its own: every device when the extension is missing, CUDA until the
-GPU kernels exist.
+Backends (each registers its kernels in its own op namespace, same schemas):
+
+    "cpp"        C++ CPU kernels (csrc/cpu), CPU tensors            vqkernels_cpu
+    "cuda"       CUDA C++ kernels (csrc/cuda), CUDA tensors         vqkernels_cuda
+    "triton"     Triton kernels (vqkernels/triton), CUDA tensors    vqkernels_triton
+                 (and CPU tensors when TRITON_INTERPRET=1: slow, for tests)
+    "reference"  the pure-PyTorch reference, any device             vqkernels_ref
+    "auto"       per op, device, dtype and row count: the fastest measured backend
+                 (vqkernels.set_auto_table), else the first available of
+                 cuda > triton > reference (CUDA tensors) and cpp > reference (CPU tensors)
+
+``torch.ops.vqkernels.<op>`` on CPU and CUDA tensors runs a router kernel (csrc/dispatch.cpp)
+that forwards each call to the backend chosen here; the choice is made inside the op at run
+time, so it applies under torch.compile as well. The pure-PyTorch reference is also the
+CompositeExplicitAutograd kernel of every ``vqkernels::<op>``: it serves other devices, and
+every device when the extension is missing (no router then; every setting but "reference"
+and "auto" is refused).
+
+Settings are process-wide: ``VQK_BACKEND`` at import, then :func:`set_backend` and the
+context manager :func:`use_backend`.
 """
 
+import contextlib
+import importlib.util
+import json
+import os
 import warnings
 
 import torch
@@ -22,7 +41,16 @@ except ImportError as exc:  # the extension was not built, or built against anot
                   RuntimeWarning, stacklevel=2)
 
 for _name in SCHEMAS:
-    torch.library.impl(f"vqkernels::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
+    for _ns in ("vqkernels", "vqkernels_ref"):
+        torch.library.impl(f"{_ns}::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
+
+BACKENDS = ("auto", "cuda", "cpp", "triton", "reference")
+DEVICES = ("cpu", "cuda")
+NAMESPACES = {"cpp": "vqkernels_cpu", "cuda": "vqkernels_cuda", "triton": "vqkernels_triton",
+              "reference": "vqkernels_ref"}
+_AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_DTYPE_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}
+_ALL_ROWS = 2 ** 63 - 1
 
 
 def compiled():
@@ -47,9 +75,218 @@ def cuda_compiled():
     return _C is not None and _C.cuda_compiled()
 
 
+def triton_interpreted():
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_triton_state = {}
+
+
+def _triton_ops():
+    """The ops vqkernels.triton serves (imports it on first use); empty when Triton is unavailable."""
+    if "ops" not in _triton_state:
+        try:
+            importlib.import_module("vqkernels.triton")
+        except ImportError as exc:
+            _triton_state["error"] = str(exc)
+            _triton_state["ops"] = frozenset()
+        else:
+            _triton_state["ops"] = frozenset(op for op in SCHEMAS if hasattr(torch.ops.vqkernels_triton, op))
+    return _triton_state["ops"]
+
+
+def available(backend, op, device):
+    """Whether ``backend`` can serve ``op`` on ``device`` ('cpu' or 'cuda') in this process."""
+    if backend == "reference":
+        return True
+    if _C is None:
+        return False
+    if backend == "cpp":
+        return device == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cpu::{op}", "CPU")
+    if backend == "cuda":
+        return device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")
+    if backend == "triton":
+        if device == "cpu" and not triton_interpreted():
+            return False
+        if device == "cuda" and not _triton_state.get("ops") and importlib.util.find_spec("triton") is None:
+            return False
+        return op in _triton_ops()
+    raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+# (device, op) -> the configured backend name; "auto" until set otherwise.
+_settings = {(dev, op): "auto" for dev in DEVICES for op in SCHEMAS}
+# (device, op) -> measured auto rules: [(max_rows, dtype or None, backend)], first match wins.
+_auto_table = {}
+
+
+def _auto_rules(device, op):
+    # Triton for CUDA tensors only where a GPU is present: no pointless import of triton elsewhere.
+    skip = () if device == "cpu" or torch.cuda.is_available() else ("triton",)
+    fallback = next(b for b in _AUTO_PREFERENCE[device] if b not in skip and available(b, op, device))
+    measured = [(rows, dt, b) for rows, dt, b in _auto_table.get((device, op), ()) if available(b, op, device)]
+    return measured + [(_ALL_ROWS, None, fallback)]
+
+
+def routes(op, device):
+    """The rules serving ``op`` on ``device`` now: [(max_rows, dtype or None, backend)], first match wins."""
+    setting = _settings[(device, op)]
+    return _auto_rules(device, op) if setting == "auto" else [(_ALL_ROWS, None, setting)]
+
+
+def _push(keys):
+    if _C is None:
+        return
+    for device, op in keys:
+        rules = [(rows, _DTYPE_NAMES[dt] if dt is not None else "", NAMESPACES[b]) for rows, dt, b in routes(op, device)]
+        _C.set_route(device, op, rules)
+
+
+def _check_ops(ops):
+    if ops is None:
+        return list(SCHEMAS)
+    ops = [ops] if isinstance(ops, str) else list(ops)
+    unknown = [op for op in ops if op not in SCHEMAS]
+    if unknown:
+        raise ValueError(f"vqkernels: unknown op(s) {unknown}; ops are {sorted(SCHEMAS)}")
+    return ops
+
+
+def _devices_for(backend, device):
+    if device is not None:
+        if device not in DEVICES:
+            raise ValueError(f"vqkernels: device must be one of {DEVICES}, got {device!r}")
+        if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu")):
+            raise ValueError(f"vqkernels: backend {backend!r} serves {'CPU' if backend == 'cpp' else 'CUDA'} "
+                             f"tensors only, not {device}")
+        return [device]
+    return {"cpp": ["cpu"], "cuda": ["cuda"], "triton": ["cuda", "cpu"] if triton_interpreted() else ["cuda"]}.get(
+        backend, list(DEVICES))
+
+
+def set_backend(backend, ops=None, device=None):
+    """Choose the backend serving ``ops`` (default: every op it implements) on ``device``.
+
+    ``backend``: "auto", "cuda", "cpp", "triton" or "reference" (see the module docstring).
+    ``device``: "cpu" or "cuda"; default: the devices the backend serves ("triton": CUDA, and
+    the CPU too under TRITON_INTERPRET=1; "reference" and "auto": both). With ``ops=None`` the
+    ops the backend does not implement keep their setting; naming such an op raises ValueError.
+    Process-wide; :func:`use_backend` restores the previous settings on exit.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
+    explicit = ops is not None
+    ops = _check_ops(ops)
+    devices = _devices_for(backend, device)
+    if backend not in ("auto", "reference") and _C is None:
+        raise ValueError(f"vqkernels: backend {backend!r} needs the compiled extension, which is not loaded")
+    chosen = []
+    for dev in devices:
+        for op in ops:
+            if backend == "auto" or available(backend, op, dev):
+                chosen.append((dev, op))
+            elif explicit:
+                raise ValueError(f"vqkernels: backend {backend!r} does not serve {op} on {dev} tensors here"
+                                 + _why_unavailable(backend, dev))
+    if not chosen:
+        raise ValueError(f"vqkernels: backend {backend!r} serves no op on {devices} here"
+                         + _why_unavailable(backend, devices[0]))
+    for key in chosen:
+        _settings[key] = backend
+    _push(chosen)
+
+
+def _why_unavailable(backend, device):
+    if backend == "cuda" and not cuda_compiled():
+        return " (the extension was built without its CUDA sources)"
+    if backend == "triton":
+        if device == "cpu" and not triton_interpreted():
+            return " (Triton runs CPU tensors only under TRITON_INTERPRET=1)"
+        if "error" in _triton_state:
+            return f" ({_triton_state['error']})"
+    if backend == "cpp" and _C is None:
+        return " (the compiled extension is not loaded)"
+    return ""
+
+
+def get_backend(op, device):
+    """The configured backend of ``op`` on ``device`` ("auto" unless set otherwise)."""
+    _check_ops(op)
+    return _settings[(device, op)]
+
+
+@contextlib.contextmanager
+def use_backend(backend, ops=None, device=None):
+    """``with vqkernels.use_backend("triton"): ...``: :func:`set_backend` for the block, then restores."""
+    saved = dict(_settings)
+    try:
+        set_backend(backend, ops, device)
+        yield
+    finally:
+        changed = [key for key, value in saved.items() if _settings[key] != value]
+        _settings.update(saved)
+        _push(changed)
+
+
+def set_auto_table(table):
+    """Install measured auto rules: ``{(device, op): [(max_rows, dtype or None, backend), ...]}``
+    or the path of a JSON file holding ``[{"device", "op", "max_rows", "dtype", "backend"}, ...]``
+    (``python -m vqkernels.bench_gpu --save-auto FILE`` writes one). Replaces the previous table;
+    ``None`` clears it. Rules naming a backend unavailable here are skipped."""
+    if isinstance(table, (str, os.PathLike)):
+        with open(table) as f:
+            entries = json.load(f)
+        parsed = {}
+        for e in entries:
+            dt = getattr(torch, e["dtype"]) if e.get("dtype") else None
+            parsed.setdefault((e["device"], e["op"]), []).append((int(e["max_rows"]), dt, e["backend"]))
+        table = parsed
+    table = dict(table or {})
+    for (device, op), rules in table.items():
+        _check_ops(op)
+        _devices_for("auto", device)
+        for _, dt, b in rules:
+            if b not in NAMESPACES or (dt is not None and dt not in _DTYPE_NAMES):
+                raise ValueError(f"vqkernels: bad auto rule for {op} on {device}: backend {b!r}, dtype {dt}")
+    _auto_table.clear()
+    _auto_table.update({key: list(rules) for key, rules in table.items()})
+    _push(list(_settings))
+
+
+_NAMES = {"cuda": "CUDA C++", "triton": "Triton", "reference": "reference (pure PyTorch)"}
+
+
+def describe(op, device):
+    """What serves ``op`` on ``device`` now, for ``python -m vqkernels.info``."""
+    def name(b):
+        return f"C++ ({cpu_isa()})" if b == "cpp" else _NAMES[b]
+    rules = routes(op, device)
+    text = ", ".join(name(b) if rows == _ALL_ROWS and dt is None else
+                     f"{name(b)} (rows <= {rows}{', ' + str(dt).replace('torch.', '') if dt else ''})"
+                     for rows, dt, b in rules)
+    return f"{text} [auto]" if _settings[(device, op)] == "auto" else text
+
+
 def backend(op, device_type):
-    """Which implementation serves `op` for tensors on `device_type` ('cpu', 'cuda', ...)."""
-    if device_type == "cpu" and _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"vqkernels::{op}", "CPU"):
-        return f"C++ ({cpu_isa()})"
-    return "reference (pure PyTorch)"
+    """Which implementation serves ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...)."""
+    return describe(op, device_type) if device_type in DEVICES else _NAMES["reference"]
+
+
+def _apply_env(value):
+    """VQK_BACKEND: a backend name, or comma-separated items ``backend``, ``op=backend``,
+    ``device:backend`` or ``device:op=backend``, applied in order."""
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        device, _, rest = item.rpartition(":")
+        op, _, name = rest.rpartition("=")
+        try:
+            set_backend(name, ops=op or None, device=device or None)
+        except ValueError as exc:
+            raise ValueError(f"VQK_BACKEND={value!r}: {exc}") from None
+
+
+if _C is not None:
+    _C.install_routers(list(SCHEMAS))
+    _push(list(_settings))
+if os.environ.get("VQK_BACKEND"):
+    _apply_env(os.environ["VQK_BACKEND"])

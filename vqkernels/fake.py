@@ -3,13 +3,19 @@
 import torch
 
 from . import _checks
+from .schemas import ALL_NAMESPACES
 
 
-def _lib_op(name):
-    return f"vqkernels::{name}"
+def _fake(name):
+    """Registers the decorated function as the fake kernel of ``name`` in every namespace that defines it."""
+    def register(fn):
+        for ns in ALL_NAMESPACES:
+            torch.library.register_fake(f"{ns}::{name}")(fn)
+        return fn
+    return register
 
 
-@torch.library.register_fake(_lib_op("nearest_code"))
+@_fake("nearest_code")
 def _nearest_code_fake(x, codebook, metric="l2"):
     _checks.check_search("nearest_code", x, codebook, metric)
     n = x.shape[0]
@@ -17,7 +23,7 @@ def _nearest_code_fake(x, codebook, metric="l2"):
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=dt)
 
 
-@torch.library.register_fake(_lib_op("nearest_code_topk"))
+@_fake("nearest_code_topk")
 def _nearest_code_topk_fake(x, codebook, k, metric="l2"):
     _checks.check_topk("nearest_code_topk", x, codebook, k, metric)
     n = x.shape[0]
@@ -25,7 +31,7 @@ def _nearest_code_topk_fake(x, codebook, k, metric="l2"):
     return x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, k, dtype=dt)
 
 
-@torch.library.register_fake(_lib_op("vq_quantize"))
+@_fake("vq_quantize")
 def _vq_quantize_fake(x, codebook, metric="l2"):
     _checks.check_search("vq_quantize", x, codebook, metric)
     dt = _checks.compute_dtype(x, codebook)
@@ -33,13 +39,13 @@ def _vq_quantize_fake(x, codebook, metric="l2"):
             x.new_empty((), dtype=dt), x.new_empty((), dtype=dt))
 
 
-@torch.library.register_fake(_lib_op("vq_quantize_backward"))
+@_fake("vq_quantize_backward")
 def _vq_quantize_backward_fake(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(codebook, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake(_lib_op("ema_update_"))
+@_fake("ema_update_")
 def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
     _checks.check_ema("ema_update_", codebook, cluster_size, embed_sum, x, indices, decay, eps)
 
@@ -47,7 +53,7 @@ def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
 # residual quantization (RQ-VAE)
 
 
-@torch.library.register_fake(_lib_op("residual_quantize"))
+@_fake("residual_quantize")
 def _residual_quantize_fake(x, codebooks, num_levels=-1, beam_size=1):
     levels = _checks.check_residual("residual_quantize", x, codebooks, num_levels, beam_size)
     dt = _checks.compute_dtype(x, codebooks)
@@ -56,7 +62,7 @@ def _residual_quantize_fake(x, codebooks, num_levels=-1, beam_size=1):
             x.new_empty(levels, dtype=dt))
 
 
-@torch.library.register_fake(_lib_op("residual_quantize_backward"))
+@_fake("residual_quantize_backward")
 def _residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks,
                                      indices):
     _checks.check_residual_backward("residual_quantize_backward", grad_quantized, grad_commit_losses,
@@ -66,19 +72,19 @@ def _residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_co
 
 
 # --- scalar quantizers: FSQ and LFQ ---
-@torch.library.register_fake(_lib_op("fsq_quantize"))
+@_fake("fsq_quantize")
 def _fsq_quantize_fake(z, levels):
     _checks.check_fsq("fsq_quantize", z, levels)
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
-@torch.library.register_fake(_lib_op("fsq_quantize_backward"))
+@_fake("fsq_quantize_backward")
 def _fsq_quantize_backward_fake(grad_codes, z, levels):
     _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(_lib_op("lfq_quantize"))
+@_fake("lfq_quantize")
 def _lfq_quantize_fake(x, codebook_scale=1.0):
     _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)
     _checks.check_finite("lfq_quantize", "codebook_scale", codebook_scale)
@@ -86,7 +92,7 @@ def _lfq_quantize_fake(x, codebook_scale=1.0):
             x.new_empty((), dtype=_checks.compute_dtype(x)))
 
 
-@torch.library.register_fake(_lib_op("lfq_entropy"))
+@_fake("lfq_entropy")
 def _lfq_entropy_fake(x, inv_temperature):
     _checks.check_lfq("lfq_entropy", x, _checks.LFQ_ENTROPY_MAX_BITS)
     _checks.check_finite("lfq_entropy", "inv_temperature", inv_temperature)
@@ -94,7 +100,7 @@ def _lfq_entropy_fake(x, inv_temperature):
     return x.new_empty((), dtype=dt), x.new_empty((), dtype=dt), x.new_empty(2 ** x.shape[1], dtype=dt)
 
 
-@torch.library.register_fake(_lib_op("lfq_entropy_backward"))
+@_fake("lfq_entropy_backward")
 def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs,
                                inv_temperature):
     _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
@@ -105,7 +111,7 @@ def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, g
 # Gumbel-softmax quantization and the rotation trick
 
 
-@torch.library.register_fake(_lib_op("gumbel_quantize"))
+@_fake("gumbel_quantize")
 def _gumbel_quantize_fake(logits, codebook, gumbels, tau, hard):
     _checks.check_gumbel("gumbel_quantize", logits, codebook, gumbels, tau)
     out_dtype = torch.promote_types(logits.dtype, codebook.dtype)
@@ -114,7 +120,7 @@ def _gumbel_quantize_fake(logits, codebook, gumbels, tau, hard):
             logits.new_empty((), dtype=_checks.compute_dtype(logits, codebook, gumbels)))
 
 
-@torch.library.register_fake(_lib_op("gumbel_quantize_backward"))
+@_fake("gumbel_quantize_backward")
 def _gumbel_quantize_backward_fake(grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau, hard):
     _checks.check_gumbel_backward("gumbel_quantize_backward", grad_quantized, grad_kl, logits, codebook, gumbels,
                                   indices, tau)
@@ -122,20 +128,20 @@ def _gumbel_quantize_backward_fake(grad_quantized, grad_kl, logits, codebook, gu
             torch.empty_like(codebook, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake(_lib_op("rotation_trick"))
+@_fake("rotation_trick")
 def _rotation_trick_fake(src, tgt):
     _checks.check_rotation("rotation_trick", src, tgt)
     return torch.empty_like(tgt, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(_lib_op("rotation_trick_backward"))
+@_fake("rotation_trick_backward")
 def _rotation_trick_backward_fake(grad, src, tgt):
     _checks.check_rotation_backward("rotation_trick_backward", grad, src, tgt)
     return torch.empty_like(src, memory_format=torch.contiguous_format)
 
 
 # multiscale (VAR's multi-scale residual quantizer)
-@torch.library.register_fake(_lib_op("multiscale_quantize_step"))
+@_fake("multiscale_quantize_step")
 def _multiscale_quantize_step_fake(f_rest, codebook, pn, metric="l2"):
     _checks.check_multiscale("multiscale_quantize_step", f_rest, codebook, pn, metric)
     b, c = f_rest.shape[0], f_rest.shape[1]
@@ -143,7 +149,7 @@ def _multiscale_quantize_step_fake(f_rest, codebook, pn, metric="l2"):
             codebook.new_empty(b, c, pn[0], pn[1]))
 
 
-@torch.library.register_fake(_lib_op("multiscale_quantize_step_backward"))
+@_fake("multiscale_quantize_step_backward")
 def _multiscale_quantize_step_backward_fake(grad_h, codebook, indices):
     _checks.check_multiscale_backward("multiscale_quantize_step_backward", grad_h, codebook, indices)
     return torch.empty_like(codebook, memory_format=torch.contiguous_format)

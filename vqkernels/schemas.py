@@ -3,11 +3,19 @@
 The C++ extension registers only kernels (``TORCH_LIBRARY_IMPL``) for the ops
 defined here, so the op layer exists even where the extension could not be
 built (the pure-PyTorch reference then serves every device).
+
+Each backend has its own namespace with the same schemas: ``vqkernels_cpu`` (C++ CPU
+kernels, csrc/cpu), ``vqkernels_cuda`` (CUDA C++ kernels, csrc/cuda) and ``vqkernels_ref``
+(the pure-PyTorch reference); the Triton launchers define theirs as ``vqkernels_triton``
+custom ops (vqkernels/triton). The public ``vqkernels::<op>`` routes each call to one of them
+(csrc/dispatch.cpp, steered by vqkernels/_backend.py).
 """
 
 import torch
 
 NAMESPACE = "vqkernels"
+BACKEND_NAMESPACES = ("vqkernels_cpu", "vqkernels_cuda", "vqkernels_ref")
+ALL_NAMESPACES = (NAMESPACE, *BACKEND_NAMESPACES)
 
 SCHEMAS = {
     "nearest_code": "nearest_code(Tensor x, Tensor codebook, str metric=\"l2\") -> (Tensor indices, Tensor distances)",
@@ -71,6 +79,7 @@ SCHEMAS = {
 }
 
 # Kept alive for the life of the process: dropping a Library object removes its definitions.
-_lib = torch.library.Library(NAMESPACE, "DEF")
-for _schema in SCHEMAS.values():
-    _lib.define(_schema)
+_libs = [torch.library.Library(_ns, "DEF") for _ns in ALL_NAMESPACES]
+for _lib in _libs:
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)

@@ -88,4 +88,4 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) { m.impl("ema_update_", &vqk::cpu::ema_update_); }
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) { m.impl("ema_update_", &vqk::cpu::ema_update_); }

@@ -126,7 +126,7 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("fsq_quantize", &vqk::cpu::fsq_quantize);
   m.impl("fsq_quantize_backward", &vqk::cpu::fsq_quantize_backward);
 }

@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("gumbel_quantize", &vqk::cpu::gumbel_quantize);
   m.impl("gumbel_quantize_backward", &vqk::cpu::gumbel_quantize_backward);
 }

@@ -288,7 +288,7 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("lfq_quantize", &vqk::cpu::lfq_quantize);
   m.impl("lfq_entropy", &vqk::cpu::lfq_entropy);
   m.impl("lfq_entropy_backward", &vqk::cpu::lfq_entropy_backward);

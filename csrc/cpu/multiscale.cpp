@@ -142,7 +142,7 @@ at::Tensor multiscale_quantize_step_backward(const at::Tensor& grad_h, const at:
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("multiscale_quantize_step", &vqk::cpu::multiscale_quantize_step);
   m.impl("multiscale_quantize_step_backward", &vqk::cpu::multiscale_quantize_step_backward);
 }

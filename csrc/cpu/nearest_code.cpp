@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_topk(const at::Tensor& x, const 
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("nearest_code", &vqk::cpu::nearest_code);
   m.impl("nearest_code_topk", &vqk::cpu::nearest_code_topk);
 }

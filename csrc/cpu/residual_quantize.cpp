@@ -250,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("residual_quantize", &vqk::cpu::residual_quantize);
   m.impl("residual_quantize_backward", &vqk::cpu::residual_quantize_backward);
 }

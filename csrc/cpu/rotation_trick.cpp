@@ -73,7 +73,7 @@ at::Tensor rotation_trick_backward(const at::Tensor& grad, const at::Tensor& src
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("rotation_trick", &vqk::cpu::rotation_trick);
   m.impl("rotation_trick_backward", &vqk::cpu::rotation_trick_backward);
 }

@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> vq_quantize_backward(const at::Tensor& grad_q
 }  // namespace cpu
 }  // namespace vqk
 
-TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("vq_quantize", &vqk::cpu::vq_quantize);
   m.impl("vq_quantize_backward", &vqk::cpu::vq_quantize_backward);
 }

@@ -1,0 +1,147 @@
+// The backend router of torch.ops.vqkernels.<op> on the CPU and CUDA dispatch keys.
+//
+// Every backend registers its kernels in its own namespace, with the same schemas
+// (vqkernels/schemas.py): vqkernels_cpu (C++ CPU kernels, csrc/cpu), vqkernels_cuda (CUDA C++
+// kernels, csrc/cuda), vqkernels_triton (Triton launchers, vqkernels/triton), vqkernels_ref (the
+// pure-PyTorch reference). The public op vqkernels::<op> gets, for the CPU and the CUDA key, a
+// router kernel that forwards the call, boxed and unchanged, to one of them. Which one is a list of
+// rules set from Python (vqkernels/_backend.py: VQK_BACKEND, set_backend, use_backend, auto): the
+// first rule whose row bound and dtype match the call's first tensor argument wins.
+//
+// The choice is made at run time inside the op, so it holds under torch.compile too (the op is
+// opaque to the compiler; its fake kernel gives shapes).
+#include "dispatch.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+
+namespace vqk {
+namespace dispatch {
+namespace {
+
+struct Rule {
+  int64_t max_rows;
+  c10::ScalarType dtype;  // Undefined: any dtype
+  c10::OperatorHandle target;
+  std::string target_name;
+};
+using Rules = std::vector<Rule>;
+
+class Router final : public c10::OperatorKernel {
+ public:
+  Router(std::string op, std::string device) : op_(std::move(op)), device_(std::move(device)) {}
+
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+    std::shared_ptr<const Rules> rules = std::atomic_load(&rules_);
+    const size_t nargs = op.schema().arguments().size();
+    int64_t rows = 0;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    for (size_t i = stack->size() - nargs; i < stack->size(); ++i) {
+      const c10::IValue& v = (*stack)[i];
+      if (v.isTensor()) {
+        const at::Tensor& t = v.toTensor();
+        rows = t.dim() > 0 ? t.size(0) : 1;
+        dtype = t.scalar_type();
+        break;
+      }
+    }
+    if (rules) {
+      for (const Rule& r : *rules) {
+        if (rows <= r.max_rows && (r.dtype == c10::ScalarType::Undefined || r.dtype == dtype)) {
+          r.target.callBoxed(stack);
+          return;
+        }
+      }
+    }
+    TORCH_CHECK(false, "vqkernels.", op_, ": no backend is set for ", device_, " tensors (rows ", rows, ", dtype ",
+                dtype, "); see vqkernels.set_backend");
+  }
+
+  void set_rules(std::shared_ptr<const Rules> rules) { std::atomic_store(&rules_, std::move(rules)); }
+  std::shared_ptr<const Rules> rules() const { return std::atomic_load(&rules_); }
+
+ private:
+  std::string op_, device_;
+  std::shared_ptr<const Rules> rules_;
+};
+
+struct Registry {
+  std::mutex mutex;
+  std::vector<std::unique_ptr<torch::Library>> libraries;
+  std::map<std::pair<std::string, std::string>, Router*> routers;  // (device, op) -> router (owned by the dispatcher)
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();  // never destroyed: the dispatcher holds the routers until exit
+  return *r;
+}
+
+const std::map<std::string, c10::DispatchKey>& device_keys() {
+  static const std::map<std::string, c10::DispatchKey> keys = {{"cpu", c10::DispatchKey::CPU},
+                                                               {"cuda", c10::DispatchKey::CUDA}};
+  return keys;
+}
+
+Router* find_router(const std::string& device, const std::string& op) {
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  auto it = reg.routers.find({device, op});
+  TORCH_CHECK(it != reg.routers.end(), "vqkernels: no router for op '", op, "' on device '", device, "'");
+  return it->second;
+}
+
+// "Float", "Half", "BFloat16", "Double": c10::toString's names of the dtypes a rule may name.
+c10::ScalarType parse_dtype(const std::string& name) {
+  for (c10::ScalarType t : {c10::ScalarType::Float, c10::ScalarType::Half, c10::ScalarType::BFloat16,
+                            c10::ScalarType::Double})
+    if (name == c10::toString(t)) return t;
+  TORCH_CHECK(false, "vqkernels: unknown dtype '", name, "' in a route rule");
+}
+
+}  // namespace
+
+void install_routers(const std::vector<std::string>& ops) {
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  for (const auto& [device, key] : device_keys()) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "vqkernels", key, __FILE__, __LINE__);
+    for (const std::string& op : ops) {
+      TORCH_CHECK(!reg.routers.count({device, op}), "vqkernels: router of '", op, "' installed twice");
+      auto router = std::make_unique<Router>(op, device);
+      reg.routers[{device, op}] = router.get();
+      lib->impl(op.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::move(router)));
+    }
+    reg.libraries.push_back(std::move(lib));
+  }
+}
+
+void set_route(const std::string& device, const std::string& op, const std::vector<RuleSpec>& specs) {
+  TORCH_CHECK(!specs.empty(), "vqkernels: a route needs at least one rule");
+  auto rules = std::make_shared<Rules>();
+  for (const RuleSpec& s : specs) {
+    const std::string name = s.ns + "::" + op;
+    auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    TORCH_CHECK(handle.has_value(), "vqkernels: no operator ", name, " is registered");
+    const c10::ScalarType dtype = s.dtype.empty() ? c10::ScalarType::Undefined : parse_dtype(s.dtype);
+    rules->push_back(Rule{s.max_rows, dtype, *handle, name});
+  }
+  find_router(device, op)->set_rules(std::move(rules));
+}
+
+std::vector<RuleSpec> get_route(const std::string& device, const std::string& op) {
+  std::vector<RuleSpec> out;
+  auto rules = find_router(device, op)->rules();
+  if (rules)
+    for (const Rule& r : *rules)
+      out.push_back(RuleSpec{r.max_rows, r.dtype == c10::ScalarType::Undefined ? "" : c10::toString(r.dtype),
+                             r.target_name.substr(0, r.target_name.find("::"))});
+  return out;
+}
+
+}  // namespace dispatch
+}  // namespace vqk
