@@ -2,6 +2,8 @@
 # On a bare GPU machine (torch with CUDA already installed): builds the extension with its CUDA
 # sources, runs the GPU tests, then the GPU benchmarks, and prints a short table last.
 #   bash benchmarks/gpu.sh            # PYTHON=... to pick the interpreter
+# Writes benchmarks/gpu_results.md (the report) and benchmarks/auto_rules.json (the measured
+# winners: vqkernels.set_auto_table("benchmarks/auto_rules.json") makes "auto" use them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,5 +17,7 @@ export VQK_BUILD_CUDA=1 VQK_REQUIRE_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
 "$PY" -m vqkernels.info
-"$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider
+"$PY" -m pytest tests/test_cuda*.py tests/test_triton_*.py tests/test_backends.py tests/test_build.py \
+  -q -p no:cacheprovider -x -W ignore::DeprecationWarning || echo "GPU TESTS FAILED (benchmarks follow anyway)"
 "$PY" -m vqkernels.bench_layers --device cuda
+"$PY" -m vqkernels.bench_gpu --output benchmarks/gpu_results.md --save-auto benchmarks/auto_rules.json

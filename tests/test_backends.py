@@ -204,9 +204,11 @@ def test_vqk_backend_is_read_at_import():
 def test_info_shows_the_backend_of_every_op():
     from vqkernels import info
     vqkernels.set_backend("reference", ops="lfq_entropy", device="cpu")
-    _, devices, table = info.report()
+    _, columns, table = info.report()
     rows = dict(table)
-    assert devices == ["cpu", "cuda"] and set(rows) == set(SCHEMAS)
+    assert columns == ["cpu", "cuda", "GPU kernels available"] and set(rows) == set(SCHEMAS)
+    for op, row in rows.items():
+        assert row[2] == (", ".join(b for b in ("cuda", "triton") if _backend.available(b, op, "cuda")) or "none")
     assert rows["nearest_code"][0].startswith("C++") and rows["nearest_code"][0].endswith("[auto]")
     assert rows["lfq_entropy"][0] == "reference (pure PyTorch)"
 

@@ -1,5 +1,12 @@
-"""``python -m vqkernels.info``: build facts, CPU capabilities, and which backend serves each op."""
+"""``python -m vqkernels.info``: build facts, CPU capabilities, and which backend serves each op.
 
+The table shows, per op and device, what serves a call now: "C++ (isa)", "CUDA C++", "Triton" or
+"reference (pure PyTorch)"; "[auto]" marks the automatic choice (vqkernels.set_backend changes it),
+and measured auto rules show their row bound and dtype.
+"""
+
+import importlib.util
+import os
 import platform
 
 import torch
@@ -36,20 +43,28 @@ def report():
     ]
     if cuda_built and torch.cuda.is_available():
         facts.append(("CUDA probe kernel", C.cuda_selftest()))
+    triton = importlib.util.find_spec("triton")
+    facts.append(("Triton", "not installed" if triton is None else
+                  __import__("triton").__version__ + (" (interpreter: CPU tensors)" if _backend.triton_interpreted()
+                                                      else "")))
+    facts.append(("VQK_BACKEND", os.environ.get("VQK_BACKEND") or "unset (auto)"))
     devices = ["cpu", "cuda"]
-    table = [(op, [_backend.backend(op, dev) for dev in devices]) for op in SCHEMAS]
-    return facts, devices, table
+    columns = devices + ["GPU kernels available"]
+    table = [(op, [_backend.backend(op, dev) for dev in devices]
+              + [", ".join(b for b in ("cuda", "triton") if _backend.available(b, op, "cuda")) or "none"])
+             for op in SCHEMAS]
+    return facts, columns, table
 
 
 def main():
-    facts, devices, table = report()
+    facts, columns, table = report()
     width = max(len(k) for k, _ in facts)
     for key, value in facts:
         print(f"{key:<{width}}  {value}")
     print()
     opw = max(len(op) for op, _ in table)
     colw = max(len(b) for _, row in table for b in row)
-    print(f"{'op':<{opw}}  " + "  ".join(f"{d:<{colw}}" for d in devices))
+    print(f"{'op':<{opw}}  " + "  ".join(f"{d:<{colw}}" for d in columns))
     for op, row in table:
         print(f"{op:<{opw}}  " + "  ".join(f"{b:<{colw}}" for b in row))
 
