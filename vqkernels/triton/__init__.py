@@ -18,3 +18,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .nearest_code import nearest_code
 
 __all__ = ["nearest_code"]
+
+# nearest_code_topk, vq_quantize (+ backward), ema_update_
+from .nearest_code_topk import nearest_code_topk  # noqa: E402
+
+__all__ += ["nearest_code_topk"]
