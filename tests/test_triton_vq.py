@@ -197,3 +197,239 @@ def test_cuda_topk_large_vs_float64_truth(shape, dtype, metric):
     check_topk(x.cpu(), c.cpu(), metric, k, idx.cpu(), dist.cpu(), duplicates=True)
     first, _ = vqt.nearest_code(x, c, metric)
     assert (idx[:, 0] == first).float().mean() > 0.999  # near-ties may order differently
+
+
+# --- vq_quantize and vq_quantize_backward ---
+
+INTERPRETED = not torch.cuda.is_available()
+
+
+def stored(t, dtype):
+    """float32 values t as a kernel's store into dtype leaves them: rounded to nearest even, except
+    that the interpreter truncates float32 -> bfloat16 (drops the low 16 bits)."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return t.float().to(dtype)
+
+
+def assert_same_bits(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(bits(a), bits(b)), f"{what}: differ"
+
+
+def bits(t):
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+def check_vq(x, c, metric, outputs):
+    """Indices nearest (float64 truth), quantized the raw chosen rows in x's dtype (NaN for -1),
+    both losses mean((x - q)^2) within the float32 accumulation error."""
+    quantized, indices, commit, codebook_loss = (t.cpu() for t in outputs)
+    x, c = x.cpu(), c.cpu()
+    if x.shape[1]:
+        check_nearest(x, c, metric, indices, None, duplicates=True)
+    else:  # D = 0: every code at distance 0, the first wins
+        assert indices.eq(0).all()
+    assert quantized.dtype == x.dtype and quantized.shape == x.shape and quantized.is_contiguous()
+    want = c.float()[indices.clamp_min(0)].masked_fill((indices < 0).unsqueeze(1), float("nan"))
+    assert_same_bits(quantized, stored(want, x.dtype), "quantized")
+    assert commit.shape == () and commit.dtype == torch.float32 and torch.equal(bits(commit), bits(codebook_loss))
+    if x.numel():
+        exact = (x.double() - want.double()).square().mean()
+        torch.testing.assert_close(commit.double(), exact, rtol=4 * (x.shape[1] + 3) * 2.0 ** -24, atol=1e-30,
+                                   equal_nan=True)
+    else:
+        assert commit.item() == 0.0
+
+
+# (N, K, D), x dtype, codebook dtype: one and several tiles, D beyond one block, mixed dtypes
+VQ_CASES = [((1, 1, 1), torch.float32, torch.float32), ((37, 50, 13), torch.float32, torch.float32),
+            ((37, 50, 13), torch.float16, torch.float16), ((37, 50, 13), torch.bfloat16, torch.bfloat16),
+            ((33, 40, 70), torch.bfloat16, torch.float32), ((20, 9, 5), torch.float16, torch.bfloat16),
+            ((0, 5, 3), torch.float32, torch.float32), ((5, 4, 0), torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape, x_dtype, c_dtype", VQ_CASES, ids=str)
+def test_vq_quantize_vs_float64_truth(shape, x_dtype, c_dtype, metric):
+    n, k, d = shape
+    x, c = problem(n, k, d, torch.float64, seed=sum(shape) + 30)
+    x, c = x.to(x_dtype), c.to(c_dtype)
+    check_vq(x, c, metric, vqt.vq_quantize(x, c, metric))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_vq_quantize_layouts_and_reference(metric):
+    x, c = problem(30, 45, 11, torch.float32, seed=31)
+    xs, cs = with_layout(x, "strided"), with_layout(c, "transposed")
+    out = vqt.vq_quantize(xs, cs, metric)
+    check_vq(xs, cs, metric, out)
+    ref = reference.vq_quantize(x, c, metric)
+    assert torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=0)
+    x64 = x.double()
+    out = vqt.vq_quantize(x64, c, metric)  # float64: the reference's values
+    for got, want in zip(out, reference.vq_quantize(x64, c, metric)):
+        assert_same_bits(got, want, "float64")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_vq_quantize_nan_rows_and_codes(metric):
+    x, c = problem(20, 30, 6, torch.float32, seed=32)
+    x[[2, 11], [0, 5]] = float("nan")
+    c[7] = x[4]
+    c[7, 1] = float("nan")  # would be nearest to row 4
+    out = vqt.vq_quantize(x, c, metric)
+    check_vq(x, c, metric, out)
+    assert out[1][[2, 11]].eq(-1).all() and out[0][[2, 11]].isnan().all() and out[2].isnan()
+    assert not out[1].eq(7).any()
+    assert torch.equal(out[1], reference.vq_quantize(x, c, metric)[1])
+    c[:, 0] = float("nan")
+    out = vqt.vq_quantize(x, c, metric)
+    assert out[1].eq(-1).all() and out[0].isnan().all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_vq_quantize_ties_lowest_index(metric):
+    x, c = tie_problem([18, 47, 69], 9, 70)
+    out = vqt.vq_quantize(x.float().to(DEV), c.float().to(DEV), metric)
+    assert out[1].tolist() == [18] * 4
+
+
+def vq_backward_truth(gq, gc, gcb, x, c, indices):
+    """float64 (grad_x, grad_codebook), written out with a one-hot matrix."""
+    x64, c64 = x.double().cpu(), c.double().cpu()
+    idx = indices.cpu()
+    q = c64[idx.clamp_min(0)].masked_fill((idx < 0).unsqueeze(1), float("nan"))
+    scale = 2.0 / max(x.numel(), 1)
+    diff = x64 - q
+    gx = gq.double().cpu() + float(gc) * scale * diff
+    onehot = (idx.unsqueeze(1) == torch.arange(c.shape[0]).unsqueeze(0)).double()  # rows with -1 match no code
+    gcbk = -float(gcb) * scale * (onehot.T @ diff.nan_to_num(0.0))
+    return gx, gcbk
+
+
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def backward_inputs(n, k, d, x_dtype, c_dtype, seed):
+    x, c = problem(n, k, d, torch.float64, seed=seed)
+    g = gen(seed + 1)
+    gq = torch.randn(n, d, generator=g).to(x_dtype).to(DEV)
+    indices = torch.randint(-1, k, (n,), generator=g).to(DEV)
+    return gq, x.to(x_dtype), c.to(c_dtype), indices
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("shape, x_dtype, c_dtype", VQ_CASES, ids=str)
+def test_vq_quantize_backward_vs_float64_truth(shape, x_dtype, c_dtype, deterministic):
+    n, k, d = shape
+    gq, x, c, indices = backward_inputs(n, k, d, x_dtype, c_dtype, seed=sum(shape) + 33)
+    gc, gcb = torch.tensor(0.7, device=DEV), torch.tensor(-1.3, device=DEV)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gx, gcbk = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert gx.dtype == x_dtype and gx.shape == x.shape and gx.is_contiguous()
+    assert gcbk.dtype == c_dtype and gcbk.shape == c.shape
+    want_x, want_c = vq_backward_truth(gq, gc, gcb, x, c, indices)
+    invalid = (indices < 0).cpu()
+    assert gx.cpu()[invalid].isnan().all(), "a row without a code has a NaN grad_x (q is NaN)"
+    for got, want, dt in ((gx.cpu()[~invalid], want_x[~invalid], x_dtype), (gcbk.cpu(), want_c, c_dtype)):
+        rtol = GRAD_RTOL[dt]
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * max(1.0, want.abs().max().item() if want.numel() else 0.0))
+
+
+def test_vq_quantize_backward_modes_agree_and_repeat():
+    """Deterministic mode: bitwise the same run to run; the atomic path agrees within rounding;
+    both match the reference. An index outside [-1, K) counts as -1."""
+    gq, x, c, indices = backward_inputs(150, 6, 19, torch.float32, torch.float32, seed=34)
+    gc, gcb = torch.tensor(0.7, device=DEV), torch.tensor(-1.3, device=DEV)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+        again = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+        torch.use_deterministic_algorithms(False)
+        fast = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for a, b in zip(first, again):
+        assert_same_bits(a, b, "deterministic repeat")
+    ref = reference.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+    for got in (first, fast):
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    bad = indices.clone()
+    bad[:3] = torch.tensor([6, -2, 2 ** 40])
+    gx, gcbk = vqt.vq_quantize_backward(gq, gc, gcb, x, c, bad)
+    as_unassigned = bad.masked_fill((bad < -1) | (bad >= 6), -1)
+    want = reference.vq_quantize_backward(gq, gc, gcb, x, c, as_unassigned)
+    torch.testing.assert_close(gx, want[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(gcbk, want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_vq_quantize_backward_float64_is_the_reference():
+    gq, x, c, indices = backward_inputs(20, 7, 5, torch.float64, torch.float32, seed=35)
+    gc, gcb = torch.tensor(0.7, device=DEV), torch.tensor(-1.3, device=DEV)
+    got = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+    for a, b in zip(got, reference.vq_quantize_backward(gq, gc, gcb, x, c, indices)):
+        assert_same_bits(a, b, "float64")
+
+
+def test_vq_opcheck():
+    x, c = problem(9, 6, 5, torch.float32, seed=36)
+    for args in ((x, c, "l2"), (x.half(), c.bfloat16(), "cosine"), (with_layout(x, "strided"), c, "ip"),
+                 (x[:0], c, "l2"), (x.double(), c, "l2")):
+        triton_opcheck("vq_quantize", args)
+    gq, xb, cb, indices = backward_inputs(9, 6, 5, torch.float32, torch.float32, seed=37)
+    indices = indices.clamp_min(0)  # the AOT-dispatch check compares outputs without equal_nan
+    gc, gcb = torch.tensor(0.5, device=DEV), torch.tensor(2.0, device=DEV)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            for args in ((gq, gc, gcb, xb, cb, indices), (gq.bfloat16(), gc, gcb, xb.half(), with_layout(cb, "strided"),
+                                                          indices), (gq[:0], gc, gcb, xb[:0], cb, indices[:0])):
+                triton_opcheck("vq_quantize_backward", args)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+VQ_BAD = [
+    (lambda x, c: (x[0], c, "l2"), "x must be 2-D"),
+    (lambda x, c: (x, c[:, :3], "l2"), "has D=5"),
+    (lambda x, c: (x, c[:0], "l2"), "codebook is empty"),
+    (lambda x, c: (x, c.int(), "l2"), "codebook must be float32"),
+    (lambda x, c: (x, c, "hamming"), "unknown metric"),
+]
+
+
+@pytest.mark.parametrize("make, match", VQ_BAD)
+def test_vq_quantize_bad_inputs(make, match):
+    x, c = problem(4, 6, 5, torch.float32, seed=38)
+    with pytest.raises(ValueError, match=f"vqkernels.triton.vq_quantize: .*{match}"):
+        vqt.vq_quantize(*make(x, c))
+
+
+def _one(v=1.0):
+    return torch.tensor(v, device=DEV)
+
+
+VQ_BACKWARD_BAD = [
+    (lambda gq, x, c, i: (gq[:, :4], _one(), _one(), x, c, i), r"grad_quantized must have x's shape \(4, 5\)"),
+    (lambda gq, x, c, i: (gq, _one().expand(2), _one(), x, c, i), "the loss gradients must be scalars"),
+    (lambda gq, x, c, i: (gq, _one(), _one(), x, c, i.int()), "indices must be int64"),
+    (lambda gq, x, c, i: (gq, _one(), _one(), x, c, i[:3]), "indices must be 1-D of length N=4"),
+    (lambda gq, x, c, i: (gq, _one(), _one(), x, c[:, :2], i), "has D=5"),
+]
+
+
+@pytest.mark.parametrize("make, match", VQ_BACKWARD_BAD)
+def test_vq_quantize_backward_bad_inputs(make, match):
+    gq, x, c, indices = backward_inputs(4, 6, 5, torch.float32, torch.float32, seed=39)
+    with pytest.raises(ValueError, match=f"vqkernels.triton.vq_quantize_backward: .*{match}"):
+        vqt.vq_quantize_backward(*make(gq, x, c, indices))
