@@ -561,6 +561,88 @@ def test_ema_bad_inputs(make, match):
         vqt.ema_update_(*make(state))
 
 
+# --- GPU (compiled, no interpreter): real sizes ---
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_vq_quantize_large(dtype, metric):
+    x, c = problem(8191, 1000, 67, dtype, seed=60, device="cuda")
+    out = vqt.vq_quantize(x, c, metric)
+    check_vq(x, c, metric, out)
+    for a, b in zip(out, vqt.vq_quantize(x, c, metric)):
+        assert_same_bits(a, b, "repeated call")
+    first, _ = vqt.nearest_code(x, c, metric)
+    assert (out[1] == first).float().mean() > 0.999  # autotuning may pick other tiles: near-ties may differ
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_vq_quantize_backward_large(dtype, deterministic):
+    gq, x, c, indices = backward_inputs(20000, 512, 67, dtype, dtype, seed=61)
+    gc, gcb = torch.tensor(0.7, device="cuda"), torch.tensor(-1.3, device="cuda")
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gx, gcbk = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+        again = vqt.vq_quantize_backward(gq, gc, gcb, x, c, indices)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    want_x, want_c = vq_backward_truth(gq, gc, gcb, x, c, indices)
+    valid = (indices >= 0).cpu()
+    rtol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(gx.cpu()[valid].double(), want_x[valid], rtol=rtol, atol=rtol)
+    torch.testing.assert_close(gcbk.cpu().double(), want_c, rtol=rtol, atol=rtol * want_c.abs().max().item())
+    if deterministic:
+        assert_same_bits(gcbk, again[1], "deterministic grad_codebook")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_ema_update_large(deterministic):
+    state = on_dev(ema_state(20000, 512, 64, seed=62, x_dtype=torch.bfloat16))
+    want = sonnet_update(*(t.cpu() for t in state), 0.99, 1e-5)
+    runs = []
+    for _ in range(2):
+        out = [t.clone() for t in state]
+        run_ema(out, 0.99, 1e-5, deterministic)
+        runs.append(out[:3])
+    assert_state_close([t.cpu() for t in runs[0]], want, (torch.float32,) * 3)
+    if deterministic:
+        for a, b in zip(*runs):
+            assert_same_bits(a, b, "deterministic repeat")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_torch_compile_fullgraph():
+    x, c = problem(300, 200, 24, torch.bfloat16, seed=63, device="cuda")
+
+    def step(a, b):
+        return vqt.nearest_code_topk(a, b, 4, "cosine"), vqt.vq_quantize(a, b)
+
+    (idx, dist), vq = torch.compile(step, fullgraph=True)(x, c)
+    (eidx, edist), evq = step(x, c)
+    assert torch.equal(idx, eidx) and torch.equal(dist, edist)
+    for a, b in zip(vq, evq):
+        assert_same_bits(a, b, "compiled vq_quantize")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_cpu_tensors_rejected():
+    x, c = problem(4, 6, 5, torch.float32, seed=64, device="cpu")
+    for name, call in (("nearest_code_topk", lambda: vqt.nearest_code_topk(x, c, 2)),
+                       ("vq_quantize", lambda: vqt.vq_quantize(x, c))):
+        with pytest.raises(ValueError, match=f"vqkernels.triton.{name}: x is on cpu; the Triton kernel needs CUDA"):
+            call()
+
+
 # --- every kernel compiles for sm_90 (not interpreted), without a GPU ---
 
 AOT_COMPILE = '''
