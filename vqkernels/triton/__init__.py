@@ -18,3 +18,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .nearest_code import nearest_code
 
 __all__ = ["nearest_code"]
+
+# nearest_code_topk, vq_quantize (+ backward), ema_update_
+from .ema_update import ema_update_  # noqa: E402
+from .nearest_code_topk import nearest_code_topk  # noqa: E402
+from .vq_quantize import vq_quantize, vq_quantize_backward  # noqa: E402
+
+__all__ += ["nearest_code_topk", "vq_quantize", "vq_quantize_backward", "ema_update_"]

@@ -51,60 +51,77 @@ def _configs():
             for bn, bk, bd, w, s in _CUDA_CONFIGS]
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "METRIC", "IEEE", "UPCAST"])
 @triton.jit
-def _nearest_code_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
-                         N, K, D, sxn, sxd, scn, scd,
-                         METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
+def _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """||x||^2 [BLOCK_N] in float32 of the rows at pointers xrow [BLOCK_N, 1]: the cosine row
+    scale, and NaN detection (a NaN entry makes it NaN)."""
     dr = tl.arange(0, BLOCK_D)
-
-    # ||x||^2 per row: the cosine row scale, and NaN detection (a NaN entry makes it NaN).
     xsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + dr
         xt = tl.load(xrow + dd[None, :] * sxd, mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
         xt = xt.to(tl.float32)
         xsq += tl.sum(xt * xt, axis=1)
-    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+    return xsq
 
+
+@triton.jit
+def _tile_scores(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, k0, K, D, sxd, scn, scd,
+                 METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scores [BLOCK_N, BLOCK_K] of the rows against codes k0 .. k0 + BLOCK_K - 1 (the affine
+    form of the module docstring), +inf where not usable: NaN scores, NaN codes, codes >= K."""
+    dr = tl.arange(0, BLOCK_D)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dr
+        dmask = dd < D
+        xt = tl.load(xrow + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        ct = tl.load(c_ptr + cols[None, :] * scn + dd[:, None] * scd,
+                     mask=cmask[None, :] & dmask[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bfloat16 tl.dot is wrong; bf16 products are exact in fp32
+            acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(xt, ct, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, ct, acc)
+    add = tl.load(add_ptr + cols, mask=cmask, other=float("inf"))
+    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    if METRIC == 2:
+        acc = acc * inv_xn[:, None]
+    score = add[None, :] - acc * scale[None, :]
+    return tl.where(score != score, float("inf"), score)  # NaN (inf - inf, NaN codes) -> never chosen
+
+
+@triton.jit
+def _nearest(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, K, D, sxd, scn, scd,
+             METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(best score, its code) [BLOCK_N] over the whole codebook: a running (min, argmin) merged
+    tile by tile with a strict ``<`` in increasing K order, each tile's argmin its first minimum,
+    so ties go to the lowest index. best is +inf when no code has a finite score."""
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    kr = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + kr
-        cmask = cols < K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dr
-            dmask = dd < D
-            xt = tl.load(xrow + dd[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            ct = tl.load(c_ptr + cols[None, :] * scn + dd[:, None] * scd,
-                         mask=cmask[None, :] & dmask[:, None], other=0.0)
-            if UPCAST:  # the interpreter's bfloat16 tl.dot is wrong; bf16 products are exact in fp32
-                acc = tl.dot(xt.to(tl.float32), ct.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xt, ct, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, ct, acc)
-        add = tl.load(add_ptr + cols, mask=cmask, other=float("inf"))
-        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
-        if METRIC == 2:
-            acc = acc * inv_xn[:, None]
-        score = add[None, :] - acc * scale[None, :]
-        score = tl.where(score != score, float("inf"), score)  # NaN (inf - inf, NaN codes) -> never chosen
+        score = _tile_scores(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, k0, K, D, sxd, scn, scd,
+                             METRIC, IEEE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         tmin = tl.min(score, axis=1)
         targ = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int32) + k0
         better = tmin < best
         best = tl.where(better, tmin, best)
         best_idx = tl.where(better, targ, best_idx)
+    return best, best_idx
 
-    # Epilogue: the chosen code's distance, recomputed in float32 from x and that code.
-    crow = c_ptr + best_idx[:, None] * scn
+
+@triton.jit
+def _code_distance(xrow, rmask, c_ptr, code, add_ptr, scale_ptr, inv_xn, D, sxd, scn, scd,
+                   METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(distance, add term) [BLOCK_N] of each row to its code ``code`` [BLOCK_N] (a valid index),
+    recomputed in float32 from x and that code (l2: sum (x - c)^2, no cancellation)."""
+    dr = tl.arange(0, BLOCK_D)
+    crow = c_ptr + code.to(tl.int64)[:, None] * scn
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -115,14 +132,34 @@ def _nearest_code_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
         diff = xt - ct
         sq += tl.sum(diff * diff, axis=1)
         dot += tl.sum(xt * ct, axis=1)
-    add_best = tl.load(add_ptr + best_idx, mask=rmask, other=0.0)
-    scale_best = tl.load(scale_ptr + best_idx, mask=rmask, other=0.0)
+    add_c = tl.load(add_ptr + code, mask=rmask, other=0.0)
+    scale_c = tl.load(scale_ptr + code, mask=rmask, other=0.0)
     if METRIC == 0:
         dist = sq
     elif METRIC == 1:
         dist = -dot
     else:
-        dist = add_best - dot * scale_best * inv_xn
+        dist = add_c - dot * scale_c * inv_xn
+    return dist, add_c
+
+
+@triton.autotune(configs=_configs(), key=["K", "D", "METRIC", "IEEE", "UPCAST"])
+@triton.jit
+def _nearest_code_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
+                         N, K, D, sxn, sxd, scn, scd,
+                         METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
+    xsq = _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N, BLOCK_D)
+    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+    best, best_idx = _nearest(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, K, D, sxd, scn, scd,
+                              METRIC, IEEE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+    # Epilogue: the chosen code's distance, recomputed in float32 from x and that code.
+    dist, add_best = _code_distance(xrow, rmask, c_ptr, best_idx, add_ptr, scale_ptr, inv_xn, D, sxd, scn, scd,
+                                    METRIC, BLOCK_N, BLOCK_D)
     dist = tl.where(best == float("inf"), float("inf"), dist)  # no finite score: as the reference
     # No usable code (NaN row, or the only candidates are NaN codes): index -1, distance NaN.
     invalid = (xsq != xsq) | (add_best == float("inf"))
@@ -145,6 +182,32 @@ def _code_terms(cb, metric):
     return add.contiguous(), scale.contiguous()
 
 
+def search_operands(x, codebook, metric):
+    """(x, codebook, add, scale) as the search kernels take them: tl.dot needs one operand type, so
+    float16/bfloat16 pairs stay as they are and any mix becomes float32; the per-code terms."""
+    if x.dtype != codebook.dtype:
+        x, codebook = x.float(), codebook.float()
+    return (x, codebook, *_code_terms(codebook, metric))
+
+
+def launch_kwargs(x, metric):
+    """The constexpr arguments every search kernel shares, for x as search_operands returns it."""
+    return dict(METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
+                UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
+
+
+def on_device(t):
+    """Context that launches kernels on t's GPU (nothing to do for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_device(op, t):
+    """Rejects tensors the kernels cannot run on: CUDA, or CPU under TRITON_INTERPRET=1."""
+    if t.device.type != "cuda" and not _INTERPRET:
+        _checks._fail(op, f"x is on {t.device}; the Triton kernel needs CUDA tensors "
+                          "(or TRITON_INTERPRET=1 for CPU tensors)")
+
+
 @torch.library.custom_op("vqkernels_triton::nearest_code", mutates_args=())
 def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor]:
     if _checks.compute_dtype(x, codebook) == torch.float64:
@@ -155,16 +218,12 @@ def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, 
     distances = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return indices, distances
-    # tl.dot needs one operand type: float16/bfloat16 pairs stay as they are, any mix -> float32.
-    if x.dtype != codebook.dtype:
-        x, codebook = x.float(), codebook.float()
-    add, scale = _code_terms(codebook, metric)
+    x, codebook, add, scale = search_operands(x, codebook, metric)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+    with on_device(x):
         _nearest_code_kernel[grid](x, codebook, add, scale, indices, distances,
                                    n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-                                   METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
-                                   UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
+                                   **launch_kwargs(x, metric))
     return indices, distances
 
 
@@ -187,7 +246,5 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tenso
     No autograd yet: ``distances`` carries no gradient.
     """
     _checks.check_search(OP, x, codebook, metric)
-    if x.device.type != "cuda" and not _INTERPRET:
-        _checks._fail(OP, f"x is on {x.device}; the Triton kernel needs CUDA tensors "
-                          "(or TRITON_INTERPRET=1 for CPU tensors)")
+    check_device(OP, x)
     return _nearest_code_op(x, codebook, metric)
