@@ -1,9 +1,8 @@
 """vqkernels.triton: nearest_code_topk, vq_quantize (+ backward) and ema_update_ kernels.
 
-Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
-set here before triton is first imported); shapes stay tiny. Tests marked `cuda` add real
-sizes on a GPU. A run that imported triton earlier without the interpreter (a whole-suite CPU
-run) re-runs this file in a fresh process (test_in_fresh_process) and skips the rest here.
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is first imported); shapes stay tiny. Tests marked
+`cuda` add real sizes on a GPU.
 """
 
 import os
@@ -13,18 +12,10 @@ import sys
 import pytest
 import torch
 
-TRITON_PRELOADED = "triton" in sys.modules
-if not torch.cuda.is_available() and not TRITON_PRELOADED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs; the interpreter is slow
-INTERPRETER_UNUSABLE = not torch.cuda.is_available() and (
-    TRITON_PRELOADED and os.environ.get("TRITON_INTERPRET") != "1")
+from vq_helpers import (TIE_POSITIONS, assert_bitwise_equal, bits, check_nearest, check_topk, clustered,
+                        gen, reference, require_triton, tie_problem, with_layout)
 
-pytest.importorskip("triton")
-
-from vq_helpers import (TIE_POSITIONS, assert_bitwise_equal, bits, check_nearest, check_topk, clustered,  # noqa: E402
-                        gen, reference, tie_problem, with_layout)
-
-import vqkernels.triton as vqt  # noqa: E402
+vqt = require_triton()
 from test_ema_update import assert_state_close, ema_state, sonnet_update  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,23 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("l2", "ip", "cosine")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_or_gpu(request):
-    if INTERPRETER_UNUSABLE and request.node.originalname != "test_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; test_in_fresh_process runs this file")
-
-
-@pytest.mark.skipif(not INTERPRETER_UNUSABLE, reason="this file's tests run in this process")
-def test_in_fresh_process():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-                        "-p", "no:xdist", "-W", "ignore::RuntimeWarning"], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout, r.stdout[-2000:]
 
 
 def problem(n, k, d, dtype, seed=0, device=DEV):

@@ -4,9 +4,11 @@
 ImportError saying so when Triton is missing. The kernels run on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (set before this package is imported; slow, for tests).
 
-Ops (standalone for now, not yet a backend of ``torch.ops.vqkernels``):
-    nearest_code(x, codebook, metric="l2") -> (indices, distances)
-        registered as ``torch.ops.vqkernels_triton.nearest_code``; no autograd yet.
+Each launcher ``vqkernels.triton.<op>(...)`` has the signature of ``vqkernels.<op>`` and is
+registered as the opaque custom op ``torch.ops.vqkernels_triton.<op>`` (with a fake kernel; no
+autograd of its own). As a backend of ``torch.ops.vqkernels.<op>`` (``vqkernels.set_backend(
+"triton")``) the public op's autograd applies, its backward ops served by Triton too where
+they exist. float64 inputs, and cases a kernel does not cover, go to the reference.
 """
 
 try:
