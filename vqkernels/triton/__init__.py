@@ -18,3 +18,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .nearest_code import nearest_code
 
 __all__ = ["nearest_code"]
+
+# residual quantization, multiscale step, LFQ entropy (Triton)
+from .residual_quantize import residual_quantize, residual_quantize_backward  # noqa: E402
+
+__all__ += ["residual_quantize", "residual_quantize_backward"]
+from .multiscale import multiscale_quantize_step, multiscale_quantize_step_backward  # noqa: E402
+
+__all__ += ["multiscale_quantize_step", "multiscale_quantize_step_backward"]
