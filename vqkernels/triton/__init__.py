@@ -26,3 +26,6 @@ __all__ += ["residual_quantize", "residual_quantize_backward"]
 from .multiscale import multiscale_quantize_step, multiscale_quantize_step_backward  # noqa: E402
 
 __all__ += ["multiscale_quantize_step", "multiscale_quantize_step_backward"]
+from .lfq import lfq_entropy, lfq_entropy_backward  # noqa: E402
+
+__all__ += ["lfq_entropy", "lfq_entropy_backward"]
