@@ -196,7 +196,7 @@ def _lfq_entropy_backward_op(grad_per_sample_entropy: Tensor, grad_codebook_entr
                 block_a = block(2 ** k, 16, 64)
                 _logit_grad_kernel[(triton.cdiv(n, BLOCK_N),)](x, g_half, probs, coef, grad, n, d, col0, k,
                                                                 *x.stride(), s, BLOCK_N=BLOCK_N, BLOCK_A=block_a,
-                                                                KB=MAX_HALF_BITS, enable_fp_fusion=False)
+                                                                KB=MAX_HALF_BITS)
     return grad.to(x.dtype)
 
 
