@@ -191,7 +191,8 @@ def _lfq_entropy_backward_op(grad_per_sample_entropy: Tensor, grad_codebook_entr
     grad = torch.empty(n, d, dtype=dt, device=x.device)
     with on_device(x):
         top, bottom = _code_probs(x, 0, half, s), _code_probs(x, half, d - half, s)
-        for col0, k, probs, g_half in ((0, half, top, _matmul(bottom, g.t())), (half, d - half, bottom, _matmul(top, g))):
+        halves = ((0, half, top, _matmul(bottom, g.t())), (half, d - half, bottom, _matmul(top, g)))
+        for col0, k, probs, g_half in halves:
             if k:
                 block_a = block(2 ** k, 16, 64)
                 _logit_grad_kernel[(triton.cdiv(n, BLOCK_N),)](x, g_half, probs, coef, grad, n, d, col0, k,
