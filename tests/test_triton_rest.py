@@ -70,6 +70,22 @@ def level_cb(codebooks, level):
     return codebooks[level] if codebooks.dim() == 3 else codebooks
 
 
+OPS = ("residual_quantize", "residual_quantize_backward", "multiscale_quantize_step",
+       "multiscale_quantize_step_backward", "lfq_entropy", "lfq_entropy_backward")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_schema_matches_vqkernels(name):
+    """The vqkernels_triton op takes exactly the vqkernels op's arguments (names, types, defaults)
+    and returns as many tensors: a boxed call can be forwarded unchanged."""
+    mine = getattr(torch.ops.vqkernels_triton, name).default._schema
+    spec = getattr(torch.ops.vqkernels, name).default._schema
+    assert [(a.name, str(a.type), a.default_value) for a in mine.arguments] == \
+        [(a.name, str(a.type), a.default_value) for a in spec.arguments]
+    assert len(mine.returns) == len(spec.returns)
+    assert callable(getattr(vqt, name)) and name in vqt.__all__
+
+
 # ---------------------------------------------------------------------------------------
 # residual_quantize
 

@@ -19,13 +19,12 @@ from .nearest_code import nearest_code
 
 __all__ = ["nearest_code"]
 
-# residual quantization, multiscale step, LFQ entropy (Triton)
+# residual quantization, multiscale step, LFQ entropy (Triton): each op and its backward, registered as
+# torch.ops.vqkernels_triton.<op> with the schema of vqkernels/schemas.py; no autograd (the *_backward
+# launchers give the gradients).
+from .lfq import lfq_entropy, lfq_entropy_backward  # noqa: E402
+from .multiscale import multiscale_quantize_step, multiscale_quantize_step_backward  # noqa: E402
 from .residual_quantize import residual_quantize, residual_quantize_backward  # noqa: E402
 
-__all__ += ["residual_quantize", "residual_quantize_backward"]
-from .multiscale import multiscale_quantize_step, multiscale_quantize_step_backward  # noqa: E402
-
-__all__ += ["multiscale_quantize_step", "multiscale_quantize_step_backward"]
-from .lfq import lfq_entropy, lfq_entropy_backward  # noqa: E402
-
-__all__ += ["lfq_entropy", "lfq_entropy_backward"]
+__all__ += ["residual_quantize", "residual_quantize_backward", "multiscale_quantize_step",
+            "multiscale_quantize_step_backward", "lfq_entropy", "lfq_entropy_backward"]
