@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 TRITON_PRELOADED = "triton" in sys.modules
 if not torch.cuda.is_available() and not TRITON_PRELOADED:
@@ -23,7 +25,7 @@ INTERPRETER_UNUSABLE = not torch.cuda.is_available() and (
 
 pytest.importorskip("triton")
 
-from vq_helpers import assert_bitwise_equal, bits, gen, reference, with_layout  # noqa: E402
+from vq_helpers import assert_bitwise_equal, bits, gen, hyp_settings, reference, with_layout  # noqa: E402
 
 if INTERPRETER_UNUSABLE:
     pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file in a fresh process",
@@ -113,7 +115,7 @@ def residual_truth(x, codebooks, indices):
     return quant, torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-RESIDUAL_SHAPES = [(1, 1, 1, 1), (37, 11, 20, 3), (6, 40, 70, 2), (0, 5, 4, 2)]
+RESIDUAL_SHAPES = [(1, 1, 1, 1), (37, 11, 20, 3), (6, 20, 40, 2), (0, 5, 4, 2)]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-level", "shared"])
@@ -157,6 +159,18 @@ def test_residual_matches_reference_with_nans():
     ref = reference.residual_quantize(x[keep].cpu(), cbs.cpu())
     assert torch.equal(out[1].cpu(), ref[1]) and torch.equal(out[0].cpu(), ref[0])
     torch.testing.assert_close(out[2].cpu(), ref[2], rtol=1e-6, atol=0.0)
+
+
+@hyp_settings(5)
+@given(n=st.integers(0, 20), d=st.integers(1, 9), k=st.integers(1, 12), levels=st.integers(1, 3),
+       shared=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 31 - 1))
+def test_residual_random_shapes(n, d, k, levels, shared, dtype, seed):
+    x = randn(n, d, seed=seed, dtype=dtype)
+    cbs = randn(k, d, seed=seed + 1, dtype=dtype) if shared else randn(levels, k, d, seed=seed + 1, dtype=dtype)
+    quantized, indices, commit, _ = vqt.residual_quantize(x, cbs, levels if shared else -1)
+    quant, losses = residual_truth(x, cbs, indices)
+    assert_bitwise_equal(quantized, quant.to(dtype), "quantized")
+    torch.testing.assert_close(commit.double(), losses, rtol=1e-6, atol=0.0)
 
 
 def test_residual_mixed_dtypes_layouts():
@@ -341,6 +355,19 @@ def test_multiscale_area_bitwise_and_search(shape, dtype):
     assert torch.equal(h, cb[indices].permute(0, 3, 1, 2))
     ri, rh = reference.multiscale_quantize_step(f.cpu(), cb.cpu(), [ph, pw])
     assert torch.equal(indices.cpu(), ri) and torch.equal(h.cpu(), rh)
+
+
+@hyp_settings(10)
+@given(b=st.integers(1, 2), c=st.integers(1, 5), h=st.integers(1, 13), w=st.integers(1, 13), ph=st.integers(1, 14),
+       pw=st.integers(1, 14), dtype=st.sampled_from(DTYPES), channels_last=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_multiscale_area_random_sizes(b, c, h, w, ph, pw, dtype, channels_last, seed):
+    """Any (H, W) -> (ph, pw), down or up, divisible or not: bit for bit F.interpolate(mode='area')."""
+    f = randn(b, c, h, w, seed=seed, dtype=dtype)
+    if channels_last:
+        f = f.contiguous(memory_format=torch.channels_last)
+    want = F.interpolate(f.contiguous(), size=(ph, pw), mode="area").permute(0, 2, 3, 1).reshape(-1, c)
+    assert_bitwise_equal(triton_multiscale._area_downsample(f, ph, pw), want, f"{(h, w)} -> {(ph, pw)}")
 
 
 def test_multiscale_layouts_mixed_dtypes_and_metrics():
