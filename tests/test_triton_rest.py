@@ -7,6 +7,7 @@ written here, independent of vqkernels.reference; the reference is compared wher
 for its exact arithmetic (quantized sums, area pooling, deterministic scatter-adds).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,16 +51,15 @@ def nan_equal(a, b):
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+@contextlib.contextmanager
 def deterministic(flag):
-    """Context: torch.use_deterministic_algorithms(flag), restored afterwards."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(flag)
-
-        def __exit__(self, *exc):
-            torch.use_deterministic_algorithms(self.old)
-    return _Ctx()
+    """torch.use_deterministic_algorithms(flag) inside, the previous setting restored afterwards."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old)
 
 
 def check_opcheck(op, args):
@@ -183,10 +183,11 @@ def test_residual_mixed_dtypes_layouts():
     assert torch.equal(out[1].cpu(), ref[1]) and torch.equal(out[0].cpu(), ref[0])
 
 
-@pytest.mark.parametrize("case", ["beam", "float64"])
+@pytest.mark.parametrize("case", ["beam", "float64", "D=0"])
 def test_residual_delegates_to_reference(case):
-    x = randn(12, 6, seed=5, dtype=torch.float64 if case == "float64" else torch.float32)
-    cbs = randn(3, 8, 6, seed=6, dtype=x.dtype)
+    d = 0 if case == "D=0" else 6
+    x = randn(12, d, seed=5, dtype=torch.float64 if case == "float64" else torch.float32)
+    cbs = randn(3, 8, d, seed=6, dtype=x.dtype)
     beam = 3 if case == "beam" else 1
     out = vqt.residual_quantize(x, cbs, -1, beam)
     ref = reference.residual_quantize(x.cpu(), cbs.cpu(), -1, beam)

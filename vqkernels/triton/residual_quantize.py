@@ -8,7 +8,7 @@ Forward, per level l (residuals and the running sum in float32, as the reference
 
 one fused kernel per level for the last line; the loss of level l is sum_n sq_l[n] / (N D),
 a fixed-order reduction rounded to float32. Given the same indices, quantized is bit for bit
-the reference's. beam_size > 1 and float64 inputs are served by ``vqkernels.reference``.
+the reference's. beam_size > 1, D = 0 and float64 inputs are served by ``vqkernels.reference``.
 
 Backward, per level: one kernel walks the code path again (r_{l+1} = r_l - q_l), adds
 a_l r_{l+1} to grad_x (a_l = grad_commit_losses[l] * 2 / (N D), rounded as the reference: no
