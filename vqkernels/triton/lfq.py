@@ -7,7 +7,7 @@ first d // 2 columns) and a bottom half:
         entry the product of the per-bit probabilities sigmoid(+-l) taken left to right
         (one Triton kernel, as reference._code_probs);
     avg_probs = (A^T B).reshape(-1) / N: a Triton GEMM, IEEE float32 (never TF32), N reduced in
-        a fixed order;
+        a fixed order (split into slices summed in slice order when the output has few tiles);
     per_sample_entropy = mean_n sum_j H(l_nj) with the binary entropy H(l) = softplus(-|l|)
         + |l| sigmoid(-|l|) (a Triton kernel writes the row sums; PyTorch takes their mean);
     codebook_entropy = -sum avg log(max(avg, 1e-5)) (PyTorch, O(2**d)).
@@ -37,6 +37,12 @@ OP_BACKWARD = "triton.lfq_entropy_backward"
 PROB_EPS = reference.LFQ_PROB_EPS
 BLOCK_N = 32
 MAX_HALF_BITS = 16  # a half holds at most LFQ_ENTROPY_MAX_BITS - LFQ_ENTROPY_MAX_BITS // 2 = 15 bits
+BLOCK_K = 32
+# GEMM split-K: slices of at least SPLIT_MIN_K rows, up to SPLIT_TARGET_PROGRAMS programs in all
+# (a couple of waves on an H100/H200), the partial results at most SPLIT_MAX_ELEMS floats.
+SPLIT_MIN_K = 1024
+SPLIT_TARGET_PROGRAMS = 264
+SPLIT_MAX_ELEMS = 1 << 24
 
 
 @triton.jit
@@ -80,22 +86,25 @@ def _entropy_rows_kernel(x_ptr, out_ptr, N, d, sxn, sxd, s, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, Nc, K, sam, sak, sbk, sbn, scm, scn, divisor,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, Nc, K, k_split, sam, sak, sbk, sbn, scs, scm, scn,
                    BLOCK_M: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c [M, Nc] = (a [M, K] @ b [K, Nc]) / divisor, float32 IEEE products, K reduced in order."""
+    """c[s] [M, Nc] = a[:, ks] @ b[ks, :] over split s's slice ks = [s * k_split, (s + 1) * k_split)
+    of K: float32 IEEE products, the slice reduced in order."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_NC + tl.arange(0, BLOCK_NC)
+    split = tl.program_id(2)
+    k_end = tl.minimum(K, (split + 1) * k_split)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_NC), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * k_split, k_end, BLOCK_K):
         kk = k0 + rk
         a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * sam + kk.to(tl.int64)[None, :] * sak,
-                    mask=(rm < M)[:, None] & (kk < K)[None, :], other=0.0)
+                    mask=(rm < M)[:, None] & (kk < k_end)[None, :], other=0.0)
         b = tl.load(b_ptr + kk.to(tl.int64)[:, None] * sbk + rn.to(tl.int64)[None, :] * sbn,
-                    mask=(kk < K)[:, None] & (rn < Nc)[None, :], other=0.0)
+                    mask=(kk < k_end)[:, None] & (rn < Nc)[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
-    tl.store(c_ptr + rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn,
-             tl.math.div_rn(acc, divisor), mask=(rm < M)[:, None] & (rn < Nc)[None, :])
+    dst = c_ptr + split.to(tl.int64) * scs + rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn
+    tl.store(dst, acc, mask=(rm < M)[:, None] & (rn < Nc)[None, :])
 
 
 @triton.jit
@@ -139,15 +148,21 @@ def _code_probs(x, col0, k, s):
     return out
 
 
-def _matmul(a, b, divisor=1.0):
-    """(a @ b) / divisor in IEEE float32 by the Triton GEMM; a, b float32 with any strides."""
+def _matmul(a, b):
+    """a @ b in IEEE float32 by the Triton GEMM; a, b float32 with any strides. A long reduction
+    (A^T B over the rows) with few output tiles is split into slices of K summed afterwards in
+    slice order: the slicing depends on the shapes only, so the result is deterministic."""
     (m, kk), nc = a.shape, b.shape[1]
-    c = torch.empty(m, nc, dtype=torch.float32, device=a.device)
     bm, bn = block(m, 16, 64), block(nc, 16, 64)
-    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(nc, bn))](a, b, c, m, nc, kk, *a.stride(), *b.stride(),
-                                                              *c.stride(), float(divisor),
-                                                              BLOCK_M=bm, BLOCK_NC=bn, BLOCK_K=32)
-    return c
+    tiles = triton.cdiv(m, bm) * triton.cdiv(nc, bn)
+    splits = max(1, min(triton.cdiv(kk, SPLIT_MIN_K), triton.cdiv(SPLIT_TARGET_PROGRAMS, tiles),
+                        SPLIT_MAX_ELEMS // (m * nc)))
+    k_split = triton.cdiv(triton.cdiv(kk, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(kk, k_split)
+    c = torch.empty(splits, m, nc, dtype=torch.float32, device=a.device)
+    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(nc, bn), splits)](
+        a, b, c, m, nc, kk, k_split, *a.stride(), *b.stride(), *c.stride(), BLOCK_M=bm, BLOCK_NC=bn, BLOCK_K=BLOCK_K)
+    return c[0] if splits == 1 else c.sum(0)
 
 
 @torch.library.custom_op("vqkernels_triton::lfq_entropy", mutates_args=())
@@ -160,7 +175,7 @@ def _lfq_entropy_op(x: Tensor, inv_temperature: float) -> Tuple[Tensor, Tensor, 
     s, half = 4.0 * inv_temperature, d // 2
     with on_device(x):
         top, bottom = _code_probs(x, 0, half, s), _code_probs(x, half, d - half, s)
-        avg_probs = _matmul(top.t(), bottom, n).reshape(-1)
+        avg_probs = _matmul(top.t(), bottom).reshape(-1) / n
         rows = torch.empty(n, dtype=torch.float32, device=x.device)
         _entropy_rows_kernel[(triton.cdiv(n, BLOCK_N),)](x, rows, n, d, *x.stride(), s,
                                                          BLOCK_N=BLOCK_N, BLOCK_D=block(d, 16, 32))
