@@ -257,6 +257,24 @@ def test_residual_backward_float64_and_empty():
     assert gx.shape == (0, 4) and torch.equal(gcb, torch.zeros_like(gcb))
 
 
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_backwards_out_of_range_indices_count_as_minus_one(det):
+    """Not range-checked (no GPU sync), but memory-safe: an index >= K or < -1 acts as -1."""
+    x, cbs = randn(10, 4, seed=36), randn(2, 5, 4, seed=37)
+    idx = torch.randint(0, 5, (10, 2), generator=gen(38)).to(DEV)
+    bad, minus = idx.clone(), idx.clone()
+    bad[[1, 6], 1], bad[3, 1] = 5, -7
+    minus[[1, 6, 3], 1] = -1
+    grads = (randn(10, 4, seed=39), randn(2, seed=40), randn(2, seed=41))
+    with deterministic(det):
+        for a, b in zip(vqt.residual_quantize_backward(*grads, x, cbs, bad),
+                        vqt.residual_quantize_backward(*grads, x, cbs, minus)):
+            assert_bitwise_equal(a, b)
+        grad_h = randn(2, 4, 1, 5, seed=42)
+        assert_bitwise_equal(vqt.multiscale_quantize_step_backward(grad_h, cbs[0], bad.view(2, 1, 10)[:, :, :5]),
+                             vqt.multiscale_quantize_step_backward(grad_h, cbs[0], minus.view(2, 1, 10)[:, :, :5]))
+
+
 def test_residual_deterministic_bitwise():
     n, d, k = 60, 12, 3  # few codes: long per-code segments, many atomic collisions
     x = randn(n, d, seed=20)
@@ -606,10 +624,10 @@ common, rq = m["vqkernels.triton._common"], m["vqkernels.triton.residual_quantiz
 ms, lf = m["vqkernels.triton.multiscale"], m["vqkernels.triton.lfq"]
 I, F = "i32", "fp32"
 KERNELS = [
-    (common._scatter_atomic_kernel, ["*fp32", "*i64", "*bf16"] + [I] * 9, dict(BLOCK_N=32, BLOCK_D=64), True),
+    (common._scatter_atomic_kernel, ["*fp32", "*i64", "*bf16"] + [I] * 10, dict(BLOCK_N=32, BLOCK_D=64), True),
     (common._scatter_sorted_kernel, ["*fp32", "*i64", "*i64", "*fp16"] + [I] * 8, dict(BLOCK_D=64), True),
     (rq._residual_step_kernel, ["*fp32"] * 3 + ["*i64", "*fp64"] + [I] * 3, dict(BLOCK_N=32, BLOCK_D=64), False),
-    (rq._residual_grad_kernel, ["*fp32"] * 4 + ["*i64"] + ["*fp32"] * 2 + [I] * 3, dict(BLOCK_N=32, BLOCK_D=64), False),
+    (rq._residual_grad_kernel, ["*fp32"] * 4 + ["*i64"] + ["*fp32"] * 2 + [I] * 4, dict(BLOCK_N=32, BLOCK_D=64), False),
     (ms._area_kernel, ["*bf16", "*bf16"] + [I] * 12, dict(BLOCK_R=32, BLOCK_C=64), True),
     (ms._gather_nchw_kernel, ["*fp16", "*i64", "*fp16"] + [I] * 5, dict(BLOCK_R=32, BLOCK_C=64), True),
     (lf._code_probs_kernel, ["*fp16", "*fp32"] + [I] * 5 + [F], dict(BLOCK_N=32, BLOCK_A=64), True),

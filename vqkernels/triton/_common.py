@@ -2,7 +2,7 @@
 lfq_entropy: the device rules, and the scatter-add of rows into codebook rows.
 
 ``scatter_add_rows_(out, indices, src)`` adds row ``r`` of ``src`` into ``out[indices[r]]``
-(rows with index -1 are skipped), in float32. Two kernels:
+(rows with index -1, or any index outside [0, K), are skipped), in float32. Two kernels:
 
 - fast (default): one program per (block of rows, block of columns), ``tl.atomic_add`` into
   ``out``; the order of the float additions varies from run to run.
@@ -50,13 +50,13 @@ def _row_offset(rows, P, W, s0, s1, s2):
 
 
 @triton.jit
-def _scatter_atomic_kernel(out_ptr, idx_ptr, src_ptr, N, D, P, W, s0, s1, s2, sd, so,
+def _scatter_atomic_kernel(out_ptr, idx_ptr, src_ptr, N, K, D, P, W, s0, s1, s2, sd, so,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < N
     idx = tl.load(idx_ptr + rows, mask=rmask, other=-1)
-    m = (rmask & (idx >= 0))[:, None] & (cols < D)[None, :]
+    m = (rmask & (idx >= 0) & (idx < K))[:, None] & (cols < D)[None, :]
     off = _row_offset(rows.to(tl.int64), P, W, s0, s1, s2)
     v = tl.load(src_ptr + off[:, None] + cols[None, :] * sd, mask=m, other=0.0).to(tl.float32)
     tl.atomic_add(out_ptr + idx[:, None] * so + cols[None, :], v, mask=m)
@@ -79,7 +79,8 @@ def _scatter_sorted_kernel(out_ptr, order_ptr, bounds_ptr, src_ptr, D, P, W, s0,
 
 
 def scatter_add_rows_(out, indices, src):
-    """out[indices[r]] += src row r for every r with indices[r] >= 0, in float32.
+    """out[indices[r]] += src row r for every r with 0 <= indices[r] < K, in float32 (the indices
+    are not range-checked, which would synchronise with the GPU: one outside [-1, K) adds nothing).
 
     out: float32 [K, D] with unit column stride. indices: int64 [N]. src: [N, D] (any
     strides), or [B, D, H, W] whose rows are its cells r = (b, h, w) (N = B * H * W).
@@ -104,5 +105,5 @@ def scatter_add_rows_(out, indices, src):
                                                                  BLOCK_D=block_d)
         else:
             grid = (triton.cdiv(n, 32), triton.cdiv(d, block_d))
-            _scatter_atomic_kernel[grid](out, indices, src, n, d, *layout, out.stride(0), BLOCK_N=32, BLOCK_D=block_d)
+            _scatter_atomic_kernel[grid](out, indices, src, n, k, d, *layout, out.stride(0), BLOCK_N=32, BLOCK_D=block_d)
     return out

@@ -160,7 +160,8 @@ def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[i
 
 def multiscale_quantize_step_backward(grad_h: Tensor, codebook: Tensor, indices: Tensor) -> Tensor:
     """Codebook gradient of :func:`multiscale_quantize_step`'s ``h``: each cell of ``grad_h``
-    [B, C, ph, pw] added onto the row ``indices[b, y, x]`` (index -1 adds nothing), in float32,
+    [B, C, ph, pw] added onto the row ``indices[b, y, x]`` (index -1, or any index outside
+    [0, K), which is not checked as that would synchronise with the GPU, adds nothing), in float32,
     returned in the codebook's dtype. Float atomics, or, under
     ``torch.use_deterministic_algorithms(True)``, per-code sums in cell order, bitwise the
     reference's. float64 inputs are served by the PyTorch reference.

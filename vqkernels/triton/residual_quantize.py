@@ -59,14 +59,16 @@ def _residual_step_kernel(r_ptr, quant_ptr, cb_ptr, idx_ptr, sq_ptr, N, D, scn,
 
 
 @triton.jit
-def _residual_grad_kernel(r_ptr, gx_ptr, contrib_ptr, cb_ptr, idx_ptr, a_ptr, b_ptr, N, D, scn,
+def _residual_grad_kernel(r_ptr, gx_ptr, contrib_ptr, cb_ptr, idx_ptr, a_ptr, b_ptr, N, K, D, scn,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One level of the backward walk: r <- r - q (in place), gx <- gx + a r, contrib = b r (0
-    where the index is -1); r, gx, contrib [N, D] float32 contiguous; a, b: this level's scalars."""
+    where the index is -1); r, gx, contrib [N, D] float32 contiguous; a, b: this level's scalars.
+    An index outside [-1, K) (not checked: that would synchronise) counts as -1: nothing is read
+    or written outside the tensors."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     idx = tl.load(idx_ptr + rows, mask=rmask, other=0)
-    valid = idx >= 0
+    valid = (idx >= 0) & (idx < K)
     crow = cb_ptr + tl.maximum(idx, 0)[:, None] * scn
     base = rows.to(tl.int64)[:, None] * D
     a = tl.load(a_ptr)
@@ -141,7 +143,7 @@ def _residual_quantize_backward_op(grad_quantized: Tensor, grad_commit_losses: T
                 idx = indices[:, level].contiguous()
                 _residual_grad_kernel[(triton.cdiv(n, BLOCK_N),)](
                     r, gx, contrib, reference._level_codebook(cbs, level), idx, coef_a[level:], coef_b[level:],
-                    n, d, cbs.stride(-2), BLOCK_N=BLOCK_N, BLOCK_D=block_d, enable_fp_fusion=False)
+                    n, cbs.shape[-2], d, cbs.stride(-2), BLOCK_N=BLOCK_N, BLOCK_D=block_d, enable_fp_fusion=False)
                 scatter_add_rows_(reference._level_codebook(grad_cbs, level), idx, contrib)
     return gx.to(x.dtype), grad_cbs.to(codebooks.dtype)
 
@@ -176,7 +178,9 @@ def residual_quantize_backward(grad_quantized: Tensor, grad_commit_losses: Tenso
     Returns ``(grad_x, grad_codebooks)`` in x's and codebooks' dtypes: grad_x = grad_quantized +
     sum_l grad_commit_losses[l] * 2 / (N D) * r_{l+1}; codebook row i_l of level l gets
     -grad_codebook_losses[l] * 2 / (N D) * r_{l+1} (summed over the levels for a shared
-    codebook; rows with index -1 add nothing). The codebook sums use float atomics, or, under
+    codebook; rows with index -1 add nothing). The indices are not range-checked (that would
+    synchronise with the GPU; vqkernels' CPU kernel raises): one outside [-1, K) counts as -1,
+    nothing outside the tensors is touched. The codebook sums use float atomics, or, under
     ``torch.use_deterministic_algorithms(True)``, per-code sums in row order, bitwise those of
     the reference.
     """
