@@ -105,5 +105,6 @@ def scatter_add_rows_(out, indices, src):
                                                                  BLOCK_D=block_d)
         else:
             grid = (triton.cdiv(n, 32), triton.cdiv(d, block_d))
-            _scatter_atomic_kernel[grid](out, indices, src, n, k, d, *layout, out.stride(0), BLOCK_N=32, BLOCK_D=block_d)
+            _scatter_atomic_kernel[grid](out, indices, src, n, k, d, *layout, out.stride(0),
+                                         BLOCK_N=32, BLOCK_D=block_d)
     return out
