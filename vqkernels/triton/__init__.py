@@ -17,13 +17,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("vqkernels.triton needs the 'triton' package (pip install triton); "
                       "the rest of vqkernels works without it") from exc
 
+from .ema_update import ema_update_
+from .lfq import lfq_entropy, lfq_entropy_backward
+from .multiscale import multiscale_quantize_step, multiscale_quantize_step_backward
 from .nearest_code import nearest_code
+from .nearest_code_topk import nearest_code_topk
+from .residual_quantize import residual_quantize, residual_quantize_backward
+from .vq_quantize import vq_quantize, vq_quantize_backward
 
-__all__ = ["nearest_code"]
-
-# nearest_code_topk, vq_quantize (+ backward), ema_update_
-from .ema_update import ema_update_  # noqa: E402
-from .nearest_code_topk import nearest_code_topk  # noqa: E402
-from .vq_quantize import vq_quantize, vq_quantize_backward  # noqa: E402
-
-__all__ += ["nearest_code_topk", "vq_quantize", "vq_quantize_backward", "ema_update_"]
+__all__ = ["nearest_code", "nearest_code_topk", "vq_quantize", "vq_quantize_backward", "ema_update_",
+           "residual_quantize", "residual_quantize_backward", "multiscale_quantize_step",
+           "multiscale_quantize_step_backward", "lfq_entropy", "lfq_entropy_backward"]
