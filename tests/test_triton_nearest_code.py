@@ -244,7 +244,7 @@ def test_cuda_big_codebook_agrees_with_cpu_kernel():
 @needs_cuda
 def test_cuda_cpu_tensors_rejected():
     x, c = problem(4, 6, 5, torch.float32, seed=14, device="cpu")
-    with pytest.raises(ValueError, match="vqkernels.triton.nearest_code: x is on cpu; the Triton kernel needs CUDA"):
+    with pytest.raises(ValueError, match="vqkernels.triton.nearest_code: inputs are on cpu; the Triton kernel needs CUDA"):
         vqt.nearest_code(x, c)
 
 

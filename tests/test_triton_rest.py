@@ -607,7 +607,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import vqkernels.triton
 m = sys.modules
-common, rq = m["vqkernels.triton._common"], m["vqkernels.triton.residual_quantize"]
+common, rq = m["vqkernels.triton.scatter"], m["vqkernels.triton.residual_quantize"]
 ms, lf = m["vqkernels.triton.multiscale"], m["vqkernels.triton.lfq"]
 I, F = "i32", "fp32"
 KERNELS = [
@@ -718,9 +718,9 @@ def test_cuda_lfq_entropy_large():
 @needs_cuda
 def test_cuda_cpu_tensors_rejected():
     x, cbs = randn(4, 5, seed=92, device="cpu"), randn(2, 6, 5, seed=93, device="cpu")
-    with pytest.raises(ValueError, match="vqkernels.triton.residual_quantize: cpu tensors given"):
+    with pytest.raises(ValueError, match="vqkernels.triton.residual_quantize: inputs are on cpu"):
         vqt.residual_quantize(x, cbs)
-    with pytest.raises(ValueError, match="vqkernels.triton.lfq_entropy: cpu tensors given"):
+    with pytest.raises(ValueError, match="vqkernels.triton.lfq_entropy: inputs are on cpu"):
         vqt.lfq_entropy(x, 1.0)
-    with pytest.raises(ValueError, match="vqkernels.triton.multiscale_quantize_step: cpu tensors given"):
+    with pytest.raises(ValueError, match="vqkernels.triton.multiscale_quantize_step: inputs are on cpu"):
         vqt.multiscale_quantize_step(x.view(1, 5, 2, 2), cbs[0], 1)

@@ -603,7 +603,7 @@ def test_cuda_cpu_tensors_rejected():
     x, c = problem(4, 6, 5, torch.float32, seed=64, device="cpu")
     for name, call in (("nearest_code_topk", lambda: vqt.nearest_code_topk(x, c, 2)),
                        ("vq_quantize", lambda: vqt.vq_quantize(x, c))):
-        with pytest.raises(ValueError, match=f"vqkernels.triton.{name}: x is on cpu; the Triton kernel needs CUDA"):
+        with pytest.raises(ValueError, match=f"vqkernels.triton.{name}: inputs are on cpu; the Triton kernel needs CUDA"):
             call()
 
 

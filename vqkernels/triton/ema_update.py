@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from .nearest_code import check_device, on_device
+from ._common import check_device, on_device
 from .scatter import code_segments, segment_sum
 
 OP = "triton.ema_update_"

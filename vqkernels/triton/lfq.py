@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, fake, reference
-from ._common import block, on_device, require_device
+from ._common import block, check_device, on_device
 
 OP = "triton.lfq_entropy"
 OP_BACKWARD = "triton.lfq_entropy_backward"
@@ -234,7 +234,7 @@ def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tens
     inv_temperature = float(inv_temperature)
     _checks.check_lfq(OP, x, _checks.LFQ_ENTROPY_MAX_BITS)
     _checks.check_finite(OP, "inv_temperature", inv_temperature)
-    require_device(OP, x)
+    check_device(OP, x)
     return _lfq_entropy_op(x, inv_temperature)
 
 
@@ -245,5 +245,5 @@ def lfq_entropy_backward(grad_per_sample_entropy: Tensor, grad_codebook_entropy:
     inv_temperature = float(inv_temperature)
     args = (grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature)
     _checks.check_lfq_entropy_backward(OP_BACKWARD, *args)
-    require_device(OP_BACKWARD, x)
+    check_device(OP_BACKWARD, x)
     return _lfq_entropy_backward_op(*args)

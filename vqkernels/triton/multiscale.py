@@ -25,7 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, fake, reference
-from ._common import INTERPRET, block, on_device, require_device, scatter_add_rows_
+from ._common import INTERPRET, block, check_device, on_device
+from .scatter import scatter_add_rows_
 from .nearest_code import _nearest_code_op
 
 OP = "triton.multiscale_quantize_step"
@@ -154,7 +155,7 @@ def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[i
     """
     pn = [pn, pn] if isinstance(pn, int) else list(pn)
     _checks.check_multiscale(OP, f_rest, codebook, pn, metric)
-    require_device(OP, f_rest)
+    check_device(OP, f_rest)
     return _multiscale_quantize_step_op(f_rest, codebook, pn, metric)
 
 
@@ -167,5 +168,5 @@ def multiscale_quantize_step_backward(grad_h: Tensor, codebook: Tensor, indices:
     reference's. float64 inputs are served by the PyTorch reference.
     """
     _checks.check_multiscale_backward(OP_BACKWARD, grad_h, codebook, indices)
-    require_device(OP_BACKWARD, codebook)
+    check_device(OP_BACKWARD, codebook)
     return _multiscale_quantize_step_backward_op(grad_h, codebook, indices)

@@ -21,8 +21,6 @@ float64 inputs are served by ``vqkernels.reference.nearest_code`` (float64 seman
 no float64 Triton kernel yet).
 """
 
-import contextlib
-import os
 from typing import Tuple
 
 import torch
@@ -31,11 +29,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
+from ._common import INTERPRET, check_device, on_device
 
 NORM_EPS = reference.NORM_EPS
 _METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
 OP = "triton.nearest_code"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import time too
 
 
 # (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages): a few points of {64, 128}^2 x {32, 64} x
@@ -45,7 +43,7 @@ _CUDA_CONFIGS = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (128, 128, 32, 4, 3
 
 
 def _configs():
-    if _INTERPRET:  # the interpreter is ~1000x slower: one config
+    if INTERPRET:  # the interpreter is ~1000x slower: one config
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
             for bn, bk, bd, w, s in _CUDA_CONFIGS]
@@ -193,19 +191,7 @@ def search_operands(x, codebook, metric):
 def launch_kwargs(x, metric):
     """The constexpr arguments every search kernel shares, for x as search_operands returns it."""
     return dict(METRIC=_METRIC_IDS[metric], IEEE=x.dtype == torch.float32,
-                UPCAST=_INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
-
-
-def on_device(t):
-    """Context that launches kernels on t's GPU (nothing to do for CPU tensors under the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def check_device(op, t):
-    """Rejects tensors the kernels cannot run on: CUDA, or CPU under TRITON_INTERPRET=1."""
-    if t.device.type != "cuda" and not _INTERPRET:
-        _checks._fail(op, f"x is on {t.device}; the Triton kernel needs CUDA tensors "
-                          "(or TRITON_INTERPRET=1 for CPU tensors)")
+                UPCAST=INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
 
 
 @torch.library.custom_op("vqkernels_triton::nearest_code", mutates_args=())
@@ -242,7 +228,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tenso
     ``indices`` int64 [N] and ``distances`` [N] float32 (float64 for float64 inputs, which the
     PyTorch reference serves). The distance of the chosen code is recomputed directly in float32
     (l2: sum (x - c)^2), so it can differ from ``vqkernels.nearest_code``'s by float32 rounding
-    (its l2 uses the expanded form). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    (its l2 uses the expanded form). CUDA tensors, or CPU tensors under ``TRITONINTERPRET=1``.
     No autograd yet: ``distances`` carries no gradient.
     """
     _checks.check_search(OP, x, codebook, metric)

@@ -28,8 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from .nearest_code import _INTERPRET, _code_distance, _row_sq_norms, _tile_scores, check_device, launch_kwargs
-from .nearest_code import on_device, search_operands
+from ._common import INTERPRET, check_device, on_device
+from .nearest_code import _code_distance, _row_sq_norms, _tile_scores, launch_kwargs, search_operands
 
 OP = "triton.nearest_code_topk"
 MAX_K = 32  # larger k: the reference (the kept keys would not fit in registers)
@@ -40,7 +40,7 @@ _CUDA_CONFIGS = [(64, 64, 32, 4, 2), (64, 128, 32, 4, 2), (128, 64, 32, 8, 2), (
 
 
 def _configs():
-    if _INTERPRET:  # the interpreter is ~1000x slower: one config
+    if INTERPRET:  # the interpreter is ~1000x slower: one config
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
             for bn, bk, bd, w, s in _CUDA_CONFIGS]
@@ -147,7 +147,7 @@ def nearest_code_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -
     ``distances`` [N, k] float32 (float64 for float64 inputs, which the PyTorch reference serves,
     as it serves k > 32). Distances are recomputed directly in float32 (l2: sum (x - c)^2), so
     they can differ from ``vqkernels.nearest_code_topk``'s by float32 rounding. CUDA tensors, or
-    CPU tensors under ``TRITON_INTERPRET=1``. No autograd yet: ``distances`` carries no gradient.
+    CPU tensors under ``TRITONINTERPRET=1``. No autograd yet: ``distances`` carries no gradient.
     """
     _checks.check_topk(OP, x, codebook, k, metric)
     check_device(OP, x)

@@ -25,7 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, fake, reference
-from ._common import block, on_device, require_device, scatter_add_rows_
+from ._common import block, check_device, on_device
+from .scatter import scatter_add_rows_
 from .nearest_code import _nearest_code_op
 
 OP = "triton.residual_quantize"
@@ -167,7 +168,7 @@ def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,
     :func:`residual_quantize_backward` gives the gradients.
     """
     _checks.check_residual(OP, x, codebooks, num_levels, beam_size)
-    require_device(OP, x)
+    check_device(OP, x)
     return _residual_quantize_op(x, codebooks, num_levels, beam_size)
 
 
@@ -186,5 +187,5 @@ def residual_quantize_backward(grad_quantized: Tensor, grad_commit_losses: Tenso
     """
     args = (grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices)
     _checks.check_residual_backward(OP_BACKWARD, *args)
-    require_device(OP_BACKWARD, x)
+    check_device(OP_BACKWARD, x)
     return _residual_quantize_backward_op(*args)

@@ -29,7 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from .nearest_code import _configs, _nearest, _row_sq_norms, check_device, launch_kwargs, on_device, search_operands
+from ._common import check_device, on_device
+from .nearest_code import _configs, _nearest, _row_sq_norms, launch_kwargs, search_operands
 from .scatter import code_segments, segment_sum
 
 OP = "triton.vq_quantize"
