@@ -158,10 +158,10 @@ def test_mixed_dtypes_and_layouts(metric):
 @pytest.mark.parametrize("metric", METRICS)
 def test_float64_served_by_reference(metric):
     x, c = problem(20, 30, 6, torch.float64, seed=4)
-    for got, want in [(ops().nearest_code(x, c, metric), reference.nearest_code(x.cpu(), c.cpu(), metric)),
-                      (ops().nearest_code_topk(x, c, 4, metric),
-                       reference.nearest_code_topk(x.cpu(), c.cpu(), 4, metric)),
-                      (ops().vq_quantize(x, c.float(), metric), reference.vq_quantize(x.cpu(), c.float().cpu(), metric))]:
+    cases = [(ops().nearest_code(x, c, metric), reference.nearest_code(x.cpu(), c.cpu(), metric)),
+             (ops().nearest_code_topk(x, c, 4, metric), reference.nearest_code_topk(x.cpu(), c.cpu(), 4, metric)),
+             (ops().vq_quantize(x, c.float(), metric), reference.vq_quantize(x.cpu(), c.float().cpu(), metric))]
+    for got, want in cases:
         assert all(g.dtype == w.dtype for g, w in zip(got, want))
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, rtol=1e-12, atol=1e-12)

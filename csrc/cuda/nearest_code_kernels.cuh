@@ -26,8 +26,8 @@ template <>
 constexpr int kNearestMinBlocks<float> = 1;
 
 template <typename T, int METRIC>
-__global__ void __launch_bounds__(256, kNearestMinBlocks<T>) nearest_kernel(SearchProblem<T> p, int64_t* __restrict__ indices,
-                                                      float* __restrict__ distances) {
+__global__ void __launch_bounds__(256, kNearestMinBlocks<T>)
+    nearest_kernel(SearchProblem<T> p, int64_t* __restrict__ indices, float* __restrict__ distances) {
   constexpr int BM = 128;
   using E = typename EngineFor<T, BM>::type;
   constexpr int NT = E::kThreads;

@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) codebook_grad_sorted_kernel(
        j += static_cast<int64_t>(gridDim.y) * kThreads) {
     const float cv = to_float(c[code * d + j]);
     float acc = 0.f;
-    for (int64_t t = first; t < last; ++t) acc = __fadd_rn(acc, __fmul_rn(b, __fsub_rn(to_float(x[perm[t] * d + j]), cv)));
+    for (int64_t t = first; t < last; ++t)
+      acc = __fadd_rn(acc, __fmul_rn(b, __fsub_rn(to_float(x[perm[t] * d + j]), cv)));
     grad_codebook[code * d + j] = acc;
   }
 }
