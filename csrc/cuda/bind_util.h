@@ -1,0 +1,44 @@
+// Helpers of the at:: bindings of the CUDA kernels (csrc/cuda/*_bind.cpp; plain C++, no nvcc).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+
+#include "cuda/elem_type.h"
+
+namespace vqk {
+namespace cuda {
+
+// The launcher tag of a float32 / float16 / bfloat16 tensor.
+inline ElemType elem_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElemType::F32;
+    case at::kHalf: return ElemType::F16;
+    case at::kBFloat16: return ElemType::BF16;
+    default: TORCH_CHECK(false, "vqkernels: no CUDA kernel for dtype ", t.scalar_type());
+  }
+}
+
+// Whether any of the tensors is float64: such calls are served by the reference op.
+inline bool any_double(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (t->scalar_type() == at::kDouble) return true;
+  return false;
+}
+
+inline void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "vqkernels.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// The op `name` ("namespace::op") through the dispatcher, typed with the C++ signature Sig.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+}  // namespace cuda
+}  // namespace vqk
