@@ -1,12 +1,14 @@
 // Helpers of the at:: bindings of the CUDA kernels (csrc/cuda/*_bind.cpp; plain C++, no nvcc).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <initializer_list>
+#include <utility>
+#include <vector>
 
 #include "cuda/elem_type.h"
 
@@ -38,6 +40,17 @@ inline void check_launch(const char* op, cudaError_t err) {
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The deterministic scatter's plan (csrc/cuda/scatter.h, scatter_rows_sorted) for int64 codes
+// idx [..., n] in [-1, K) along its last dimension: order [..., n], the rows sorted stably by
+// code, and offsets [..., K + 1], the first position in order of each code 0..K (-1 first).
+inline std::pair<at::Tensor, at::Tensor> sort_by_code(const at::Tensor& idx, int64_t K) {
+  auto [sorted, order] = at::sort(idx, /*stable=*/true, /*dim=*/-1, /*descending=*/false);
+  std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
+  shape.back() = K + 1;
+  const at::Tensor codes = at::arange(K + 1, idx.options()).expand(shape).contiguous();
+  return {order, at::searchsorted(sorted, codes)};
 }
 
 }  // namespace cuda

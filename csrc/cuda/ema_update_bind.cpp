@@ -7,7 +7,7 @@
 //  2. the flag is read back (one scalar copy) and raises the reference's ValueError before any
 //     state is touched;
 //  3. deterministic mode: the sums instead come from the rows sorted stably by code, each code's
-//     segment summed in row order (at::sort + at::searchsorted here, scatter_rows_sorted);
+//     segment summed in row order (sort_by_code here, then scatter_rows_sorted);
 //  4. ema_finalize: the decay steps, the fixed-order total and the smoothed codebook.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -48,8 +48,7 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
                                        stream));
   VQK_CHECK(ints[K].item<int64_t>() == 0, op, "indices must be in [-1, K=", K, "), got values outside it");
   if (deterministic && n > 0) {
-    const auto [sorted, order] = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor offsets = at::searchsorted(sorted, at::arange(K + 1, idx.options()));  // first row >= k
+    const auto [order, offsets] = sort_by_code(idx, K);
     check_launch(op, scatter_rows_sorted(x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1),
                                          order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), K, D,
                                          nullptr, sums.data_ptr<float>(), D, stream));

@@ -107,11 +107,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
   res.copy_(x);
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   at::Tensor order, offsets;  // per level: rows sorted stably by code, and each code's first position
-  if (deterministic) {
-    at::Tensor sorted;
-    std::tie(sorted, order) = at::sort(idx, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    offsets = at::searchsorted(sorted, at::arange(K + 1, idx.options()).expand({levels, K + 1}).contiguous());
-  }
+  if (deterministic) std::tie(order, offsets) = sort_by_code(idx, K);
   for (int64_t l = 0; l < levels; ++l) {
     const at::Tensor cb = level_codebook(codebooks, l);
     const int64_t* il = idx.const_data_ptr<int64_t>() + l * n;
