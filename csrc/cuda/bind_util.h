@@ -17,12 +17,9 @@ namespace cuda {
 
 // The launcher tag of a float32 / float16 / bfloat16 tensor.
 inline ElemType elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::F32;
-    case at::kHalf: return ElemType::F16;
-    case at::kBFloat16: return ElemType::BF16;
-    default: TORCH_CHECK(false, "vqkernels: no CUDA kernel for dtype ", t.scalar_type());
-  }
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "vqkernels: no CUDA kernel for dtype ", st);
+  return st == at::kFloat ? ElemType::F32 : (st == at::kHalf ? ElemType::F16 : ElemType::BF16);
 }
 
 // Whether any of the tensors is float64: such calls are served by the reference op.
