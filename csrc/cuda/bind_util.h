@@ -33,10 +33,11 @@ inline void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "vqkernels.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// The op `name` ("namespace::op") through the dispatcher, typed with the C++ signature Sig.
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+// The op `name` ("namespace::op") called boxed through the dispatcher (so there is no C++
+// signature to agree on with the kernels that other files register for it): its outputs.
+inline std::vector<c10::IValue> call_op(const char* name, std::vector<c10::IValue> args) {
+  c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(args);
+  return args;
 }
 
 // The deterministic scatter's plan (csrc/cuda/scatter.h, scatter_rows_sorted) for int64 codes

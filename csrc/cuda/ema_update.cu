@@ -58,7 +58,8 @@ cudaError_t ema_finalize(void* codebook, ElemType cb_type, int64_t cb0, int64_t 
   return dispatch_elem(cb_type, [&](auto tag) {
     using T = decltype(tag);
     codebook_kernel<T><<<blocks_for(K * D, kThreads, 1 << 20), kThreads, 0, stream>>>(
-        static_cast<T*>(codebook), cb0, cb1, cluster_size, cs0, embed_sum, es0, es1, sums, K, D, keep, take, eps, total);
+        static_cast<T*>(codebook), cb0, cb1, cluster_size, cs0, embed_sum, es0, es1, sums, K, D, keep, take, eps,
+        total);
     return cudaGetLastError();
   });
 }

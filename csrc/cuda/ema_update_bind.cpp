@@ -28,10 +28,7 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
   const char* op = "ema_update_";
   check_ema(op, codebook, cluster_size, embed_sum, x, indices, decay, eps);
   if (any_double({&codebook, &cluster_size, &x})) {
-    using Sig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     double, double);
-    static const auto ref = find_op<Sig>("vqkernels_ref::ema_update_");
-    ref.call(codebook, cluster_size, embed_sum, x, indices, decay, eps);
+    call_op("vqkernels_ref::ema_update_", {codebook, cluster_size, embed_sum, x, indices, decay, eps});
     return;
   }
   const c10::cuda::CUDAGuard guard(codebook.device());

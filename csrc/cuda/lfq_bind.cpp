@@ -29,8 +29,8 @@ Tensor3 lfq_entropy(const at::Tensor& x, double inv_temperature) {
   check_lfq(op, x, kLfqEntropyMaxBits);
   check_finite(op, "inv_temperature", inv_temperature);
   if (x.scalar_type() == at::kDouble) {
-    static const auto ref = find_op<Tensor3(const at::Tensor&, double)>("vqkernels_ref::lfq_entropy");
-    return ref.call(x, inv_temperature);
+    const auto out = call_op("vqkernels_ref::lfq_entropy", {x, inv_temperature});
+    return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor()};
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -58,10 +58,9 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
   const char* op = "lfq_entropy_backward";
   check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature);
   if (x.scalar_type() == at::kDouble) {
-    using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, double);
-    static const auto ref = find_op<Sig>("vqkernels_ref::lfq_entropy_backward");
-    return ref.call(grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature);
+    return call_op("vqkernels_ref::lfq_entropy_backward",
+                   {grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature})[0]
+        .toTensor();
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -28,14 +29,11 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
                                                             at::IntArrayRef pn, c10::string_view metric) {
   const char* op = "multiscale_quantize_step";
   check_multiscale(op, f_rest, codebook, pn, metric);
-  using Pair = std::tuple<at::Tensor, at::Tensor>;
   if (any_double({&f_rest, &codebook})) {
-    static const auto ref = find_op<Pair(const at::Tensor&, const at::Tensor&, at::IntArrayRef, c10::string_view)>(
-        "vqkernels_ref::multiscale_quantize_step");
-    return ref.call(f_rest, codebook, pn, metric);
+    const auto out =
+        call_op("vqkernels_ref::multiscale_quantize_step", {f_rest, codebook, pn.vec(), std::string(metric)});
+    return {out[0].toTensor(), out[1].toTensor()};
   }
-  static const auto nearest =
-      find_op<Pair(const at::Tensor&, const at::Tensor&, c10::string_view)>("vqkernels_cuda::nearest_code");
   const c10::cuda::CUDAGuard guard(f_rest.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = f_rest.size(0), C = f_rest.size(1), ph = pn[0], pw = pn[1], n = B * ph * pw;
@@ -45,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
   }
   const at::Tensor pooled = at::adaptive_avg_pool2d(f_rest.contiguous(), {ph, pw});
   const at::Tensor rows = pooled.permute({0, 2, 3, 1}).reshape({n, C}).contiguous();
-  const at::Tensor idx = std::get<0>(nearest.call(rows, codebook, metric)).contiguous();
+  const at::Tensor idx =
+      call_op("vqkernels_cuda::nearest_code", {rows, codebook, std::string(metric)})[0].toTensor().contiguous();
   check_launch(op, multiscale_lookup(codebook.const_data_ptr(), elem_type(codebook), codebook.stride(0),
                                      codebook.stride(1), codebook.size(0), idx.const_data_ptr<int64_t>(), B, C,
                                      ph * pw, h.data_ptr(), stream));
@@ -57,9 +56,7 @@ at::Tensor multiscale_quantize_step_backward(const at::Tensor& grad_h, const at:
   const char* op = "multiscale_quantize_step_backward";
   check_multiscale_backward(op, grad_h, codebook, indices);
   if (any_double({&grad_h, &codebook})) {
-    static const auto ref = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-        "vqkernels_ref::multiscale_quantize_step_backward");
-    return ref.call(grad_h, codebook, indices);
+    return call_op("vqkernels_ref::multiscale_quantize_step_backward", {grad_h, codebook, indices})[0].toTensor();
   }
   const c10::cuda::CUDAGuard guard(codebook.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

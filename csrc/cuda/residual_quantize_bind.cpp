@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -36,13 +37,9 @@ Tensor4 residual_quantize(const at::Tensor& x, const at::Tensor& codebooks, int6
   const char* op = "residual_quantize";
   const int64_t levels = check_residual(op, x, codebooks, num_levels, beam_size);
   if (beam_size > 1 || any_double({&x, &codebooks})) {
-    static const auto ref =
-        find_op<Tensor4(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>("vqkernels_ref::residual_quantize");
-    return ref.call(x, codebooks, num_levels, beam_size);
+    const auto out = call_op("vqkernels_ref::residual_quantize", {x, codebooks, num_levels, beam_size});
+    return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor(), out[3].toTensor()};
   }
-  static const auto nearest =
-      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view)>(
-          "vqkernels_cuda::nearest_code");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = x.size(0), D = x.size(1), K = codebooks.size(-2);
@@ -60,7 +57,8 @@ Tensor4 residual_quantize(const at::Tensor& x, const at::Tensor& codebooks, int6
   at::Tensor partial = at::empty({levels, blocks}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < levels; ++l) {
     const at::Tensor cb = level_codebook(codebooks, l);
-    const at::Tensor idx = std::get<0>(nearest.call(res, cb, "l2")).contiguous();
+    const at::Tensor idx =
+        call_op("vqkernels_cuda::nearest_code", {res, cb, std::string("l2")})[0].toTensor().contiguous();
     const bool last = l == levels - 1;
     check_launch(op, rq_level_forward(res.data_ptr<float>(), qsum.data_ptr<float>(), n, D, cb.const_data_ptr(),
                                       elem_type(cb), cb.stride(0), cb.stride(1), K, idx.const_data_ptr<int64_t>(),
@@ -82,10 +80,9 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
   const int64_t levels =
       check_residual_backward(op, grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices);
   if (any_double({&grad_quantized, &x, &codebooks})) {
-    using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&, const at::Tensor&);
-    static const auto ref = find_op<Sig>("vqkernels_ref::residual_quantize_backward");
-    return ref.call(grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices);
+    const auto out = call_op("vqkernels_ref::residual_quantize_backward",
+                             {grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices});
+    return {out[0].toTensor(), out[1].toTensor()};
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

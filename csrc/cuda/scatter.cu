@@ -26,7 +26,8 @@ __global__ void scatter_atomic_kernel(const T* __restrict__ src, int64_t s0, int
     if (counts && threadIdx.x == 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(counts + k), 1ull);
     if (out)
-      for (int64_t d = threadIdx.x; d < D; d += kLanes) atomicAdd(out + k * out_ld + d, s * to_float(src[r * s0 + d * s1]));
+      for (int64_t d = threadIdx.x; d < D; d += kLanes)
+        atomicAdd(out + k * out_ld + d, s * to_float(src[r * s0 + d * s1]));
   }
 }
 
