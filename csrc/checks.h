@@ -273,3 +273,57 @@ inline void check_multiscale_backward(const char* op, const at::Tensor& grad_h, 
 }
 
 }  // namespace vqk
+
+// --- CUDA kernels of ema_update_, lfq_entropy (the GPU-backend work): the arguments' checks
+// shared with the CPU kernels' wording (csrc/cpu/ema_update.cpp and lfq.cpp hold the same).
+namespace vqk {
+
+inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tensor& cluster_size,
+                      const at::Tensor& embed_sum, const at::Tensor& x, const at::Tensor& indices, double decay,
+                      double eps) {
+  VQK_CHECK(codebook.dim() == 2, op, "codebook must be 2-D [K, D], got shape ", shape_str(codebook));
+  const int64_t K = codebook.size(0), D = codebook.size(1);
+  check_float(op, "codebook", codebook);
+  VQK_CHECK(x.dim() == 2 && x.size(1) == D, op, "x must be 2-D [N, D=", D, "], got shape ", shape_str(x));
+  check_float(op, "x", x);
+  const auto st = cluster_size.scalar_type();
+  VQK_CHECK((st == at::kFloat || st == at::kDouble) && embed_sum.scalar_type() == st, op,
+            "cluster_size and embed_sum must both be float32 or both float64, got ", st, " and ",
+            embed_sum.scalar_type());
+  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K, op, "cluster_size must have shape [K=", K,
+            "], got ", shape_str(cluster_size));
+  VQK_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == K && embed_sum.size(1) == D, op,
+            "embed_sum must have shape [K=", K, ", D=", D, "], got ", shape_str(embed_sum));
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"cluster_size", &cluster_size}, {"embed_sum", &embed_sum}, {"x", &x}};
+  for (const auto& [name, t] : others)
+    VQK_CHECK(t->device() == codebook.device(), op, name, " is on ", t->device(), " but codebook is on ",
+              codebook.device());
+  check_indices(op, indices, x.size(0), codebook.device());
+  VQK_CHECK(decay >= 0.0 && decay <= 1.0, op, "decay must be in [0, 1], got ", decay);
+  VQK_CHECK(eps >= 0.0, op, "eps must be >= 0, got ", eps);
+}
+
+inline void check_lfq_entropy_backward(const char* op, const at::Tensor& grad_per_sample,
+                                       const at::Tensor& grad_codebook, const at::Tensor& grad_avg_probs,
+                                       const at::Tensor& x, const at::Tensor& avg_probs, double inv_temperature) {
+  check_lfq(op, x, kLfqEntropyMaxBits);
+  check_finite(op, "inv_temperature", inv_temperature);
+  const int64_t k = int64_t(1) << x.size(1);
+  const std::pair<const char*, const at::Tensor*> args[] = {{"grad_per_sample_entropy", &grad_per_sample},
+                                                            {"grad_codebook_entropy", &grad_codebook},
+                                                            {"grad_avg_probs", &grad_avg_probs},
+                                                            {"avg_probs", &avg_probs}};
+  for (int i = 0; i < 4; ++i) {
+    const auto& [name, t] = args[i];
+    check_float(op, name, *t);
+    if (i < 2) {
+      VQK_CHECK(t->numel() == 1, op, name, " must be a scalar, got shape ", shape_str(*t));
+    } else {
+      VQK_CHECK(t->dim() == 1 && t->size(0) == k, op, name, " must have shape [2**d=", k, "], got ", shape_str(*t));
+    }
+    VQK_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
+  }
+}
+
+}  // namespace vqk
