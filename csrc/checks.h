@@ -274,8 +274,7 @@ inline void check_multiscale_backward(const char* op, const at::Tensor& grad_h, 
 
 }  // namespace vqk
 
-// --- CUDA kernels of ema_update_, lfq_entropy (the GPU-backend work): the arguments' checks
-// shared with the CPU kernels' wording (csrc/cpu/ema_update.cpp and lfq.cpp hold the same).
+// --- ema_update_ and lfq_entropy_backward: the arguments' checks of the CPU and CUDA kernels.
 namespace vqk {
 
 inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tensor& cluster_size,

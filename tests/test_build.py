@@ -4,6 +4,7 @@ architectures it was built for whenever torch has CUDA and a toolkit is present.
 import glob
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from vq_helpers import vqkernels
+
+from vqkernels.schemas import SCHEMAS
 
 
 def _toolkit_present():
@@ -46,10 +49,52 @@ def test_cuda_sources_built_for_arch_list():
         pytest.skip("no cuobjdump (the triton wheel ships one) to list the device code")
     so = vqkernels._backend._C.__file__
     listing = subprocess.run([cuobjdump[0], "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([cuobjdump[0], "--dump-resource-usage", so], capture_output=True, text=True,
+                           check=True).stdout
+    kernels = {}  # arch -> the (mangled) names of the kernels compiled for it
+    arch = None
+    for line in usage.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.search(r"Function (\S+):", line)
+        if m and arch:
+            kernels.setdefault(arch, set()).add(m.group(1))
     wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     for arch in wanted.replace(",", ";").split(";"):
         sm = "sm_" + arch.strip().split("+")[0].replace(".", "")
         assert sm in listing, f"no {sm} device code in {so}:\n{listing}"
+        names = " ".join(kernels.get(sm, ()))
+        for family, kernel in CUDA_KERNELS.items():
+            assert kernel in names, f"no {family} kernel ({kernel}) for {sm} in {so}"
+
+
+# One kernel of each CUDA op family (csrc/cuda/<family>.cu), looked for in every architecture's code.
+CUDA_KERNELS = {"nearest_code": "nearest_kernel", "nearest_code_topk": "topk_kernel",
+                "vq_quantize": "gather_loss_kernel", "scatter (codebook gradients, EMA sums)": "scatter_sorted_kernel",
+                "ema_update_": "cluster_size_kernel", "residual_quantize": "level_forward_kernel",
+                "multiscale_quantize_step": "lookup_kernel", "lfq_entropy": "factors_kernel"}
+# The ops with GPU kernels (CUDA and Triton): issue 4's list, with the backwards it names or implies.
+GPU_OPS = {"nearest_code", "nearest_code_topk", "vq_quantize", "vq_quantize_backward", "ema_update_",
+           "residual_quantize", "residual_quantize_backward", "multiscale_quantize_step",
+           "multiscale_quantize_step_backward", "lfq_entropy", "lfq_entropy_backward"}
+
+
+def test_cuda_kernel_registered_for_every_gpu_op():
+    if not vqkernels.cuda_compiled():
+        pytest.skip("the extension was built without its CUDA sources")
+    have = {op for op in SCHEMAS if torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")}
+    assert have == GPU_OPS
+    assert all(vqkernels._backend.routes(op, "cuda")[-1][2] == "cuda" for op in GPU_OPS)
+
+
+def test_triton_launcher_for_every_gpu_op():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import vqkernels.triton as vqt
+    have = {op for op in SCHEMAS if hasattr(torch.ops.vqkernels_triton, op)}
+    assert have == GPU_OPS
+    assert all(callable(getattr(vqt, op)) for op in GPU_OPS)
 
 
 def test_import_without_extension_falls_back_to_reference():

@@ -3,7 +3,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -13,34 +12,9 @@ namespace vqk {
 namespace cpu {
 namespace {
 
-void check_ema(const at::Tensor& codebook, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
-               const at::Tensor& x, const at::Tensor& indices, double decay, double eps) {
-  const char* op = "ema_update_";
-  VQK_CHECK(codebook.dim() == 2, op, "codebook must be 2-D [K, D], got shape ", shape_str(codebook));
-  const int64_t K = codebook.size(0), D = codebook.size(1);
-  check_float(op, "codebook", codebook);
-  VQK_CHECK(x.dim() == 2 && x.size(1) == D, op, "x must be 2-D [N, D=", D, "], got shape ", shape_str(x));
-  check_float(op, "x", x);
-  const auto st = cluster_size.scalar_type();
-  VQK_CHECK((st == at::kFloat || st == at::kDouble) && embed_sum.scalar_type() == st, op,
-            "cluster_size and embed_sum must both be float32 or both float64, got ", st, " and ",
-            embed_sum.scalar_type());
-  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K, op, "cluster_size must have shape [K=", K,
-            "], got ", shape_str(cluster_size));
-  VQK_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == K && embed_sum.size(1) == D, op,
-            "embed_sum must have shape [K=", K, ", D=", D, "], got ", shape_str(embed_sum));
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cluster_size", cluster_size},
-                                {"embed_sum", embed_sum}, {"x", x}})
-    VQK_CHECK(t.device() == codebook.device(), op, name, " is on ", t.device(), " but codebook is on ",
-              codebook.device());
-  check_indices(op, indices, x.size(0), codebook.device());
-  VQK_CHECK(decay >= 0.0 && decay <= 1.0, op, "decay must be in [0, 1], got ", decay);
-  VQK_CHECK(eps >= 0.0, op, "eps must be >= 0, got ", eps);
-}
-
 void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
                  const at::Tensor& x, const at::Tensor& indices, double decay, double eps) {
-  check_ema(codebook, cluster_size, embed_sum, x, indices, decay, eps);
+  check_ema("ema_update_", codebook, cluster_size, embed_sum, x, indices, decay, eps);
   const int64_t K = codebook.size(0), D = codebook.size(1), n = x.size(0);
   const at::Tensor idx = indices.contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();

@@ -204,24 +204,9 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
                                 const at::Tensor& grad_avg_probs, const at::Tensor& x, const at::Tensor& avg_probs,
                                 double inv_temperature) {
   const NoAutocastGuard no_autocast;
-  const char* op = "lfq_entropy_backward";
-  check_lfq(op, x, kLfqEntropyMaxBits);
-  check_finite(op, "inv_temperature", inv_temperature);
+  check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs,
+                             inv_temperature);
   const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da, k = int64_t(1) << d;
-  const std::pair<const char*, const at::Tensor*> args[] = {{"grad_per_sample_entropy", &grad_per_sample},
-                                                            {"grad_codebook_entropy", &grad_codebook},
-                                                            {"grad_avg_probs", &grad_avg_probs},
-                                                            {"avg_probs", &avg_probs}};
-  for (int i = 0; i < 4; ++i) {
-    const auto& [name, t] = args[i];
-    check_float(op, name, *t);
-    if (i < 2) {
-      VQK_CHECK(t->numel() == 1, op, name, " must be a scalar, got shape ", shape_str(*t));
-    } else {
-      VQK_CHECK(t->dim() == 1 && t->size(0) == k, op, name, " must have shape [2**d=", k, "], got ", shape_str(*t));
-    }
-    VQK_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
-  }
   at::Tensor grad = at::empty({n, d}, x.options());
   if (n == 0) return grad;
   const auto ct = compute_dtype(x, x);

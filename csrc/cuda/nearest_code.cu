@@ -10,11 +10,11 @@ cudaError_t code_terms(const SearchArgs& a, cudaStream_t stream) {
   constexpr int kThreads = 256;  // 8 codes (warps) per block
   const unsigned blocks = static_cast<unsigned>((kp * 32 + kThreads - 1) / kThreads);
   switch (a.dtype) {
-    case DType::F16:
+    case ElemType::F16:
       code_terms_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(a.codebook), a.k, kp, a.d,
                                                          a.metric, a.add, a.scale);
       break;
-    case DType::BF16:
+    case ElemType::BF16:
       code_terms_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a.codebook), a.k, kp,
                                                          a.d, a.metric, a.add, a.scale);
       break;

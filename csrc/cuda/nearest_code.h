@@ -6,10 +6,11 @@
 
 #include <cstdint>
 
+#include "cuda/elem_type.h"
+
 namespace vqk {
 namespace cuda {
 
-enum class DType { F32, F16, BF16 };
 
 constexpr int64_t kMaxTopk = 32;  // nearest_code_topk's kernel keeps at most this many per row
 
@@ -17,7 +18,7 @@ constexpr int64_t kMaxTopk = 32;  // nearest_code_topk's kernel keeps at most th
 // (mixed inputs are converted to float32 first), metric a MetricId (search.cuh: 0 l2, 1 ip,
 // 2 cosine). add / scale: float32 [padded_codes(k)] device buffers, filled by code_terms.
 struct SearchArgs {
-  DType dtype;
+  ElemType dtype;
   const void* x;
   const void* codebook;
   int64_t n, k, d;
@@ -41,8 +42,8 @@ cudaError_t search_bf16(const SearchArgs& a, int64_t topk, int64_t* indices, flo
 inline cudaError_t search(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances,
                           cudaStream_t stream) {
   switch (a.dtype) {
-    case DType::F16: return search_f16(a, topk, indices, distances, stream);
-    case DType::BF16: return search_bf16(a, topk, indices, distances, stream);
+    case ElemType::F16: return search_f16(a, topk, indices, distances, stream);
+    case ElemType::BF16: return search_bf16(a, topk, indices, distances, stream);
     default: return search_f32(a, topk, indices, distances, stream);
   }
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/bind_util.h"
 #include "cuda/nearest_code.h"
 
 namespace vqk {
@@ -37,11 +38,10 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& codebook
   const int64_t k = codebook.size(0);
   p.add = at::empty({padded_codes(k)}, x.options().dtype(at::kFloat));
   p.scale = at::empty({padded_codes(k)}, x.options().dtype(at::kFloat));
-  p.args = SearchArgs{kernel_dt == at::kHalf ? DType::F16 : (kernel_dt == at::kBFloat16 ? DType::BF16 : DType::F32),
+  p.args = SearchArgs{elem_type(p.x),
                       p.x.const_data_ptr(), p.codebook.const_data_ptr(), x.size(0), k, x.size(1),
                       metric_id(metric), p.add.data_ptr<float>(), p.scale.data_ptr<float>()};
-  const cudaError_t err = code_terms(p.args, stream);
-  TORCH_CHECK(err == cudaSuccess, "vqkernels.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(op, code_terms(p.args, stream));
   return p;
 }
 
@@ -54,8 +54,7 @@ Pair search_outputs(const char* op, const at::Tensor& x, const at::Tensor& codeb
   if (x.size(0) == 0) return {indices, distances};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Prepared p = prepare(op, x, codebook, metric, stream);
-  const cudaError_t err = search(p.args, topk, indices.data_ptr<int64_t>(), distances.data_ptr<float>(), stream);
-  TORCH_CHECK(err == cudaSuccess, "vqkernels.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(op, search(p.args, topk, indices.data_ptr<int64_t>(), distances.data_ptr<float>(), stream));
   return {indices, distances};
 }
 

@@ -22,6 +22,8 @@
 
 #include <cstdint>
 
+#include "cuda/device_util.cuh"
+
 namespace vqk {
 namespace cuda {
 
@@ -30,19 +32,6 @@ enum MetricId : int { kL2 = 0, kIP = 1, kCosine = 2 };
 constexpr int kTileK = 128;         // codes per tile
 constexpr float kNormEps = 1e-12f;  // as torch.nn.functional.normalize (reference.NORM_EPS)
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {  // fixed butterfly order: deterministic
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);

@@ -111,10 +111,10 @@ __global__ void __launch_bounds__(kThreads) codebook_grad_sorted_kernel(
 
 // Calls f(T{}) with T the element type of t.
 template <typename F>
-cudaError_t with_type(DType t, F&& f) {
+cudaError_t with_type(ElemType t, F&& f) {
   switch (t) {
-    case DType::F16: return f(__half{});
-    case DType::BF16: return f(__nv_bfloat16{});
+    case ElemType::F16: return f(__half{});
+    case ElemType::BF16: return f(__nv_bfloat16{});
     default: return f(float{});
   }
 }
@@ -130,7 +130,7 @@ float loss_scale(int64_t numel) { return static_cast<float>(2.0 / static_cast<do
 
 int64_t vq_partial_count(int64_t numel) { return (numel + kBlockEntries - 1) / kBlockEntries; }
 
-cudaError_t vq_gather_loss(DType x_type, DType code_type, const void* x, const void* codebook,
+cudaError_t vq_gather_loss(ElemType x_type, ElemType code_type, const void* x, const void* codebook,
                            const int64_t* indices, int64_t n, int64_t k, int64_t d, void* quantized, float* partials,
                            float* commit_loss, float* codebook_loss, cudaStream_t stream) {
   const int64_t numel = n * d, count = vq_partial_count(numel);
@@ -151,7 +151,7 @@ cudaError_t vq_gather_loss(DType x_type, DType code_type, const void* x, const v
   return cudaGetLastError();
 }
 
-cudaError_t vq_backward(DType grad_type, DType x_type, DType code_type, const void* grad_quantized,
+cudaError_t vq_backward(ElemType grad_type, ElemType x_type, ElemType code_type, const void* grad_quantized,
                         const float* grad_commit_loss, const float* grad_codebook_loss, const void* x,
                         const void* codebook, const int64_t* indices, int64_t n, int64_t k, int64_t d, void* grad_x,
                         float* grad_codebook, bool atomic_codebook, cudaStream_t stream) {
@@ -169,12 +169,12 @@ cudaError_t vq_backward(DType grad_type, DType x_type, DType code_type, const vo
             static_cast<TX*>(grad_x), atomic_codebook ? grad_codebook : nullptr);
         return cudaGetLastError();
       };
-      return grad_type == DType::F32 ? launch(float{}) : launch(TX{});
+      return grad_type == ElemType::F32 ? launch(float{}) : launch(TX{});
     });
   });
 }
 
-cudaError_t vq_codebook_grad_sorted(DType x_type, DType code_type, const float* grad_codebook_loss, const void* x,
+cudaError_t vq_codebook_grad_sorted(ElemType x_type, ElemType code_type, const float* grad_codebook_loss, const void* x,
                                     const void* codebook, const int64_t* perm, const int64_t* offsets, int64_t n,
                                     int64_t k, int64_t d, float* grad_codebook, cudaStream_t stream) {
   if (k == 0 || d == 0) return cudaSuccess;

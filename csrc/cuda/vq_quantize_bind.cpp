@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/bind_util.h"
 #include "cuda/vq_quantize.h"
 
 namespace vqk {
@@ -17,14 +18,6 @@ namespace {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-DType dtype_of(const at::Tensor& t) {  // float32, float16 or bfloat16 (float64 goes to the reference)
-  return t.scalar_type() == at::kHalf ? DType::F16 : (t.scalar_type() == at::kBFloat16 ? DType::BF16 : DType::F32);
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "vqkernels.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 // Search (vqkernels_cuda::nearest_code), then the lookup and the loss in one elementwise kernel.
 Quad vq_quantize(const at::Tensor& x, const at::Tensor& codebook, c10::string_view metric) {
@@ -51,7 +44,7 @@ Quad vq_quantize(const at::Tensor& x, const at::Tensor& codebook, c10::string_vi
   const at::Tensor xs = x.contiguous(), cb = codebook.contiguous();
   at::Tensor partials = at::empty({vq_partial_count(n * d)}, loss_opts);
   at::Tensor commit_loss = at::empty({}, loss_opts), codebook_loss = at::empty({}, loss_opts);
-  check_launch(op, vq_gather_loss(dtype_of(xs), dtype_of(cb), xs.const_data_ptr(), cb.const_data_ptr(),
+  check_launch(op, vq_gather_loss(elem_type(xs), elem_type(cb), xs.const_data_ptr(), cb.const_data_ptr(),
                                   indices.const_data_ptr<int64_t>(), n, k, d, quantized.data_ptr(),
                                   partials.data_ptr<float>(), commit_loss.data_ptr<float>(),
                                   codebook_loss.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
@@ -90,16 +83,15 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
   at::Tensor grad_x = at::empty({n, d}, x.options());
   at::Tensor grad_codebook = at::zeros({k, d}, codebook.options().dtype(at::kFloat));
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  check_launch(op, vq_backward(dtype_of(g), dtype_of(xs), dtype_of(cb), g.const_data_ptr(),
+  check_launch(op, vq_backward(elem_type(g), elem_type(xs), elem_type(cb), g.const_data_ptr(),
                                gc.const_data_ptr<float>(), gb.const_data_ptr<float>(), xs.const_data_ptr(),
                                cb.const_data_ptr(), idx.const_data_ptr<int64_t>(), n, k, d, grad_x.data_ptr(),
                                grad_codebook.data_ptr<float>(), !deterministic, stream));
   if (deterministic && n > 0 && d > 0) {
     // Rows grouped by code, in increasing row order within a code (stable sort); -1 sorts first
     // and lies outside every code's [offsets[c], offsets[c + 1]).
-    const auto [sorted, perm] = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor offsets = at::searchsorted(sorted, at::arange(k + 1, idx.options()));
-    check_launch(op, vq_codebook_grad_sorted(dtype_of(xs), dtype_of(cb), gb.const_data_ptr<float>(),
+    const auto [perm, offsets] = sort_by_code(idx, k);
+    check_launch(op, vq_codebook_grad_sorted(elem_type(xs), elem_type(cb), gb.const_data_ptr<float>(),
                                              xs.const_data_ptr(), cb.const_data_ptr(),
                                              perm.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), n,
                                              k, d, grad_codebook.data_ptr<float>(), stream));
