@@ -17,7 +17,13 @@ export VQK_BUILD_CUDA=1 VQK_REQUIRE_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
 "$PY" -m vqkernels.info
-"$PY" -m pytest tests/test_cuda*.py tests/test_triton_*.py tests/test_backends.py tests/test_build.py \
-  -q -p no:cacheprovider -x -W ignore::DeprecationWarning || echo "GPU TESTS FAILED (benchmarks follow anyway)"
-"$PY" -m vqkernels.bench_layers --device cuda
+T="-q -p no:cacheprovider -W ignore::DeprecationWarning"
+# The kernels' own tests, then every op and layer on CUDA vs the CPU (tests/test_cuda.py) with each
+# GPU backend serving (auto takes only kernels listed in vqkernels._backend.GPU_VERIFIED).
+"$PY" -m pytest tests/test_cuda_*.py tests/test_triton_*.py tests/test_backends.py tests/test_build.py $T \
+  || echo "GPU KERNEL TESTS FAILED (the rest follows anyway)"
+for b in cuda triton; do
+  VQK_BACKEND=cuda:$b "$PY" -m pytest tests/test_cuda.py $T || echo "tests/test_cuda.py FAILED with $b"
+done
+VQK_BACKEND=cuda:cuda "$PY" -m vqkernels.bench_layers --device cuda
 "$PY" -m vqkernels.bench_gpu --output benchmarks/gpu_results.md --save-auto benchmarks/auto_rules.json

@@ -155,6 +155,19 @@ def test_auto_table_rules_by_rows_and_dtype(tmp_path):
     assert served_by("nearest_code", (x.double(), c.double(), "l2")) == {"vqkernels_cpu"}
 
 
+@pytest.mark.skipif(not vqkernels.cuda_compiled(), reason="no CUDA kernels built")
+def test_auto_on_cuda_takes_only_gpu_verified_kernels(monkeypatch):
+    assert _backend.routes("nearest_code", "cuda")[-1][2] == (
+        "cuda" if ("cuda", "nearest_code") in _backend.GPU_VERIFIED else "reference")
+    monkeypatch.setattr(_backend, "GPU_VERIFIED", frozenset({("cuda", "nearest_code")}))
+    assert _backend.routes("nearest_code", "cuda") == [(2 ** 63 - 1, None, "cuda")]
+    monkeypatch.setattr(_backend, "GPU_VERIFIED", frozenset())
+    assert _backend.routes("nearest_code", "cuda") == [(2 ** 63 - 1, None, "reference")]
+    # a measured table is an explicit choice: its rules apply as given
+    vqkernels.set_auto_table({("cuda", "nearest_code"): [(2 ** 20, None, "cuda")]})
+    assert _backend.routes("nearest_code", "cuda")[0] == (2 ** 20, None, "cuda")
+
+
 def test_auto_rules_naming_an_unavailable_backend_are_skipped():
     vqkernels.set_auto_table({("cuda", "fsq_quantize"): [(2 ** 40, None, "triton")]})
     assert _backend.routes("fsq_quantize", "cuda")[0][2] != "triton"
@@ -208,7 +221,9 @@ def test_info_shows_the_backend_of_every_op():
     rows = dict(table)
     assert columns == ["cpu", "cuda", "GPU kernels available"] and set(rows) == set(SCHEMAS)
     for op, row in rows.items():
-        assert row[2] == (", ".join(b for b in ("cuda", "triton") if _backend.available(b, op, "cuda")) or "none")
+        want = [b + ("" if (b, op) in _backend.GPU_VERIFIED else "*") for b in ("cuda", "triton")
+                if _backend.available(b, op, "cuda")]
+        assert row[2] == (", ".join(want) or "none")
     assert rows["nearest_code"][0].startswith("C++") and rows["nearest_code"][0].endswith("[auto]")
     assert rows["lfq_entropy"][0] == "reference (pure PyTorch)"
 

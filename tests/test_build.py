@@ -85,7 +85,11 @@ def test_cuda_kernel_registered_for_every_gpu_op():
         pytest.skip("the extension was built without its CUDA sources")
     have = {op for op in SCHEMAS if torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")}
     assert have == GPU_OPS
-    assert all(vqkernels._backend.routes(op, "cuda")[-1][2] == "cuda" for op in GPU_OPS)
+    B = vqkernels._backend
+    for op in GPU_OPS:  # auto takes them only once verified on a GPU; choosing them routes there
+        assert B.routes(op, "cuda")[-1][2] == ("cuda" if ("cuda", op) in B.GPU_VERIFIED else "reference")
+    with vqkernels.use_backend("cuda"):
+        assert all(B.routes(op, "cuda") == [(2 ** 63 - 1, None, "cuda")] for op in GPU_OPS)
 
 
 def test_triton_launcher_for_every_gpu_op():

@@ -9,7 +9,8 @@ Backends (each registers its kernels in its own op namespace, same schemas):
     "reference"  the pure-PyTorch reference, any device             vqkernels_ref
     "auto"       per op, device, dtype and row count: the fastest measured backend
                  (vqkernels.set_auto_table), else the first available of
-                 cuda > triton > reference (CUDA tensors) and cpp > reference (CPU tensors)
+                 cuda > triton > reference (CUDA tensors; only GPU kernels that have passed
+                 their tests on a GPU, GPU_VERIFIED) and cpp > reference (CPU tensors)
 
 ``torch.ops.vqkernels.<op>`` on CPU and CUDA tensors runs a router kernel (csrc/dispatch.cpp)
 that forwards each call to the backend chosen here; the choice is made inside the op at run
@@ -49,6 +50,12 @@ DEVICES = ("cpu", "cuda")
 NAMESPACES = {"cpp": "vqkernels_cpu", "cuda": "vqkernels_cuda", "triton": "vqkernels_triton",
               "reference": "vqkernels_ref"}
 _AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+# (backend, op) pairs whose GPU kernels have passed the GPU tests on real hardware
+# (benchmarks/gpu.sh). Without a measured auto table, "auto" serves CUDA tensors only with
+# these (else the reference): kernels never run on a GPU serve only when chosen explicitly.
+# The CUDA and Triton kernels were written and checked without a GPU (compiled for sm_80 /
+# sm_90; Triton run through its interpreter): none is listed yet.
+GPU_VERIFIED = frozenset()
 _DTYPE_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}
 _ALL_ROWS = 2 ** 63 - 1
 
@@ -121,10 +128,17 @@ _settings = {(dev, op): "auto" for dev in DEVICES for op in SCHEMAS}
 _auto_table = {}
 
 
+def _auto_candidate(backend, op, device):
+    if device == "cpu" or backend == "reference":
+        return available(backend, op, device)
+    # GPU kernels: only verified ones; Triton only where a GPU is present (no pointless import).
+    if (backend, op) not in GPU_VERIFIED or (backend == "triton" and not torch.cuda.is_available()):
+        return False
+    return available(backend, op, device)
+
+
 def _auto_rules(device, op):
-    # Triton for CUDA tensors only where a GPU is present: no pointless import of triton elsewhere.
-    skip = () if device == "cpu" or torch.cuda.is_available() else ("triton",)
-    fallback = next(b for b in _AUTO_PREFERENCE[device] if b not in skip and available(b, op, device))
+    fallback = next(b for b in _AUTO_PREFERENCE[device] if _auto_candidate(b, op, device))
     measured = [(rows, dt, b) for rows, dt, b in _auto_table.get((device, op), ()) if available(b, op, device)]
     return measured + [(_ALL_ROWS, None, fallback)]
 

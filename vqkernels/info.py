@@ -2,7 +2,8 @@
 
 The table shows, per op and device, what serves a call now: "C++ (isa)", "CUDA C++", "Triton" or
 "reference (pure PyTorch)"; "[auto]" marks the automatic choice (vqkernels.set_backend changes it),
-and measured auto rules show their row bound and dtype.
+and measured auto rules show their row bound and dtype. The last column lists the GPU kernels
+built for each op; "*" marks those not yet verified on a GPU, which "auto" does not pick.
 """
 
 import importlib.util
@@ -51,7 +52,8 @@ def report():
     devices = ["cpu", "cuda"]
     columns = devices + ["GPU kernels available"]
     table = [(op, [_backend.backend(op, dev) for dev in devices]
-              + [", ".join(b for b in ("cuda", "triton") if _backend.available(b, op, "cuda")) or "none"])
+              + [", ".join(b + ("" if (b, op) in _backend.GPU_VERIFIED else "*") for b in ("cuda", "triton")
+                           if _backend.available(b, op, "cuda")) or "none"])
              for op in SCHEMAS]
     return facts, columns, table
 
@@ -67,6 +69,9 @@ def main():
     print(f"{'op':<{opw}}  " + "  ".join(f"{d:<{colw}}" for d in columns))
     for op, row in table:
         print(f"{op:<{opw}}  " + "  ".join(f"{b:<{colw}}" for b in row))
+    if any("*" in row[-1] for _, row in table):
+        print("\n* not yet verified on a GPU: serves only when chosen (vqkernels.set_backend, VQK_BACKEND) "
+              "or by a measured auto table")
 
 
 if __name__ == "__main__":
