@@ -37,14 +37,15 @@ __global__ void scatter_sorted_kernel(const T* __restrict__ src, int64_t s0, int
                                       const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
                                       int64_t K, int64_t D, const float* __restrict__ scale, float* __restrict__ out,
                                       int64_t out_ld) {
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kLanes + threadIdx.x;
-  if (d >= D) return;
   const float s = scale ? *scale : 1.0f;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; k < K; k += step) {
-    float acc = 0.0f;
-    for (int64_t i = offsets[k]; i < offsets[k + 1]; ++i) acc += s * to_float(src[order[i] * s0 + d * s1]);
-    out[k * out_ld + d] += acc;
+  const int64_t d_step = static_cast<int64_t>(gridDim.y) * kLanes;
+  for (int64_t d = static_cast<int64_t>(blockIdx.y) * kLanes + threadIdx.x; d < D; d += d_step) {
+    for (int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; k < K; k += step) {
+      float acc = 0.0f;
+      for (int64_t i = offsets[k]; i < offsets[k + 1]; ++i) acc += s * to_float(src[order[i] * s0 + d * s1]);
+      out[k * out_ld + d] += acc;
+    }
   }
 }
 
@@ -66,8 +67,7 @@ cudaError_t scatter_rows_sorted(const void* src, ElemType t, int64_t s0, int64_t
                                 const int64_t* offsets, int64_t K, int64_t D, const float* scale, float* out,
                                 int64_t out_ld, cudaStream_t stream) {
   if (K == 0 || D == 0) return cudaSuccess;
-  if ((D + kLanes - 1) / kLanes > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(blocks_for(K, kRowsPerBlock, 1 << 20), static_cast<unsigned int>((D + kLanes - 1) / kLanes));
+  const dim3 grid(blocks_for(K, kRowsPerBlock, 1 << 20), blocks_for(D, kLanes));  // gridDim.y <= 65535: d loops
   return dispatch_elem(t, [&](auto tag) {
     using T = decltype(tag);
     scatter_sorted_kernel<T><<<grid, dim3(kLanes, kRowsPerBlock), 0, stream>>>(
