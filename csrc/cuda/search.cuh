@@ -332,16 +332,6 @@ __device__ __forceinline__ RowStats row_stats(const T* __restrict__ xr, const T*
   return {warp_sum(st.xx), warp_sum(st.sq), warp_sum(st.dot)};
 }
 
-// Per-row float32 ||x||^2 of the block's rows into xx[BM] (one warp per row in turn).
-template <typename T, int BM, int NT>
-__device__ __forceinline__ void block_row_norms(const SearchProblem<T>& p, int64_t row0, float* xx) {
-  for (int r = threadIdx.x / 32; r < BM; r += NT / 32) {
-    const int64_t row = row0 + r;
-    const float v = row < p.n ? row_stats<T>(p.x + row * p.d, nullptr, p.d).xx : 0.f;
-    if (threadIdx.x % 32 == 0) xx[r] = v;
-  }
-}
-
 __device__ __forceinline__ float inv_norm(float xx) { return 1.f / fmaxf(sqrtf(xx), kNormEps); }
 
 }  // namespace cuda
