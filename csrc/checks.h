@@ -274,8 +274,20 @@ inline void check_multiscale_backward(const char* op, const at::Tensor& grad_h, 
 
 }  // namespace vqk
 
-// --- ema_update_ and lfq_entropy_backward: the arguments' checks of the CPU and CUDA kernels.
+// --- vq_quantize_backward, ema_update_ and lfq_entropy_backward: the arguments' checks of the
+// CPU and CUDA kernels.
 namespace vqk {
+
+inline void check_vq_quantize_backward(const char* op, const at::Tensor& grad_quantized,
+                                       const at::Tensor& grad_commit_loss, const at::Tensor& grad_codebook_loss,
+                                       const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& indices) {
+  check_search(op, x, codebook, "l2");
+  check_indices(op, indices, x.size(0), x.device());
+  VQK_CHECK(grad_quantized.sizes() == x.sizes(), op, "grad_quantized must have x's shape ", shape_str(x), ", got ",
+            shape_str(grad_quantized));
+  VQK_CHECK(grad_commit_loss.numel() == 1 && grad_codebook_loss.numel() == 1, op,
+            "the loss gradients must be scalars");
+}
 
 inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tensor& cluster_size,
                       const at::Tensor& embed_sum, const at::Tensor& x, const at::Tensor& indices, double decay,

@@ -57,12 +57,7 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
                           const at::Tensor& grad_codebook_loss, const at::Tensor& x, const at::Tensor& codebook,
                           const at::Tensor& indices) {
   const char* op = "vq_quantize_backward";
-  check_search(op, x, codebook, "l2");
-  check_indices(op, indices, x.size(0), x.device());
-  VQK_CHECK(grad_quantized.sizes() == x.sizes(), op, "grad_quantized must have x's shape ", shape_str(x), ", got ",
-            shape_str(grad_quantized));
-  VQK_CHECK(grad_commit_loss.numel() == 1 && grad_codebook_loss.numel() == 1, op,
-            "the loss gradients must be scalars");
+  check_vq_quantize_backward(op, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices);
   if (compute_dtype(x, codebook) == at::kDouble) {
     static const auto ref = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("vqkernels_ref::vq_quantize_backward", "")

@@ -64,6 +64,16 @@ def _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N: tl.constexpr, BLOCK_D: tl.conste
 
 
 @triton.jit
+def _row_block(x_ptr, N, D, sxn, sxd, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_N rows of x: (rows, mask, row pointers, ||x||^2, 1 / max(||x||, eps))."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
+    xsq = _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N, BLOCK_D)
+    return rows, rmask, xrow, xsq, 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+
+
+@triton.jit
 def _tile_scores(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, k0, K, D, sxd, scn, scd,
                  METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -147,12 +157,7 @@ def _nearest_code_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
                          N, K, D, sxn, sxd, scn, scd,
                          METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
-    xsq = _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N, BLOCK_D)
-    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+    rows, rmask, xrow, xsq, inv_xn = _row_block(x_ptr, N, D, sxn, sxd, EPS, BLOCK_N, BLOCK_D)
     best, best_idx = _nearest(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, K, D, sxd, scn, scd,
                               METRIC, IEEE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
     # Epilogue: the chosen code's distance, recomputed in float32 from x and that code.

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _checks, reference
 from ._common import INTERPRET, check_device, on_device
-from .nearest_code import _code_distance, _row_sq_norms, _tile_scores, launch_kwargs, search_operands
+from .nearest_code import _code_distance, _row_block, _tile_scores, launch_kwargs, search_operands
 
 OP = "triton.nearest_code_topk"
 MAX_K = 32  # larger k: the reference (the kept keys would not fit in registers)
@@ -64,12 +64,7 @@ def _topk_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
                  N, K, D, TOPK, sxn, sxd, scn, scd,
                  METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
                  KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
-    xsq = _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N, BLOCK_D)
-    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+    rows, rmask, xrow, xsq, inv_xn = _row_block(x_ptr, N, D, sxn, sxd, EPS, BLOCK_N, BLOCK_D)
 
     # Kept keys: distinct placeholders, above every key in the first TOPK slots (evicted first),
     # below every key in the others (never evicted).

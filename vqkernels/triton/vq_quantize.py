@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _checks, reference
 from ._common import check_device, on_device
-from .nearest_code import _configs, _nearest, _row_sq_norms, launch_kwargs, search_operands
+from .nearest_code import _configs, _nearest, _row_block, launch_kwargs, search_operands
 from .scatter import code_segments, segment_sum
 
 OP = "triton.vq_quantize"
@@ -44,12 +44,7 @@ def _vq_quantize_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, q_ptr, idx_ptr, err_pt
                         N, K, D, sxn, sxd, scn, scd,
                         METRIC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * sxn
-    xsq = _row_sq_norms(xrow, rmask, D, sxd, BLOCK_N, BLOCK_D)
-    inv_xn = 1.0 / tl.maximum(tl.sqrt(xsq), EPS)
+    rows, rmask, xrow, xsq, inv_xn = _row_block(x_ptr, N, D, sxn, sxd, EPS, BLOCK_N, BLOCK_D)
     _, code = _nearest(xrow, rmask, c_ptr, add_ptr, scale_ptr, inv_xn, K, D, sxd, scn, scd,
                        METRIC, IEEE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
     # No usable code (NaN row, or the only candidates are NaN codes): index -1, quantized row NaN.
