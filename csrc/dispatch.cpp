@@ -28,7 +28,6 @@ struct Rule {
   int64_t max_rows;
   c10::ScalarType dtype;  // Undefined: any dtype
   c10::OperatorHandle target;
-  std::string target_name;
 };
 using Rules = std::vector<Rule>;
 
@@ -63,7 +62,6 @@ class Router final : public c10::OperatorKernel {
   }
 
   void set_rules(std::shared_ptr<const Rules> rules) { std::atomic_store(&rules_, std::move(rules)); }
-  std::shared_ptr<const Rules> rules() const { return std::atomic_load(&rules_); }
 
  private:
   std::string op_, device_;
@@ -128,19 +126,9 @@ void set_route(const std::string& device, const std::string& op, const std::vect
     auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
     TORCH_CHECK(handle.has_value(), "vqkernels: no operator ", name, " is registered");
     const c10::ScalarType dtype = s.dtype.empty() ? c10::ScalarType::Undefined : parse_dtype(s.dtype);
-    rules->push_back(Rule{s.max_rows, dtype, *handle, name});
+    rules->push_back(Rule{s.max_rows, dtype, *handle});
   }
   find_router(device, op)->set_rules(std::move(rules));
-}
-
-std::vector<RuleSpec> get_route(const std::string& device, const std::string& op) {
-  std::vector<RuleSpec> out;
-  auto rules = find_router(device, op)->rules();
-  if (rules)
-    for (const Rule& r : *rules)
-      out.push_back(RuleSpec{r.max_rows, r.dtype == c10::ScalarType::Undefined ? "" : c10::toString(r.dtype),
-                             r.target_name.substr(0, r.target_name.find("::"))});
-  return out;
 }
 
 }  // namespace dispatch

@@ -21,7 +21,6 @@ struct RuleSpec {
 void install_routers(const std::vector<std::string>& ops);
 // Replaces the rules of (device "cpu"/"cuda", op); the first matching rule wins.
 void set_route(const std::string& device, const std::string& op, const std::vector<RuleSpec>& rules);
-std::vector<RuleSpec> get_route(const std::string& device, const std::string& op);
 
 }  // namespace dispatch
 }  // namespace vqk

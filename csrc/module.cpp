@@ -26,11 +26,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const auto& [rows, dtype, ns] : rules) specs.push_back({rows, dtype, ns});
     vqk::dispatch::set_route(device, op, specs);
   }, "Set the routing rules (max_rows, dtype name or '', namespace) of one op on one device.");
-  m.def("get_route", [](const std::string& device, const std::string& op) {
-    std::vector<std::tuple<int64_t, std::string, std::string>> out;
-    for (const auto& r : vqk::dispatch::get_route(device, op)) out.emplace_back(r.max_rows, r.dtype, r.ns);
-    return out;
-  }, "The routing rules of one op on one device.");
   m.def("cuda_compiled", [] { return bool(VQK_WITH_CUDA); }, "Whether the CUDA sources were built.");
 #if VQK_WITH_CUDA
   m.def("cuda_runtime_version", &vqk::cuda::runtime_version, "CUDART_VERSION compiled against.");

@@ -24,7 +24,7 @@ context manager :func:`use_backend`.
 """
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import warnings
@@ -115,8 +115,6 @@ def available(backend, op, device):
         return device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")
     if backend == "triton":
         if device == "cpu" and not triton_interpreted():
-            return False
-        if device == "cuda" and not _triton_state.get("ops") and importlib.util.find_spec("triton") is None:
             return False
         return op in _triton_ops()
     raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -271,20 +269,18 @@ def set_auto_table(table):
 _NAMES = {"cuda": "CUDA C++", "triton": "Triton", "reference": "reference (pure PyTorch)"}
 
 
-def describe(op, device):
-    """What serves ``op`` on ``device`` now, for ``python -m vqkernels.info``."""
+def backend(op, device_type):
+    """Which implementation serves ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...) now:
+    the rules in force, "[auto]" when chosen automatically (``python -m vqkernels.info``)."""
+    if device_type not in DEVICES:
+        return _NAMES["reference"]
+
     def name(b):
         return f"C++ ({cpu_isa()})" if b == "cpp" else _NAMES[b]
-    rules = routes(op, device)
     text = ", ".join(name(b) if rows == _ALL_ROWS and dt is None else
                      f"{name(b)} (rows <= {rows}{', ' + str(dt).replace('torch.', '') if dt else ''})"
-                     for rows, dt, b in rules)
-    return f"{text} [auto]" if _settings[(device, op)] == "auto" else text
-
-
-def backend(op, device_type):
-    """Which implementation serves ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...)."""
-    return describe(op, device_type) if device_type in DEVICES else _NAMES["reference"]
+                     for rows, dt, b in routes(op, device_type))
+    return f"{text} [auto]" if _settings[(device_type, op)] == "auto" else text
 
 
 def _apply_env(value):
