@@ -89,6 +89,23 @@ def test_opcheck_of_the_public_op_on_each_backend(backend):
             torch.library.opcheck(getattr(torch.ops.vqkernels, op), args)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_every_backend_rejects_bad_inputs(backend):
+    """Each backend validates its own inputs: the router forwards calls unchecked."""
+    samples = op_samples()
+    x, c, _ = samples["nearest_code"]
+    cb, cs, es, xe, idx, decay, eps = samples["ema_update_"]
+    with vqkernels.use_backend(backend, device="cpu"):
+        with pytest.raises(ValueError, match="x must be float32, float16, bfloat16 or float64"):
+            torch.ops.vqkernels.nearest_code(x.int(), c)
+        with pytest.raises(ValueError, match="k must be in"):
+            torch.ops.vqkernels.nearest_code_topk(x, c, c.shape[0] + 1)
+        with pytest.raises(ValueError, match="but codebook has D="):
+            torch.ops.vqkernels.vq_quantize(x[:, :2], c)
+        with pytest.raises(ValueError, match="indices must be in"):
+            torch.ops.vqkernels.ema_update_(cb.clone(), cs.clone(), es.clone(), xe, idx + c.shape[0], decay, eps)
+
+
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpp"])
 def test_training_gradients_through_another_backend(backend):
     x = op_samples()["vq_quantize"][0].clone().requires_grad_()

@@ -59,6 +59,16 @@ def check_indices(op, indices, n, device):
         _fail(op, f"indices is on {indices.device} but x is on {device}")
 
 
+def check_vq_quantize_backward(op, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
+    """The conditions and messages of csrc/checks.h's check_vq_quantize_backward."""
+    check_search(op, x, codebook, "l2")
+    check_indices(op, indices, x.shape[0], x.device)
+    if grad_quantized.shape != x.shape:
+        _fail(op, f"grad_quantized must have x's shape {tuple(x.shape)}, got {tuple(grad_quantized.shape)}")
+    if grad_commit_loss.numel() != 1 or grad_codebook_loss.numel() != 1:
+        _fail(op, "the loss gradients must be scalars")
+
+
 def check_ema(op, codebook, cluster_size, embed_sum, x, indices, decay, eps):
     if codebook.dim() != 2:
         _fail(op, f"codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}")

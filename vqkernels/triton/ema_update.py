@@ -79,6 +79,7 @@ def _ema_finalize_kernel(cb_ptr, cs_ptr, es_ptr, sums_ptr, total_ptr, K, D, scbk
 @torch.library.custom_op("vqkernels_triton::ema_update_", mutates_args=("codebook", "cluster_size", "embed_sum"))
 def _ema_update_op(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Tensor, indices: Tensor,
                    decay: float, eps: float) -> None:
+    _checks.check_ema(OP, codebook, cluster_size, embed_sum, x, indices, decay, eps)
     k, d = codebook.shape
     if bool(((indices < -1) | (indices >= k)).any()):
         _checks._fail(OP, f"indices must be in [-1, K={k}), got values outside it")
@@ -129,6 +130,5 @@ def ema_update_(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Te
     rounding. float64 statistics: the PyTorch reference. CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``.
     """
-    _checks.check_ema(OP, codebook, cluster_size, embed_sum, x, indices, decay, eps)
     check_device(OP, x)
     _ema_update_op(codebook, cluster_size, embed_sum, x, indices, decay, eps)

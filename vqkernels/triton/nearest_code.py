@@ -201,6 +201,7 @@ def launch_kwargs(x, metric):
 
 @torch.library.custom_op("vqkernels_triton::nearest_code", mutates_args=())
 def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor]:
+    _checks.check_search(OP, x, codebook, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64:
         return tuple(t.clone() for t in reference.nearest_code(x, codebook, metric))
     n, d = x.shape
@@ -236,6 +237,5 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tenso
     (its l2 uses the expanded form). CUDA tensors, or CPU tensors under ``TRITONINTERPRET=1``.
     No autograd yet: ``distances`` carries no gradient.
     """
-    _checks.check_search(OP, x, codebook, metric)
     check_device(OP, x)
     return _nearest_code_op(x, codebook, metric)

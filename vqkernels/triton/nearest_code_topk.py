@@ -107,6 +107,7 @@ def _topk_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
 
 @torch.library.custom_op("vqkernels_triton::nearest_code_topk", mutates_args=())
 def _nearest_code_topk_op(x: Tensor, codebook: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+    _checks.check_topk(OP, x, codebook, k, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64 or k > MAX_K:
         return tuple(t.clone() for t in reference.nearest_code_topk(x, codebook, k, metric))
     n, d = x.shape
@@ -144,6 +145,5 @@ def nearest_code_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -
     they can differ from ``vqkernels.nearest_code_topk``'s by float32 rounding. CUDA tensors, or
     CPU tensors under ``TRITONINTERPRET=1``. No autograd yet: ``distances`` carries no gradient.
     """
-    _checks.check_topk(OP, x, codebook, k, metric)
     check_device(OP, x)
     return _nearest_code_topk_op(x, codebook, k, metric)

@@ -167,7 +167,6 @@ def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,
     float32 near-tie. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. No autograd:
     :func:`residual_quantize_backward` gives the gradients.
     """
-    _checks.check_residual(OP, x, codebooks, num_levels, beam_size)
     check_device(OP, x)
     return _residual_quantize_op(x, codebooks, num_levels, beam_size)
 
@@ -186,6 +185,5 @@ def residual_quantize_backward(grad_quantized: Tensor, grad_commit_losses: Tenso
     the reference.
     """
     args = (grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices)
-    _checks.check_residual_backward(OP_BACKWARD, *args)
     check_device(OP_BACKWARD, x)
     return _residual_quantize_backward_op(*args)

@@ -70,6 +70,7 @@ def _vq_quantize_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, q_ptr, idx_ptr, err_pt
 
 @torch.library.custom_op("vqkernels_triton::vq_quantize", mutates_args=())
 def _vq_quantize_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _checks.check_search(OP, x, codebook, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64:
         return tuple(t.clone() for t in reference.vq_quantize(x, codebook, metric))
     n, d = x.shape
@@ -110,7 +111,6 @@ def vq_quantize(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor
     by float32 rounding. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. No autograd
     here: :func:`vq_quantize_backward` is the backward kernel.
     """
-    _checks.check_search(OP, x, codebook, metric)
     check_device(OP, x)
     return _vq_quantize_op(x, codebook, metric)
 
@@ -135,19 +135,11 @@ def _vq_backward_kernel(gq_ptr, x_ptr, c_ptr, idx_ptr, coef_ptr, gx_ptr, gc_ptr,
         tl.atomic_add(gc_ptr + code[:, None] * D + dd[None, :], tl.load(coef_ptr + 1) * diff, mask=m & valid)
 
 
-def _check_backward(op, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
-    """The conditions and messages of the C++ kernels' vq_quantize_backward checks."""
-    _checks.check_search(op, x, codebook, "l2")
-    _checks.check_indices(op, indices, x.shape[0], x.device)
-    if grad_quantized.shape != x.shape:
-        _checks._fail(op, f"grad_quantized must have x's shape {tuple(x.shape)}, got {tuple(grad_quantized.shape)}")
-    if grad_commit_loss.numel() != 1 or grad_codebook_loss.numel() != 1:
-        _checks._fail(op, "the loss gradients must be scalars")
-
-
 @torch.library.custom_op("vqkernels_triton::vq_quantize_backward", mutates_args=())
 def _vq_quantize_backward_op(grad_quantized: Tensor, grad_commit_loss: Tensor, grad_codebook_loss: Tensor,
                              x: Tensor, codebook: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
+    _checks.check_vq_quantize_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x,
+                                       codebook, indices)
     dt = _checks.compute_dtype(x, codebook)
     if dt == torch.float64:
         return reference.vq_quantize_backward(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook,
@@ -174,7 +166,8 @@ def _vq_quantize_backward_op(grad_quantized: Tensor, grad_commit_loss: Tensor, g
 
 @_vq_quantize_backward_op.register_fake
 def _(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
-    _check_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices)
+    _checks.check_vq_quantize_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x,
+                                       codebook, indices)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(codebook, memory_format=torch.contiguous_format))
 
@@ -191,6 +184,5 @@ def vq_quantize_backward(grad_quantized: Tensor, grad_commit_loss: Tensor, grad_
     outside [-1, K) counts as -1: no range check, which would synchronise with the host).
     float64 inputs: the PyTorch reference. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    _check_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices)
     check_device(OP_BACKWARD, x)
     return _vq_quantize_backward_op(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices)
