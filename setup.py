@@ -1,7 +1,7 @@
 """Builds vqkernels._C: the C++ CPU kernels, plus the CUDA sources when a toolkit is found.
 
-VQK_BUILD_CUDA=0 skips the CUDA sources, =1 requires them, unset builds them when torch
-has CUDA and a toolkit is found. A failed build of the extension is a warning (the package
+VQK_BUILD_CUDA=0 skips the CUDA sources, =1 requires them, unset builds them when a GPU is
+visible, torch has CUDA and a toolkit is found. A failed build of the extension is a warning (the package
 then runs on its pure-PyTorch reference kernels) unless VQK_REQUIRE_EXTENSION=1 or
 VQK_BUILD_CUDA=1, as the project's own scripts and CI set. The toolkit root comes from CUDA_HOME / CUDA_PATH if set,
 else from the nvcc on PATH (following a wrapper script to the real binary), else the
@@ -53,7 +53,10 @@ if cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-build_cuda = build_cuda_env != "0" and torch.version.cuda is not None and cuda_home is not None
+# Unset: compile the CUDA sources only when a GPU is visible (they take minutes on a small machine
+# and nothing built from them runs without one); CI sets VQK_BUILD_CUDA=1 to keep the compile check.
+wanted = build_cuda_env == "1" or (build_cuda_env == "" and torch.cuda.is_available())
+build_cuda = wanted and torch.version.cuda is not None and cuda_home is not None
 if build_cuda_env == "1" and not build_cuda:
     raise RuntimeError(f"VQK_BUILD_CUDA=1 but cannot build CUDA sources: torch.version.cuda={torch.version.cuda}, "
                        f"toolkit root found: {cuda_home} (set CUDA_HOME to a root with include/cuda_runtime.h)")

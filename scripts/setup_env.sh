@@ -1,6 +1,6 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: creates .venv in the repo root if missing,
 # installs the dependencies and builds vqkernels in place (editable). CUDA sources are
-# compiled too when a toolkit is found (see setup.py; VQK_BUILD_CUDA=0 skips them).
+# compiled too when a GPU is visible or VQK_BUILD_CUDA=1 (see setup.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -39,8 +39,8 @@ def test_extension_loaded():
 def test_cuda_sources_built_for_arch_list():
     if not vqkernels.compiled() or torch.version.cuda is None or not _toolkit_present():
         pytest.skip("no CUDA torch or no CUDA toolkit here: the CUDA sources are not expected")
-    if os.environ.get("VQK_BUILD_CUDA") == "0":
-        pytest.skip("VQK_BUILD_CUDA=0")
+    if os.environ.get("VQK_BUILD_CUDA") != "1" and not torch.cuda.is_available():
+        pytest.skip("the CUDA sources are compiled only with a visible GPU or VQK_BUILD_CUDA=1 (as CI sets)")
     assert vqkernels.cuda_compiled()
     cuobjdump = glob.glob(os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin),
                                        "backends", "nvidia", "bin", "cuobjdump")) if importlib.util.find_spec(

@@ -10,6 +10,8 @@ from .gumbel import GumbelQuantize
 from .lfq import LFQ
 from .multiscale import MultiScaleVQ
 from .residual import GroupedResidualVQ, ResidualVQ
+from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ", "minilm_word_embeddings"]
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ",
+           "VectorQuantizer", "minilm_word_embeddings"]
