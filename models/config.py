@@ -23,8 +23,9 @@ class DataConfig:
     name: str = "photos"          # a built-in set (photos, faces, digits, shapes) or a folder path
     hflip: bool = True            # random horizontal flips in training
     holdout_fraction: float = 0.1  # the deterministic held-out split's share
-    num_images: int = 0           # built-in sets: how many images / crops to make (0: the set's default)
+    num_images: int = 0           # images / crops in both splits together (0: the set's default; folders: all)
     seed: int = 0                 # the split and built-in sets' generation
+    max_crop_scale: float = 4.0   # photos: crop windows span 1x to this many times the resolution (log-uniform)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     amp: str = "none"             # none | bf16 | fp16
     compile: bool = False
     fsdp: bool = False            # FSDP2 fully_shard instead of DDP under torchrun
+    grid_images: int = 8          # held-out images in the reconstruction grids
+    eval_images: int = 0          # held-out images evaluated after training (0: all)
 
 
 @dataclass
