@@ -126,7 +126,7 @@ def replace(cfg, key_prefix: str, updates: Dict[str, Any]):
     out = {}
     for k, v in updates.items():
         if k not in types:
-            raise ValueError(f"unknown config key {key_prefix}{k!r}; known: {', '.join(sorted(types))}")
+            raise ValueError(f"unknown config key {key_prefix + k!r}; known: {', '.join(sorted(types))}")
         out[k] = _coerce(v, types[k], key_prefix + k)
     return dataclasses.replace(cfg, **out)
 

@@ -28,7 +28,11 @@ class StepOutput:
 class Tokenizer(nn.Module):
     """Base class of the image tokenizers in ``models``.
 
-    Subclasses set ``config_cls`` (their dataclass), build themselves from one config instance,
+    All of a model's state lives in its parameters and buffers and its schedules are functions of
+``step`` (so a resumed run continues bit for bit); every rank logs the same keys at a step; GAN
+models log the discriminator's logits and the adaptive weight.
+
+Subclasses set ``config_cls`` (their dataclass), build themselves from one config instance,
     and implement :meth:`training_step`, :meth:`encode` and :meth:`decode`; models with a GAN loss also
     implement :meth:`discriminator_parameters` and :meth:`discriminator_loss`.
     """
@@ -72,7 +76,9 @@ class Tokenizer(nn.Module):
 
     # ---- tokens ----
     def encode(self, x: torch.Tensor):  # pragma: no cover - abstract
-        """Code ids of ``x``: one int64 tensor, or a tuple of them for multi-level models."""
+        """Code ids of ``x``, batch first: one int64 tensor per :meth:`codebook_sizes` level, as a tuple
+        in that order, or one tensor with the levels stacked on its last dimension (one tensor also for
+        a single level)."""
         raise NotImplementedError
 
     def decode(self, indices) -> torch.Tensor:  # pragma: no cover - abstract
