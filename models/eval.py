@@ -7,7 +7,7 @@ a table and writes ``<DIR>/eval.json``:
 
 - PSNR and SSIM of ``to_rgb`` pictures in [0, 1] (per image, then the mean; :mod:`models.metrics`),
 - codebook usage, perplexity and dead codes per level over the whole held-out set,
-- bits per image (tokens per image times log2 K, summed over levels),
+- tokens per image per level, and bits per image (tokens per image times log2 K, summed over levels),
 - encode and decode throughput (images/s, eval mode, no autograd).
 """
 
@@ -67,7 +67,7 @@ def evaluate(model, dataset, batch_size: int = 64, device="cpu", max_images: int
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
     scores = {"psnr": [], "ssim": []}
-    bits, enc_time, dec_time = None, 0.0, 0.0
+    bits, tokens, enc_time, dec_time = None, {}, 0.0, 0.0
     try:
         for start in range(0, n, batch_size):
             batch = to_device(collate([dataset[i] for i in range(start, min(n, start + batch_size))]), device)
@@ -87,10 +87,11 @@ def evaluate(model, dataset, batch_size: int = 64, device="cpu", max_images: int
                 levels = level_indices(ids, sizes)
                 stats.update(levels)
                 bits = bits_per_image(levels, sizes)
+                tokens = {k: levels[k][0].numel() for k in sizes}
     finally:
         model.train(was_training)
     return {"images": n, "psnr": torch.cat(scores["psnr"]).mean().item(),
-            "ssim": torch.cat(scores["ssim"]).mean().item(), "bits_per_image": bits,
+            "ssim": torch.cat(scores["ssim"]).mean().item(), "bits_per_image": bits, "tokens_per_image": tokens,
             "codebooks": stats.summary(), "encode_images_per_s": n / max(enc_time, 1e-9),
             "decode_images_per_s": n / max(dec_time, 1e-9)}
 

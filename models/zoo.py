@@ -1,0 +1,213 @@
+"""The model zoo: trains every system's ``tiny`` preset and records what each reaches.
+
+``python -m models.zoo --stage tokenizer [--only NAME,...] [--out runs/zoo] [--device cpu]``
+trains each entry of :data:`ENTRIES` in its own process (``python -m models.train``, so every
+run is an ordinary run folder that ``models.eval`` and ``models.load`` read), then writes the
+zoo section of ``models/RESULTS.md`` (between ``<!-- zoo:start -->`` and ``<!-- zoo:end -->``;
+the rest of the file is kept) with the held-out numbers, the wall time, the checks against the
+issue's targets, and each entry's reconstruction grid copied to ``models/results/<entry>.png``.
+With ``--only``, the other entries' rows are kept from the previous run's record
+(``models/results/zoo.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import SYSTEMS
+from .checkpoint import read_run_config
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+PSNR_TARGET, USAGE_TARGET = 22.0, 0.5
+START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str                      # the row's name (also the run folder's and the grid's)
+    system: str
+    sets: Tuple[str, ...] = ()     # --set overrides on top of the tiny preset
+    vq: bool = True                # held to the VQ targets (PSNR and usage)
+
+
+ENTRIES: Tuple[Entry, ...] = tuple(Entry(s, s, vq=s != "vae") for s in SYSTEMS) + (
+    Entry("vqvae_ema", "vqvae", ("model.ema=true",)),
+    Entry("vqgan_gumbel", "vqgan", ("model.quantizer=gumbel",)),
+)
+# Systems held to "better than single-level VQ at the same token count and codebook size".
+MULTI_LEVEL = ("rqvae", "hqvae", "var_vqvae")
+
+
+def train_entry(entry: Entry, out: Path, device: str, grids: Path, steps: Optional[int] = None,
+                sets: Sequence[str] = ()) -> Dict:
+    """Trains one entry in a child process; returns its eval.json plus wall time, and copies its grid
+    into ``grids``."""
+    run_dir = out / entry.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "models.train", entry.system, "--preset", "tiny", "--out", str(run_dir),
+           "--device", device, "--no-progress"] + [a for s in (*entry.sets, *sets) for a in ("--set", s)]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
+    print(f"== {entry.name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE.parent)
+    minutes = (time.perf_counter() - t0) / 60
+    if proc.returncode != 0:
+        return {"name": entry.name, "system": entry.system, "error": f"exit code {proc.returncode}",
+                "minutes": minutes}
+    with open(run_dir / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    grids.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "recon.png", grids / f"{entry.name}.png")
+    return {"name": entry.name, "system": entry.system, "sets": list(entry.sets), "vq": entry.vq,
+            "minutes": minutes, "parameters": _parameters(run_dir), "data": read_run_config(run_dir)["data"]["name"],
+            "steps": result.pop("step"), **result}
+
+
+def _parameters(run_dir: Path) -> Optional[int]:
+    with open(run_dir / "log.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") in ("start", "resume") and "parameters" in record:
+                return record["parameters"]
+    return None
+
+
+def _tokens(row: Dict) -> int:
+    return sum((row.get("tokens_per_image") or {}).values())
+
+
+def _min_usage(row: Dict) -> Optional[float]:
+    levels = row.get("codebooks") or {}
+    return min(c["usage"] for c in levels.values()) if levels else None
+
+
+def _verdict(row: Dict) -> str:
+    if "error" in row:
+        return "failed: " + row["error"]
+    if not row["vq"]:
+        return "baseline (no codes)"
+    misses = []
+    if row["psnr"] < PSNR_TARGET:
+        misses.append(f"PSNR {row['psnr']:.1f} < {PSNR_TARGET:.0f}")
+    usage = _min_usage(row)
+    if usage is not None and usage < USAGE_TARGET:
+        misses.append(f"usage {usage:.0%} < {USAGE_TARGET:.0%}")
+    return "meets both" if not misses else "misses: " + ", ".join(misses)
+
+
+def _levels(row: Dict) -> str:
+    return ", ".join(f"{k} {c['codes']}: {c['usage']:.0%} / {c['perplexity']:.0f}"
+                     for k, c in (row.get("codebooks") or {}).items()) or "-"
+
+
+def comparison(rows: Dict[str, Dict]) -> List[str]:
+    """Multi-level tokenizers against single-level ``vqvae``: held-out PSNR at their token counts."""
+    base = rows.get("vqvae")
+    if not base or "error" in base:
+        return ["(vqvae missing: no comparison)"]
+    lines = []
+    for name in MULTI_LEVEL:
+        row = rows.get(name)
+        if not row or "error" in row:
+            continue
+        same_k = {c["codes"] for c in row["codebooks"].values()} == {c["codes"] for c in base["codebooks"].values()}
+        better = row["psnr"] > base["psnr"]
+        lines.append(f"- `{name}` {row['psnr']:.2f} dB with {_tokens(row)} tokens/image vs `vqvae` "
+                     f"{base['psnr']:.2f} dB with {_tokens(base)} tokens/image "
+                     f"({'same' if same_k else 'different'} codebook size): "
+                     f"{'better' if better else 'NOT better'} by {row['psnr'] - base['psnr']:+.2f} dB")
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def render(rows: Dict[str, Dict], device: str) -> str:
+    lines = [START, "", "## Zoo: every tiny tokenizer trained on 2 CPU cores", "",
+             f"`python -m models.zoo --stage tokenizer` on {machine()}, device {device}; held-out split of "
+             "each preset's data set (photos: 32x32 crops from held-out regions of the photos). Targets for "
+             f"the VQ tokenizers: PSNR >= {PSNR_TARGET:.0f} dB and >= {USAGE_TARGET:.0%} of every codebook used.",
+             "",
+             "| entry | data | params | steps | minutes | tokens/img | bits/img | PSNR dB | SSIM | per level: K: "
+             "usage / perplexity | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| `{name}` | | | | {row['minutes']:.1f} | | | | | | {_verdict(row)} |")
+            continue
+        params = f"{row['parameters'] / 1e6:.2f}M" if row.get("parameters") else "?"
+        bits = f"{row['bits_per_image']:.0f}" if row.get("bits_per_image") else "-"
+        lines.append(f"| `{name}` | {row['data']} | {params} | {row['steps']} | {row['minutes']:.1f} | "
+                     f"{_tokens(row) or '-'} | {bits} | {row['psnr']:.2f} | {row['ssim']:.3f} | {_levels(row)} | "
+                     f"{_verdict(row)} |")
+    lines += ["", "Multi-level vs single-level VQ:", ""] + comparison(rows)
+    lines += ["", "Reconstruction grids (odd rows: held-out originals, even rows: reconstructions):", ""]
+    lines += [f"- `{name}`: ![{name}](results/{name}.png)" for name, row in rows.items() if "error" not in row]
+    return "\n".join(lines + ["", END])
+
+
+def write_section(text: str, path: Path = RESULTS, start: str = START, end: str = END):
+    """Replaces the ``start``..``end`` section of ``path`` with ``text`` (appends it when missing)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Model suite results\n"
+    if start in old and end in old:
+        new = old[:old.index(start)] + text + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.zoo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer"])
+    p.add_argument("--only", default="", help="comma-separated entries (default: all of them)")
+    p.add_argument("--out", default="runs/zoo")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke runs)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every entry (after the entry's own)")
+    p.add_argument("--results", default=str(RESULTS), help="the markdown file whose zoo section is rewritten")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    record = results.parent / "results" / "zoo.json"
+    names = [e.name for e in ENTRIES]
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        p.error(f"unknown entries {unknown}; entries: {', '.join(names)}")
+    rows: Dict[str, Dict] = json.loads(record.read_text()) if only and record.exists() else {}
+    for entry in ENTRIES:
+        if not only or entry.name in only:
+            rows[entry.name] = train_entry(entry, Path(args.out), args.device, record.parent, args.steps,
+                                           args.sets)
+    rows = {n: rows[n] for n in names if n in rows}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    write_section(render(rows, args.device), results)
+    print(render(rows, args.device))
+    return 0 if all("error" not in r for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

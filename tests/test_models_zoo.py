@@ -1,0 +1,49 @@
+"""models.zoo: a smoke run trains entries in child processes and rewrites only its section."""
+
+import json
+
+from models import zoo
+
+
+def _row(name, psnr, usage, codes=256, tokens=64):
+    return {"name": name, "system": name, "vq": True, "minutes": 1.0, "parameters": 1000, "data": "photos", "steps": 10,
+            "psnr": psnr, "ssim": 0.5, "bits_per_image": tokens * 8.0, "tokens_per_image": {"codes": tokens},
+            "codebooks": {"codes": {"codes": codes, "usage": usage, "perplexity": 10.0, "dead": 0}}}
+
+
+def test_verdicts_name_each_missed_target():
+    assert zoo._verdict(_row("a", 23.0, 0.6)) == "meets both"
+    assert zoo._verdict(_row("a", 21.0, 0.6)) == "misses: PSNR 21.0 < 22"
+    assert zoo._verdict(_row("a", 23.0, 0.3)) == "misses: usage 30% < 50%"
+    assert zoo._verdict({"error": "exit code 1"}) == "failed: exit code 1"
+
+
+def test_comparison_states_token_counts_and_sign():
+    rows = {"vqvae": _row("vqvae", 22.0, 0.9), "rqvae": _row("rqvae", 23.5, 0.9)}
+    (line,) = zoo.comparison(rows)
+    assert "`rqvae` 23.50 dB with 64 tokens/image" in line and "better by +1.50 dB" in line
+    rows["rqvae"] = _row("rqvae", 21.0, 0.9, tokens=32)
+    (line,) = zoo.comparison(rows)
+    assert "32 tokens/image" in line and "NOT better by -1.00 dB" in line
+
+
+def test_section_replaced_in_place(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# head\n\n<!-- bench:start -->\nB\n<!-- bench:end -->\n\n" + zoo.START + "\nold\n" + zoo.END
+                    + "\n\ntail\n")
+    zoo.write_section(zoo.START + "\nnew\n" + zoo.END, path)
+    text = path.read_text()
+    assert "old" not in text and "new" in text and text.startswith("# head") and text.endswith("tail\n")
+    assert "<!-- bench:start -->\nB\n<!-- bench:end -->" in text
+
+
+def test_smoke_run_trains_in_child_processes_and_writes_the_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    code = zoo.main(["--only", "vae,vqvae", "--steps", "2", "--out", str(tmp_path / "runs"),
+                     "--set", "data.num_images=100", "--set", "train.batch_size=4", "--results", str(results)])
+    assert code == 0
+    text = results.read_text()
+    assert "| `vae` |" in text and "| `vqvae` |" in text and "baseline (no codes)" in text
+    record = json.loads((tmp_path / "results" / "zoo.json").read_text())
+    assert set(record) == {"vae", "vqvae"} and record["vqvae"]["tokens_per_image"]
+    assert (tmp_path / "results" / "vqvae.png").stat().st_size > 0
