@@ -11,7 +11,8 @@ expresses the same thing) and can drop the middle attention (``mid_attn=False``)
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,3 +225,40 @@ class Decoder(nn.Module):
                 h = up.upsample(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+@dataclass
+class ConvStackConfig:
+    """The fields of a taming-style conv encoder / decoder pair (:mod:`models.blocks`)."""
+    resolution: int = 32
+    ch: int = 64
+    ch_mult: Tuple[int, ...] = (1, 2, 2)      # token grid: resolution / 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 1
+    attn_resolutions: Tuple[int, ...] = ()
+    mid_attn: bool = True                     # attention in the middle blocks (taming; MaskGIT-style ResNets: no)
+    dropout: float = 0.0
+
+
+@dataclass
+class ConvAEConfig(ConvStackConfig):
+    """The image autoencoder fields of the language-vocabulary tokenizers (LQAE, SPAE, UniCode)."""
+    in_channels: int = 3
+
+
+def conv_autoencoder(cfg: ConvStackConfig, channels: int, z_channels: int) -> Tuple[Encoder, Decoder]:
+    """The encoder (``channels`` -> ``z_channels`` features) and decoder (back) of ``cfg``."""
+    name = type(cfg).__name__
+    for field, value in (("channels", channels), ("ch", cfg.ch), ("num_res_blocks", cfg.num_res_blocks)):
+        if value < 1:
+            raise ValueError(f"{name}: {field} must be >= 1, got {value}")
+    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
+        raise ValueError(f"{name}: ch_mult must be a non-empty list of positive multipliers, got {cfg.ch_mult}")
+    conv = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
+                attn_resolutions=cfg.attn_resolutions, mid_attn=cfg.mid_attn, resolution=cfg.resolution,
+                z_channels=z_channels)
+    return Encoder(in_channels=channels, **conv), Decoder(out_ch=channels, **conv)
+
+
+def token_grid(cfg: ConvStackConfig) -> int:
+    """The side of the encoder's output grid."""
+    return cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)

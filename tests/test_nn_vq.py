@@ -234,6 +234,14 @@ def test_frozen_language_codebook_learns_only_the_projections():
     assert recon[-1] < 0.7 * recon[0]  # the projections learn to reconstruct through the words
     assert idx.min() >= 0 and idx.max() < 30522
     assert sum(p.numel() for p in vq.parameters()) == 2 * 16 * 384 + 384 + 16
+    # the table is the caller's: not saved with the layer (a checkpoint holds the projections)
+    saved = vq.state_dict()
+    assert not any(k.endswith(("embed", "embed_avg")) for k in saved)
+    assert max(t.numel() for t in saved.values()) <= table.shape[0]  # cluster_size at most, never the table
+    again = VectorQuantize(dim=16, codebook_size=table.shape[0], frozen_codebook=table, rotation_trick=False,
+                           commitment_weight=0.25).eval()
+    again.load_state_dict(saved)
+    torch.testing.assert_close(again(x)[0], vq.eval()(x)[0], rtol=0, atol=0)
 
 
 def test_frozen_codebook_rejects_updates():

@@ -80,11 +80,14 @@ class Codebook(nn.Module):
         initted = frozen is not None or not kmeans_init
         self.register_buffer("initted", torch.tensor(initted))
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
-        self.register_buffer("embed_avg", embed.clone())
+        # A frozen table is the caller's (e.g. a language model's word embeddings): it is neither
+        # updated nor saved in checkpoints, and has no EMA sums.
+        self.register_buffer("embed_avg", embed.new_empty(0) if self.frozen else embed.clone(),
+                             persistent=not self.frozen)
         if learnable_codebook:
             self.embed = nn.Parameter(embed)
         else:
-            self.register_buffer("embed", embed)
+            self.register_buffer("embed", embed, persistent=not self.frozen)
         # Python mirror of `initted`, so the training path never reads a tensor on the host.
         self._initted = initted
 

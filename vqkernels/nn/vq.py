@@ -60,8 +60,9 @@ class VectorQuantize(nn.Module):
     ``learnable_codebook``. Others raise unless given at their default.
 
     ``frozen_codebook``: a fixed [codebook_size, codebook_dim] table (e.g. a language model's
-    word embeddings, LQAE / SPAE / UniCode) that is never updated; the layer learns only its
-    in/out projections from ``dim`` to the table's width.
+    word embeddings, LQAE / SPAE / UniCode) that is never updated and not part of the
+    ``state_dict`` (the caller supplies it again when rebuilding the layer); the layer learns only
+    its in/out projections from ``dim`` to the table's width.
     """
 
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
