@@ -105,6 +105,11 @@ def _coerce(value, tp, key):
             raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)

@@ -149,6 +149,7 @@ def test_config_order_preset_yaml_flags_set(toy_system, tmp_path):
     assert (run.model.dim, run.model.codebook_size, run.train.steps, run.train.lr) == (8, 32, 11, 0.5)
     assert run.train.betas == (0.8, 0.95) and run.data.name == "digits" and run.train.batch_size == 32
     assert train.build_run_config("toy", sets=["train.steps=12"], steps=11).train.steps == 12
+    assert train.build_run_config("toy", sets=["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads it as text
     assert train.build_run_config("toy").train.steps == 7  # the preset's
     back = from_dict(json.loads(json.dumps(run.to_dict())), ToyConfig)
     assert back == run
@@ -157,6 +158,7 @@ def test_config_order_preset_yaml_flags_set(toy_system, tmp_path):
 @pytest.mark.parametrize("sets, message", [
     (["train.nope=1"], "unknown config key 'train.nope'"),
     (["train.steps=abc"], "'train.steps': expected an integer"),
+    (["train.lr=fast"], "'train.lr': expected a number"),
     (["train.betas=[0.9]"], "'train.betas': expected 2 values"),
     (["seed=3"], "config key 'seed': write it as section.seed"),
     (["train.amp=fp8"], "train.amp must be one of"),
