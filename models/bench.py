@@ -7,7 +7,7 @@ same model with the baseline quantizer swapped in.
     python -m models.bench --cpu-time --threads 1  # on a busy machine: process CPU time, one thread
 
 What is compared. For every entry of :data:`models.zoo.ENTRIES` with a quantizer (the systems and
-the zoo's variants, e.g. ``vqvae_ema``), the ``tiny`` preset's model is built twice from the same
+the zoo's variants, e.g. ``vqvae_codebook_loss``), the ``tiny`` preset's model is built twice from the same
 seed at each codebook size (every ``codebook_size*`` / ``vocab_size`` / ``n_embed`` field of its
 config set to it; LQAE, SPAE and UniCode keep their frozen 30522-word MiniLM vocabulary): once as
 written (our layers), once with the baseline quantizer swapped in, which then loads the first
