@@ -43,7 +43,7 @@ from vqkernels.nn import VectorQuantize
 from . import Preset
 from .blocks import Decoder, Encoder
 from .config import DataConfig, TrainConfig
-from .rqvae import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
+from .losses import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
 from .tokenizer import StepOutput
 
 

@@ -34,10 +34,9 @@ tiny preset trains without the GAN and LPIPS terms (no LPIPS weights offline, 2 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqkernels.nn import ResidualVQ
@@ -45,62 +44,8 @@ from vqkernels.nn import ResidualVQ
 from . import Preset
 from .blocks import Decoder, Encoder
 from .config import DataConfig, TrainConfig
-from .losses import PerceptualGANLoss
-from .tokenizer import StepOutput, Tokenizer
-
-_PIXEL_LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
-
-
-@dataclass
-class ReconstructionLossConfig:
-    """The loss fields of the conv tokenizers trained as VQGAN (RQ-VAE, HQ-VAE, VAR's VQVAE): a pixel
-    loss, and where their weights are non-zero VQGAN's LPIPS and adaptive PatchGAN terms
-    (:class:`models.losses.PerceptualGANLoss`; LPIPS needs local weights, ``lpips_path``)."""
-    pixel_loss: str = "l2"                     # l2 (mse) | l1
-    perceptual_weight: float = 0.0             # LPIPS weight (0: off; on only with lpips_path)
-    lpips_path: str = ""
-    vgg_path: str = ""
-    disc_weight: float = 0.0                   # adaptive GAN weight (0: no discriminator)
-    disc_start: int = 0                        # step from which the GAN terms count
-    disc_loss: str = "hinge"
-    disc_num_layers: int = 2
-    disc_ndf: int = 64
-
-
-def perceptual_gan_loss(cfg: ReconstructionLossConfig, owner: str) -> Optional[PerceptualGANLoss]:
-    """VQGAN's loss module for ``cfg``, or None when neither the perceptual nor the GAN term is on."""
-    if cfg.pixel_loss not in _PIXEL_LOSSES:
-        raise ValueError(f"{owner}: pixel_loss must be one of {sorted(_PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
-    if cfg.perceptual_weight <= 0 and cfg.disc_weight <= 0:
-        return None
-    return PerceptualGANLoss(pixel_loss=cfg.pixel_loss, perceptual_weight=cfg.perceptual_weight,
-                             lpips_path=cfg.lpips_path, vgg_path=cfg.vgg_path, disc_weight=cfg.disc_weight,
-                             adaptive=True, disc_start=cfg.disc_start, disc_loss=cfg.disc_loss,
-                             disc_num_layers=cfg.disc_num_layers, disc_ndf=cfg.disc_ndf, owner=owner)
-
-
-class ReconstructionTokenizer(Tokenizer):
-    """A tokenizer whose loss is the pixel loss plus its quantizer's loss, with VQGAN's perceptual and
-    GAN terms when ``self.loss`` (from :func:`perceptual_gan_loss`) is set; the decoder is ``self.decoder``."""
-
-    loss: Optional[PerceptualGANLoss]
-
-    def objective(self, x: torch.Tensor, recon: torch.Tensor, quant_loss: torch.Tensor, step: int
-                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """(the generator's loss, its logs: ``pixel_loss``, ``quant_loss`` and the GAN terms' when on)."""
-        if self.loss is not None:
-            return self.loss.generator_loss(x, recon, quant_loss, step, self.decoder.last_layer)
-        pixel = _PIXEL_LOSSES[self.cfg.pixel_loss](recon, x)
-        return pixel + quant_loss, {"pixel_loss": pixel.detach(), "quant_loss": quant_loss.detach()}
-
-    def discriminator_parameters(self):
-        return [] if self.loss is None else list(self.loss.discriminator.parameters())
-
-    def discriminator_loss(self, batch, out: StepOutput, step: int):
-        if self.loss is None:
-            return super().discriminator_loss(batch, out, step)
-        return self.loss.discriminator_loss(self.inputs(batch), out.recon, step)
-
+from .losses import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
+from .tokenizer import StepOutput
 
 @dataclass
 class RQVAEConfig(ReconstructionLossConfig):
