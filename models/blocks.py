@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_fields
+
 
 def normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm as taming's ``Normalize`` (eps 1e-6); ``groups`` is lowered to divide ``channels``."""
@@ -245,14 +247,19 @@ class ConvAEConfig(ConvStackConfig):
     in_channels: int = 3
 
 
+def check_conv_fields(cfg) -> None:
+    """ValueErrors naming the field for a config's conv stack fields (``ch``, ``num_res_blocks``,
+    ``ch_mult`` and, where the config has them, ``z_channels`` and ``in_channels``)."""
+    at_least = {k: 1 for k in ("ch", "num_res_blocks", "z_channels", "in_channels") if hasattr(cfg, k)}
+    check_fields(cfg, at_least=at_least, multipliers=("ch_mult",))
+
+
 def conv_autoencoder(cfg: ConvStackConfig, channels: int, z_channels: int) -> Tuple[Encoder, Decoder]:
     """The encoder (``channels`` -> ``z_channels`` features) and decoder (back) of ``cfg``."""
-    name = type(cfg).__name__
-    for field, value in (("channels", channels), ("ch", cfg.ch), ("num_res_blocks", cfg.num_res_blocks)):
-        if value < 1:
-            raise ValueError(f"{name}: {field} must be >= 1, got {value}")
-    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
-        raise ValueError(f"{name}: ch_mult must be a non-empty list of positive multipliers, got {cfg.ch_mult}")
+    check_conv_fields(cfg)
+    if min(channels, z_channels) < 1:
+        raise ValueError(f"{type(cfg).__name__}: the autoencoder's channels ({channels}) and feature width "
+                         f"({z_channels}) must be >= 1")
     conv = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
                 attn_resolutions=cfg.attn_resolutions, mid_attn=cfg.mid_attn, resolution=cfg.resolution,
                 z_channels=z_channels)

@@ -191,3 +191,24 @@ def from_dict(run_dict: Dict[str, Any], model_cls_cfg) -> RunConfig:
     flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in run_dict.get(s, {}).items()}
     return apply_overrides(run, flat)
 
+
+
+def check_fields(cfg, at_least: Dict[str, int] = None, non_negative: Tuple[str, ...] = (),
+                 unit_open: Tuple[str, ...] = (), multipliers: Tuple[str, ...] = ()) -> None:
+    """ValueErrors naming the config class and the field for the common range rules of model configs:
+    ``at_least`` {field: minimum}, ``non_negative`` fields (>= 0), ``unit_open`` fields (in (0, 1)) and
+    ``multipliers`` (non-empty sequences of ints >= 1)."""
+    name = type(cfg).__name__
+    for key, low in (at_least or {}).items():
+        if getattr(cfg, key) < low:
+            raise ValueError(f"{name}: {key} must be >= {low}, got {getattr(cfg, key)}")
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{name}: {key} must be >= 0, got {getattr(cfg, key)}")
+    for key in unit_open:
+        if not 0.0 < getattr(cfg, key) < 1.0:
+            raise ValueError(f"{name}: {key} must be in (0, 1), got {getattr(cfg, key)}")
+    for key in multipliers:
+        value = getattr(cfg, key)
+        if not value or min(value) < 1:
+            raise ValueError(f"{name}: {key} must be a non-empty list of positive multipliers, got {value}")

@@ -42,7 +42,7 @@ from torch import nn
 from vqkernels import gumbel_quantize
 
 from . import Preset
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig, check_fields
 from .tokenizer import StepOutput, Tokenizer
 
 
@@ -178,15 +178,12 @@ def _check_config(cfg: DVAEConfig) -> None:
     if cfg.resolution <= 0 or cfg.resolution % factor:
         raise ValueError(f"DVAEConfig: resolution {cfg.resolution} must be a positive multiple of the downsampling "
                          f"factor {factor} (2 ** (group_count - 1))")
-    for name in ("in_channels", "group_count", "n_blk_per_group", "n_init", "vocab_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"DVAEConfig: {name} must be >= 1, got {getattr(cfg, name)}")
+    check_fields(cfg, at_least=dict.fromkeys(("in_channels", "group_count", "n_blk_per_group", "n_init", "vocab_size"), 1),
+                 non_negative=("kl_weight", "kl_warmup_steps", "tau_anneal_steps"))
     if cfg.n_hid < 4 or cfg.n_hid % 4:
         raise ValueError(f"DVAEConfig: n_hid must be a positive multiple of 4 (blocks use n_out // 4), got {cfg.n_hid}")
-    if not (cfg.tau_start > 0 and cfg.tau_end > 0) or cfg.kl_weight < 0:
-        raise ValueError("DVAEConfig: tau_start and tau_end must be > 0, kl_weight >= 0")
-    if cfg.kl_warmup_steps < 0 or cfg.tau_anneal_steps < 0:
-        raise ValueError("DVAEConfig: kl_warmup_steps and tau_anneal_steps must be >= 0")
+    if not (cfg.tau_start > 0 and cfg.tau_end > 0):
+        raise ValueError(f"DVAEConfig: tau_start and tau_end must be > 0, got {cfg.tau_start}, {cfg.tau_end}")
     if not 0.0 < cfg.logit_laplace_eps < 0.5:
         raise ValueError(f"DVAEConfig: logit_laplace_eps must be in (0, 0.5), got {cfg.logit_laplace_eps}")
 

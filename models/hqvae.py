@@ -41,8 +41,8 @@ from torch import nn
 from vqkernels.nn import VectorQuantize
 
 from . import Preset
-from .blocks import Decoder, Encoder
-from .config import DataConfig, TrainConfig
+from .blocks import Decoder, Encoder, check_conv_fields
+from .config import DataConfig, TrainConfig, check_fields
 from .losses import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
 from .tokenizer import StepOutput
 
@@ -76,6 +76,9 @@ class HQVAE(ReconstructionTokenizer):
 
     def __init__(self, cfg: HQVAEConfig):
         super().__init__(cfg)
+        check_conv_fields(cfg)
+        check_fields(cfg, at_least={"embed_dim": 1, "codebook_size_top": 2, "codebook_size_bottom": 2},
+                     non_negative=("beta", "threshold_ema_dead_code"), unit_open=("decay",))
         f = 2 ** (len(cfg.ch_mult) - 1)
         if cfg.resolution % (2 * f):
             raise ValueError(f"hqvae: resolution {cfg.resolution} must be a multiple of 2 * 2 ** (len(ch_mult) - 1) = "

@@ -42,8 +42,8 @@ from torch import nn
 from vqkernels.nn import ResidualVQ
 
 from . import Preset
-from .blocks import Decoder, Encoder
-from .config import DataConfig, TrainConfig
+from .blocks import Decoder, Encoder, check_conv_fields
+from .config import DataConfig, TrainConfig, check_fields
 from .losses import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
 from .tokenizer import StepOutput
 
@@ -67,10 +67,9 @@ class RQVAEConfig(ReconstructionLossConfig):
 
 
 def _check(cfg: RQVAEConfig) -> None:
-    if cfg.depth < 1:
-        raise ValueError(f"rqvae: depth must be >= 1, got {cfg.depth}")
-    if cfg.codebook_size < 2:
-        raise ValueError(f"rqvae: codebook_size must be >= 2, got {cfg.codebook_size}")
+    check_conv_fields(cfg)
+    check_fields(cfg, at_least={"depth": 1, "codebook_size": 2, "embed_dim": 1},
+                 non_negative=("beta", "threshold_ema_dead_code"), unit_open=("decay",))
 
 
 class RQVAE(ReconstructionTokenizer):

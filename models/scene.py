@@ -38,7 +38,7 @@ from torch import nn
 from vqkernels.nn import VectorQuantize
 
 from . import Preset
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig, check_fields
 from .blocks import ConvStackConfig, conv_autoencoder
 from .tokenizer import StepOutput, Tokenizer
 
@@ -73,15 +73,11 @@ def edges(scene: torch.Tensor) -> torch.Tensor:
 
 
 def _check(cfg: SceneConfig) -> None:
-    if cfg.num_classes < 2:
-        raise ValueError(f"SceneConfig: num_classes must be >= 2, got {cfg.num_classes}")
+    check_fields(cfg, at_least={"num_classes": 2, "embed_dim": 1, "codebook_size": 2},
+                 non_negative=("beta", "dead_code_threshold"), unit_open=("decay",))
     if cfg.class_weights and (len(cfg.class_weights) != cfg.num_classes + 1 or min(cfg.class_weights) < 0):
         raise ValueError(f"SceneConfig: class_weights needs num_classes + 1 = {cfg.num_classes + 1} non-negative "
                          f"weights (the edge channel last), got {cfg.class_weights}")
-    if cfg.embed_dim < 1 or cfg.codebook_size < 2 or cfg.beta < 0 or not 0 < cfg.decay < 1:
-        raise ValueError("SceneConfig: embed_dim >= 1, codebook_size >= 2, beta >= 0 and decay in (0, 1) needed")
-    if cfg.dead_code_threshold < 0:
-        raise ValueError(f"SceneConfig: dead_code_threshold must be >= 0, got {cfg.dead_code_threshold}")
 
 
 class SceneTokenizer(Tokenizer):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from vqkernels.nn import ResidualVQ
 
 from . import Preset, text
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig, check_fields
 from .blocks import ConvAEConfig, conv_autoencoder
 from .tokenizer import StepOutput, Tokenizer
 
@@ -89,11 +89,9 @@ class UniCode(Tokenizer):
         width = text.MiniLMConfig().hidden_size
         if not 1 <= cfg.embed_dim <= width:
             raise ValueError(f"UniCodeConfig: embed_dim must be in [1, {width}] (MiniLM's width), got {cfg.embed_dim}")
-        if cfg.depth < 1:
-            raise ValueError(f"UniCodeConfig: depth must be >= 1, got {cfg.depth}")
-        if not 0.0 <= cfg.lm_pull <= 1.0 or not 0.0 < cfg.decay < 1.0 or cfg.beta < 0:
-            raise ValueError(f"UniCodeConfig: lm_pull must be in [0, 1], decay in (0, 1) and beta >= 0; got "
-                             f"{cfg.lm_pull}, {cfg.decay}, {cfg.beta}")
+        check_fields(cfg, at_least={"depth": 1}, non_negative=("beta",), unit_open=("decay",))
+        if not 0.0 <= cfg.lm_pull <= 1.0:
+            raise ValueError(f"UniCodeConfig: lm_pull must be in [0, 1], got {cfg.lm_pull}")
         self.encoder, self.decoder = conv_autoencoder(cfg, cfg.in_channels, cfg.embed_dim)
         lm_codes = vocabulary_codes(cfg.embed_dim)
         self.quantizer = ResidualVQ(dim=cfg.embed_dim, num_quantizers=cfg.depth, codebook_size=lm_codes.shape[0],

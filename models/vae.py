@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Preset
-from .blocks import Decoder, Encoder
-from .config import DataConfig, TrainConfig
+from .blocks import Decoder, Encoder, check_conv_fields
+from .config import DataConfig, TrainConfig, check_fields
 from .tokenizer import StepOutput, Tokenizer
 
 
@@ -47,14 +47,10 @@ class VAEConfig:
 
 
 def _check_config(cfg: VAEConfig) -> None:
-    for name in ("in_channels", "ch", "num_res_blocks", "z_channels", "embed_dim"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"VAEConfig: {name} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
-        raise ValueError(f"VAEConfig: ch_mult must be a non-empty tuple of positive ints, got {cfg.ch_mult}")
-    if cfg.kl_weight < 0 or not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"VAEConfig: kl_weight must be >= 0 and dropout in [0, 1), got {cfg.kl_weight}, "
-                         f"{cfg.dropout}")
+    check_conv_fields(cfg)
+    check_fields(cfg, at_least={"embed_dim": 1}, non_negative=("kl_weight",))
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"VAEConfig: dropout must be in [0, 1), got {cfg.dropout}")
 
 
 class VAE(Tokenizer):

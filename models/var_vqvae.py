@@ -43,8 +43,8 @@ from torch import nn
 from vqkernels.nn import MultiScaleVQ
 
 from . import Preset
-from .blocks import Decoder, Encoder
-from .config import DataConfig, TrainConfig
+from .blocks import Decoder, Encoder, check_conv_fields
+from .config import DataConfig, TrainConfig, check_fields
 from .losses import ReconstructionLossConfig, ReconstructionTokenizer, perceptual_gan_loss
 from .tokenizer import StepOutput
 
@@ -74,6 +74,8 @@ class VarVQVAEConfig(ReconstructionLossConfig):
 
 def _check(cfg: VarVQVAEConfig) -> None:
     """ValueError naming the option for a configuration VAR's VQVAE cannot take."""
+    check_conv_fields(cfg)
+    check_fields(cfg, at_least={"vocab_size": 2}, non_negative=("beta", "vq_weight"))
     pns = tuple(cfg.v_patch_nums)
     if not pns or any(p < 1 for p in pns) or any(a >= b for a, b in zip(pns, pns[1:])):
         raise ValueError(f"var_vqvae: v_patch_nums must be increasing positive sides, got {pns}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from vqkernels.nn import VectorQuantize
 
 from . import Preset
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig, check_fields
 from .losses import GANTokenizer, PerceptualGANLoss
 from .tokenizer import StepOutput
 from .vit import VIT_SIZES, ViTDecoder, ViTEncoder
@@ -79,14 +79,8 @@ def vit_size(size: str, prefix: str) -> dict:
 
 
 def _check_config(cfg: ViTVQGANConfig) -> None:
-    name = type(cfg).__name__
-    for field in ("codebook_size", "codebook_dim", "in_channels"):
-        if getattr(cfg, field) < 1:
-            raise ValueError(f"{name}: {field} must be >= 1, got {getattr(cfg, field)}")
-    if not 0.0 < cfg.decay < 1.0:
-        raise ValueError(f"{name}: decay must be in (0, 1), got {cfg.decay}")
-    if cfg.beta < 0 or cfg.dead_code_threshold < 0:
-        raise ValueError(f"{name}: beta and dead_code_threshold must be >= 0")
+    check_fields(cfg, at_least=dict.fromkeys(("codebook_size", "codebook_dim", "in_channels"), 1),
+                 non_negative=("beta", "dead_code_threshold"), unit_open=("decay",))
 
 
 class ViTVQGAN(GANTokenizer):

@@ -45,8 +45,8 @@ from vqkernels import gumbel_quantize
 from vqkernels.nn import GumbelQuantize, VectorQuantizer
 
 from . import Preset
-from .blocks import Decoder, Encoder
-from .config import DataConfig, TrainConfig
+from .blocks import Decoder, Encoder, check_conv_fields
+from .config import DataConfig, TrainConfig, check_fields
 from .losses import GANTokenizer, PerceptualGANLoss
 from .tokenizer import StepOutput
 
@@ -104,13 +104,9 @@ def _check_config(cfg: VQGANConfig) -> None:
     name = type(cfg).__name__
     if cfg.quantizer not in QUANTIZERS:
         raise ValueError(f"{name}: quantizer must be one of {QUANTIZERS}, got {cfg.quantizer!r}")
-    for field in ("in_channels", "ch", "num_res_blocks", "z_channels", "norm_groups", "embed_dim", "n_embed"):
-        if getattr(cfg, field) < 1:
-            raise ValueError(f"{name}: {field} must be >= 1, got {getattr(cfg, field)}")
-    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
-        raise ValueError(f"{name}: ch_mult must be a non-empty list of positive multipliers, got {cfg.ch_mult}")
-    if cfg.beta < 0 or cfg.kl_weight < 0:
-        raise ValueError(f"{name}: beta and kl_weight must be >= 0")
+    check_conv_fields(cfg)
+    check_fields(cfg, at_least=dict.fromkeys(("norm_groups", "embed_dim", "n_embed"), 1),
+                 non_negative=("beta", "kl_weight"))
     if cfg.quantizer == "gumbel" and not (cfg.temp_decay_steps > cfg.temp_warmup_steps >= 0 and cfg.temp_min > 0):
         raise ValueError(f"{name}: the Gumbel temperature schedule needs temp_decay_steps > temp_warmup_steps >= 0 "
                          f"and temp_min > 0")

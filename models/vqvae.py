@@ -35,7 +35,7 @@ from torch import nn
 from vqkernels.nn import VectorQuantize, VectorQuantizer
 
 from . import Preset
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, TrainConfig, check_fields
 from .tokenizer import StepOutput, Tokenizer
 
 
@@ -130,16 +130,13 @@ def check_vq_config(cfg, factor: int) -> None:
     if cfg.resolution <= 0 or cfg.resolution % factor:
         raise ValueError(f"{type(cfg).__name__}: resolution {cfg.resolution} must be a positive multiple of the "
                          f"downsampling factor {factor}")
-    for name in ("in_channels", "hidden", "res_channels", "embed_dim", "codebook_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{type(cfg).__name__}: {name} must be >= 1, got {getattr(cfg, name)}")
+    check_fields(cfg, at_least=dict.fromkeys(("in_channels", "hidden", "res_channels", "embed_dim", "codebook_size"), 1),
+                 non_negative=("num_res_blocks", "beta"), unit_open=("decay",))
     if cfg.hidden % 2:
         raise ValueError(f"{type(cfg).__name__}: hidden must be even (the first convolution has hidden // 2 "
                          f"channels), got {cfg.hidden}")
-    if cfg.num_res_blocks < 0 or cfg.beta < 0:
-        raise ValueError(f"{type(cfg).__name__}: num_res_blocks and beta must be >= 0")
-    if not 0.0 < cfg.decay < 1.0 or cfg.eps <= 0:
-        raise ValueError(f"{type(cfg).__name__}: decay must be in (0, 1) and eps > 0, got {cfg.decay}, {cfg.eps}")
+    if cfg.eps <= 0:
+        raise ValueError(f"{type(cfg).__name__}: eps must be > 0, got {cfg.eps}")
     if cfg.dead_code_threshold < 0 or (cfg.dead_code_threshold > 0 and not getattr(cfg, "ema", True)):
         raise ValueError(f"{type(cfg).__name__}: dead_code_threshold must be >= 0 and needs the EMA codebook "
                          f"(ema: true), got {cfg.dead_code_threshold}")

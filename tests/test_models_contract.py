@@ -115,3 +115,19 @@ def test_state_dict_round_trip_gives_the_same_model(tiny):
             torch.testing.assert_close(other.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
     finally:
         model.train()
+
+
+BAD_FIELDS = (("beta", -0.5), ("decay", 1.0), ("codebook_size", 0), ("n_embed", 0), ("vocab_size", 0),
+              ("embed_dim", 0), ("ch", 0), ("ch_mult", ()), ("in_channels", 0), ("depth", 0))
+
+
+@pytest.mark.parametrize("name", models.SYSTEMS)
+def test_out_of_range_fields_are_errors_naming_the_field(name):
+    """Every common field a system's config has is range-checked at construction, the error naming it."""
+    cfg = models.system(name).PRESETS["tiny"].model
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    checked = [(key, value) for key, value in BAD_FIELDS if key in fields]
+    assert checked, f"{name}: none of the common fields"
+    for key, value in checked:
+        with pytest.raises(ValueError, match=key), torch.device("meta"):
+            models.system(name).Model(dataclasses.replace(cfg, **{key: value}))
