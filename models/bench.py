@@ -166,10 +166,10 @@ class PlainMultiScaleVQ(MultiScaleVQ):
     torch.distributed and :class:`MultiScaleVQ` in every training step). ``f_to_idxBl_or_fhat`` gives
     the indices by the same loop; its other uses are not part of a training step."""
 
-    def forward(self, f_BChw, ret_usages=False):
+    def forward(self, f_BChw, ret_usages=False, ret_indices=False):
         if ret_usages:
             raise ValueError("PlainMultiScaleVQ: ret_usages is not part of the benchmarked step")
-        f_hat, loss, _, hits = plain_var_quantize(f_BChw, self.embedding, self.quant_resi, self.v_patch_nums,
+        f_hat, loss, idx_Bl, hits = plain_var_quantize(f_BChw, self.embedding, self.quant_resi, self.v_patch_nums,
                                                   self.beta, self.using_znorm)
         if self.training:
             for si, hit_V in enumerate(hits):
@@ -180,7 +180,7 @@ class PlainMultiScaleVQ(MultiScaleVQ):
                     keep, new = (0.9, 0.1) if n < 100 else (0.99, 0.01)
                     self.ema_vocab_hit_SV[si].mul_(keep).add_(hit_V.mul(new))
                 self.record_hit += 1
-        return f_hat, None, loss
+        return (f_hat, None, loss, idx_Bl) if ret_indices else (f_hat, None, loss)
 
     def f_to_idxBl_or_fhat(self, f_BChw, to_fhat, v_patch_nums=None):
         if to_fhat:

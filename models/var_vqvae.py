@@ -175,13 +175,11 @@ class VarVQVAE(ReconstructionTokenizer):
     def training_step(self, batch, step: int) -> StepOutput:
         x = self.inputs(batch)
         f = self.features(x)
-        f_hat, _, vq_loss = self.quantize(f)
+        f_hat, _, vq_loss, ms_idx_Bl = self.quantize(f, ret_indices=True)
         recon = self.decoder(self.post_quant_conv(f_hat))
         loss, logs = self.objective(x, recon, self.cfg.vq_weight * vq_loss, step)
         logs["vq_loss"] = vq_loss.detach()
-        with torch.no_grad():
-            ids = torch.cat(self.quantize.f_to_idxBl_or_fhat(f.detach(), to_fhat=False), dim=1)
-        return StepOutput(loss=loss, recon=recon, indices={"codes": ids}, logs=logs)
+        return StepOutput(loss=loss, recon=recon, indices={"codes": torch.cat(ms_idx_Bl, dim=1)}, logs=logs)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The tokens of every scale, small to large, in one sequence [B, sum(pn ** 2)] (VAR's ``gt_BL``)."""

@@ -659,6 +659,19 @@ def test_helpers_match_var():
     torch.testing.assert_close(teacher, vq.idxBl_to_var_input(idx_Bl), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_ret_indices_are_f_to_idxBl(training):
+    vq = make_vq("partially-shared-4").train(training)
+    f = torch.randn(2, 8, 8, 8, generator=gen(29), dtype=torch.float64, requires_grad=True)
+    f_hat, usages, loss, ids = vq(f, ret_indices=True)
+    assert usages is None and f_hat.shape == f.shape
+    assert [t.shape for t in ids] == [(2, pn * pn) for pn in PNS]
+    for a, b in zip(ids, vq.f_to_idxBl_or_fhat(f.detach(), to_fhat=False)):
+        assert torch.equal(a, b)
+    loss.backward()  # the fourth item changes nothing of the training pass
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+
+
 @torch.no_grad()
 def test_f_to_idxBl_with_rectangular_patches():
     vq = make_vq("shared")

@@ -281,8 +281,7 @@ class MultiScaleVQ(nn.Module):
         self.record_hit.add_(sn)
 
     # ===================== forward: VQ-VAE training =====================
-    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False
-                ) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
+    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False, ret_indices: bool = False):
         """Quantize f_BChw [B, Cvae, H, W] (H = W = v_patch_nums[-1]) scale by scale.
 
         Returns ``(f_hat, usages, mean_vq_loss)`` as VAR:
@@ -291,6 +290,8 @@ class MultiScaleVQ(nn.Module):
             usages: None, or with ``ret_usages`` the percentage of codes per scale whose hit
                 EMA is at least 8% of a uniform share (a host sync: ``.item()`` per scale).
             mean_vq_loss: scalar, mean over scales of beta * mse(sg(f_hat), f) + mse(f_hat, sg(f)).
+        With ``ret_indices`` (not in VAR) a fourth item: the codes of every scale, [B, pn * pn] each
+        (as :meth:`f_to_idxBl_or_fhat` gives them), from this same pass.
         """
         dt = self._compute_dtype()
         f = f_BChw.to(dt)
@@ -330,6 +331,8 @@ class MultiScaleVQ(nn.Module):
             world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
             margin = world * (f.numel() / f.shape[1]) / self.vocab_size * 0.08
             usages = [(self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100 for si in range(sn)]
+        if ret_indices:
+            return f_hat, usages, mean_vq_loss, [idx.reshape(idx.shape[0], -1) for idx in indices]
         return f_hat, usages, mean_vq_loss
 
     # ===================== helpers of VAR's VQVAE and VAR transformer =====================
