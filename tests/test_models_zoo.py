@@ -20,11 +20,14 @@ def test_verdicts_name_each_missed_target():
 
 def test_comparison_states_token_counts_and_sign():
     rows = {"vqvae": _row("vqvae", 22.0, 0.9), "rqvae": _row("rqvae", 23.5, 0.9)}
-    (line,) = zoo.comparison(rows)
-    assert "`rqvae` 23.50 dB with 64 tokens/image" in line and "better by +1.50 dB" in line
+    line, missing = zoo.comparison(rows)
+    assert "`rqvae` 23.50 dB with 64 tokens/image vs `vqvae` 22.00 dB" in line and "better by +1.50 dB" in line
+    assert "`rqvae_depth1_f4` missing" in missing
     rows["rqvae"] = _row("rqvae", 21.0, 0.9, tokens=32)
-    (line,) = zoo.comparison(rows)
-    assert "32 tokens/image" in line and "NOT better by -1.00 dB" in line
+    rows["rqvae_depth1_f4"] = _row("rqvae_depth1_f4", 20.0, 0.9, codes=512)
+    first, second = zoo.comparison(rows)
+    assert "32 tokens/image" in first and "NOT better by -1.00 dB" in first and "(same codebook size)" in first
+    assert "vs `rqvae_depth1_f4` 20.00 dB" in second and "(different codebook size): better by +1.00 dB" in second
 
 
 def test_section_replaced_in_place(tmp_path):
