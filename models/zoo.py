@@ -88,7 +88,7 @@ def _parameters(run_dir: Path) -> Optional[int]:
     with open(run_dir / "log.jsonl", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            if record.get("kind") in ("start", "resume") and "parameters" in record:
+            if record.get("kind") == "event" and record.get("event") in ("start", "resume") and "parameters" in record:
                 return record["parameters"]
     return None
 

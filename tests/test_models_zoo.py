@@ -49,4 +49,5 @@ def test_smoke_run_trains_in_child_processes_and_writes_the_section(tmp_path):
     assert "| `vae` |" in text and "| `vqvae` |" in text and "baseline (no codes)" in text
     record = json.loads((tmp_path / "results" / "zoo.json").read_text())
     assert set(record) == {"vae", "vqvae"} and record["vqvae"]["tokens_per_image"]
+    assert record["vqvae"]["parameters"] > 0 and "| ? |" not in text
     assert (tmp_path / "results" / "vqvae.png").stat().st_size > 0
