@@ -167,7 +167,7 @@ PRESETS = {
     # 1 + 4 coarse words to; 32x32 -> 8x8 features, layers of 1, 2x2, 4x4 and 8x8 words (85 per image).
     "tiny": Preset(model=SPAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, pyramid=(1, 2, 4, 8),
                                     semantic_layers=2, semantic_weight=0.1),
-                   train=TrainConfig(steps=800, batch_size=8, lr=1e-3, betas=(0.9, 0.99), warmup_steps=30),
+                   train=TrainConfig(steps=640, batch_size=8, lr=1e-3, betas=(0.9, 0.99), warmup_steps=30),
                    data=DataConfig(name="shapes")),
     # Guessed from SPAE's 6-layer pyramid (1, 4, 16, 64, 256, 256 tokens) over 16x16 features at 256x256,
     # semantic loss on all layers but the last; VQGAN-sized conv stacks; Adam 1e-4 (not verified).

@@ -199,7 +199,7 @@ Model = VarVQVAE
 PRESETS = {
     # 32 -> scales 1, 2, 4, 8 (85 tokens, one shared codebook of 512)
     "tiny": Preset(model=VarVQVAEConfig(using_znorm=True),
-                   train=TrainConfig(steps=2400, batch_size=16, lr=1e-3, warmup_steps=50),
+                   train=TrainConfig(steps=2200, batch_size=16, lr=1e-3, warmup_steps=50),
                    data=DataConfig(name="photos")),
     # vae_ch160v4096z32 (build_vae_var's VQVAE). VAR trains it on OpenImages with VQGAN's losses and gives
     # no optimisation settings: these are VQGAN's ImageNet ones (models.vqgan's base preset), LPIPS

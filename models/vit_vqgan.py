@@ -128,9 +128,8 @@ class ViTVQGAN(GANTokenizer):
 Model = ViTVQGAN
 
 PRESETS = {
-    # 32x32 photos, 4x4 patches -> 8x8 codes on 2 CPU cores in about 4 minutes (in our runs: held-out PSNR
-    # ~22.4 dB, ~97% of the 512 codes used after 1500 steps, 334 CPU-seconds on one core). For the short
-    # run: lr 5e-4 (1e-3 trains worse), dead-code restarts
+    # 32x32 photos, 4x4 patches -> 8x8 codes on 2 CPU cores in about 3 minutes (held-out numbers: the zoo's
+    # table in models/RESULTS.md). For the short run: lr 5e-4 (1e-3 trains worse), dead-code restarts
     # (without them the EMA codebook collapses to a few percent of its codes), and the GAN from step 1000
     # with taming's adaptive weight times 0.1 (a fixed 0.1 outweighs the small l2 loss); no LPIPS offline.
     "tiny": Preset(model=ViTVQGANConfig(resolution=32, patch_size=4, enc_dim=192, enc_depth=2, enc_heads=6,

@@ -189,12 +189,12 @@ class VQGAN(GANTokenizer):
 Model = VQGAN
 
 PRESETS = {
-    # 32x32 photos -> 8x8 codes on 2 CPU cores in about 4 minutes; no LPIPS weights offline, so L1 + GAN.
+    # 32x32 photos -> 8x8 codes on 2 CPU cores in about 3 minutes; no LPIPS weights offline, so L1 + GAN.
     # Narrow (ch 16), so GroupNorm over all channels of a layer (norm_groups 1: taming's 32 groups would be
     # single channels); 8-dim codes and 128 of them keep more codes in use under taming's quantizer, which
     # has no restarts; the PatchGAN joins for the last 30% of the steps with taming's adaptive weight x 0.1.
-    # The Gumbel temperature (quantizer: gumbel) anneals 0.9 -> 0.1 over the run. In our runs: held-out PSNR
-    # ~20.8 dB with ~88% of the codes used after 2000 steps (250 CPU-seconds on one core), short of 22 dB.
+    # The Gumbel temperature (quantizer: gumbel) anneals 0.9 -> 0.1 over the run. Held-out numbers: the zoo's
+    # table in models/RESULTS.md.
     "tiny": Preset(model=VQGANConfig(resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                                      z_channels=64, norm_groups=1, embed_dim=8, n_embed=128, temp_decay_steps=2000,
                                      temp_min=0.1, perceptual_weight=0.0, disc_start=1400, disc_weight=0.1,
