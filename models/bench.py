@@ -198,13 +198,20 @@ def _vqp(name: str) -> type:
 @functools.lru_cache(maxsize=None)
 def _vqp_vector_quantize():
     """vector-quantize-pytorch's VectorQuantize also taking our ``frozen_codebook`` (LQAE / SPAE word
-    tables): as its ``freeze_codebook=True`` with ``codebook_dim`` the table's width (the table itself
-    arrives with our model's state)."""
+    tables): as its ``freeze_codebook=True`` with ``codebook_dim`` the table's width, the table copied into
+    its codebook (unit rows for a cosine codebook, as its own) and, as in ours, not part of the
+    state_dict (so our model's state loads into it)."""
     class VQPVectorQuantize(_vqp("VectorQuantize")):
         def __init__(self, dim, codebook_size, frozen_codebook=None, **kwargs):
             if frozen_codebook is not None:
                 kwargs.update(codebook_dim=frozen_codebook.shape[1], freeze_codebook=True)
             super().__init__(dim, codebook_size, **kwargs)
+            if frozen_codebook is not None:
+                cb = self._codebook
+                table = F.normalize(frozen_codebook, dim=-1) if kwargs.get("use_cosine_sim") else frozen_codebook
+                with torch.no_grad():  # its cosine codebook keeps unit rows (ours normalises in the search)
+                    cb.embed.copy_(table.reshape(cb.embed.shape))
+                cb._non_persistent_buffers_set.update(("embed", "embed_avg"))
     return VQPVectorQuantize
 
 

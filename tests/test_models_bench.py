@@ -12,7 +12,7 @@ from torch import nn
 
 import vector_quantize_pytorch as vqp
 import vqkernels
-from vqkernels.nn import GumbelQuantize
+from vqkernels.nn import GumbelQuantize, VectorQuantize
 
 from models import bench
 from models.config import TrainConfig
@@ -53,6 +53,33 @@ class ToyGumbel(Tokenizer):
             diff = diff + vqkernels.vq_quantize(rows, self.quantize.embed.weight)[2]
         recon = self.dec(z_q)
         return StepOutput(loss=F.mse_loss(recon, x) + diff, recon=recon, indices={"codes": ids})
+
+
+class ToyFrozen(Tokenizer):
+    """A conv, VectorQuantize on a frozen word table (LQAE's and SPAE's layer: the table is not in the
+    state_dict), a conv."""
+
+    def __init__(self, cosine):
+        super().__init__(None)
+        table = torch.randn(50, 6, generator=torch.Generator().manual_seed(3))
+        self.enc = nn.Conv2d(3, 8, 4, stride=4)
+        self.quantize = VectorQuantize(8, 50, frozen_codebook=table, use_cosine_sim=cosine, rotation_trick=False,
+                                       accept_image_fmap=True)
+        self.dec = nn.ConvTranspose2d(8, 3, 4, stride=4)
+
+    def training_step(self, batch, step):
+        x = batch["image"]
+        z_q, ids, loss = self.quantize(self.enc(x))
+        recon = self.dec(z_q)
+        return StepOutput(loss=F.mse_loss(recon, x) + loss, recon=recon, indices={"codes": ids})
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
+def test_frozen_table_baseline_is_our_model(cosine):
+    result, sides = bench.first_step(lambda: ToyFrozen(cosine), batch(), TRAIN, step=5, namespaces=_namespaces())
+    assert sides is not None, result.note
+    assert result.eval_difference <= 1e-5 and result.agreement == 1.0 and result.train_difference <= 1e-5
+    assert isinstance(sides[1].model.quantize, vqp.VectorQuantize) and sides[1].model.quantize.freeze_codebook
 
 
 def _namespaces():
