@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
@@ -192,8 +192,7 @@ def from_dict(run_dict: Dict[str, Any], model_cls_cfg) -> RunConfig:
     return apply_overrides(run, flat)
 
 
-
-def check_fields(cfg, at_least: Dict[str, int] = None, non_negative: Tuple[str, ...] = (),
+def check_fields(cfg, at_least: Optional[Dict[str, int]] = None, non_negative: Tuple[str, ...] = (),
                  unit_open: Tuple[str, ...] = (), multipliers: Tuple[str, ...] = ()) -> None:
     """ValueErrors naming the config class and the field for the common range rules of model configs:
     ``at_least`` {field: minimum}, ``non_negative`` fields (>= 0), ``unit_open`` fields (in (0, 1)) and
