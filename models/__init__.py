@@ -1,9 +1,11 @@
-"""The vqkernels model suite: image tokenizers (stage 1) trained and sampled through
-``vqkernels.nn`` / ``torch.ops.vqkernels``.
+"""The vqkernels model suite: image tokenizers (stage 1) and the generators of their codes (stage 2),
+trained and sampled through ``vqkernels.nn`` / ``torch.ops.vqkernels``.
 
 ``models.SYSTEMS`` names every system; :func:`system` imports one's module, which defines
 ``Model`` (a :class:`models.tokenizer.Tokenizer`) and ``PRESETS`` (``tiny``, ``base``: a
-:class:`Preset` each). :func:`load` rebuilds a trained model from its run folder.
+:class:`Preset` each). ``models.generator.GENERATORS`` names the generator systems (some share a
+name with their tokenizer's system: ``vqgan``; others do not: ``maskgit``, ``var``). :func:`load`
+rebuilds a trained model from its run folder.
 """
 
 import importlib
@@ -31,7 +33,9 @@ def system(name: str):
 
 
 def load(name: str, run_dir: str, device="cpu"):
-    """The model of system ``name`` trained in ``run_dir`` (its newest checkpoint), in eval mode."""
+    """The model of system ``name`` trained in ``run_dir`` (its newest checkpoint), in eval mode: a
+    tokenizer, or for a generator run (``--stage generator``) a :class:`models.generator.Generator`
+    holding its tokenizer, whose ``sample(...)`` gives images and token ids."""
     from .checkpoint import load_model
     return load_model(name, run_dir, device=device)
 

@@ -23,6 +23,7 @@ replaced by rename. A run killed at any moment leaves the previous checkpoint co
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -200,16 +201,34 @@ def load_weights(model: torch.nn.Module, path) -> None:
 
 
 def load_model(name: str, run_dir, device="cpu", checkpoint=None):
-    """System ``name``'s model rebuilt from ``run_dir``'s config.yaml with the weights of ``checkpoint``
-    (default: the newest), in eval mode on ``device``."""
+    """The model trained in ``run_dir`` by a run of system ``name`` (a tokenizer, or for a generator run
+    the generator with its tokenizer loaded from the run folder its config names), rebuilt from its
+    config.yaml with the weights of ``checkpoint`` (default: the newest), in eval mode on ``device``."""
     saved = read_run_config(run_dir)
     if saved.get("system") != name:
         raise ValueError(f"{run_dir} holds a run of system {saved.get('system')!r}, not {name!r}")
-    model_cls = system(name).Model
-    run = from_dict(saved, model_cls.config_cls)
+    stage = saved.get("stage", "tokenizer")
+    if stage == "generator":
+        from .generator import generator_system
+        model_cls, _, tokenizer_system = generator_system(name)
+        run = from_dict(saved, model_cls.config_cls)
+        make = functools.partial(model_cls, tokenizer=load_tokenizer(tokenizer_system, run.tokenizer, device))
+    else:
+        model_cls = system(name).Model
+        run = from_dict(saved, model_cls.config_cls)
+        make = model_cls
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
-    model = model_cls(run.model)
+    model = make(run.model)
     load_weights(model, path)
     return model.to(device).eval()
+
+
+def load_tokenizer(tokenizer_system: str, run_dir, device="cpu"):
+    """The trained tokenizer of a generator: ``run_dir`` must hold a tokenizer run of ``tokenizer_system``."""
+    saved = read_run_config(run_dir)
+    if saved.get("stage", "tokenizer") != "tokenizer" or saved.get("system") != tokenizer_system:
+        raise ValueError(f"{run_dir} holds a {saved.get('stage', 'tokenizer')} run of system {saved.get('system')!r}; "
+                         f"this generator needs a tokenizer run of system {tokenizer_system!r}")
+    return load_model(tokenizer_system, run_dir, device)

@@ -51,6 +51,7 @@ class TrainConfig:
     fsdp: bool = False            # FSDP2 fully_shard instead of DDP under torchrun
     grid_images: int = 8          # held-out images in the reconstruction grids
     eval_images: int = 0          # held-out images evaluated after training (0: all)
+    judge_per_class: int = 20     # generators on digits: samples per class the judge scores after training (0: none)
 
 
 @dataclass
@@ -60,10 +61,14 @@ class RunConfig:
     model: Any
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    stage: str = "tokenizer"      # tokenizer | generator
+    tokenizer: str = ""           # generator runs: the tokenizer's run folder (absolute path)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"system": self.system, "preset": self.preset, "model": to_dict(self.model),
-                "train": to_dict(self.train), "data": to_dict(self.data)}
+        out = {"system": self.system, "preset": self.preset, "stage": self.stage}
+        if self.stage == "generator":
+            out["tokenizer"] = self.tokenizer
+        return dict(out, model=to_dict(self.model), train=to_dict(self.train), data=to_dict(self.data))
 
 
 def to_dict(cfg) -> Dict[str, Any]:
@@ -177,7 +182,7 @@ def load_yaml_overrides(path: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: expected a mapping with sections model / train / data")
     out = {}
     for section, values in doc.items():
-        if section in ("system", "preset"):
+        if section in ("system", "preset", "stage", "tokenizer"):
             continue
         if section not in _SECTIONS or not isinstance(values, dict):
             raise ValueError(f"{path}: top-level keys must be model, train or data (mappings); got {section!r}")
@@ -187,7 +192,8 @@ def load_yaml_overrides(path: str) -> Dict[str, Any]:
 
 def from_dict(run_dict: Dict[str, Any], model_cls_cfg) -> RunConfig:
     """The inverse of :meth:`RunConfig.to_dict` for a system whose model config class is given."""
-    run = RunConfig(run_dict["system"], run_dict["preset"], model_cls_cfg())
+    run = RunConfig(run_dict["system"], run_dict["preset"], model_cls_cfg(), stage=run_dict.get("stage", "tokenizer"),
+                    tokenizer=run_dict.get("tokenizer", ""))
     flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in run_dict.get(s, {}).items()}
     return apply_overrides(run, flat)
 

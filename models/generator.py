@@ -25,16 +25,16 @@ from torch import nn
 from .sampling import SamplingConfig, check_labels, drop_labels
 from .tokenizer import StepOutput, Tokenizer
 
-# generator system: (module in models, tokenizer system whose codes it models)
+# generator system: (the module defining it, the tokenizer system whose codes it models)
 GENERATORS: Dict[str, Tuple[str, str]] = {
-    "vqvae": ("pixelcnn", "vqvae"),
-    "vqvae2": ("pixelcnn", "vqvae2"),
-    "vqgan": ("gpt", "vqgan"),
-    "vit_vqgan": ("gpt", "vit_vqgan"),
-    "maskgit": ("maskgit", "vqgan"),
-    "rqvae": ("rq_transformer", "rqvae"),
-    "hqvae": ("hq_transformer", "hqvae"),
-    "var": ("var", "var_vqvae"),
+    "vqvae": ("models.pixelcnn", "vqvae"),
+    "vqvae2": ("models.pixelcnn", "vqvae2"),
+    "vqgan": ("models.gpt", "vqgan"),
+    "vit_vqgan": ("models.gpt", "vit_vqgan"),
+    "maskgit": ("models.maskgit", "vqgan"),
+    "rqvae": ("models.rq_transformer", "rqvae"),
+    "hqvae": ("models.hq_transformer", "hqvae"),
+    "var": ("models.var", "var_vqvae"),
 }
 
 
@@ -44,7 +44,7 @@ def generator_system(name: str):
     if name not in GENERATORS:
         raise ValueError(f"system {name!r} has no generator; generators: {', '.join(GENERATORS)}")
     module_name, tokenizer_system = GENERATORS[name]
-    module = importlib.import_module(f"models.{module_name}")
+    module = importlib.import_module(module_name)
     return module.MODELS[name], module.PRESETS[name], tokenizer_system
 
 

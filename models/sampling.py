@@ -182,7 +182,7 @@ def mask_ratio(schedule: str, progress) -> torch.Tensor:
 def gumbel_noise(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     """Standard Gumbel noise ``-log(-log(u))`` drawn from ``generator``."""
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return -torch.log(-torch.log(u.clamp(1e-20, 1.0)).clamp_min(1e-20))
+    return -torch.log((-torch.log(u.clamp(1e-20, 1.0))).clamp_min(1e-20))
 
 
 def confidence_remask(sampled_logp: torch.Tensor, unknown: torch.Tensor, n_mask: torch.Tensor,

@@ -1,6 +1,7 @@
-"""``python -m models.train``: the one trainer of every tokenizer in :data:`models.SYSTEMS`.
+"""``python -m models.train``: the one trainer of every tokenizer in :data:`models.SYSTEMS` and every
+generator in :data:`models.generator.GENERATORS`.
 
-    python -m models.train SYSTEM [--stage tokenizer] [--preset tiny|base] [--config run.yaml]
+    python -m models.train SYSTEM [--stage tokenizer|generator] [--tokenizer DIR] [--preset tiny|base] [--config run.yaml]
         [--data NAME|PATH] [--steps N] [--batch-size B] [--out DIR] [--resume] [--device cpu|cuda]
         [--amp bf16|fp16] [--compile] [--set key=value ...] [--no-progress]
 
@@ -23,6 +24,13 @@ clipping and its own AdamW step. Both learning rates warm up linearly and decay 
 originals over reconstructions) and the held-out evaluation of :mod:`models.eval`, printed, logged
 and written to ``eval.json``.
 
+Generators (``--stage generator --tokenizer DIR``): the run trains the system's generator on the codes
+the frozen tokenizer of run folder DIR gives the data set's images (the tokenizer's resolution, the
+generator's class labels from the data set, whose class count must match ``model.num_classes``). The
+checkpoints hold the generator alone; config.yaml names the tokenizer's folder. Grids are sample
+grids (a row per class); after the last step ``samples.png`` and the held-out cross-entropy, and on
+``digits`` the judge's class accuracy and classifier FID (:func:`models.eval.evaluate_generator`).
+
 Data order: epoch e visits the training items in a permutation drawn from (seed, e); each
 micro-batch takes the next ``batch_size * world_size`` of them (the epoch's incomplete tail is
 dropped) and rank r takes its r-th ``batch_size`` slice, so every rank runs the same steps and the
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -67,14 +76,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from . import system as load_system
-from .checkpoint import (latest_checkpoint, load_weights, read_run_config, read_state, save_checkpoint,
+from .checkpoint import (latest_checkpoint, load_tokenizer, load_weights, read_run_config, read_state, save_checkpoint,
                          step_name, write_run_config)
 from .config import RunConfig, TrainConfig, apply_overrides, from_dict, load_yaml_overrides, parse_set_items
+from .generator import generator_system
 from .data import build_dataset, collate
-from .eval import evaluate, format_summary, reconstruction_grid, resolve_device, save_png, to_device
+from .eval import (evaluate, evaluate_generator, format_generator_summary, format_summary, reconstruction_grid,
+                   resolve_device, sample_grid, save_png, to_device)
 from .metrics import CodebookStats, flatten_codebook_summary, mean_usage
 
-STAGES = ("tokenizer",)
+STAGES = ("tokenizer", "generator")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FLAG_KEYS = {"data": "data.name", "steps": "train.steps", "batch_size": "train.batch_size", "amp": "train.amp",
               "compile": "train.compile"}
@@ -98,25 +109,48 @@ def validate(cfg: TrainConfig):
             raise ValueError(message)
 
 
+def stage_system(system: str, stage: str):
+    """(model class, presets) of ``system`` at ``stage`` (tokenizer or generator)."""
+    if stage not in STAGES:
+        raise ValueError(f"--stage {stage!r}: stages are {', '.join(STAGES)}")
+    if stage == "generator":
+        model_cls, presets, _ = generator_system(system)
+        return model_cls, presets
+    module = load_system(system)
+    return module.Model, module.PRESETS
+
+
 def build_run_config(system: str, preset: Optional[str] = None, config_file: Optional[str] = None,
-                     sets: Sequence[str] = (), saved: Optional[Dict[str, Any]] = None, **flags) -> RunConfig:
+                     sets: Sequence[str] = (), saved: Optional[Dict[str, Any]] = None, stage: str = "tokenizer",
+                     tokenizer: Optional[str] = None, **flags) -> RunConfig:
     """The run configuration: ``saved`` (a run folder's config.yaml) or the system's ``preset``
-    (default tiny), then the YAML file, then ``flags`` (data, steps, batch_size, amp, compile; None
-    leaves a value alone), then the ``--set`` items."""
-    model_cls = load_system(system).Model
+    (default tiny) at ``stage``, then the YAML file, then ``flags`` (data, steps, batch_size, amp,
+    compile; None leaves a value alone), then the ``--set`` items. A generator run names its trained
+    ``tokenizer`` run folder (kept as an absolute path)."""
+    model_cls, presets = stage_system(system, stage)
     if saved is not None:
         if saved.get("system") != system:
             raise ValueError(f"the run folder holds a run of system {saved.get('system')!r}, not {system!r}")
+        if saved.get("stage", "tokenizer") != stage:
+            raise ValueError(f"the run folder holds a {saved.get('stage', 'tokenizer')} run, not a {stage} run")
         if preset not in (None, saved["preset"]):
             raise ValueError(f"the run folder was trained from preset {saved['preset']!r}, not {preset!r}")
         run = from_dict(saved, model_cls.config_cls)
+        if tokenizer is not None and Path(tokenizer).resolve() != Path(run.tokenizer).resolve():
+            raise ValueError(f"--tokenizer {tokenizer}: the run was trained on the tokenizer of {run.tokenizer}")
     else:
-        presets = load_system(system).PRESETS
         preset = preset or "tiny"
         if preset not in presets:
-            raise ValueError(f"system {system!r} has no preset {preset!r}; presets: {', '.join(presets)}")
+            raise ValueError(f"system {system!r} has no preset {preset!r}" + (" for its generator" if stage == "generator"
+                             else "") + f"; presets: {', '.join(presets)}")
         p = presets[preset]
-        run = RunConfig(system, preset, p.model, p.train, p.data)
+        run = RunConfig(system, preset, p.model, p.train, p.data, stage=stage)
+        if stage == "generator":
+            if not tokenizer:
+                raise ValueError("--stage generator needs --tokenizer DIR, the run folder of a trained tokenizer")
+            run.tokenizer = str(Path(tokenizer).resolve())
+        elif tokenizer is not None:
+            raise ValueError("--tokenizer is for --stage generator")
     if config_file:
         run = apply_overrides(run, load_yaml_overrides(config_file))
     unknown = set(flags) - set(_FLAG_KEYS)
@@ -244,13 +278,24 @@ class Trainer:
             raise FileNotFoundError(f"--resume: {self.out} has no complete checkpoint")
         if not resume and latest_checkpoint(self.out) is not None:
             raise FileExistsError(f"{self.out} already holds a run's checkpoints: pass --resume or another --out")
+        self.generator_stage = run.stage == "generator"
+        if self.generator_stage:  # the frozen tokenizer, outside the trained module tree
+            model_cls, _, tokenizer_system = generator_system(run.system)
+            tokenizer = load_tokenizer(tokenizer_system, run.tokenizer, self.device)
+            resolution = tokenizer.cfg.resolution
+            default_factory = functools.partial(model_cls, tokenizer=tokenizer)
+        else:
+            resolution = run.model.resolution
+            default_factory = None if model_factory is not None else load_system(run.system).Model
         if datasets is None:
-            datasets = tuple(build_dataset(run.data, run.model.resolution, split) for split in ("train", "holdout"))
+            datasets = tuple(build_dataset(run.data, resolution, split) for split in ("train", "holdout"))
         self.train_set, self.holdout_set = datasets
+        if self.generator_stage:
+            _check_classes(run, self.train_set)
         self.sampler = EpochSampler(len(self.train_set), self.cfg.batch_size, self.rank, self.world, self.cfg.seed)
 
         seed_everything(self.cfg.seed)  # the same initial weights on every rank
-        factory = model_factory or load_system(run.system).Model
+        factory = model_factory or default_factory
         self.model = factory(run.model).to(self.device).train()
         seed_everything(self.cfg.seed + self.rank)
         if resume_from is not None:
@@ -597,17 +642,22 @@ class Trainer:
                     self.model.reshard()
 
     def _write_grid(self, path: Path):
-        if len(self.holdout_set) == 0:
+        if len(self.holdout_set) == 0 and not self.generator_stage:
             return
         with self._evaluation() as model:
             if model is not None:
-                grid = reconstruction_grid(model, self.holdout_set, self.cfg.grid_images, self.device)
+                if self.generator_stage:
+                    grid = sample_grid(model, self.cfg.grid_images, seed=self.cfg.seed)
+                else:
+                    grid = reconstruction_grid(model, self.holdout_set, self.cfg.grid_images, self.device)
                 if self.rank == 0:
                     save_png(grid, path)
         if self.world > 1:
             dist.barrier()
 
     def _final_evaluation(self) -> Optional[Dict[str, Any]]:
+        if self.generator_stage:
+            return self._final_generator_evaluation()
         if len(self.holdout_set) == 0:
             self._print("no held-out images: no reconstruction grid or evaluation")
             return None
@@ -627,6 +677,38 @@ class Trainer:
             self._print(f"held-out evaluation after {self.step} steps:\n{format_summary(result)}")
         return result
 
+    def _final_generator_evaluation(self) -> Optional[Dict[str, Any]]:
+        """``samples.png`` and the held-out cross-entropy; on ``digits`` with 10 classes also the judge's
+        class accuracy and classifier FID (``train.judge_per_class`` samples per class, 0: none)."""
+        self._write_grid(self.out / "samples.png")
+        if len(self.holdout_set) == 0:
+            self._print("no held-out images: no held-out cross-entropy")
+            return None
+        judge = (self.cfg.judge_per_class > 0 and self.run.data.name == "digits" and self.run.model.num_classes == 10)
+        result = None
+        with self._evaluation() as model:
+            if model is not None:
+                result = evaluate_generator(model, self.holdout_set, self.cfg.batch_size, self.device,
+                                            self.cfg.eval_images, judge=judge, judge_per_class=self.cfg.judge_per_class)
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            self._write_log({"kind": "eval", "step": self.step,
+                             **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+            with open(self.out / "eval.json", "w", encoding="utf-8") as f:
+                json.dump(dict(result, step=self.step), f, indent=2)
+            self._print(f"held-out evaluation after {self.step} steps:\n{format_generator_summary(result)}")
+        return result
+
+
+def _check_classes(run: RunConfig, train_set) -> None:
+    """A class-conditional generator needs a data set with as many classes as it has."""
+    n = run.model.num_classes
+    have = len(getattr(train_set, "class_names", []))
+    if n and have != n:
+        raise ValueError(f"model.num_classes is {n} but data set {run.data.name!r} has {have} classes: set "
+                         f"model.num_classes={have}" + (" (0: unconditional)" if have else " or 0 (unconditional)"))
+
 
 def _tensorboard(out: Path):
     """A TensorBoard writer into ``<out>/tb`` when the tensorboard package is installed."""
@@ -642,7 +724,9 @@ def _tensorboard(out: Path):
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     p.add_argument("system", help="one of models.SYSTEMS")
-    p.add_argument("--stage", default="tokenizer", help="what to train (only 'tokenizer' for now)")
+    p.add_argument("--stage", default="tokenizer", choices=STAGES,
+                   help="tokenizer (stage 1, default) or generator (stage 2, on a trained tokenizer's codes)")
+    p.add_argument("--tokenizer", default=None, help="--stage generator: the run folder of the trained tokenizer")
     p.add_argument("--preset", default=None, help="tiny (default) or base")
     p.add_argument("--config", default=None, help="YAML file with sections model / train / data")
     p.add_argument("--data", default=None, help="built-in data set name or image folder")
@@ -673,12 +757,11 @@ def _init_distributed(device: torch.device) -> bool:
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
-        if args.stage not in STAGES:
-            raise ValueError(f"--stage {args.stage!r}: only {', '.join(STAGES)} can be trained so far "
-                             "(the generators of later stages are not implemented yet)")
-        out = Path(args.out or f"runs/{args.system}-{args.preset or 'tiny'}")
+        default_out = f"runs/{args.system}-{args.preset or 'tiny'}" + ("-gen" if args.stage == "generator" else "")
+        out = Path(args.out or default_out)
         saved = read_run_config(out) if args.resume else None
-        run = build_run_config(args.system, args.preset, args.config, args.sets, saved=saved, data=args.data,
+        run = build_run_config(args.system, args.preset, args.config, args.sets, saved=saved, stage=args.stage,
+                               tokenizer=args.tokenizer, data=args.data,
                                steps=args.steps, batch_size=args.batch_size, amp=args.amp, compile=args.compile)
         device = resolve_device(args.device)
     except (ValueError, FileNotFoundError) as exc:

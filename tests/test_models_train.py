@@ -183,8 +183,13 @@ def test_config_yaml_and_preset_errors(toy_system, tmp_path):
 
 
 def test_cli_rejects_other_stages_and_missing_gpu(capsys, tmp_path):
-    assert train.main(["vqvae", "--stage", "generator", "--out", str(tmp_path)]) == 2
-    assert "only tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["vqvae", "--stage", "diffusion", "--out", str(tmp_path)])
+    assert "invalid choice: 'diffusion'" in capsys.readouterr().err
+    assert train.main(["vae", "--stage", "generator", "--tokenizer", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "system 'vae' has no generator" in capsys.readouterr().err
+    assert train.main(["vqvae", "--tokenizer", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--tokenizer is for --stage generator" in capsys.readouterr().err
     assert train.main(["vqvae", "--set", "model.nope=1", "--out", str(tmp_path)]) == 2
     assert "unknown config key 'model.nope'" in capsys.readouterr().err
     if not torch.cuda.is_available():
