@@ -279,3 +279,27 @@ def test_gumbel_noise_is_finite_and_standard():
     g = gumbel_noise((200000,), torch.Generator().manual_seed(0), "cpu")
     assert torch.isfinite(g).all()
     assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - math.pi ** 2 / 6) < 0.03
+
+
+def test_eval_cli_on_a_generator_run(generator_run, toy, capsys):
+    from models.eval import main as eval_main
+    assert eval_main([toy, "--ckpt", str(generator_run), "--judge-per-class", "0", "--max-images", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "cross-entropy" in out and "held-out images  20" in out
+    assert json.loads((generator_run / "eval.json").read_text())["images"] == 20
+
+
+def test_digits_judge_accuracy_and_classifier_fid(tmp_path):
+    from models.eval import _judge_sets, digits_judge, frechet_distance
+    judge, accuracy = digits_judge(32, cache_dir=str(tmp_path))
+    assert accuracy >= 0.95
+    again, same = digits_judge(32, cache_dir=str(tmp_path))  # from the cache
+    assert same == accuracy and len(list(tmp_path.iterdir())) == 1
+    train, holdout = _judge_sets(32)
+    with torch.no_grad():
+        real = judge.embed(holdout["image"])
+        other = judge.embed(train["image"][:400])
+        noise = judge.embed(torch.rand(400, 3, 32, 32) * 2 - 1)
+        one_class = judge.embed(train["image"][train["label"] == 3])
+    near, far, collapsed = frechet_distance(other, real), frechet_distance(noise, real), frechet_distance(one_class, real)
+    assert near < 0.2 * far and near < 0.5 * collapsed
