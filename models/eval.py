@@ -240,7 +240,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """The Frechet distance between Gaussians fitted to feature rows ``a`` and ``b`` ([N, D] each)."""
     a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eye = np.eye(a.shape[1]) * 1e-6  # dead (always-zero) ReLU features make the covariances singular
+    cov_a, cov_b = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
     covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if np.iscomplexobj(covmean):
         covmean = covmean.real

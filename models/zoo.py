@@ -1,5 +1,14 @@
 """The model zoo: trains every system's ``tiny`` preset and records what each reaches.
 
+``python -m models.zoo --stage generator [--only NAME,...] [--out runs/zoo-generators]`` does the
+same for every generator of :data:`models.generator.GENERATORS`: each tokenizer system's tiny preset
+is first trained on ``digits`` (:data:`DIGITS_TOKENIZER`, once per tokenizer system, kept in the out
+folder and reused), then the generator's tiny preset on its codes with the labels; the trainer's
+final evaluation gives the judge's class accuracy (every class >= 80% is the target) and classifier
+FID, and the generators section of ``models/RESULTS.md`` (``<!-- generators:start -->``..``end``)
+gets the table and each sample grid (``models/results/gen-<entry>.png``; record
+``models/results/generators.json``).
+
 ``python -m models.zoo --stage tokenizer [--only NAME,...] [--out runs/zoo] [--device cpu]``
 trains each entry of :data:`ENTRIES` in its own process (``python -m models.train``, so every
 run is an ordinary run folder that ``models.eval`` and ``models.load`` read), then writes the
@@ -28,6 +37,7 @@ import torch
 
 from . import SYSTEMS
 from .checkpoint import read_run_config
+from .generator import GENERATORS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -55,6 +65,134 @@ ENTRIES: Tuple[Entry, ...] = tuple(Entry(s, s, vq=s != "vae") for s in SYSTEMS) 
 # single-level entries they are compared with.
 MULTI_LEVEL = ("rqvae", "hqvae", "var_vqvae")
 SINGLE_LEVEL = ("vqvae", "rqvae_depth1_f4")
+
+
+GEN_START, GEN_END = "<!-- generators:start -->", "<!-- generators:end -->"
+ACCURACY_TARGET = 0.8
+# how every tokenizer system's tiny preset is trained for the generators: digits, no flips, 800 steps
+DIGITS_TOKENIZER = ("--data", "digits", "--steps", "800", "--set", "data.hflip=false")
+
+
+def _run(cmd: List[str], name: str) -> Tuple[int, float]:
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.run(cmd, cwd=HERE.parent).returncode
+    return code, (time.perf_counter() - t0) / 60
+
+
+def digits_tokenizer(tokenizer_system: str, out: Path, device: str) -> Dict:
+    """The run folder of ``tokenizer_system``'s tiny preset trained on digits (trained unless ``out``
+    already holds a finished one) and its held-out numbers."""
+    run_dir = out / f"tokenizer-{tokenizer_system}"
+    minutes = None
+    if not (run_dir / "eval.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "models.train", tokenizer_system, "--preset", "tiny", "--out", str(run_dir),
+               "--device", device, "--no-progress", *DIGITS_TOKENIZER]
+        code, minutes = _run(cmd, f"tokenizer {tokenizer_system}")
+        if code != 0:
+            return {"dir": run_dir, "error": f"tokenizer exit code {code}", "minutes": minutes}
+    with open(run_dir / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    return {"dir": run_dir, "minutes": minutes, "psnr": result["psnr"], "steps": result["step"]}
+
+
+def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps: Optional[int] = None,
+                          sets: Sequence[str] = ()) -> Dict:
+    """Trains generator system ``name`` (tiny preset) on its digits tokenizer in child processes; returns
+    the trainer's evaluation plus wall times, and copies the sample grid into ``grids``."""
+    tokenizer_system = GENERATORS[name][1]
+    tok = digits_tokenizer(tokenizer_system, out, device)
+    row = {"name": name, "tokenizer": tokenizer_system, "tokenizer_psnr": tok.get("psnr"),
+           "tokenizer_minutes": tok["minutes"]}
+    if "error" in tok:
+        return dict(row, error=tok["error"], minutes=0.0)
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "models.train", name, "--stage", "generator", "--tokenizer", str(tok["dir"]),
+           "--preset", "tiny", "--out", str(run_dir), "--device", device, "--no-progress"]
+    cmd += [a for s in sets for a in ("--set", s)] + (["--steps", str(steps)] if steps is not None else [])
+    code, minutes = _run(cmd, f"generator {name}")
+    if code != 0:
+        return dict(row, error=f"exit code {code}", minutes=minutes)
+    with open(run_dir / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    grids.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "samples.png", grids / f"gen-{name}.png")
+    return dict(row, minutes=minutes, parameters=_parameters(run_dir), steps=result.pop("step"), **result)
+
+
+def _generator_verdict(row: Dict) -> str:
+    if "error" in row:
+        return "failed: " + row["error"]
+    if "judge_min_class_accuracy" not in row:
+        return "not judged"
+    low = row["judge_min_class_accuracy"]
+    if low >= ACCURACY_TARGET:
+        return "meets (every class >= 80%)"
+    worst = min(range(10), key=lambda c: row["judge_per_class"][c])
+    return f"misses: class {worst} at {low:.0%} < 80%"
+
+
+def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[float] = None) -> str:
+    lines = [GEN_START, "", "## Zoo: every tiny generator trained on digits on 2 CPU cores", "",
+             f"`python -m models.zoo --stage generator` on {machine()}, device {device}. Each tokenizer system's "
+             "tiny preset is trained on `digits` (800 steps), then the generator's tiny preset on its codes with "
+             "the labels. The judge (`models.eval.digits_judge`, a small CNN trained on the digits training split, "
+             "held-out accuracy in the table) classifies 20 samples of each class (temperature 1, no top-k / top-p, "
+             "no guidance): the target is >= 80% of every class's samples classified as that class. Classifier "
+             "FID: Frechet distance of the judge's 64-d features, 200 samples vs the 180 held-out digits"
+             + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else "."),
+             "",
+             "| generator | tokenizer (held-out PSNR) | params | steps | minutes | held-out bits/token | class accuracy "
+             "(lowest class) | classifier FID | samples/s | judge | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, row in rows.items():
+        tok = f"`{row['tokenizer']}` ({row['tokenizer_psnr']:.1f} dB)" if row.get("tokenizer_psnr") else row["tokenizer"]
+        if "error" in row:
+            lines.append(f"| `{name}` | {tok} | | | {row['minutes']:.1f} | | | | | | {_generator_verdict(row)} |")
+            continue
+        params = f"{row['parameters'] / 1e6:.2f}M" if row.get("parameters") else "?"
+        judged = "judge_accuracy" in row
+        acc = f"{row['judge_accuracy']:.1%} ({row['judge_min_class_accuracy']:.0%})" if judged else "-"
+        fid = f"{row['judge_fid']:.2f}" if judged else "-"
+        speed = f"{row['judge_samples_per_s']:.1f}" if judged else "-"
+        judge = f"{row['judge_judge_accuracy']:.1%}" if judged else "-"
+        lines.append(f"| `{name}` | {tok} | {params} | {row['steps']} | {row['minutes']:.1f} | "
+                     f"{row['bits_per_token']:.3f} | {acc} | {fid} | {speed} | {judge} | {_generator_verdict(row)} |")
+    lines += ["", "Sample grids (a row per class, 0 to 9):", ""]
+    lines += [f"- `{name}`: ![{name}](results/gen-{name}.png)" for name, row in rows.items() if "error" not in row]
+    return "\n".join(lines + ["", GEN_END])
+
+
+def real_digits_fid() -> float:
+    """The classifier FID of the training digits (400) against the held-out ones: the floor of the table."""
+    from .eval import _judge_sets, digits_judge, frechet_distance
+    judge, _ = digits_judge(32)
+    train, holdout = _judge_sets(32)
+    with torch.no_grad():
+        return frechet_distance(judge.embed(train["image"][:400]), judge.embed(holdout["image"]))
+
+
+def generator_main(args, p) -> int:
+    results = Path(args.results)
+    record = results.parent / "results" / "generators.json"
+    names = list(GENERATORS)
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        p.error(f"unknown generators {unknown}; generators: {', '.join(names)}")
+    rows: Dict[str, Dict] = json.loads(record.read_text()) if only and record.exists() else {}
+    for name in names:
+        if not only or name in only:
+            rows[name] = train_generator_entry(name, Path(args.out), args.device, record.parent, args.steps, args.sets)
+    rows = {n: rows[n] for n in names if n in rows}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    text = render_generators(rows, args.device, real_digits_fid())
+    write_section(text, results, GEN_START, GEN_END)
+    print(text)
+    return 0 if all("error" not in r for r in rows.values()) else 1
 
 
 def train_entry(entry: Entry, out: Path, device: str, grids: Path, steps: Optional[int] = None,
@@ -188,15 +326,19 @@ def write_section(text: str, path: Path = RESULTS, start: str = START, end: str 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.zoo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", default="tokenizer", choices=["tokenizer"])
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "generator"])
     p.add_argument("--only", default="", help="comma-separated entries (default: all of them)")
-    p.add_argument("--out", default="runs/zoo")
+    p.add_argument("--out", default=None, help="runs folder (default runs/zoo, or runs/zoo-generators)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke runs)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every entry (after the entry's own)")
     p.add_argument("--results", default=str(RESULTS), help="the markdown file whose zoo section is rewritten")
     args = p.parse_args(argv)
+    if args.stage == "generator":
+        args.out = args.out or "runs/zoo-generators"
+        return generator_main(args, p)
+    args.out = args.out or "runs/zoo"
     results = Path(args.results)
     record = results.parent / "results" / "zoo.json"
     names = [e.name for e in ENTRIES]

@@ -51,3 +51,26 @@ def test_smoke_run_trains_in_child_processes_and_writes_the_section(tmp_path):
     assert set(record) == {"vae", "vqvae"} and record["vqvae"]["tokens_per_image"]
     assert record["vqvae"]["parameters"] > 0 and "| ? |" not in text
     assert (tmp_path / "results" / "vqvae.png").stat().st_size > 0
+
+
+def _gen_row(name, per_class):
+    return {"name": name, "tokenizer": "vqvae", "tokenizer_psnr": 30.0, "tokenizer_minutes": 1.0, "minutes": 2.0,
+            "parameters": 2e6, "steps": 100, "images": 180, "nll": 1.0, "bits_per_token": 1.44,
+            "judge_accuracy": sum(per_class) / 10, "judge_per_class": per_class,
+            "judge_min_class_accuracy": min(per_class), "judge_fid": 3.0, "judge_judge_accuracy": 0.978,
+            "judge_samples_per_s": 50.0}
+
+
+def test_generator_verdicts_and_section():
+    good = _gen_row("vqvae", [0.9] * 10)
+    bad = _gen_row("var", [0.9] * 7 + [0.5, 0.95, 0.9])
+    assert zoo._generator_verdict(good) == "meets (every class >= 80%)"
+    assert zoo._generator_verdict(bad) == "misses: class 7 at 50% < 80%"
+    assert zoo._generator_verdict({"error": "exit code 1"}) == "failed: exit code 1"
+    text = zoo.render_generators({"vqvae": good, "var": bad, "maskgit": {"name": "maskgit", "tokenizer": "vqgan",
+                                                                         "error": "exit code 2", "minutes": 0.5}},
+                                 "cpu", real_fid=1.25)
+    assert text.startswith(zoo.GEN_START) and text.endswith(zoo.GEN_END)
+    assert "| `var` | `vqvae` (30.0 dB) | 2.00M | 100 | 2.0 | 1.440 | 86.5% (50%) | 3.00 |" in text
+    assert "failed: exit code 2" in text and "held-out ones: 1.25" in text
+    assert "![var](results/gen-var.png)" in text and "gen-maskgit" not in text
