@@ -69,6 +69,7 @@ SINGLE_LEVEL = ("vqvae", "rqvae_depth1_f4")
 
 GEN_START, GEN_END = "<!-- generators:start -->", "<!-- generators:end -->"
 ACCURACY_TARGET = 0.8
+JUDGE_PER_CLASS = 50  # samples of each class the judge scores after each generator's training
 # how every tokenizer system's tiny preset is trained for the generators: digits, no flips, 800 steps
 DIGITS_TOKENIZER = ("--data", "digits", "--steps", "800", "--set", "data.hflip=false")
 
@@ -110,7 +111,8 @@ def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "models.train", name, "--stage", "generator", "--tokenizer", str(tok["dir"]),
-           "--preset", "tiny", "--out", str(run_dir), "--device", device, "--no-progress"]
+           "--preset", "tiny", "--out", str(run_dir), "--device", device, "--no-progress",
+           "--set", f"train.judge_per_class={JUDGE_PER_CLASS}"]
     cmd += [a for s in sets for a in ("--set", s)] + (["--steps", str(steps)] if steps is not None else [])
     code, minutes = _run(cmd, f"generator {name}")
     if code != 0:
@@ -139,9 +141,10 @@ def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[flo
              f"`python -m models.zoo --stage generator` on {machine()}, device {device}. Each tokenizer system's "
              "tiny preset is trained on `digits` (800 steps), then the generator's tiny preset on its codes with "
              "the labels. The judge (`models.eval.digits_judge`, a small CNN trained on the digits training split, "
-             "held-out accuracy in the table) classifies 20 samples of each class (temperature 1, no top-k / top-p, "
-             "no guidance): the target is >= 80% of every class's samples classified as that class. Classifier "
-             "FID: Frechet distance of the judge's 64-d features, 200 samples vs the 180 held-out digits"
+             f"held-out accuracy in the table) classifies {JUDGE_PER_CLASS} samples of each class (temperature 1, no "
+             "top-k / top-p, no guidance): the target is >= 80% of every class's samples classified as that class. "
+             f"Classifier FID: Frechet distance of the judge's 64-d features, {10 * JUDGE_PER_CLASS} samples vs the "
+             "180 held-out digits"
              + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else "."),
              "",
              "| generator | tokenizer (held-out PSNR) | params | steps | minutes | held-out bits/token | class accuracy "
