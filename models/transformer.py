@@ -60,14 +60,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``depth`` :class:`Block` s and a final LayerNorm ``ln_f``; :meth:`new_cache` gives the cache its
-    :meth:`forward` fills."""
+    """``depth`` :class:`Block` s and a final LayerNorm ``ln_f`` (none with ``final_norm=False``:
+    RQ-Transformer's ``AttentionStack``); :meth:`new_cache` gives the cache its :meth:`forward` fills."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 bias: bool = True):
+                 bias: bool = True, final_norm: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, bias) for _ in range(depth))
-        self.ln_f = nn.LayerNorm(dim)
+        self.ln_f = nn.LayerNorm(dim) if final_norm else nn.Identity()
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.blocks))
