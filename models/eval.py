@@ -298,10 +298,10 @@ def sample_grid(generator, per_class: int = 8, seed: int = 0, **sample_kwargs) -
 
 @torch.no_grad()
 def evaluate_generator(generator, dataset, batch_size: int = 64, device="cpu", max_images: int = 0,
-                       judge: bool = False, judge_per_class: int = 20) -> Dict[str, Any]:
+                       judge: bool = False, judge_per_class: int = 20, **sample_kwargs) -> Dict[str, Any]:
     """A generator's held-out cross-entropy (``nll``: nats per token, and ``bits_per_token``) on the
     codes of ``dataset``'s images with their labels, and with ``judge`` (a 10-class ``digits`` model)
-    :func:`judge_generator`'s scores under ``judge_``."""
+    :func:`judge_generator`'s scores under ``judge_`` (samples drawn with ``sample_kwargs``)."""
     was_training = generator.training
     generator.eval()
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -315,7 +315,7 @@ def evaluate_generator(generator, dataset, batch_size: int = 64, device="cpu", m
             total += generator.training_step(batch, 0).loss.item() * len(idx)
         result = {"images": n, "nll": total / n, "bits_per_token": total / n / math.log(2)}
         if judge:
-            result.update({f"judge_{k}": v for k, v in judge_generator(generator, judge_per_class).items()})
+            result.update({f"judge_{k}": v for k, v in judge_generator(generator, judge_per_class, **sample_kwargs).items()})
     finally:
         generator.train(was_training)
     return result
@@ -343,6 +343,10 @@ def _parse(argv):
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N held-out images")
     p.add_argument("--judge-per-class", type=int, default=20,
                    help="generators on digits: samples per class for the judge (0: no judging)")
+    p.add_argument("--temperature", type=float, default=1.0, help="generators: the judge's sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="generators: the judge's top-k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="generators: the judge's top-p (1: off)")
+    p.add_argument("--cfg", type=float, default=None, help="generators: the judge's guidance weight (default: none)")
     return p.parse_args(argv)
 
 
@@ -367,8 +371,10 @@ def main(argv=None) -> int:
     if generator:
         holdout = build_dataset(data_cfg, model.tokenizer.cfg.resolution, "holdout")
         judge = data_cfg.name == "digits" and model.num_classes == 10 and args.judge_per_class > 0
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
         result = evaluate_generator(model, holdout, args.batch_size, device, args.max_images, judge=judge,
-                                    judge_per_class=args.judge_per_class)
+                                    judge_per_class=args.judge_per_class, **sampling)
+        result["sampling"] = sampling
     else:
         holdout = build_dataset(data_cfg, run.model.resolution, "holdout")
         result = evaluate(model, holdout, args.batch_size, device, args.max_images)
