@@ -121,7 +121,21 @@ def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps:
         result = json.load(f)
     grids.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "samples.png", grids / f"gen-{name}.png")
-    return dict(row, minutes=minutes, parameters=_parameters(run_dir), steps=result.pop("step"), **result)
+    return dict(row, minutes=minutes, train_minutes=_train_minutes(run_dir), parameters=_parameters(run_dir),
+                steps=result.pop("step"), **result)
+
+
+def _train_minutes(run_dir: Path) -> Optional[float]:
+    """Minutes from the run's start event to its last training log record (the training alone)."""
+    start = end = None
+    with open(run_dir / "log.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "event" and record.get("event") == "start":
+                start = record["time"]
+            elif record.get("kind") == "train":
+                end = record["time"]
+    return None if start is None or end is None else (end - start) / 60
 
 
 def _generator_verdict(row: Dict) -> str:
@@ -147,8 +161,8 @@ def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[flo
              "180 held-out digits"
              + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else "."),
              "",
-             "| generator | tokenizer (held-out PSNR) | params | steps | minutes | held-out bits/token | class accuracy "
-             "(lowest class) | classifier FID | samples/s | judge | target |",
+             "| generator | tokenizer (held-out PSNR) | params | steps | training minutes (whole run) | held-out "
+             "bits/token | class accuracy (lowest class) | classifier FID | samples/s | judge | target |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, row in rows.items():
         tok = f"`{row['tokenizer']}` ({row['tokenizer_psnr']:.1f} dB)" if row.get("tokenizer_psnr") else row["tokenizer"]
@@ -161,7 +175,8 @@ def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[flo
         fid = f"{row['judge_fid']:.2f}" if judged else "-"
         speed = f"{row['judge_samples_per_s']:.1f}" if judged else "-"
         judge = f"{row['judge_judge_accuracy']:.1%}" if judged else "-"
-        lines.append(f"| `{name}` | {tok} | {params} | {row['steps']} | {row['minutes']:.1f} | "
+        train = f"{row['train_minutes']:.1f} ({row['minutes']:.1f})" if row.get("train_minutes") else f"{row['minutes']:.1f}"
+        lines.append(f"| `{name}` | {tok} | {params} | {row['steps']} | {train} | "
                      f"{row['bits_per_token']:.3f} | {acc} | {fid} | {speed} | {judge} | {_generator_verdict(row)} |")
     lines += ["", "Sample grids (a row per class, 0 to 9):", ""]
     lines += [f"- `{name}`: ![{name}](results/gen-{name}.png)" for name, row in rows.items() if "error" not in row]
