@@ -212,7 +212,7 @@ def digits_judge(resolution: int = 32, seed: int = 0, cache_dir: Optional[str] =
     if path.is_file():
         judge.load_state_dict(load_file(str(path)))
     else:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.enable_grad():  # also when called under no_grad (judge_generator)
             torch.manual_seed(seed)
             judge = DigitsJudge()
             g = torch.Generator().manual_seed(seed)
