@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -187,7 +188,9 @@ class DigitsJudge(nn.Module):
         return self.head(self.embed(images))
 
 
+@functools.lru_cache(maxsize=4)
 def _judge_sets(resolution: int):
+    """The digits training and held-out splits at ``resolution``, each collated in one batch (read-only)."""
     cfg = DataConfig(name="digits", hflip=False)
     return [collate([d[i] for i in range(len(d))]) for d in
             (build_dataset(cfg, resolution, split) for split in ("train", "holdout"))]
@@ -285,15 +288,24 @@ def sample_grid(generator, per_class: int = 8, seed: int = 0, **sample_kwargs) -
     unconditional generator ``per_class`` rows of 8."""
     if generator.num_classes:
         labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
-        rows, columns = generator.num_classes, per_class
+        columns = per_class
         out = generator.sample(labels.numel(), labels, seed=seed, **sample_kwargs)
     else:
-        rows, columns = per_class, 8
-        out = generator.sample(rows * columns, seed=seed, **sample_kwargs)
-    pics = to_unit(out.images).cpu()
-    _, _, h, w = pics.shape
-    grid = pics.view(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
-    return (grid * 255).round().to(torch.uint8).numpy()
+        columns = 8
+        out = generator.sample(per_class * columns, seed=seed, **sample_kwargs)
+    return image_grid(out.images, columns)
+
+
+def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """A uint8 HWC picture of images [n, 3, H, W] in [-1, 1], ``columns`` per row (white fill)."""
+    pics = to_unit(images).cpu()
+    n, _, h, w = pics.shape
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    canvas = torch.ones(rows * columns, 3, h, w)
+    canvas[:n] = pics
+    out = canvas.view(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
+    return (out * 255).round().to(torch.uint8).numpy()
 
 
 @torch.no_grad()

@@ -53,11 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Preset
-from .config import DataConfig, TrainConfig, check_fields
+from .blocks import token_grid
+from .config import DataConfig, TrainConfig
 from .generator import ConditionConfig, Generator
 from .sampling import SamplingConfig, guidance_scale, guide, sample_logits, with_null_labels
 from .tokenizer import StepOutput, Tokenizer
-from .transformer import Transformer, init_weights
+from .transformer import Transformer, check_transformer_fields, init_weights
 
 
 @dataclass
@@ -72,9 +73,9 @@ class GPTConfig(ConditionConfig):
     pkeep: float = 1.0            # training: share of input image tokens kept (the rest: random codes)
 
 
-def token_grid(tokenizer: Tokenizer) -> Tuple[int, int]:
+def code_map_shape(tokenizer: Tokenizer) -> Tuple[int, int]:
     """The ``(h, w)`` of the code map a single-level tokenizer's ``encode`` gives [B, h, w] (ViT
-    tokenizers: one code per patch, ``grid``; conv tokenizers: ``resolution / 2 ** (len(ch_mult) - 1)``)."""
+    tokenizers: one code per patch, ``grid``; conv tokenizers: :func:`models.blocks.token_grid`)."""
     sizes = tokenizer.codebook_sizes()
     if len(sizes) != 1:
         raise ValueError(f"{type(tokenizer).__name__} has {len(sizes)} codebook levels; this generator models "
@@ -84,22 +85,15 @@ def token_grid(tokenizer: Tokenizer) -> Tuple[int, int]:
         return int(grid), int(grid)
     cfg = tokenizer.cfg
     if hasattr(cfg, "ch_mult") and hasattr(cfg, "resolution"):
-        side = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
+        side = token_grid(cfg)
         return side, side
     raise ValueError(f"cannot tell the code map shape of {type(tokenizer).__name__}")
 
 
 def _check_config(cfg: GPTConfig) -> None:
-    name = type(cfg).__name__
-    check_fields(cfg, at_least=dict.fromkeys(("dim", "depth", "heads"), 1), non_negative=("dropout",))
-    if cfg.dim % cfg.heads:
-        raise ValueError(f"{name}: dim ({cfg.dim}) must be a multiple of heads ({cfg.heads})")
-    if not cfg.mlp_ratio > 0:
-        raise ValueError(f"{name}: mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    if not cfg.dropout < 1:
-        raise ValueError(f"{name}: dropout must be in [0, 1), got {cfg.dropout}")
+    check_transformer_fields(cfg, ("depth",))
     if not 0.0 < cfg.pkeep <= 1.0:
-        raise ValueError(f"{name}: pkeep must be in (0, 1], got {cfg.pkeep}")
+        raise ValueError(f"{type(cfg).__name__}: pkeep must be in (0, 1], got {cfg.pkeep}")
 
 
 class GPT(Generator):
@@ -110,7 +104,7 @@ class GPT(Generator):
     def __init__(self, cfg: GPTConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
         _check_config(cfg)
-        self.shape = token_grid(tokenizer)
+        self.shape = code_map_shape(tokenizer)
         self.length = self.shape[0] * self.shape[1]                # N, taming's block_size
         self.codebook_size = next(iter(tokenizer.codebook_sizes().values()))  # K
         self.tok_emb = nn.Embedding(self.codebook_size + cfg.num_classes + 1, cfg.dim)

@@ -61,10 +61,9 @@ from . import Preset
 from .blocks import token_grid
 from .config import DataConfig, TrainConfig, check_fields
 from .generator import ConditionConfig, Generator
-from .rq_transformer import check_transformer_fields
 from .sampling import SamplingConfig, guidance_scale, guide, sample_logits, with_null_labels
 from .tokenizer import StepOutput, Tokenizer
-from .transformer import Transformer, init_weights
+from .transformer import Transformer, check_transformer_fields, init_weights
 
 HEAD_TYPES = ("parallel", "top2bot")
 GROUP = 5          # one top code and the 2 x 2 bottom codes under it
@@ -105,7 +104,7 @@ class HQTransformer(Generator):
 
     def __init__(self, cfg: HQTransformerConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
-        check_transformer_fields(cfg, ("body_depth", "head_depth"))
+        check_transformer_fields(cfg, ("body_depth", "head_depth"), rates=("dropout", "embd_pdrop"))
         check_fields(cfg, at_least={"emb_layers": 1})
         if cfg.head_type not in HEAD_TYPES:
             raise ValueError(f"{type(cfg).__name__}: head_type must be one of {', '.join(HEAD_TYPES)}, "

@@ -54,11 +54,11 @@ from torch import nn
 from . import Preset
 from .config import DataConfig, TrainConfig, check_fields
 from .generator import ConditionConfig, Generator, Samples
-from .gpt import token_grid
+from .gpt import code_map_shape
 from .sampling import (MASK_SCHEDULES, SamplingConfig, check_labels, confidence_remask, guidance_scale, guide,
                        mask_ratio, probabilities, sample_logits, with_null_labels)
 from .tokenizer import StepOutput, Tokenizer
-from .transformer import Transformer, init_weights
+from .transformer import Transformer, check_transformer_fields, init_weights
 
 
 @dataclass
@@ -76,14 +76,8 @@ class MaskGITConfig(ConditionConfig):
 
 def _check_config(cfg: MaskGITConfig) -> None:
     name = type(cfg).__name__
-    check_fields(cfg, at_least=dict.fromkeys(("dim", "depth", "heads", "steps"), 1),
-                 non_negative=("dropout", "label_smoothing"))
-    if cfg.dim % cfg.heads:
-        raise ValueError(f"{name}: dim ({cfg.dim}) must be a multiple of heads ({cfg.heads})")
-    if not cfg.mlp_ratio > 0:
-        raise ValueError(f"{name}: mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    if not cfg.dropout < 1:
-        raise ValueError(f"{name}: dropout must be in [0, 1), got {cfg.dropout}")
+    check_transformer_fields(cfg, ("depth",))
+    check_fields(cfg, at_least={"steps": 1}, non_negative=("label_smoothing",))
     if not cfg.label_smoothing < 1:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.mask_schedule not in MASK_SCHEDULES:
@@ -99,7 +93,7 @@ class MaskGIT(Generator):
     def __init__(self, cfg: MaskGITConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
         _check_config(cfg)
-        self.shape = token_grid(tokenizer)
+        self.shape = code_map_shape(tokenizer)
         self.length = self.shape[0] * self.shape[1]
         self.codebook_size = next(iter(tokenizer.codebook_sizes().values()))  # K
         self.mask_id = self.codebook_size + cfg.num_classes + 1

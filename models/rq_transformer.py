@@ -57,26 +57,11 @@ from torch import nn
 
 from . import Preset
 from .blocks import token_grid
-from .config import DataConfig, TrainConfig, check_fields
+from .config import DataConfig, TrainConfig
 from .generator import ConditionConfig, Generator
 from .sampling import SamplingConfig, guidance_scale, guide, sample_logits, with_null_labels
 from .tokenizer import StepOutput, Tokenizer
-from .transformer import Transformer
-
-
-def check_transformer_fields(cfg, depth_fields: Tuple[str, ...]) -> None:
-    """ValueErrors naming the field for the shared transformer fields (``dim``, ``heads``, ``mlp_ratio``,
-    ``dropout``, ``embd_pdrop``) and the layer counts ``depth_fields`` (each >= 1)."""
-    name = type(cfg).__name__
-    check_fields(cfg, at_least=dict.fromkeys(("dim", "heads") + depth_fields, 1),
-                 non_negative=("dropout", "embd_pdrop"))
-    if cfg.dim % cfg.heads:
-        raise ValueError(f"{name}: dim ({cfg.dim}) must be a multiple of heads ({cfg.heads})")
-    if not cfg.mlp_ratio > 0:
-        raise ValueError(f"{name}: mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    for key in ("dropout", "embd_pdrop"):
-        if not getattr(cfg, key) < 1:
-            raise ValueError(f"{name}: {key} must be in [0, 1), got {getattr(cfg, key)}")
+from .transformer import Transformer, check_transformer_fields
 
 
 @dataclass
@@ -116,7 +101,7 @@ class RQTransformer(Generator):
 
     def __init__(self, cfg: RQTransformerConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
-        check_transformer_fields(cfg, ("body_depth", "head_depth"))
+        check_transformer_fields(cfg, ("body_depth", "head_depth"), rates=("dropout", "embd_pdrop"))
         self.shape, self.depth, self.codebook_size, code_dim = _rq_geometry(tokenizer)
         self.length = self.shape[0] * self.shape[1]
         dim, d, k = cfg.dim, self.depth, self.codebook_size

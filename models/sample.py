@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model, read_run_config
-from .eval import resolve_device, save_png
+from .eval import image_grid, resolve_device, save_png
 from .generator import GENERATORS
-from .metrics import to_unit
 from .sampling import CFG_SCHEDULES, MASK_SCHEDULES
 
 
@@ -54,18 +53,6 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def grid(images: torch.Tensor, columns: int):
-    """A uint8 HWC picture of images [n, 3, H, W] in [-1, 1], ``columns`` per row (white fill)."""
-    pics = to_unit(images).cpu()
-    n, _, h, w = pics.shape
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
-    canvas = torch.ones(rows * columns, 3, h, w)
-    canvas[:n] = pics
-    out = canvas.view(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
-    return (out * 255).round().to(torch.uint8).numpy()
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
@@ -85,7 +72,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_png(grid(out.images, args.columns), args.out)
+    save_png(image_grid(out.images, args.columns), args.out)
     if args.ids:
         Path(args.ids).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"ids": out.ids, "labels": out.labels, "seed": args.seed}, args.ids)

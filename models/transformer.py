@@ -4,12 +4,13 @@ taming-transformers' GPT) that attend causally, by block or fully, and read and 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_fields
 from .sampling import KVCache, causal_mask
 
 
@@ -89,3 +90,18 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def check_transformer_fields(cfg, depth_fields: Tuple[str, ...], rates: Tuple[str, ...] = ("dropout",)) -> None:
+    """ValueErrors naming the config class and the field for the fields every generator's transformer
+    has: ``dim`` and ``heads`` and the layer counts ``depth_fields`` (each >= 1), ``dim`` a multiple of
+    ``heads``, ``mlp_ratio`` > 0 and the dropout ``rates`` in [0, 1)."""
+    name = type(cfg).__name__
+    check_fields(cfg, at_least=dict.fromkeys(("dim", "heads") + tuple(depth_fields), 1), non_negative=rates)
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"{name}: dim ({cfg.dim}) must be a multiple of heads ({cfg.heads})")
+    if not cfg.mlp_ratio > 0:
+        raise ValueError(f"{name}: mlp_ratio must be > 0, got {cfg.mlp_ratio}")
+    for key in rates:
+        if not getattr(cfg, key) < 1:
+            raise ValueError(f"{name}: {key} must be in [0, 1), got {getattr(cfg, key)}")

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -192,21 +192,28 @@ def real_digits_fid() -> float:
         return frechet_distance(judge.embed(train["image"][:400]), judge.embed(holdout["image"]))
 
 
-def generator_main(args, p) -> int:
-    results = Path(args.results)
-    record = results.parent / "results" / "generators.json"
-    names = list(GENERATORS)
+def run_rows(args, p, record: Path, names: Sequence[str], train_one: Callable[[str], Dict]) -> Dict[str, Dict]:
+    """Trains the ``--only`` entries of ``names`` (all by default) with ``train_one``, keeps the other
+    rows of the previous ``record`` with ``--only``, and writes the record; returns the rows in order."""
     only = [n for n in args.only.split(",") if n]
     unknown = sorted(set(only) - set(names))
     if unknown:
-        p.error(f"unknown generators {unknown}; generators: {', '.join(names)}")
+        p.error(f"unknown entries {unknown}; entries: {', '.join(names)}")
     rows: Dict[str, Dict] = json.loads(record.read_text()) if only and record.exists() else {}
     for name in names:
         if not only or name in only:
-            rows[name] = train_generator_entry(name, Path(args.out), args.device, record.parent, args.steps, args.sets)
+            rows[name] = train_one(name)
     rows = {n: rows[n] for n in names if n in rows}
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
+def generator_main(args, p) -> int:
+    results = Path(args.results)
+    record = results.parent / "results" / "generators.json"
+    rows = run_rows(args, p, record, list(GENERATORS), lambda name: train_generator_entry(
+        name, Path(args.out), args.device, record.parent, args.steps, args.sets))
     text = render_generators(rows, args.device, real_digits_fid())
     write_section(text, results, GEN_START, GEN_END)
     print(text)
@@ -359,19 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out = args.out or "runs/zoo"
     results = Path(args.results)
     record = results.parent / "results" / "zoo.json"
-    names = [e.name for e in ENTRIES]
-    only = [n for n in args.only.split(",") if n]
-    unknown = sorted(set(only) - set(names))
-    if unknown:
-        p.error(f"unknown entries {unknown}; entries: {', '.join(names)}")
-    rows: Dict[str, Dict] = json.loads(record.read_text()) if only and record.exists() else {}
-    for entry in ENTRIES:
-        if not only or entry.name in only:
-            rows[entry.name] = train_entry(entry, Path(args.out), args.device, record.parent, args.steps,
-                                           args.sets)
-    rows = {n: rows[n] for n in names if n in rows}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    entries = {e.name: e for e in ENTRIES}
+    rows = run_rows(args, p, record, list(entries), lambda name: train_entry(
+        entries[name], Path(args.out), args.device, record.parent, args.steps, args.sets))
     write_section(render(rows, args.device), results)
     print(render(rows, args.device))
     return 0 if all("error" not in r for r in rows.values()) else 1

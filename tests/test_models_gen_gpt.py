@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models import vit_vqgan, vqgan
 from models.generator import generator_system
-from models.gpt import GPT, PRESETS, GPTConfig, token_grid
+from models.gpt import GPT, PRESETS, GPTConfig, code_map_shape
 from models.sampling import SamplingConfig
 
 torch.set_num_threads(1)
@@ -200,7 +200,7 @@ def test_presets_shapes():
         preset = PRESETS[system]["tiny"]
         assert preset.data.name == "digits" and preset.model.num_classes == 10 and preset.model.pkeep < 1
         m = GPT(preset.model, tok)
-        assert token_grid(tok) == (8, 8) and m.codebook_size == k
+        assert code_map_shape(tok) == (8, 8) and m.codebook_size == k
     # base, built without memory: taming's 1.4B cIN transformer (16x16 codes) and VIM-Base (32x32 codes, 650M)
     with torch.device("meta"):
         for system, tok_module, grid, low, high in (("vqgan", vqgan, 16, 1.3e9, 1.5e9),
