@@ -128,9 +128,14 @@ class VarVQVAE(ReconstructionTokenizer):
         """f = quant_conv(encoder(x)), [B, Cvae, pn_K, pn_K]."""
         return self.quant_conv(self.encoder(x))
 
+    def decode_features(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """decoder(post_quant_conv(f_hat)); f_hat, which the quantizer keeps in float32, is cast to the
+        convolutions' dtype (a bf16 / fp16 model outside autocast)."""
+        return self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype)))
+
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """The image of a quantized feature map f_hat [B, Cvae, pn_K, pn_K], clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        return self.decode_features(f_hat).clamp_(-1, 1)
 
     def img_to_idxBl(self, x: torch.Tensor, v_patch_nums: Optional[Sequence[Union[int, Tuple[int, int]]]] = None
                      ) -> List[torch.Tensor]:
@@ -176,7 +181,7 @@ class VarVQVAE(ReconstructionTokenizer):
         x = self.inputs(batch)
         f = self.features(x)
         f_hat, _, vq_loss, ms_idx_Bl = self.quantize(f, ret_indices=True)
-        recon = self.decoder(self.post_quant_conv(f_hat))
+        recon = self.decode_features(f_hat)
         loss, logs = self.objective(x, recon, self.cfg.vq_weight * vq_loss, step)
         logs["vq_loss"] = vq_loss.detach()
         return StepOutput(loss=loss, recon=recon, indices={"codes": torch.cat(ms_idx_Bl, dim=1)}, logs=logs)

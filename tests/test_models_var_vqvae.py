@@ -224,3 +224,17 @@ def test_a_var_checkpoint_loads_strictly_into_a_model_training_with_the_gan():
     out = model.train()({"image": x}, step=0)
     d_loss, _ = model({"image": x}, step=0, discriminate=out)
     assert torch.isfinite(out.loss) and torch.isfinite(d_loss) and model.discriminator_parameters()
+
+
+def test_a_bf16_model_decodes_and_trains_outside_autocast():
+    """The quantizer keeps f_hat in float32; the model's convolutions in bf16 must still take it."""
+    torch.manual_seed(0)
+    m = VarVQVAE(VarVQVAEConfig(resolution=16, vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2),
+                                v_patch_nums=(1, 2, 4, 8))).to(torch.bfloat16)
+    x = (torch.rand(2, 3, 16, 16) * 2 - 1).bfloat16()
+    ids = m.encode(x)
+    image = m.decode(ids)
+    assert image.dtype == torch.bfloat16 and image.shape == (2, 3, 16, 16) and torch.isfinite(image.float()).all()
+    out = m.training_step({"image": x}, 0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss.float()) and m.post_quant_conv.weight.grad is not None
