@@ -23,7 +23,6 @@ replaced by rename. A run killed at any moment leaves the previous checkpoint co
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -210,9 +209,12 @@ def load_model(name: str, run_dir, device="cpu", checkpoint=None):
     stage = saved.get("stage", "tokenizer")
     if stage == "generator":
         from .generator import generator_system
-        model_cls, _, tokenizer_system = generator_system(name)
+        model_cls = generator_system(name)[0]
         run = from_dict(saved, model_cls.config_cls)
-        make = functools.partial(model_cls, tokenizer=load_tokenizer(tokenizer_system, run.tokenizer, device))
+        tokenizers = load_tokenizers(name, run.tokenizer, device)
+
+        def make(cfg):
+            return model_cls(cfg, *tokenizers)
     else:
         model_cls = system(name).Model
         run = from_dict(saved, model_cls.config_cls)
@@ -223,6 +225,18 @@ def load_model(name: str, run_dir, device="cpu", checkpoint=None):
     model = make(run.model)
     load_weights(model, path)
     return model.to(device).eval()
+
+
+def load_tokenizers(name: str, run_dirs, device="cpu") -> tuple:
+    """The trained tokenizers generator system ``name`` is built on, from ``run_dirs`` (one run folder,
+    or a list with one per tokenizer system of its :data:`models.generator.GENERATORS` entry)."""
+    from .generator import tokenizer_systems
+    systems = tokenizer_systems(name)
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    if len(run_dirs) != len(systems):
+        raise ValueError(f"the {name} generator is built on {len(systems)} tokenizer(s) ({', '.join(systems)}): "
+                         f"give one run folder for each (--tokenizer DIR ...), got {len(run_dirs)}")
+    return tuple(load_tokenizer(s, d, device) for s, d in zip(systems, run_dirs))
 
 
 def load_tokenizer(tokenizer_system: str, run_dir, device="cpu"):

@@ -62,7 +62,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: str = "tokenizer"      # tokenizer | generator
-    tokenizer: str = ""           # generator runs: the tokenizer's run folder (absolute path)
+    tokenizer: Any = ""           # generator runs: the tokenizer's run folder (absolute path), a list for several
 
     def to_dict(self) -> Dict[str, Any]:
         out = {"system": self.system, "preset": self.preset, "stage": self.stage}

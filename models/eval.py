@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
@@ -283,9 +283,14 @@ def judge_generator(generator, n_per_class: int = 20, seed: int = 0, batch_size:
 
 
 @torch.no_grad()
-def sample_grid(generator, per_class: int = 8, seed: int = 0, **sample_kwargs) -> np.ndarray:
-    """A uint8 HWC picture of samples: one row per class (``per_class`` columns), or for an
-    unconditional generator ``per_class`` rows of 8."""
+def sample_grid(generator, per_class: int = 8, seed: int = 0, prompts: Sequence[str] = ("",),
+                **sample_kwargs) -> np.ndarray:
+    """A uint8 HWC picture of samples: one row per class (``per_class`` columns), for a text-conditioned
+    generator one row per prompt of ``prompts``, or for an unconditional generator ``per_class`` rows of 8."""
+    if generator.conditioning == "text":
+        texts = [t for t in prompts for _ in range(per_class)]
+        out = generator.sample(len(texts), prompt=texts, seed=seed, **sample_kwargs)
+        return image_grid(out.images, per_class)
     if generator.num_classes:
         labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
         columns = per_class

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import inspect
 import json
@@ -76,7 +75,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from . import system as load_system
-from .checkpoint import (latest_checkpoint, load_tokenizer, load_weights, read_run_config, read_state, save_checkpoint,
+from .checkpoint import (latest_checkpoint, load_tokenizers, load_weights, read_run_config, read_state, save_checkpoint,
                          step_name, write_run_config)
 from .config import RunConfig, TrainConfig, apply_overrides, from_dict, load_yaml_overrides, parse_set_items
 from .generator import generator_system
@@ -120,6 +119,11 @@ def stage_system(system: str, stage: str):
     return module.Model, module.PRESETS
 
 
+def _tokenizer_paths(tokenizer) -> list:
+    """One run folder or several, as a list of absolute paths."""
+    return [str(Path(t).resolve()) for t in ([tokenizer] if isinstance(tokenizer, (str, Path)) else tokenizer)]
+
+
 def build_run_config(system: str, preset: Optional[str] = None, config_file: Optional[str] = None,
                      sets: Sequence[str] = (), saved: Optional[Dict[str, Any]] = None, stage: str = "tokenizer",
                      tokenizer: Optional[str] = None, **flags) -> RunConfig:
@@ -136,8 +140,8 @@ def build_run_config(system: str, preset: Optional[str] = None, config_file: Opt
         if preset not in (None, saved["preset"]):
             raise ValueError(f"the run folder was trained from preset {saved['preset']!r}, not {preset!r}")
         run = from_dict(saved, model_cls.config_cls)
-        if tokenizer is not None and Path(tokenizer).resolve() != Path(run.tokenizer).resolve():
-            raise ValueError(f"--tokenizer {tokenizer}: the run was trained on the tokenizer of {run.tokenizer}")
+        if tokenizer is not None and _tokenizer_paths(tokenizer) != _tokenizer_paths(run.tokenizer):
+            raise ValueError(f"--tokenizer {tokenizer}: the run was trained on the tokenizer(s) of {run.tokenizer}")
     else:
         preset = preset or "tiny"
         if preset not in presets:
@@ -148,7 +152,8 @@ def build_run_config(system: str, preset: Optional[str] = None, config_file: Opt
         if stage == "generator":
             if not tokenizer:
                 raise ValueError("--stage generator needs --tokenizer DIR, the run folder of a trained tokenizer")
-            run.tokenizer = str(Path(tokenizer).resolve())
+            paths = _tokenizer_paths(tokenizer)
+            run.tokenizer = paths[0] if len(paths) == 1 else paths
         elif tokenizer is not None:
             raise ValueError("--tokenizer is for --stage generator")
     if config_file:
@@ -280,10 +285,12 @@ class Trainer:
             raise FileExistsError(f"{self.out} already holds a run's checkpoints: pass --resume or another --out")
         self.generator_stage = run.stage == "generator"
         if self.generator_stage:  # the frozen tokenizer, outside the trained module tree
-            model_cls, _, tokenizer_system = generator_system(run.system)
-            tokenizer = load_tokenizer(tokenizer_system, run.tokenizer, self.device)
-            resolution = tokenizer.cfg.resolution
-            default_factory = functools.partial(model_cls, tokenizer=tokenizer)
+            model_cls = generator_system(run.system)[0]
+            tokenizers = load_tokenizers(run.system, run.tokenizer, self.device)
+            resolution = tokenizers[0].cfg.resolution
+
+            def default_factory(cfg):
+                return model_cls(cfg, *tokenizers)
         else:
             resolution = run.model.resolution
             default_factory = None if model_factory is not None else load_system(run.system).Model
@@ -641,13 +648,26 @@ class Trainer:
                 if self.fsdp:
                     self.model.reshard()
 
+    def _grid_prompts(self) -> List[str]:
+        """Up to 8 distinct captions of the held-out images (the training ones when none is held out)."""
+        data = self.holdout_set if len(self.holdout_set) else self.train_set
+        out: List[str] = []
+        for i in range(min(len(data), 64)):
+            caption = data[i]["caption"]
+            if caption and caption not in out:
+                out.append(caption)
+            if len(out) == 8:
+                break
+        return out or [""]
+
     def _write_grid(self, path: Path):
         if len(self.holdout_set) == 0 and not self.generator_stage:
             return
         with self._evaluation() as model:
             if model is not None:
                 if self.generator_stage:
-                    grid = sample_grid(model, self.cfg.grid_images, seed=self.cfg.seed)
+                    prompts = self._grid_prompts() if model.conditioning == "text" else ("",)
+                    grid = sample_grid(model, self.cfg.grid_images, seed=self.cfg.seed, prompts=prompts)
                 else:
                     grid = reconstruction_grid(model, self.holdout_set, self.cfg.grid_images, self.device)
                 if self.rank == 0:
@@ -684,7 +704,8 @@ class Trainer:
         if len(self.holdout_set) == 0:
             self._print("no held-out images: no held-out cross-entropy")
             return None
-        judge = (self.cfg.judge_per_class > 0 and self.run.data.name == "digits" and self.run.model.num_classes == 10)
+        judge = (self.cfg.judge_per_class > 0 and self.run.data.name == "digits"
+                 and getattr(self.run.model, "num_classes", 0) == 10)
         result = None
         with self._evaluation() as model:
             if model is not None:
@@ -702,7 +723,13 @@ class Trainer:
 
 
 def _check_classes(run: RunConfig, train_set) -> None:
-    """A class-conditional generator needs a data set with as many classes as it has."""
+    """A class-conditional generator needs a data set with as many classes as it has; a text-conditioned
+    one a data set with captions (its first images are looked at)."""
+    if not hasattr(run.model, "num_classes"):
+        if not any(train_set[i]["caption"] for i in range(min(16, len(train_set)))):
+            raise ValueError(f"data set {run.data.name!r} has no captions: a text-conditioned generator trains on "
+                             "shapes, digits or an image folder with a .txt caption beside each image")
+        return
     n = run.model.num_classes
     have = len(getattr(train_set, "class_names", []))
     if n and have != n:
@@ -726,7 +753,9 @@ def _parse(argv):
     p.add_argument("system", help="one of models.SYSTEMS")
     p.add_argument("--stage", default="tokenizer", choices=STAGES,
                    help="tokenizer (stage 1, default) or generator (stage 2, on a trained tokenizer's codes)")
-    p.add_argument("--tokenizer", default=None, help="--stage generator: the run folder of the trained tokenizer")
+    p.add_argument("--tokenizer", default=None, nargs="+", metavar="DIR",
+                   help="--stage generator: the run folder of the trained tokenizer (one per tokenizer the "
+                        "generator is built on: make_a_scene takes the vqgan's, then the scene's)")
     p.add_argument("--preset", default=None, help="tiny (default) or base")
     p.add_argument("--config", default=None, help="YAML file with sections model / train / data")
     p.add_argument("--data", default=None, help="built-in data set name or image folder")

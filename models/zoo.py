@@ -1,7 +1,7 @@
 """The model zoo: trains every system's ``tiny`` preset and records what each reaches.
 
 ``python -m models.zoo --stage generator [--only NAME,...] [--out runs/zoo-generators]`` does the
-same for every generator of :data:`models.generator.GENERATORS`: each tokenizer system's tiny preset
+same for every class-conditional generator (:data:`models.generator.CLASS_GENERATORS`): each tokenizer's tiny preset
 is first trained on ``digits`` (:data:`DIGITS_TOKENIZER`, once per tokenizer system, kept in the out
 folder and reused), then the generator's tiny preset on its codes with the labels; the trainer's
 final evaluation gives the judge's class accuracy (every class >= 80% is the target) and classifier
@@ -37,7 +37,7 @@ import torch
 
 from . import SYSTEMS
 from .checkpoint import read_run_config
-from .generator import GENERATORS
+from .generator import CLASS_GENERATORS, GENERATORS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -212,7 +212,7 @@ def run_rows(args, p, record: Path, names: Sequence[str], train_one: Callable[[s
 def generator_main(args, p) -> int:
     results = Path(args.results)
     record = results.parent / "results" / "generators.json"
-    rows = run_rows(args, p, record, list(GENERATORS), lambda name: train_generator_entry(
+    rows = run_rows(args, p, record, list(CLASS_GENERATORS), lambda name: train_generator_entry(
         name, Path(args.out), args.device, record.parent, args.steps, args.sets))
     text = render_generators(rows, args.device, real_digits_fid())
     write_section(text, results, GEN_START, GEN_END)

@@ -38,3 +38,24 @@ def isa(request):
         yield wanted
     finally:
         vqkernels.set_cpu_isa("auto")
+
+
+# ---------------------------------------------------------------- the model suite's generator tests
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tmp_path_factory):
+    """A tiny vqvae tokenizer (16x16 images, 4x4 codes of 16) trained for two steps on digits."""
+    from models.train import Trainer, build_run_config
+    out = tmp_path_factory.mktemp("tok")
+    sets = ["model.resolution=16", "model.hidden=8", "model.res_channels=4", "model.num_res_blocks=1",
+            "model.embed_dim=4", "model.codebook_size=16", "data.hflip=false", "train.judge_per_class=0"]
+    run = build_run_config("vqvae", None, None, sets, data="digits", steps=2, batch_size=8)
+    Trainer(run, out, progress=False).fit()
+    return out

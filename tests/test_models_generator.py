@@ -166,23 +166,6 @@ def toy(monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    sets = ["model.resolution=16", "model.hidden=8", "model.res_channels=4", "model.num_res_blocks=1",
-            "model.embed_dim=4", "model.codebook_size=16", "data.hflip=false", "train.judge_per_class=0"]
-    run = build_run_config("vqvae", None, None, sets, data="digits", steps=2, batch_size=8)
-    Trainer(run, out, progress=False).fit()
-    return out
-
-
-@pytest.fixture(scope="module")
 def generator_run(toy, tokenizer_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen")
     assert train_main([toy, "--stage", "generator", "--tokenizer", str(tokenizer_run), "--out", str(out),
