@@ -10,8 +10,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 python -m vqkernels.info
 OUT=runs/demo
 rm -rf "$OUT"
-python -m models.train var_vqvae --preset tiny --data digits --steps 800 --set data.hflip=false --out "$OUT/tokenizer"
-python -m models.train var --stage generator --tokenizer "$OUT/tokenizer" --out "$OUT/var" "$@"
+python -m models.train var_vqvae --preset tiny --data digits --steps 600 --set data.hflip=false --out "$OUT/tokenizer"
+python -m models.train var --stage generator --tokenizer "$OUT/tokenizer" --out "$OUT/var" --steps 500 "$@"
 echo "samples, a row per class 0-9: $OUT/var/samples.png"
 python -m models.sample var --ckpt "$OUT/var" --class 0 1 2 3 4 5 6 7 8 9 --n 10 --cfg 2 --cfg-schedule linear \
     --top-k 100 --columns 10 --out "$OUT/guided.png"
