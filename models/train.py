@@ -80,8 +80,8 @@ from .checkpoint import (latest_checkpoint, load_tokenizers, load_weights, read_
 from .config import RunConfig, TrainConfig, apply_overrides, from_dict, load_yaml_overrides, parse_set_items
 from .generator import generator_system
 from .data import build_dataset, collate
-from .eval import (evaluate, evaluate_generator, format_generator_summary, format_summary, reconstruction_grid,
-                   resolve_device, sample_grid, save_png, to_device)
+from .eval import (evaluate, evaluate_generator, format_generator_summary, format_summary, judgeable,
+                   reconstruction_grid, resolve_device, sample_grid, save_png, to_device)
 from .metrics import CodebookStats, flatten_codebook_summary, mean_usage
 
 STAGES = ("tokenizer", "generator")
@@ -698,17 +698,18 @@ class Trainer:
         return result
 
     def _final_generator_evaluation(self) -> Optional[Dict[str, Any]]:
-        """``samples.png`` and the held-out cross-entropy; on ``digits`` with 10 classes also the judge's
-        class accuracy and classifier FID (``train.judge_per_class`` samples per class, 0: none)."""
+        """``samples.png`` and the held-out cross-entropy; with a judge for the model and its data
+        (:func:`models.eval.judgeable`: 10 classes on ``digits``, text on ``shapes``) also its scores:
+        class accuracy or caption match, classifier FID (``train.judge_per_class`` samples per class, or
+        10x that many held-out captions; 0: none)."""
         self._write_grid(self.out / "samples.png")
         if len(self.holdout_set) == 0:
             self._print("no held-out images: no held-out cross-entropy")
             return None
-        judge = (self.cfg.judge_per_class > 0 and self.run.data.name == "digits"
-                 and getattr(self.run.model, "num_classes", 0) == 10)
         result = None
         with self._evaluation() as model:
             if model is not None:
+                judge = self.cfg.judge_per_class > 0 and judgeable(model, self.run.data.name)
                 result = evaluate_generator(model, self.holdout_set, self.cfg.batch_size, self.device,
                                             self.cfg.eval_images, judge=judge, judge_per_class=self.cfg.judge_per_class)
         if self.world > 1:

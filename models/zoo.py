@@ -9,6 +9,15 @@ FID, and the generators section of ``models/RESULTS.md`` (``<!-- generators:star
 gets the table and each sample grid (``models/results/gen-<entry>.png``; record
 ``models/results/generators.json``).
 
+``python -m models.zoo --stage text [--only NAME,...] [--out runs/zoo-text]`` does it for every
+text-conditioned generator (:data:`models.generator.TEXT_GENERATORS`): each tokenizer system the
+generators read (Make-A-Scene: ``vqgan`` and ``scene``) has its tiny preset trained once on ``shapes``
+(:data:`SHAPES_TOKENIZER`; ``vqgan`` is shared by make_a_scene and muse), then each generator's tiny
+preset on its codes with the captions; the trainer's final evaluation gives the shapes judge's
+caption-match rate (>= 70% is the target), Make-A-Scene's scene-map IoU and UniCode's captioning
+exact match, and the ``<!-- text:start -->``..``end`` section of ``models/RESULTS.md`` gets the table
+and each sample grid (``models/results/text-<name>.png``; record ``models/results/text.json``).
+
 ``python -m models.zoo --stage tokenizer [--only NAME,...] [--out runs/zoo] [--device cpu]``
 trains each entry of :data:`ENTRIES` in its own process (``python -m models.train``, so every
 run is an ordinary run folder that ``models.eval`` and ``models.load`` read), then writes the
@@ -37,7 +46,7 @@ import torch
 
 from . import SYSTEMS
 from .checkpoint import read_run_config
-from .generator import CLASS_GENERATORS, GENERATORS
+from .generator import CLASS_GENERATORS, TEXT_GENERATORS, tokenizer_systems
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -73,6 +82,12 @@ JUDGE_PER_CLASS = 50  # samples of each class the judge scores after each genera
 # how every tokenizer system's tiny preset is trained for the generators: digits, no flips, 800 steps
 DIGITS_TOKENIZER = ("--data", "digits", "--steps", "800", "--set", "data.hflip=false")
 
+TEXT_START, TEXT_END = "<!-- text:start -->", "<!-- text:end -->"
+CAPTION_TARGET = 0.7
+TEXT_JUDGE_PER_CLASS = 30   # train.judge_per_class of the text runs: 10x this many held-out captions judged
+# how every tokenizer system's tiny preset is trained for the text generators: shapes, no flips, the preset's steps
+SHAPES_TOKENIZER = ("--data", "shapes", "--set", "data.hflip=false")
+
 
 def _run(cmd: List[str], name: str) -> Tuple[int, float]:
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
@@ -81,38 +96,42 @@ def _run(cmd: List[str], name: str) -> Tuple[int, float]:
     return code, (time.perf_counter() - t0) / 60
 
 
-def digits_tokenizer(tokenizer_system: str, out: Path, device: str) -> Dict:
-    """The run folder of ``tokenizer_system``'s tiny preset trained on digits (trained unless ``out``
-    already holds a finished one) and its held-out numbers."""
+def stage_tokenizer(tokenizer_system: str, out: Path, device: str, flags: Sequence[str] = DIGITS_TOKENIZER) -> Dict:
+    """The run folder of ``tokenizer_system``'s tiny preset trained with ``flags`` (digits or shapes;
+    trained unless ``out`` already holds a finished one) and its held-out numbers."""
     run_dir = out / f"tokenizer-{tokenizer_system}"
     minutes = None
     if not (run_dir / "eval.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "models.train", tokenizer_system, "--preset", "tiny", "--out", str(run_dir),
-               "--device", device, "--no-progress", *DIGITS_TOKENIZER]
+               "--device", device, "--no-progress", *flags]
         code, minutes = _run(cmd, f"tokenizer {tokenizer_system}")
         if code != 0:
-            return {"dir": run_dir, "error": f"tokenizer exit code {code}", "minutes": minutes}
+            return {"dir": run_dir, "error": f"tokenizer {tokenizer_system} exit code {code}", "minutes": minutes}
     with open(run_dir / "eval.json", encoding="utf-8") as f:
         result = json.load(f)
     return {"dir": run_dir, "minutes": minutes, "psnr": result["psnr"], "steps": result["step"]}
 
 
 def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps: Optional[int] = None,
-                          sets: Sequence[str] = ()) -> Dict:
-    """Trains generator system ``name`` (tiny preset) on its digits tokenizer in child processes; returns
-    the trainer's evaluation plus wall times, and copies the sample grid into ``grids``."""
-    tokenizer_system = GENERATORS[name][1]
-    tok = digits_tokenizer(tokenizer_system, out, device)
-    row = {"name": name, "tokenizer": tokenizer_system, "tokenizer_psnr": tok.get("psnr"),
-           "tokenizer_minutes": tok["minutes"]}
-    if "error" in tok:
-        return dict(row, error=tok["error"], minutes=0.0)
+                          sets: Sequence[str] = (), tokenizer_flags: Sequence[str] = DIGITS_TOKENIZER,
+                          judge_per_class: int = JUDGE_PER_CLASS, grid_prefix: str = "gen") -> Dict:
+    """Trains generator system ``name`` (tiny preset) on its tokenizers (each trained with
+    ``tokenizer_flags``, once) in child processes; returns the trainer's evaluation plus wall times, and
+    copies the sample grid into ``grids`` as ``<grid_prefix>-<name>.png``."""
+    tokenizers = [(system, stage_tokenizer(system, out, device, tokenizer_flags)) for system in tokenizer_systems(name)]
+    row = {"name": name, "tokenizer": " + ".join(system for system, _ in tokenizers),
+           "tokenizer_psnr": tokenizers[0][1].get("psnr"), "tokenizer_minutes": tokenizers[0][1]["minutes"],
+           "tokenizers": {system: {"psnr": tok.get("psnr"), "minutes": tok["minutes"]} for system, tok in tokenizers}}
+    failed = [tok["error"] for _, tok in tokenizers if "error" in tok]
+    if failed:
+        return dict(row, error="; ".join(failed), minutes=0.0)
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "models.train", name, "--stage", "generator", "--tokenizer", str(tok["dir"]),
+    cmd = [sys.executable, "-m", "models.train", name, "--stage", "generator",
+           "--tokenizer", *(str(tok["dir"]) for _, tok in tokenizers),
            "--preset", "tiny", "--out", str(run_dir), "--device", device, "--no-progress",
-           "--set", f"train.judge_per_class={JUDGE_PER_CLASS}"]
+           "--set", f"train.judge_per_class={judge_per_class}"]
     cmd += [a for s in sets for a in ("--set", s)] + (["--steps", str(steps)] if steps is not None else [])
     code, minutes = _run(cmd, f"generator {name}")
     if code != 0:
@@ -120,7 +139,7 @@ def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps:
     with open(run_dir / "eval.json", encoding="utf-8") as f:
         result = json.load(f)
     grids.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "samples.png", grids / f"gen-{name}.png")
+    shutil.copyfile(run_dir / "samples.png", grids / f"{grid_prefix}-{name}.png")
     return dict(row, minutes=minutes, train_minutes=_train_minutes(run_dir), parameters=_parameters(run_dir),
                 steps=result.pop("step"), **result)
 
@@ -216,6 +235,82 @@ def generator_main(args, p) -> int:
         name, Path(args.out), args.device, record.parent, args.steps, args.sets))
     text = render_generators(rows, args.device, real_digits_fid())
     write_section(text, results, GEN_START, GEN_END)
+    print(text)
+    return 0 if all("error" not in r for r in rows.values()) else 1
+
+
+def _text_verdict(row: Dict) -> str:
+    if "error" in row:
+        return "failed: " + row["error"]
+    if "judge_caption_match" not in row:
+        return "not judged"
+    rate = row["judge_caption_match"]
+    return (f"meets (>= {CAPTION_TARGET:.0%})" if rate >= CAPTION_TARGET
+            else f"misses: {rate:.0%} < {CAPTION_TARGET:.0%}")
+
+
+def _pct(row: Dict, key: str) -> str:
+    return f"{row[key]:.1%}" if row.get(key) is not None else "-"
+
+
+def render_text(rows: Dict[str, Dict], device: str, judge: Optional[Dict] = None) -> str:
+    """The text section of RESULTS.md: a row per text-conditioned generator and its sample grid."""
+    own = (f" (on the 2000 held-out scenes it accepts {judge['accuracy']:.1%} of the real captions, rejects "
+           f"{judge['rejection']:.1%} of captions with a wrong colour or kind, and segments with mean IoU "
+           f"{judge['iou']:.3f})" if judge else "")
+    lines = [TEXT_START, "", "## Zoo: every tiny text-conditioned generator trained on shapes on 2 CPU cores", "",
+             f"`python -m models.zoo --stage text` on {machine()}, device {device}. Each tokenizer system's tiny preset "
+             "is trained once on `shapes` (no flips, the preset's steps; `make_a_scene` reads the `vqgan` and the "
+             "`scene` tokenizers), then the generator's tiny preset on its codes with the captions. The judge "
+             "(`models.eval.shapes_judge`: a small U-Net segmenting background / rectangle / round / triangle, round "
+             "objects split into circles and ellipses by their elongation, colours read from the pixels against "
+             f"the palette){own} looks at one sample for each caption of the first {10 * TEXT_JUDGE_PER_CLASS} "
+             "held-out images (temperature 1, no top-k / top-p, no guidance). Caption match: the sample shows the "
+             "caption's first-named (largest) object in its colour and kind (at least 1% of the pixels); target "
+             f">= {CAPTION_TARGET:.0%}. Lowest group: the lowest rate over the first object's kinds and colours. "
+             "Tokenizer's ceiling: the caption match of the (first) tokenizer's reconstructions of the same held-out "
+             "images, the most its generator can reach. "
+             "Scene IoU (Make-A-Scene, sampled with the held-out images' scene maps): mean IoU of the judge's "
+             "segmentation of the samples with the maps. Captioning (UniCode): exact match of its captions of the "
+             "held-out images with the real ones. Classifier FID: Frechet distance of the judge's 48-d features, "
+             "samples vs the held-out scenes.",
+             "",
+             "| generator | tokenizers (held-out PSNR of the first) | params | steps | training minutes (whole run) "
+             "| held-out bits/token | caption match | lowest group | tokenizer's ceiling | scene IoU | captioning exact "
+             "| classifier FID | samples/s | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, row in rows.items():
+        tok = (f"`{row['tokenizer']}` ({row['tokenizer_psnr']:.1f} dB)" if row.get("tokenizer_psnr")
+               else f"`{row['tokenizer']}`")
+        if "error" in row:
+            lines.append(f"| `{name}` | {tok} | | | {row['minutes']:.1f} | | | | | | | | | {_text_verdict(row)} |")
+            continue
+        params = f"{row['parameters'] / 1e6:.2f}M" if row.get("parameters") else "?"
+        train = f"{row['train_minutes']:.1f} ({row['minutes']:.1f})" if row.get("train_minutes") else f"{row['minutes']:.1f}"
+        judged = "judge_caption_match" in row
+        low = f"{row['judge_min_group']} {row['judge_min_group_match']:.0%}" if judged else "-"
+        iou = f"{row['judge_scene_iou']:.3f}" if row.get("judge_scene_iou") is not None else "-"
+        fid = f"{row['judge_fid']:.2f}" if judged else "-"
+        speed = f"{row['judge_samples_per_s']:.1f}" if judged else "-"
+        lines.append(f"| `{name}` | {tok} | {params} | {row['steps']} | {train} | {row['bits_per_token']:.3f} | "
+                     f"{_pct(row, 'judge_caption_match')} | {low} | {_pct(row, 'judge_tokenizer_caption_match')} | "
+                     f"{iou} | {_pct(row, 'judge_caption_exact')} | "
+                     f"{fid} | {speed} | {_text_verdict(row)} |")
+    lines += ["", "Sample grids (a row per held-out caption, its first eight distinct ones):", ""]
+    lines += [f"- `{name}`: ![{name}](results/text-{name}.png)" for name, row in rows.items() if "error" not in row]
+    return "\n".join(lines + ["", TEXT_END])
+
+
+def text_main(args, p) -> int:
+    """``--stage text``: every system of :data:`TEXT_GENERATORS`, on tokenizers trained on shapes."""
+    from .eval import shapes_judge
+    results = Path(args.results)
+    record = results.parent / "results" / "text.json"
+    rows = run_rows(args, p, record, list(TEXT_GENERATORS), lambda name: train_generator_entry(
+        name, Path(args.out), args.device, record.parent, args.steps, args.sets, SHAPES_TOKENIZER,
+        TEXT_JUDGE_PER_CLASS, "text"))
+    text = render_text(rows, args.device, shapes_judge(32)[1])
+    write_section(text, results, TEXT_START, TEXT_END)
     print(text)
     return 0 if all("error" not in r for r in rows.values()) else 1
 
@@ -351,9 +446,9 @@ def write_section(text: str, path: Path = RESULTS, start: str = START, end: str 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.zoo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "generator"])
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "generator", "text"])
     p.add_argument("--only", default="", help="comma-separated entries (default: all of them)")
-    p.add_argument("--out", default=None, help="runs folder (default runs/zoo, or runs/zoo-generators)")
+    p.add_argument("--out", default=None, help="runs folder (default runs/zoo, runs/zoo-generators or runs/zoo-text)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke runs)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -363,6 +458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stage == "generator":
         args.out = args.out or "runs/zoo-generators"
         return generator_main(args, p)
+    if args.stage == "text":
+        args.out = args.out or "runs/zoo-text"
+        return text_main(args, p)
     args.out = args.out or "runs/zoo"
     results = Path(args.results)
     record = results.parent / "results" / "zoo.json"

@@ -1,6 +1,7 @@
 """models.zoo: a smoke run trains entries in child processes and rewrites only its section."""
 
 import json
+from pathlib import Path
 
 from models import zoo
 
@@ -74,3 +75,73 @@ def test_generator_verdicts_and_section():
     assert "| `var` | `vqvae` (30.0 dB) | 2.00M | 100 | 2.0 | 1.440 | 86.5% (50%) | 3.00 |" in text
     assert "failed: exit code 2" in text and "held-out ones: 1.25" in text
     assert "![var](results/gen-var.png)" in text and "gen-maskgit" not in text
+
+
+# ---------------------------------------------------------------- --stage text
+
+def _text_result(match, **extra):
+    return {"images": 200, "nll": 2.0, "bits_per_token": 2.885, "judge_caption_match": match,
+            "judge_per_kind": {"circle": match - 0.1, "rectangle": match}, "judge_per_colour": {"red": match},
+            "judge_min_group": "circle", "judge_min_group_match": match - 0.1, "judge_fid": 4.0,
+            "judge_judge_accuracy": 0.99, "judge_judge_rejection": 1.0, "judge_judge_iou": 0.88,
+            "judge_tokenizer_caption_match": 0.9, "judge_samples": 300, "judge_samples_per_s": 20.0, **extra}
+
+
+def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, monkeypatch):
+    """The text stage with the training replaced by a fake child process that writes what a run writes."""
+    import models.eval
+    commands = []
+
+    def fake_run(cmd, name):
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        system = cmd[3]
+        if "--stage" not in cmd:
+            (out / "eval.json").write_text(json.dumps({"psnr": 25.0, "step": 5}))
+            return 0, 0.5
+        extra = {"judge_scene_iou": 0.61} if system == "make_a_scene" else {}
+        (out / "eval.json").write_text(json.dumps(dict(_text_result(0.8 if system == "muse" else 0.5, **extra), step=7)))
+        (out / "samples.png").write_bytes(b"png")
+        (out / "log.jsonl").write_text(json.dumps({"kind": "event", "event": "start", "time": 0.0, "parameters": 1234})
+                                       + "\n" + json.dumps({"kind": "train", "time": 60.0}) + "\n")
+        return 0, 1.5
+
+    monkeypatch.setattr(zoo, "_run", fake_run)
+    monkeypatch.setattr(models.eval, "shapes_judge", lambda resolution: (None, {"accuracy": 0.99, "rejection": 1.0,
+                                                                             "iou": 0.88}))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# head\n\n" + zoo.GEN_START + "\nkept\n" + zoo.GEN_END + "\n")
+    runs = tmp_path / "runs"
+    assert zoo.main(["--stage", "text", "--only", "make_a_scene,muse", "--out", str(runs), "--results", str(results)]) == 0
+    tokenizers = [c[3] for c in commands if "--stage" not in c]
+    assert tokenizers == ["vqgan", "scene"]  # vqgan trained once, shared by make_a_scene and muse
+    assert all(c[c.index("--data") + 1] == "shapes" and "data.hflip=false" in c for c in commands if "--stage" not in c)
+    scene_cmd = next(c for c in commands if c[3] == "make_a_scene")
+    i = scene_cmd.index("--tokenizer")
+    assert scene_cmd[i + 1:i + 3] == [str(runs / "tokenizer-vqgan"), str(runs / "tokenizer-scene")]
+    assert f"train.judge_per_class={zoo.TEXT_JUDGE_PER_CLASS}" in scene_cmd
+    record = json.loads((tmp_path / "results" / "text.json").read_text())
+    assert list(record) == ["make_a_scene", "muse"] and record["make_a_scene"]["tokenizer"] == "vqgan + scene"
+    assert record["muse"]["parameters"] == 1234 and record["muse"]["steps"] == 7
+    assert (tmp_path / "results" / "text-muse.png").read_bytes() == b"png"
+    text = results.read_text()
+    assert "kept" in text and zoo.TEXT_START in text and zoo.TEXT_END in text
+    assert "accepts 99.0% of the real captions" in text
+    assert ("| `make_a_scene` | `vqgan + scene` (25.0 dB) | 0.00M | 7 | 1.0 (1.5) | 2.885 | 50.0% | circle 40% | "
+            "90.0% | 0.610 | - | 4.00 | 20.0 | misses: 50% < 70% |") in text
+    assert "| `muse` |" in text and "meets (>= 70%)" in text and "![muse](results/text-muse.png)" in text
+    # --only keeps the other rows of the record; a failed tokenizer fails its generators
+    monkeypatch.setattr(zoo, "_run", lambda cmd, name: (3, 0.1) if "--stage" not in cmd else fake_run(cmd, name))
+    assert zoo.main(["--stage", "text", "--only", "dalle", "--out", str(runs), "--results", str(results)]) == 1
+    record = json.loads((tmp_path / "results" / "text.json").read_text())
+    assert list(record) == ["dalle", "make_a_scene", "muse"]
+    assert record["dalle"]["error"] == "tokenizer dvae exit code 3"
+    assert "| `dalle` | `dvae` |" in results.read_text() and "failed: tokenizer dvae exit code 3" in results.read_text()
+
+
+def test_text_verdicts():
+    assert zoo._text_verdict(_text_result(0.7)) == "meets (>= 70%)"
+    assert zoo._text_verdict(_text_result(0.69)) == "misses: 69% < 70%"
+    assert zoo._text_verdict({"minutes": 1.0}) == "not judged"
+    assert zoo._text_verdict({"error": "exit code 1"}) == "failed: exit code 1"
