@@ -788,6 +788,7 @@ def _parse(argv):
     p.add_argument("--top-k", type=int, default=0, help="generators: the judge's top-k (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="generators: the judge's top-p (1: off)")
     p.add_argument("--cfg", type=float, default=None, help="generators: the judge's guidance weight (default: none)")
+    p.add_argument("--json", default=None, help="where to write the result (default: eval.json in --ckpt)")
     return p.parse_args(argv)
 
 
@@ -822,7 +823,7 @@ def main(argv=None) -> int:
     result = {"system": args.system, "checkpoint": str(ckpt), "data": describe(data_cfg), **result}
     print(f"{args.system}  {ckpt}  {result['data']} (held-out split)")
     print(format_generator_summary(result) if generator else format_summary(result))
-    with open(target / "eval.json", "w", encoding="utf-8") as f:
+    with open(args.json or target / "eval.json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     return 0
 

@@ -79,6 +79,7 @@ SINGLE_LEVEL = ("vqvae", "rqvae_depth1_f4")
 GEN_START, GEN_END = "<!-- generators:start -->", "<!-- generators:end -->"
 ACCURACY_TARGET = 0.8
 JUDGE_PER_CLASS = 50  # samples of each class the judge scores after each generator's training
+GUIDED_CFG = 2.0      # the class generators are judged again with this classifier-free guidance weight
 # how every tokenizer system's tiny preset is trained for the generators: digits, no flips, 800 steps
 DIGITS_TOKENIZER = ("--data", "digits", "--steps", "800", "--set", "data.hflip=false")
 
@@ -115,10 +116,12 @@ def stage_tokenizer(tokenizer_system: str, out: Path, device: str, flags: Sequen
 
 def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps: Optional[int] = None,
                           sets: Sequence[str] = (), tokenizer_flags: Sequence[str] = DIGITS_TOKENIZER,
-                          judge_per_class: int = JUDGE_PER_CLASS, grid_prefix: str = "gen") -> Dict:
+                          judge_per_class: int = JUDGE_PER_CLASS, grid_prefix: str = "gen",
+                          guided_cfg: Optional[float] = None) -> Dict:
     """Trains generator system ``name`` (tiny preset) on its tokenizers (each trained with
-    ``tokenizer_flags``, once) in child processes; returns the trainer's evaluation plus wall times, and
-    copies the sample grid into ``grids`` as ``<grid_prefix>-<name>.png``."""
+    ``tokenizer_flags``, once) in child processes; returns the trainer's evaluation plus wall times
+    (with ``guided_cfg``, also the judge's scores of samples guided with that weight, under ``guided``),
+    and copies the sample grid into ``grids`` as ``<grid_prefix>-<name>.png``."""
     tokenizers = [(system, stage_tokenizer(system, out, device, tokenizer_flags)) for system in tokenizer_systems(name)]
     row = {"name": name, "tokenizer": " + ".join(system for system, _ in tokenizers),
            "tokenizer_psnr": tokenizers[0][1].get("psnr"), "tokenizer_minutes": tokenizers[0][1]["minutes"],
@@ -140,8 +143,24 @@ def train_generator_entry(name: str, out: Path, device: str, grids: Path, steps:
         result = json.load(f)
     grids.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "samples.png", grids / f"{grid_prefix}-{name}.png")
+    if guided_cfg is not None:
+        row["guided"] = guided_judgement(name, run_dir, device, judge_per_class, guided_cfg)
     return dict(row, minutes=minutes, train_minutes=_train_minutes(run_dir), parameters=_parameters(run_dir),
                 steps=result.pop("step"), **result)
+
+
+def guided_judgement(name: str, run_dir: Path, device: str, judge_per_class: int, cfg: float) -> Dict:
+    """The judge's scores of a trained generator's samples guided with weight ``cfg`` (``models.eval`` in a
+    child process; its result in ``<run>/eval-cfg<cfg>.json``)."""
+    path = run_dir / f"eval-cfg{cfg:g}.json"
+    cmd = [sys.executable, "-m", "models.eval", name, "--ckpt", str(run_dir), "--device", device,
+           "--judge-per-class", str(judge_per_class), "--cfg", str(cfg), "--json", str(path)]
+    code, _ = _run(cmd, f"guided judgement {name}")
+    if code != 0:
+        return {"cfg": cfg, "error": f"exit code {code}"}
+    result = json.loads(path.read_text())
+    return {"cfg": cfg, "accuracy": result["judge_accuracy"], "min_class_accuracy": result["judge_min_class_accuracy"],
+            "fid": result["judge_fid"]}
 
 
 def _train_minutes(run_dir: Path) -> Optional[float]:
@@ -178,25 +197,31 @@ def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[flo
              "top-k / top-p, no guidance): the target is >= 80% of every class's samples classified as that class. "
              f"Classifier FID: Frechet distance of the judge's 64-d features, {10 * JUDGE_PER_CLASS} samples vs the "
              "180 held-out digits"
-             + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else "."),
+             + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else ".")
+             + f" The same runs are judged again on samples guided with `--cfg {GUIDED_CFG:g}` (its FID in brackets).",
              "",
              "| generator | tokenizer (held-out PSNR) | params | steps | training minutes (whole run) | held-out "
-             "bits/token | class accuracy (lowest class) | classifier FID | samples/s | judge | target |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"bits/token | class accuracy (lowest class) | classifier FID | with --cfg {GUIDED_CFG:g} (lowest) [FID] | "
+             "samples/s | judge | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, row in rows.items():
         tok = f"`{row['tokenizer']}` ({row['tokenizer_psnr']:.1f} dB)" if row.get("tokenizer_psnr") else row["tokenizer"]
         if "error" in row:
-            lines.append(f"| `{name}` | {tok} | | | {row['minutes']:.1f} | | | | | | {_generator_verdict(row)} |")
+            lines.append(f"| `{name}` | {tok} | | | {row['minutes']:.1f} | | | | | | | {_generator_verdict(row)} |")
             continue
         params = f"{row['parameters'] / 1e6:.2f}M" if row.get("parameters") else "?"
         judged = "judge_accuracy" in row
+        g = row.get("guided", {})
+        guided = (f"{g['accuracy']:.1%} ({g['min_class_accuracy']:.0%}) [{g['fid']:.1f}]" if "accuracy" in g
+                  else g.get("error", "-"))
         acc = f"{row['judge_accuracy']:.1%} ({row['judge_min_class_accuracy']:.0%})" if judged else "-"
         fid = f"{row['judge_fid']:.2f}" if judged else "-"
         speed = f"{row['judge_samples_per_s']:.1f}" if judged else "-"
         judge = f"{row['judge_judge_accuracy']:.1%}" if judged else "-"
         train = f"{row['train_minutes']:.1f} ({row['minutes']:.1f})" if row.get("train_minutes") else f"{row['minutes']:.1f}"
         lines.append(f"| `{name}` | {tok} | {params} | {row['steps']} | {train} | "
-                     f"{row['bits_per_token']:.3f} | {acc} | {fid} | {speed} | {judge} | {_generator_verdict(row)} |")
+                     f"{row['bits_per_token']:.3f} | {acc} | {fid} | {guided} | {speed} | {judge} | "
+                     f"{_generator_verdict(row)} |")
     lines += ["", "Sample grids (a row per class, 0 to 9):", ""]
     lines += [f"- `{name}`: ![{name}](results/gen-{name}.png)" for name, row in rows.items() if "error" not in row]
     return "\n".join(lines + ["", GEN_END])
@@ -232,7 +257,7 @@ def generator_main(args, p) -> int:
     results = Path(args.results)
     record = results.parent / "results" / "generators.json"
     rows = run_rows(args, p, record, list(CLASS_GENERATORS), lambda name: train_generator_entry(
-        name, Path(args.out), args.device, record.parent, args.steps, args.sets))
+        name, Path(args.out), args.device, record.parent, args.steps, args.sets, guided_cfg=GUIDED_CFG))
     text = render_generators(rows, args.device, real_digits_fid())
     write_section(text, results, GEN_START, GEN_END)
     print(text)

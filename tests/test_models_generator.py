@@ -270,6 +270,11 @@ def test_eval_cli_on_a_generator_run(generator_run, toy, capsys):
     out = capsys.readouterr().out
     assert "cross-entropy" in out and "held-out images  20" in out
     assert json.loads((generator_run / "eval.json").read_text())["images"] == 20
+    elsewhere = generator_run / "eval-other.json"
+    assert eval_main([toy, "--ckpt", str(generator_run), "--judge-per-class", "0", "--max-images", "10",
+                      "--json", str(elsewhere)]) == 0
+    assert json.loads(elsewhere.read_text())["images"] == 10
+    assert json.loads((generator_run / "eval.json").read_text())["images"] == 20
 
 
 def test_digits_judge_accuracy_and_classifier_fid(tmp_path):

@@ -63,8 +63,9 @@ def _gen_row(name, per_class):
 
 
 def test_generator_verdicts_and_section():
-    good = _gen_row("vqvae", [0.9] * 10)
-    bad = _gen_row("var", [0.9] * 7 + [0.5, 0.95, 0.9])
+    good = dict(_gen_row("vqvae", [0.9] * 10), guided={"cfg": 2.0, "accuracy": 0.986, "min_class_accuracy": 0.96,
+                                                       "fid": 70.54})
+    bad = dict(_gen_row("var", [0.9] * 7 + [0.5, 0.95, 0.9]), guided={"cfg": 2.0, "error": "exit code 1"})
     assert zoo._generator_verdict(good) == "meets (every class >= 80%)"
     assert zoo._generator_verdict(bad) == "misses: class 7 at 50% < 80%"
     assert zoo._generator_verdict({"error": "exit code 1"}) == "failed: exit code 1"
@@ -72,7 +73,8 @@ def test_generator_verdicts_and_section():
                                                                          "error": "exit code 2", "minutes": 0.5}},
                                  "cpu", real_fid=1.25)
     assert text.startswith(zoo.GEN_START) and text.endswith(zoo.GEN_END)
-    assert "| `var` | `vqvae` (30.0 dB) | 2.00M | 100 | 2.0 | 1.440 | 86.5% (50%) | 3.00 |" in text
+    assert "| `var` | `vqvae` (30.0 dB) | 2.00M | 100 | 2.0 | 1.440 | 86.5% (50%) | 3.00 | exit code 1 |" in text
+    assert "| 90.0% (90%) | 3.00 | 98.6% (96%) [70.5] | 50.0 |" in text
     assert "failed: exit code 2" in text and "held-out ones: 1.25" in text
     assert "![var](results/gen-var.png)" in text and "gen-maskgit" not in text
 
