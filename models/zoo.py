@@ -238,18 +238,19 @@ def real_digits_fid() -> float:
 
 def run_rows(args, p, record: Path, names: Sequence[str], train_one: Callable[[str], Dict]) -> Dict[str, Dict]:
     """Trains the ``--only`` entries of ``names`` (all by default) with ``train_one``, keeps the other
-    rows of the previous ``record`` with ``--only``, and writes the record; returns the rows in order."""
+    rows of the previous ``record`` with ``--only``, and writes the record after each entry; returns the rows
+    in order."""
     only = [n for n in args.only.split(",") if n]
     unknown = sorted(set(only) - set(names))
     if unknown:
         p.error(f"unknown entries {unknown}; entries: {', '.join(names)}")
     rows: Dict[str, Dict] = json.loads(record.read_text()) if only and record.exists() else {}
+    record.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not only or name in only:
             rows[name] = train_one(name)
-    rows = {n: rows[n] for n in names if n in rows}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+            rows = {n: rows[n] for n in names if n in rows}
+            record.write_text(json.dumps(rows, indent=1), encoding="utf-8")  # after each row: a stop keeps the finished ones
     return rows
 
 
