@@ -58,6 +58,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import vqkernels
+
 from .checkpoint import WEIGHTS, latest_checkpoint, load_model, read_run_config
 from .config import DataConfig, from_dict
 from .data import _PALETTE, build_dataset, collate, describe
@@ -417,8 +419,8 @@ def _palette() -> Tuple[List[str], torch.Tensor]:
 def palette_colours(images: torch.Tensor) -> torch.Tensor:
     """The nearest colour of the palette (index into ``data._PALETTE``) of every pixel: int64 [B, H, W]."""
     palette = _palette()[1].to(images.device)
-    return torch.cdist(images.float().permute(0, 2, 3, 1).flatten(1, 2), palette[None]).argmin(-1).view(
-        images.shape[0], *images.shape[2:])
+    pixels = images.float().permute(0, 2, 3, 1).reshape(-1, 3)
+    return vqkernels.nearest_code(pixels, palette)[0].view(images.shape[0], *images.shape[2:])
 
 
 def label_objects(classes: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
