@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from gen_helpers import caption_batch, jittered
 
 import models
 from models import text, vit_vqgan
@@ -33,19 +34,10 @@ def _tokenizer():
 
 
 def _parti(**changes):
-    tok = _tokenizer()
-    torch.manual_seed(1)
-    m = Parti(PartiConfig(**{**SMALL, **changes}), tok).eval()
-    with torch.no_grad():   # larger than the 0.02 initialisation, so that logits depend on the inputs
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
+    return jittered(Parti, PartiConfig(**{**SMALL, **changes}), _tokenizer())
 
 
-def _batch(b=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(b, 3, 16, 16, generator=g) * 2 - 1,
-            "caption": ["a red circle", "", "a blue triangle and a green ellipse", "a yellow rectangle"][:b]}
+_batch = caption_batch
 
 
 @pytest.fixture(scope="module")
