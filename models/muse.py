@@ -195,7 +195,7 @@ class Muse(Generator):
 
     def training_step(self, batch: Dict, step: int) -> StepOutput:
         prompts = self.prompts(batch)
-        states = text_states(prompts, cache=self.training)
+        states = text_states(prompts, cache=self.training, dtype=self.base.pos_emb.weight.dtype)
         images = self.tokenizer.inputs(batch)
         with torch.no_grad():
             codes = self.tokenizer.encode(images).flatten(1)
@@ -221,7 +221,7 @@ class Muse(Generator):
         if params.cfg is not None:
             prompts = prompts.cat(self.null_prompts(n, device))
             lowres = None if lowres is None else torch.cat([lowres, lowres])
-        context, context_mask = net.context(text_states(prompts), prompts.mask, lowres)
+        context, context_mask = net.context(text_states(prompts, dtype=self.base.pos_emb.weight.dtype), prompts.mask, lowres)
         stage = _Stage(net, steps, self.cfg.mask_schedule, n, context, context_mask)
         start = torch.full((n, net.length), net.mask_id, dtype=torch.long, device=device)
         return MaskGIT.decode_tokens(stage, start, torch.zeros(n, dtype=torch.long, device=device), params,

@@ -57,15 +57,16 @@ STATES_CACHE_ROWS = 8192   # captions kept per process (their real tokens' state
 
 
 @torch.no_grad()
-def text_states(prompts: Prompts, cache: bool = False) -> torch.Tensor:
+def text_states(prompts: Prompts, cache: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The frozen MiniLM's last hidden states [B, L, 384] of ``prompts`` (padding masked out), without
     gradient; the encoder is :func:`models.text.minilm`'s copy on the prompts' device, never a sub-module.
     ``cache`` (training: captions repeat, and the encoder is most of a tiny model's step) keeps each
     distinct caption's states at its real tokens, computed once per process and device; its padded
-    positions are then zeros (every reader masks them out)."""
+    positions are then zeros (every reader masks them out). Returned in ``dtype`` (the reading model's:
+    the frozen encoder runs in float32)."""
     lm = text.minilm(prompts.ids.device)
     if not cache:
-        return lm(prompts.ids, prompts.mask)
+        return lm(prompts.ids, prompts.mask).to(dtype)
     keys = [(str(prompts.ids.device), i.tobytes(), m.tobytes())
             for i, m in zip(prompts.ids.cpu().numpy(), prompts.mask.cpu().numpy())]
     missing = [j for j, k in enumerate(keys) if k not in _STATES and k not in keys[:j]]
@@ -79,7 +80,7 @@ def text_states(prompts: Prompts, cache: bool = False) -> torch.Tensor:
         out[j][prompts.mask[j]] = _STATES[k]
     while len(_STATES) > STATES_CACHE_ROWS:
         _STATES.popitem(last=False)
-    return out
+    return out.to(dtype)
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Parti(Generator):
     # ---- the network
     def encode_text(self, prompts: Prompts, cache: bool = False) -> torch.Tensor:
         """The encoded captions [B, L, dim]: Parti's encoder over the frozen MiniLM's states."""
-        h = self.text_proj(text_states(prompts, cache)) + self.text_pos_emb.weight[None, :prompts.ids.shape[1]]
+        h = self.text_proj(text_states(prompts, cache, self.text_proj.weight.dtype)) + self.text_pos_emb.weight[None, :prompts.ids.shape[1]]
         keep = prompts.mask[:, None, None, :]                       # no query attends to padding
         return self.encoder(self.drop(h), mask=keep)
 

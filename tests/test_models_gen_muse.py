@@ -233,3 +233,9 @@ def test_presets_shapes():
     with torch.device("meta"):
         m = Muse(PRESETS["muse"]["base"].model, vqgan.Model(vqgan.PRESETS["base"].model))
         assert m.shape == (16, 16) and m.lowres_shape == (8, 8) and m.cfg.steps == 24 and m.cfg.sr_steps == 8
+
+
+def test_a_bf16_model_samples():  # the frozen MiniLM's float32 states meet bf16 layers
+    m = _muse().to(torch.bfloat16)
+    out = m.sample(2, prompt="a red circle", cfg=2.0, seed=0)
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()

@@ -211,3 +211,9 @@ def test_presets_shapes():
         m = Parti(PRESETS["parti"]["base"].model, vit_vqgan.Model(vit_vqgan.PRESETS["base"].model))
         assert m.shape == (32, 32) and m.cfg.text_length == 128
         assert 330e6 < sum(p.numel() for p in m.parameters()) < 400e6
+
+
+def test_a_bf16_model_samples():  # the frozen MiniLM's float32 states meet bf16 layers
+    m = _parti().to(torch.bfloat16)
+    out = m.sample(2, prompt="a red circle", cfg=2.0, seed=0)
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
