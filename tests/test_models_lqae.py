@@ -100,6 +100,13 @@ def test_eval_decode_is_the_decoder_on_minilm_of_the_words(table):
         torch.testing.assert_close(m.reconstruct(x), m.decode(ids), rtol=0, atol=0)
 
 
+def test_a_bf16_model_encodes_and_decodes():  # the frozen float32 MiniLM reads bf16 word vectors
+    m = model().eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = m.decode(m.encode(images().to(torch.bfloat16)))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 16, 16) and torch.isfinite(out.float()).all()
+
+
 def test_words_are_real_vocabulary_tokens():
     m = model().eval()
     with torch.no_grad():
