@@ -717,7 +717,8 @@ def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
 @torch.no_grad()
 def evaluate_generator(generator, dataset, batch_size: int = 64, device="cpu", max_images: int = 0,
                        judge: bool = False, judge_per_class: int = 20, **sample_kwargs) -> Dict[str, Any]:
-    """A generator's held-out cross-entropy (``nll``: nats per token, and ``bits_per_token``) on the
+    """A generator's held-out cross-entropy (``nll``: nats per token, and ``bits_per_token``; the training
+    step's ``logs["nll"]``, the image tokens' alone where the loss also weighs text, as DALL-E's) on the
     codes of ``dataset``'s images with their labels or captions, and with ``judge`` the judge's scores under
     ``judge_`` (samples drawn with ``sample_kwargs``): for a 10-class ``digits`` model
     :func:`judge_generator`'s (``judge_per_class`` samples per class), for a text-conditioned ``shapes``
@@ -734,7 +735,7 @@ def evaluate_generator(generator, dataset, batch_size: int = 64, device="cpu", m
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
             batch = to_device(collate([dataset[i] for i in idx]), device)
-            total += generator.training_step(batch, 0).loss.item() * len(idx)
+            total += generator.training_step(batch, 0).logs["nll"].item() * len(idx)
         result = {"images": n, "nll": total / n, "bits_per_token": total / n / math.log(2)}
         if judge and generator.conditioning == "text":
             held = collate([dataset[i] for i in range(min(len(dataset), 10 * judge_per_class))])

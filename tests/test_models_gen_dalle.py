@@ -107,6 +107,15 @@ def test_loss_weighting_text_1_image_7(model):
     assert torch.allclose(m.training_step(batch, 0).logs["text_nll"], text, atol=1e-5)
 
 
+def test_held_out_cross_entropy_is_the_image_tokens(model):  # not the 1 : 7 weighted loss
+    from models.eval import evaluate_generator
+    batch = _batch()
+    items = [{"image": batch["image"][i], "caption": batch["caption"][i], "label": -1} for i in range(4)]
+    out = model.training_step(batch, 0)
+    got = evaluate_generator(model, items, batch_size=4)["nll"]
+    assert got == pytest.approx(out.logs["nll"].item(), rel=1e-5) and got != pytest.approx(out.loss.item(), rel=1e-3)
+
+
 def test_sparse_masks_are_the_papers():
     assert sparse_layer_kinds(8) == ["row", "column", "row", "row", "row", "column", "row", "conv"]
     h = w = 4
