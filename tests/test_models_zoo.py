@@ -96,9 +96,14 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
 
     def fake_run(cmd, name):
         commands.append(cmd)
+        system = cmd[3]
+        if cmd[2] == "models.eval":  # the guided judgement of a trained run
+            extra = {"judge_scene_iou": 0.7} if system == "make_a_scene" else {}
+            result = _text_result(0.75 if system == "make_a_scene" else 0.85, **extra)
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(result))
+            return 0, 0.2
         out = Path(cmd[cmd.index("--out") + 1])
         out.mkdir(parents=True)
-        system = cmd[3]
         if "--stage" not in cmd:
             (out / "eval.json").write_text(json.dumps({"psnr": 25.0, "step": 5}))
             return 0, 0.5
@@ -116,9 +121,13 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
     results.write_text("# head\n\n" + zoo.GEN_START + "\nkept\n" + zoo.GEN_END + "\n")
     runs = tmp_path / "runs"
     assert zoo.main(["--stage", "text", "--only", "make_a_scene,muse", "--out", str(runs), "--results", str(results)]) == 0
-    tokenizers = [c[3] for c in commands if "--stage" not in c]
+    tokenizers = [c[3] for c in commands if "--stage" not in c and c[2] == "models.train"]
     assert tokenizers == ["vqgan", "scene"]  # vqgan trained once, shared by make_a_scene and muse
-    assert all(c[c.index("--data") + 1] == "shapes" and "data.hflip=false" in c for c in commands if "--stage" not in c)
+    assert all(c[c.index("--data") + 1] == "shapes" and "data.hflip=false" in c for c in commands
+               if "--stage" not in c and c[2] == "models.train")
+    guided = [c for c in commands if c[2] == "models.eval"]
+    assert [c[3] for c in guided] == ["make_a_scene", "muse"]
+    assert all(c[c.index("--cfg") + 1] == str(zoo.TEXT_GUIDED_CFG) for c in guided)
     scene_cmd = next(c for c in commands if c[3] == "make_a_scene")
     i = scene_cmd.index("--tokenizer")
     assert scene_cmd[i + 1:i + 3] == [str(runs / "tokenizer-vqgan"), str(runs / "tokenizer-scene")]
@@ -131,7 +140,9 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
     assert "kept" in text and zoo.TEXT_START in text and zoo.TEXT_END in text
     assert "accepts 99.0% of the real captions" in text
     assert ("| `make_a_scene` | `vqgan + scene` (25.0 dB) | 0.00M | 7 | 1.0 (1.5) | 2.885 | 50.0% | circle 40% | "
-            "90.0% | 0.610 | - | 4.00 | 20.0 | misses: 50% < 70% |") in text
+            "90.0% | 0.610 | - | 4.00 | 75.0% (circle 65%) [IoU 0.700] | 20.0 | meets with --cfg 3 (>= 70%) |") in text
+    assert record["make_a_scene"]["guided"] == {"cfg": 3.0, "caption_match": 0.75, "min_group": "circle",
+                                                "min_group_match": 0.65, "scene_iou": 0.7, "fid": 4.0}
     assert "| `muse` |" in text and "meets (>= 70%)" in text and "![muse](results/text-muse.png)" in text
     # --only keeps the other rows of the record; a failed tokenizer fails its generators
     monkeypatch.setattr(zoo, "_run", lambda cmd, name: (3, 0.1) if "--stage" not in cmd else fake_run(cmd, name))
@@ -145,5 +156,9 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
 def test_text_verdicts():
     assert zoo._text_verdict(_text_result(0.7)) == "meets (>= 70%)"
     assert zoo._text_verdict(_text_result(0.69)) == "misses: 69% < 70%"
+    guided = {"cfg": 3.0, "caption_match": 0.72, "min_group": "circle", "min_group_match": 0.5, "fid": 4.0}
+    assert zoo._text_verdict(dict(_text_result(0.5), guided=guided)) == "meets with --cfg 3 (>= 70%)"
+    assert zoo._text_verdict(dict(_text_result(0.5), guided=dict(guided, caption_match=0.6))) == "misses: 60% < 70%"
+    assert zoo._text_verdict(dict(_text_result(0.5), guided={"cfg": 3.0, "error": "exit code 1"})) == "misses: 50% < 70%"
     assert zoo._text_verdict({"minutes": 1.0}) == "not judged"
     assert zoo._text_verdict({"error": "exit code 1"}) == "failed: exit code 1"
