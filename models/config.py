@@ -51,7 +51,8 @@ class TrainConfig:
     fsdp: bool = False            # FSDP2 fully_shard instead of DDP under torchrun
     grid_images: int = 8          # held-out images in the reconstruction grids
     eval_images: int = 0          # held-out images evaluated after training (0: all)
-    judge_per_class: int = 20     # generators on digits: samples per class the judge scores after training (0: none)
+    judge_per_class: int = 20     # after training, generators on digits: samples per class the judge scores;
+                                  # text generators on shapes: 10x this many held-out captions, a sample each (0: none)
 
 
 @dataclass
