@@ -24,12 +24,14 @@ clipping and its own AdamW step. Both learning rates warm up linearly and decay 
 originals over reconstructions) and the held-out evaluation of :mod:`models.eval`, printed, logged
 and written to ``eval.json``.
 
-Generators (``--stage generator --tokenizer DIR``): the run trains the system's generator on the codes
-the frozen tokenizer of run folder DIR gives the data set's images (the tokenizer's resolution, the
-generator's class labels from the data set, whose class count must match ``model.num_classes``). The
-checkpoints hold the generator alone; config.yaml names the tokenizer's folder. Grids are sample
-grids (a row per class); after the last step ``samples.png`` and the held-out cross-entropy, and on
-``digits`` the judge's class accuracy and classifier FID (:func:`models.eval.evaluate_generator`).
+Generators (``--stage generator --tokenizer DIR [DIR ...]``): the run trains the system's generator on
+the codes the frozen tokenizers of run folders DIR give the data set's images (the tokenizer's
+resolution; Make-A-Scene reads two), with the data set's class labels (whose class count must match
+``model.num_classes``) or, for a text-conditioned system, its captions. The checkpoints hold the
+generator alone; config.yaml names the tokenizers' folders. Grids are sample grids (a row per class or
+held-out caption); after the last step ``samples.png`` and the held-out cross-entropy, and the judge's
+scores (:func:`models.eval.evaluate_generator`): class accuracy and classifier FID on ``digits``, caption
+match (and scene IoU, captioning) on ``shapes``.
 
 Data order: epoch e visits the training items in a permutation drawn from (seed, e); each
 micro-batch takes the next ``batch_size * world_size`` of them (the epoch's incomplete tail is
@@ -784,6 +786,15 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
+def leave_distributed(finished: bool) -> None:
+    """Destroys the process group. When every rank finished, a barrier first: a rank that tears down its
+    gloo connections while a peer still reads them can abort that peer (SIGABRT at exit). After an error
+    the ranks are not in step, so no barrier (it could hang)."""
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
@@ -798,6 +809,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     created = _init_distributed(device)
+    finished = False
     try:
         if device.type == "cuda" and dist.is_initialized():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -809,9 +821,10 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         result = trainer.fit()
+        finished = True
     finally:
         if created:
-            dist.destroy_process_group()
+            leave_distributed(finished)
     return 128 + int(trainer._stop_signal or signal.SIGINT) if result["interrupted"] else 0
 
 
