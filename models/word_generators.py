@@ -171,10 +171,13 @@ class LQAEGenerator(WordGenerator):
 
     parallel_decoding = True
 
+    def image_hidden(self, prompt_ids: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, N, dim] of the image positions given the caption ids and ``words`` [B, N]."""
+        return self.net.hidden(torch.cat([prompt_ids, words], dim=1), causal=False)[:, prompt_ids.shape[1]:]
+
     def logits(self, prompt_ids: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Logits [B, N, V] of the image positions given the caption ids and ``words`` [B, N] ([MASK] = 103)."""
-        h = self.net.hidden(torch.cat([prompt_ids, words], dim=1), causal=False)
-        return self.net.logits(h[:, prompt_ids.shape[1]:])
+        return self.net.logits(self.image_hidden(prompt_ids, words))
 
     def training_step(self, batch: Dict, step: int) -> StepOutput:
         ids = self.flatten(self.tokens(batch))
@@ -183,8 +186,9 @@ class LQAEGenerator(WordGenerator):
         count = torch.ceil(mask_ratio("cosine", r) * self.length).long().clamp(1, self.length)
         ranks = torch.rand(b, self.length, device=ids.device).argsort(1).argsort(1)
         masked = ranks < count[:, None]
-        logits = self.logits(self.prompts(batch).ids, torch.where(masked, torch.full_like(ids, MASK), ids))[masked]
-        nll = F.cross_entropy(logits, ids[masked])
+        # the 30522-word output layer only at the masked positions (it is most of a tiny model's step)
+        h = self.image_hidden(self.prompts(batch).ids, torch.where(masked, torch.full_like(ids, MASK), ids))
+        nll = F.cross_entropy(self.net.logits(h[masked]), ids[masked])
         return StepOutput(loss=nll, recon=None, logs={"nll": nll.detach()})
 
     @torch.no_grad()
@@ -222,14 +226,15 @@ class LQAEGenerator(WordGenerator):
 class SPAEGenerator(WordGenerator):
     """Causal LM over ``[caption word pieces, pyramid words coarse to fine]``, kv-cache sampling."""
 
-    def logits(self, seq: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits [B, T - 1, V]: output ``p`` predicts ``seq[:, p + 1]``."""
-        return self.net.logits(self.net.hidden(seq[:, :-1], causal=True))
+    def logits(self, seq: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Teacher-forced logits [B, T - 1 - start, V]: output ``p`` predicts ``seq[:, start + p + 1]`` (the
+        30522-word output layer only where ``start`` says: it is most of a tiny model's step)."""
+        return self.net.logits(self.net.hidden(seq[:, :-1], causal=True)[:, start:])
 
     def training_step(self, batch: Dict, step: int) -> StepOutput:
         ids = self.flatten(self.tokens(batch))
         prompt = self.prompts(batch).ids
-        logits = self.logits(torch.cat([prompt, ids], dim=1))[:, prompt.shape[1] - 1:]
+        logits = self.logits(torch.cat([prompt, ids], dim=1), prompt.shape[1] - 1)
         nll = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
         return StepOutput(loss=nll, recon=None, logs={"nll": nll.detach()})
 
@@ -252,10 +257,10 @@ class UniCodeGenerator(SPAEGenerator):
         prompt = self.prompts(batch).ids
         L, N = prompt.shape[1], ids.shape[1]
         task = torch.full_like(prompt[:, :1], GENERATE)
-        gen = self.logits(torch.cat([task, prompt, ids], dim=1))[:, L:]
+        gen = self.logits(torch.cat([task, prompt, ids], dim=1), L)
         gen_nll = F.cross_entropy(gen.flatten(0, 1), ids.flatten())
         caption_ids = encode_prompts(list(batch["caption"]), self.cfg.text_length, ids.device, warn=False).ids
-        cap = self.logits(torch.cat([task + 1, ids, caption_ids], dim=1))[:, N + 1:]   # predicts caption[1:]
+        cap = self.logits(torch.cat([task + 1, ids, caption_ids], dim=1), N + 1)   # predicts caption[1:]
         cap_nll = F.cross_entropy(cap.flatten(0, 1), caption_ids[:, 1:].flatten())
         return StepOutput(loss=(gen_nll + cap_nll) / 2, recon=None,
                           logs={"nll": gen_nll.detach(), "caption_nll": cap_nll.detach()})
