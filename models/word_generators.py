@@ -33,6 +33,7 @@ originals use the LLM's own embedding).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -300,16 +301,22 @@ MODELS = {"lqae": LQAEGenerator, "spae": SPAEGenerator, "unicode": UniCodeGenera
 
 _TINY_TRAIN = TrainConfig(steps=600, batch_size=32, lr=2e-3, betas=(0.9, 0.96), weight_decay=0.01,
                           warmup_steps=50, min_lr_ratio=0.1, grad_clip=1.0)
+# Steps for 5 minutes on both threads of the 2-core machine (40-step trials on shapes): the frozen tokenizer's
+# nearest-word search over 30522 words of width 384 (about 1 GFLOP per image) is most of each step: lqae 1.1
+# steps/s, spae 0.54 (its pyramid has more words); unicode is not measured (its tokenizer was not trained yet):
+# spae's count, a guess.
+_TINY_STEPS = {"lqae": 320, "spae": 160, "unicode": 160}
 # guesses at a GPT-2-small-like prior: the originals use a frozen LLM (PaLM 2 / LLaMA), not a trained model
 _BASE_TRAIN = TrainConfig(steps=500_000, batch_size=256, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05,
                           warmup_steps=5000, min_lr_ratio=0.1, grad_clip=1.0)
 
 
 def _presets() -> Dict[str, Dict[str, Preset]]:
-    # tiny: untimed here (no trial run was made in time); 20 text tokens cover the longest shapes caption (19)
+    # tiny: 20 text tokens cover the longest shapes caption (19)
     tiny = WordGeneratorConfig(text_length=20, text_dropout=0.1, dim=128, depth=4, heads=4, dropout=0.0, steps=8)
     base = WordGeneratorConfig(text_length=64)
-    return {name: {"tiny": Preset(model=tiny, train=_TINY_TRAIN, data=DataConfig(name="shapes", hflip=False)),
+    return {name: {"tiny": Preset(model=tiny, train=dataclasses.replace(_TINY_TRAIN, steps=_TINY_STEPS[name]),
+                                  data=DataConfig(name="shapes", hflip=False)),
                    "base": Preset(model=base, train=_BASE_TRAIN, data=DataConfig(name="captioned/train"))}
             for name in MODELS}
 
