@@ -82,9 +82,9 @@ class LQAE(Tokenizer):
 
     def _language_model(self, words: torch.Tensor) -> torch.Tensor:
         """MiniLM's last hidden states of a [B, 384, h, w] map of word vectors, as a [B, 384, h, w] map in the
-        words' dtype (the frozen MiniLM runs in float32, so a bf16 model reads it too)."""
+        words' dtype (the frozen MiniLM runs in float32)."""
         b, d, h, w = words.shape
-        hidden = text.minilm(words.device)(inputs_embeds=words.flatten(2).transpose(1, 2).float())
+        hidden = text.minilm(words.device)(inputs_embeds=words.flatten(2).transpose(1, 2))
         return hidden.to(words.dtype).transpose(1, 2).reshape(b, d, h, w)
 
     def _mask(self, words: torch.Tensor) -> torch.Tensor:

@@ -142,12 +142,14 @@ class MiniLM(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The last hidden states [B, N, 384] of token ids [B, N], or of word vectors ``inputs_embeds``
-        [B, N, 384] given instead (LQAE feeds quantized image tokens); ``attention_mask`` [B, N] is 1
-        on tokens and 0 on padding (default: all tokens). No special tokens are added here."""
+        [B, N, 384] given instead (LQAE feeds quantized image tokens; read in the encoder's dtype, so a
+        bf16 model's vectors are taken too); ``attention_mask`` [B, N] is 1 on tokens and 0 on padding
+        (default: all tokens). No special tokens are added here. The states are in the encoder's dtype."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MiniLM.forward: give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
+        inputs_embeds = inputs_embeds.to(self.embeddings.word_embeddings.weight.dtype)
         if inputs_embeds.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"MiniLM.forward: at most {self.cfg.max_position_embeddings} tokens, "
                              f"got {inputs_embeds.shape[1]}")

@@ -77,6 +77,10 @@ def test_inputs_embeds_equal_ids_and_carry_gradients(lm):
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="exactly one"):
         lm(ids, mask, inputs_embeds=embeds)
+    half = embeds.detach().to(torch.bfloat16)   # a bf16 model's word vectors: read in float32
+    got = lm(inputs_embeds=half, attention_mask=mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, lm(inputs_embeds=half.float(), attention_mask=mask), rtol=0, atol=0)
 
 
 def test_frozen_and_loaded_once(lm):
