@@ -26,6 +26,8 @@ class DataConfig:
     num_images: int = 0           # images / crops in both splits together (0: the set's default; folders: all)
     seed: int = 0                 # the split and built-in sets' generation
     max_crop_scale: float = 4.0   # photos: crop windows span 1x to this many times the resolution (log-uniform)
+    half_resolution: float = 0.0  # tokenizer training: share of batches box-downsampled by 2 (a conv tokenizer
+    #                               that also encodes half-resolution images, as Muse's low-resolution stage reads)
 
 
 @dataclass

@@ -103,6 +103,10 @@ def _check_args(cfg: DataConfig, resolution, split: str) -> None:
         raise ValueError(f"data.num_images must be >= 0 (0: the set's default), got {cfg.num_images!r}")
     if cfg.max_crop_scale < 1.0:
         raise ValueError(f"data.max_crop_scale must be >= 1, got {cfg.max_crop_scale!r}")
+    if not 0.0 <= cfg.half_resolution <= 1.0:
+        raise ValueError(f"data.half_resolution must lie in [0, 1], got {cfg.half_resolution!r}")
+    if cfg.half_resolution and resolution % 2:
+        raise ValueError(f"data.half_resolution needs an even model.resolution, got {resolution}")
 
 
 def _holdout_count(n: int, cfg: DataConfig, source: str) -> int:

@@ -71,6 +71,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -301,6 +302,8 @@ class Trainer:
         self.train_set, self.holdout_set = datasets
         if self.generator_stage:
             _check_classes(run, self.train_set)
+        if run.data.half_resolution and self.generator_stage:
+            raise ValueError("data.half_resolution downsamples a tokenizer's training images, not a generator's")
         self.sampler = EpochSampler(len(self.train_set), self.cfg.batch_size, self.rank, self.world, self.cfg.seed)
 
         seed_everything(self.cfg.seed)  # the same initial weights on every rank
@@ -519,7 +522,13 @@ class Trainer:
         data = self.train_set
         items = [data.augment(data[i], torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, i)))
                  for i in idx]
-        return to_device(collate(items), self.device)
+        batch = to_device(collate(items), self.device)
+        share = self.run.data.half_resolution
+        if share and torch.rand((), generator=torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, -1, *idx))) < share:
+            batch["image"] = F.avg_pool2d(batch["image"], 2)
+            if "scene" in batch:  # every second pixel of the maps, in both directions
+                batch["scene"] = batch["scene"][..., ::2, ::2]
+        return batch
 
     def _optimizer_step(self, opt, params) -> torch.Tensor:
         self.scaler.unscale_(opt)

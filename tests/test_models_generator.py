@@ -244,6 +244,12 @@ def test_class_count_must_match_the_data(toy, tokenizer_run, tmp_path, capsys):
     assert "model.num_classes is 4 but data set 'digits' has 10 classes" in capsys.readouterr().err
 
 
+def test_half_resolution_is_a_tokenizer_option(toy, tokenizer_run, tmp_path, capsys):
+    assert train_main([toy, "--stage", "generator", "--tokenizer", str(tokenizer_run), "--out", str(tmp_path / "h"),
+                       "--set", "data.half_resolution=0.5", "--no-progress"]) == 2
+    assert "data.half_resolution downsamples a tokenizer's training images, not a generator's" in capsys.readouterr().err
+
+
 def test_generator_resume_continues_bit_exactly(toy, tokenizer_run, tmp_path):
     args = [toy, "--stage", "generator", "--tokenizer", str(tokenizer_run), "--steps", "4", "--no-progress",
             "--set", "train.log_every=1"]

@@ -400,6 +400,40 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert not torch.equal(big.model.enc.weight, Toy(model).enc.weight)
 
 
+class SceneToyData(ToyData):
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), scene=torch.arange(256).view(16, 16) + 1000 * i)
+
+
+def _half_resolution_trainer(out, share, data=None):
+    run = RunConfig("toy", "tiny", ToyConfig(), TrainConfig(steps=12, batch_size=3, log_every=2, warmup_steps=1),
+                    DataConfig(half_resolution=share))
+    return train.Trainer(run, out, progress=False, model_factory=Toy,
+                         datasets=(data or ToyData(13), ToyData(4, seed=1)))
+
+
+def test_half_resolution_downsamples_that_share_of_training_batches(tmp_path, monkeypatch):
+    seen = []
+    step = Toy.training_step
+    monkeypatch.setattr(Toy, "training_step", lambda self, batch, i: seen.append(batch) or step(self, batch, i))
+    for share in (0.0, 0.5, 1.0):
+        seen.clear()
+        _half_resolution_trainer(tmp_path / str(share), share, SceneToyData(13)).fit()
+        sides = [(b["image"].shape[-1], b["scene"].shape[-1]) for b in seen]
+        assert set(sides) == {0.0: {(16, 16)}, 0.5: {(8, 8), (16, 16)}, 1.0: {(8, 8)}}[share], (share, sides)
+    # share 1: each batch is the box average of the full one, its scene maps every second pixel
+    full = _half_resolution_trainer(tmp_path / "full", 0.0, SceneToyData(13))._next_batch()
+    torch.testing.assert_close(seen[0]["image"], F.avg_pool2d(full["image"], 2))
+    assert torch.equal(seen[0]["scene"], full["scene"][:, ::2, ::2])
+
+
+def test_half_resolution_rejects_bad_shares(tmp_path):
+    with pytest.raises(ValueError, match=r"data.half_resolution must lie in \[0, 1\]"):
+        models.data.build_dataset(DataConfig(name="digits", half_resolution=1.5), 32, "train")
+    with pytest.raises(ValueError, match="even model.resolution"):
+        models.data.build_dataset(DataConfig(name="digits", half_resolution=0.5), 31, "train")
+
+
 def test_discriminator_has_its_own_optimizer_step(tmp_path):
     """One trainer step == the documented procedure by hand: generator AdamW step, then the
     discriminator's gradients from its own loss only (what the generator's loss left is dropped)."""
