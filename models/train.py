@@ -760,6 +760,13 @@ def _tensorboard(out: Path):
 
 # ---------------------------------------------------------------- command line
 
+def run_config_from_args(args, saved: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """The run configuration of parsed command-line ``args`` (on top of ``saved`` with --resume)."""
+    return build_run_config(args.system, args.preset, args.config, args.sets, saved=saved, stage=args.stage,
+                            tokenizer=args.tokenizer, data=args.data,
+                            steps=args.steps, batch_size=args.batch_size, amp=args.amp, compile=args.compile)
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     p.add_argument("system", help="one of models.SYSTEMS")
@@ -809,10 +816,7 @@ def main(argv=None) -> int:
     try:
         default_out = f"runs/{args.system}-{args.preset or 'tiny'}" + ("-gen" if args.stage == "generator" else "")
         out = Path(args.out or default_out)
-        saved = read_run_config(out) if args.resume else None
-        run = build_run_config(args.system, args.preset, args.config, args.sets, saved=saved, stage=args.stage,
-                               tokenizer=args.tokenizer, data=args.data,
-                               steps=args.steps, batch_size=args.batch_size, amp=args.amp, compile=args.compile)
+        run = run_config_from_args(args, read_run_config(out) if args.resume else None)
         device = resolve_device(args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

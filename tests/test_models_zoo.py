@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
+import yaml
+
 from models import zoo
+from models.checkpoint import write_run_config
+from models.train import _parse as train_parse, run_config_from_args
 
 
 def _row(name, psnr, usage, codes=256, tokens=64):
@@ -106,6 +110,7 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
         out.mkdir(parents=True)
         if "--stage" not in cmd:
             (out / "eval.json").write_text(json.dumps({"psnr": 25.0, "step": 5}))
+            write_run_config(out, run_config_from_args(train_parse(cmd[3:])).to_dict())
             return 0, 0.5
         extra = {"judge_scene_iou": 0.61} if system == "make_a_scene" else {}
         (out / "eval.json").write_text(json.dumps(dict(_text_result(0.8 if system == "muse" else 0.5, **extra), step=7)))
@@ -125,6 +130,7 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
     assert tokenizers == ["vqgan", "scene"]  # vqgan trained once, shared by make_a_scene and muse
     assert all(c[c.index("--data") + 1] == "shapes" and "data.hflip=false" in c for c in commands
                if "--stage" not in c and c[2] == "models.train")
+    assert ["data.half_resolution=0.5" in c for c in commands if "--stage" not in c and c[2] == "models.train"] == [True, False]
     guided = [c for c in commands if c[2] == "models.eval"]
     assert [c[3] for c in guided] == ["make_a_scene", "muse"]
     assert all(c[c.index("--cfg") + 1] == str(zoo.TEXT_GUIDED_CFG) for c in guided)
@@ -144,6 +150,13 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
     assert record["make_a_scene"]["guided"] == {"cfg": 3.0, "caption_match": 0.75, "min_group": "circle",
                                                 "min_group_match": 0.65, "scene_iou": 0.7, "fid": 4.0}
     assert "| `muse` |" in text and "meets (>= 70%)" in text and "![muse](results/text-muse.png)" in text
+    # a finished tokenizer run of another configuration is trained again, never reused
+    commands.clear()
+    saved = yaml.safe_load((runs / "tokenizer-scene" / "config.yaml").read_text())
+    saved["train"]["steps"] += 1
+    (runs / "tokenizer-scene" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert zoo.main(["--stage", "text", "--only", "make_a_scene", "--out", str(runs), "--results", str(results)]) == 0
+    assert [c[3] for c in commands if "--stage" not in c and c[2] == "models.train"] == ["scene"]
     # --only keeps the other rows of the record; a failed tokenizer fails its generators
     monkeypatch.setattr(zoo, "_run", lambda cmd, name: (3, 0.1) if "--stage" not in cmd else fake_run(cmd, name))
     assert zoo.main(["--stage", "text", "--only", "dalle", "--out", str(runs), "--results", str(results)]) == 1
