@@ -176,10 +176,11 @@ PRESETS = {
         # K = 256) tokenizers: 20 text + 64 scene + 64 image tokens. Width 96 and the text loss on a quarter of each
         # batch's captions (as dalle's tiny): 0.41 s/step on one thread (width 128, all captions: 0.80), 2.0 steps/s
         # in the trainer (one thread); 600 steps: 53% plain (scene IoU 0.48). Both threads of the 2-core machine: 3.2
-        # steps/s in a 60-step trial, but 850 steps took 4.1 minutes (56% plain, 65.7% at cfg 3), so 1050.
+        # steps/s in a 60-step trial, but 850 steps took 4.1 minutes (56% plain, 65.7% at cfg 3); 1050 steps took
+        # 5.3 minutes (67.0% / 69.3%), so 1000.
         "tiny": Preset(model=MakeASceneConfig(text_length=20, text_dropout=0.1, dim=96, depth=4, heads=4, dropout=0.0,
                                               text_loss_share=0.25),
-                       train=TrainConfig(steps=1050, batch_size=32, lr=2e-3, betas=(0.9, 0.96), weight_decay=0.01,
+                       train=TrainConfig(steps=1000, batch_size=32, lr=2e-3, betas=(0.9, 0.96), weight_decay=0.01,
                                          warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0),
                        data=DataConfig(name="shapes", hflip=False)),
         # 4B parameters (the paper; sizes guessed, see the module docstring) over 128 text tokens and the base

@@ -248,10 +248,11 @@ PRESETS = {
         # 1.5-3 steps/s; 276 steps (of 280) gave caption match 7.5% plain, 28% at cfg 3, 34% at cfg 5 (200
         # held-out captions, the shapes judge), a second 300-step run 1.5% / 6%: the text conditioning is barely
         # learnt at 300 steps; 800 steps (3.6 min): 28.7% plain, 32.5% at cfg 3. On both threads of the 2-core
-        # machine 4.8 steps/s (60-step trial), so 1250 steps for the 5 minutes.
+        # machine 4.8 steps/s (60-step trial), but 1250 steps took 3.5 minutes (22.3% plain, 34.7% at cfg 3, on a
+        # vqgan trained at 32 pixels only, whose 16-pixel codes lose most objects), so 1650.
         "tiny": Preset(model=MuseConfig(text_length=24, text_dropout=0.1, dim=128, depth=3, heads=4, dropout=0.0,
                                         steps=8, superres=True, sr_depth=2, sr_lowres_depth=1, sr_steps=8),
-                       train=TrainConfig(steps=1250, batch_size=32, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
+                       train=TrainConfig(steps=1650, batch_size=32, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
                                          warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0),
                        data=DataConfig(name="shapes", hflip=False)),
         # On the vqgan base tokenizer (256 -> 16x16 codes; the base model at 128 pixels, 8x8 codes). Muse trains
