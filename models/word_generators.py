@@ -303,9 +303,10 @@ _TINY_TRAIN = TrainConfig(steps=600, batch_size=32, lr=2e-3, betas=(0.9, 0.96), 
                           warmup_steps=50, min_lr_ratio=0.1, grad_clip=1.0)
 # Steps for 5 minutes on both threads of the 2-core machine (40-step trials on shapes): the frozen tokenizer's
 # nearest-word search over 30522 words of width 384 (about 1 GFLOP per image) is most of each step: lqae 1.1
-# steps/s, spae 0.54 (its pyramid has more words); unicode is not measured (its tokenizer was not trained yet):
-# spae's count, a guess.
-_TINY_STEPS = {"lqae": 320, "spae": 160, "unicode": 160}
+# steps/s, spae 0.54 (its pyramid has more words). unicode's search is cheap (codes of width 32), but each step
+# runs the 30522-word output layer at its 128 image words and the caption's: 0.43 steps/s in the zoo (160
+# steps took 5.9 minutes), so 125.
+_TINY_STEPS = {"lqae": 320, "spae": 160, "unicode": 125}
 # guesses at a GPT-2-small-like prior: the originals use a frozen LLM (PaLM 2 / LLaMA), not a trained model
 _BASE_TRAIN = TrainConfig(steps=500_000, batch_size=256, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05,
                           warmup_steps=5000, min_lr_ratio=0.1, grad_clip=1.0)

@@ -99,6 +99,8 @@ SHAPES_TOKENIZER_EXTRA: Dict[str, Tuple[str, ...]] = {
     # DALL-E's dvae at the preset's 1800 steps loses the palette colours (reconstructions pass the judge 41.5% of
     # the time, green never); 4000 steps: 73.5%
     "dvae": ("--steps", "4000"),
+    # LQAE at the preset's 600 steps of batch 8 reconstructs blurred, colourless shapes (35.5%); 2000 steps: 88%
+    "lqae": ("--steps", "2000"),
 }
 
 
