@@ -22,7 +22,9 @@ Faithful to the paper (Sections 2.1-2.4, Figure 3-4):
   on the ground-truth low-resolution codes with the high-resolution codes masked.
   Here the low-resolution image is the full one box-downsampled by 2 (``F.avg_pool2d``), encoded by the
   same ``vqgan`` tokenizer (a conv tokenizer encodes any multiple of its downsampling): 16 -> 32 pixels for
-  the tiny preset (4x4 -> 8x8 codes), as Muse's 256 -> 512 (16x16 -> 64x64 codes with a second VQGAN).
+  the tiny preset (4x4 -> 8x8 codes), as Muse's 256 -> 512 (16x16 -> 64x64 codes with a second VQGAN). A
+  tokenizer trained at full resolution only encodes the half-resolution images poorly: train it with
+  ``data.half_resolution`` (the text zoo: 0.5) so that it has seen them.
 - Decoding: MaskGIT's parallel decoder (:meth:`models.maskgit.MaskGIT.decode_tokens`, reused as is: cosine
   re-masking, choice temperature annealed, a kept code never re-masked), base then super-resolution
   (Muse: 24 and 8 steps; ``steps`` and ``sr_steps``; ``sample(steps=...)`` overrides both). Guidance

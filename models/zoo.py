@@ -343,10 +343,12 @@ def render_text(rows: Dict[str, Dict], device: str, judge: Optional[Dict] = None
     own = (f" (on the 2000 held-out scenes it accepts {judge['accuracy']:.1%} of the real captions, rejects "
            f"{judge['rejection']:.1%} of captions with a wrong colour or kind, and segments with mean IoU "
            f"{judge['iou']:.3f})" if judge else "")
+    extra = ", ".join(f"`{system}` `{' '.join(flags)}`" for system, flags in SHAPES_TOKENIZER_EXTRA.items())
     lines = [TEXT_START, "", "## Zoo: every tiny text-conditioned generator trained on shapes on 2 CPU cores", "",
              f"`python -m models.zoo --stage text` on {machine()}, device {device}. Each tokenizer system's tiny preset "
              "is trained once on `shapes` (no flips, the preset's steps; `make_a_scene` reads the `vqgan` and the "
-             "`scene` tokenizers), then the generator's tiny preset on its codes with the captions. The judge "
+             f"`scene` tokenizers; own flags: {extra}), then the generator's tiny preset on its codes with the "
+             "captions (its training minutes are the generator's alone). The judge "
              "(`models.eval.shapes_judge`: a small U-Net segmenting background / rectangle / round / triangle, round "
              "objects split into circles and ellipses by their elongation, colours read from the pixels against "
              f"the palette){own} looks at one sample for each caption of the first {10 * TEXT_JUDGE_PER_CLASS} "
