@@ -179,10 +179,11 @@ PRESETS = {
         # text length 16) gave caption match 30% plain, 56% at cfg 3 with top-k 50 (200 held-out captions, the
         # shapes judge). 600 steps (3.4 min): 37% plain; 1800 steps (9 min on a shared thread): 64.5% plain, 78.5%
         # at cfg 3 (circles 11%: the judge wants them round within 10%). On both threads of the 2-core machine
-        # 5.0 steps/s in a 60-step trial, but 1300 steps took 3.8 minutes (53.7% plain, 65.3% at cfg 3), so 1700.
+        # 5.0 steps/s in a 60-step trial, but 1300 steps took 3.8 minutes (53.7% plain, 65.3% at cfg 3); 1700 steps
+        # 5.25 minutes (62.7% / 71.3%), so 1600.
         "tiny": Preset(model=PartiConfig(text_length=24, text_dropout=0.1, dim=128, enc_depth=1, dec_depth=3,
                                          heads=4, dropout=0.0),
-                       train=TrainConfig(steps=1700, batch_size=32, lr=1e-3, betas=(0.9, 0.96), warmup_steps=100,
+                       train=TrainConfig(steps=1600, batch_size=32, lr=1e-3, betas=(0.9, 0.96), warmup_steps=100,
                                          min_lr_ratio=0.1, grad_clip=1.0),
                        data=DataConfig(name="shapes", hflip=False)),
         # Parti-350M (Table 1: 12 encoder + 12 decoder layers, width 1024, 16 heads, MLP 4096; text length 128)
