@@ -97,7 +97,8 @@ SHAPES_TOKENIZER_EXTRA: Dict[str, Tuple[str, ...]] = {
     # trained on 32 pixels only; the 16-pixel originals 93%), the 32-pixel ones 95% (97%).
     "vqgan": ("--set", "data.half_resolution=0.5"),
     # DALL-E's dvae at the preset's 1800 steps loses the palette colours (reconstructions pass the judge 41.5% of
-    # the time, green never); 4000 steps: 73.5%
+    # the time, green never); 4000 steps: 73.5% (dalle then 49.7% plain, 59.3% at cfg 3). Longer is not better:
+    # 6000 steps gave 57% in the zoo (yellow lost) and dalle 51.3% at cfg 3.
     "dvae": ("--steps", "4000"),
     # LQAE at the preset's 600 steps of batch 8 reconstructs blurred, colourless shapes (35.5%); 2000 steps: 88%
     "lqae": ("--steps", "2000"),
