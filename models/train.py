@@ -523,12 +523,20 @@ class Trainer:
         items = [data.augment(data[i], torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, i)))
                  for i in idx]
         batch = to_device(collate(items), self.device)
-        share = self.run.data.half_resolution
-        if share and torch.rand((), generator=torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, -1, *idx))) < share:
+        if self._half_resolution(epoch, idx):
             batch["image"] = F.avg_pool2d(batch["image"], 2)
             if "scene" in batch:  # every second pixel of the maps, in both directions
                 batch["scene"] = batch["scene"][..., ::2, ::2]
         return batch
+
+    def _half_resolution(self, epoch: int, idx: List[int]) -> bool:
+        """Whether this batch trains at half size: ``data.half_resolution``'s share, one draw per batch fixed by
+        the seed, the epoch and the batch's items (so a resumed run draws the same)."""
+        share = self.run.data.half_resolution
+        if not share:
+            return False
+        draw = torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, -1, *idx))
+        return bool(torch.rand((), generator=draw) < share)
 
     def _optimizer_step(self, opt, params) -> torch.Tensor:
         self.scaler.unscale_(opt)
@@ -767,7 +775,7 @@ def run_config_from_args(args, saved: Optional[Dict[str, Any]] = None) -> RunCon
                             steps=args.steps, batch_size=args.batch_size, amp=args.amp, compile=args.compile)
 
 
-def _parse(argv):
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     p.add_argument("system", help="one of models.SYSTEMS")
     p.add_argument("--stage", default="tokenizer", choices=STAGES,
@@ -812,7 +820,7 @@ def leave_distributed(finished: bool) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
+    args = parse_args(argv)
     try:
         default_out = f"runs/{args.system}-{args.preset or 'tiny'}" + ("-gen" if args.stage == "generator" else "")
         out = Path(args.out or default_out)

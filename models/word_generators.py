@@ -299,7 +299,7 @@ class UniCodeGenerator(SPAEGenerator):
 
 MODELS = {"lqae": LQAEGenerator, "spae": SPAEGenerator, "unicode": UniCodeGenerator}
 
-_TINY_TRAIN = TrainConfig(steps=600, batch_size=32, lr=2e-3, betas=(0.9, 0.96), weight_decay=0.01,
+_TINY_TRAIN = TrainConfig(batch_size=32, lr=2e-3, betas=(0.9, 0.96), weight_decay=0.01,
                           warmup_steps=50, min_lr_ratio=0.1, grad_clip=1.0)
 # Steps for 5 minutes on both threads of the 2-core machine (40-step trials on shapes): the frozen tokenizer's
 # nearest-word search over 30522 words of width 384 (about 1 GFLOP per image) is most of each step: lqae 1.1

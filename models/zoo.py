@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
 from . import SYSTEMS
 from .checkpoint import read_run_config
@@ -123,13 +122,10 @@ def _run(cmd: List[str], name: str) -> Tuple[int, float]:
 def _config_differs(run_dir: Path, tokenizer_system: str, flags: Sequence[str]) -> bool:
     """Whether the finished run in ``run_dir`` was trained with another model / train / data configuration than
     the tiny preset with ``flags`` gives now (a stale folder is trained again, never reused silently)."""
-    from .train import _parse, build_run_config, run_config_from_args
-
-    def normal(run) -> Dict:  # as config.yaml holds it, fields added since then at their defaults
-        return yaml.safe_load(yaml.safe_dump(run.to_dict(), sort_keys=False))
-    planned = normal(run_config_from_args(_parse([tokenizer_system, "--preset", "tiny", *flags])))
-    saved = normal(build_run_config(tokenizer_system, saved=read_run_config(run_dir)))
-    return any(saved[k] != planned[k] for k in ("model", "train", "data"))
+    from .train import build_run_config, parse_args, run_config_from_args
+    planned = run_config_from_args(parse_args([tokenizer_system, "--preset", "tiny", *flags]))
+    saved = build_run_config(tokenizer_system, saved=read_run_config(run_dir))  # later fields at their defaults
+    return any(getattr(saved, k) != getattr(planned, k) for k in ("model", "train", "data"))
 
 
 def stage_tokenizer(tokenizer_system: str, out: Path, device: str, flags: Sequence[str] = DIGITS_TOKENIZER) -> Dict:

@@ -7,7 +7,7 @@ import yaml
 
 from models import zoo
 from models.checkpoint import write_run_config
-from models.train import _parse as train_parse, run_config_from_args
+from models.train import parse_args, run_config_from_args
 
 
 def _row(name, psnr, usage, codes=256, tokens=64):
@@ -110,7 +110,7 @@ def test_text_stage_trains_each_tokenizer_once_and_writes_its_section(tmp_path, 
         out.mkdir(parents=True)
         if "--stage" not in cmd:
             (out / "eval.json").write_text(json.dumps({"psnr": 25.0, "step": 5}))
-            write_run_config(out, run_config_from_args(train_parse(cmd[3:])).to_dict())
+            write_run_config(out, run_config_from_args(parse_args(cmd[3:])).to_dict())
             return 0, 0.5
         extra = {"judge_scene_iou": 0.61} if system == "make_a_scene" else {}
         (out / "eval.json").write_text(json.dumps(dict(_text_result(0.8 if system == "muse" else 0.5, **extra), step=7)))
