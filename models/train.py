@@ -187,6 +187,35 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def half_size(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """A batch at half the resolution (``data.half_resolution``): the images box-averaged by 2, the scene
+    maps (if any) every second pixel in both directions."""
+    out = dict(batch, image=F.avg_pool2d(batch["image"], 2))
+    if "scene" in batch:
+        out["scene"] = batch["scene"][..., ::2, ::2]
+    return out
+
+
+def _check_half_size(model: nn.Module, data, device, system: str):
+    """``data.half_resolution`` needs a tokenizer that reconstructs half-size inputs at their size (a conv stack
+    does; a ViT's fixed patch grid or a fixed token pyramid does not): one training item is tried up front, in
+    eval mode (nothing updated)."""
+    x = model.inputs(half_size(to_device(collate([data[0]]), device)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(model.reconstruct(x).shape)
+        problem = None if shape == tuple(x.shape) else f"it gives {shape[1:]} for {tuple(x.shape[1:])}"
+    except (RuntimeError, ValueError) as exc:
+        problem = str(exc)
+    finally:
+        model.train(was_training)
+    if problem:
+        raise ValueError(f"data.half_resolution: {system} cannot reconstruct {x.shape[-2]}x{x.shape[-1]} inputs "
+                         f"({problem})")
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -312,6 +341,8 @@ class Trainer:
         seed_everything(self.cfg.seed + self.rank)
         if resume_from is not None:
             load_weights(self.model, resume_from)
+        if run.data.half_resolution:
+            _check_half_size(self.model, self.train_set, self.device, run.system)
         self.forward_module = self._wrap()
         disc = list(self.model.discriminator_parameters())
         disc_ids = {id(p) for p in disc}
@@ -523,11 +554,7 @@ class Trainer:
         items = [data.augment(data[i], torch.Generator().manual_seed(derived_seed(self.cfg.seed, epoch, i)))
                  for i in idx]
         batch = to_device(collate(items), self.device)
-        if self._half_resolution(epoch, idx):
-            batch["image"] = F.avg_pool2d(batch["image"], 2)
-            if "scene" in batch:  # every second pixel of the maps, in both directions
-                batch["scene"] = batch["scene"][..., ::2, ::2]
-        return batch
+        return half_size(batch) if self._half_resolution(epoch, idx) else batch
 
     def _half_resolution(self, epoch: int, idx: List[int]) -> bool:
         """Whether this batch trains at half size: ``data.half_resolution``'s share, one draw per batch fixed by

@@ -427,6 +427,30 @@ def test_half_resolution_downsamples_that_share_of_training_batches(tmp_path, mo
     assert torch.equal(seen[0]["scene"], full["scene"][:, ::2, ::2])
 
 
+class FixedGridToy(Toy):
+    """Its encoder adds an 8x8 map (as a ViT's position table): only 16x16 inputs encode."""
+
+    def encode(self, x):
+        return self.vq(self.enc(x) + torch.zeros(1, self.cfg.dim, 8, 8))[1]
+
+
+class FixedSizeToy(Toy):
+    """Its decoder always returns 16x16 (as a fixed token pyramid): a half-size input comes back full size."""
+
+    def decode(self, ids):
+        return F.interpolate(super().decode(ids), size=16)
+
+
+@pytest.mark.parametrize("model, problem", [(FixedGridToy, "must match the size"),
+                                            (FixedSizeToy, r"it gives \(3, 16, 16\) for \(3, 8, 8\)")])
+def test_half_resolution_needs_a_tokenizer_that_reconstructs_half_size_inputs(tmp_path, model, problem):
+    run = RunConfig("toy", "tiny", ToyConfig(), TrainConfig(steps=2, batch_size=3), DataConfig(half_resolution=0.5))
+    with pytest.raises(ValueError, match=r"data.half_resolution: toy cannot reconstruct 8x8 inputs \(.*" + problem):
+        train.Trainer(run, tmp_path, progress=False, model_factory=model, datasets=(ToyData(13), ToyData(4, seed=1)))
+    full = RunConfig("toy", "tiny", ToyConfig(), TrainConfig(steps=2, batch_size=3))
+    train.Trainer(full, tmp_path / "full", progress=False, model_factory=model, datasets=(ToyData(13), ToyData(4, seed=1)))
+
+
 def test_half_resolution_rejects_bad_shares(tmp_path):
     with pytest.raises(ValueError, match=r"data.half_resolution must lie in \[0, 1\]"):
         models.data.build_dataset(DataConfig(name="digits", half_resolution=1.5), 32, "train")
