@@ -179,6 +179,39 @@ def test_unsupported_options_raise(kw, err):
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, **kw)
 
 
+def test_level_keywords_pass_through_as_theirs():
+    """Keywords of VectorQuantize reach each level: at their default they are accepted (theirs passes
+    them through too), otherwise the level refuses them as it would on its own."""
+    kw = dict(dim=32, num_quantizers=2, codebook_size=16, orthogonal_reg_weight=0.0)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 9, 32)
+    assert torch.equal(ours(x)[1], theirs(x)[1])
+    assert ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, decay=0.9).layers[1]._codebook.decay == 0.9
+    with pytest.raises(ValueError, match="orthogonal_reg_weight=0.5 is not supported"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5)
+    with pytest.raises(ValueError, match="GroupedResidualVQ|ResidualVQ"):
+        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, use_cosine_sim=True)
+
+
+def test_codebook_size_per_level_gives_num_quantizers():
+    """A per-level codebook_size sequence gives the number of levels (as theirs); equal sizes run and match
+    theirs, different sizes and a contradicting num_quantizers are refused, and an int needs num_quantizers."""
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, dict(dim=16, codebook_size=(32, 32, 32)))
+    assert ours.num_quantizers == 3
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 7, 16)
+    assert torch.equal(ours(x)[1], theirs(x)[1])
+    with pytest.raises(ValueError, match=r"must be equal here \(got \(32, 16\)\)"):
+        ResidualVQ(dim=16, codebook_size=(32, 16))
+    with pytest.raises(ValueError, match="num_quantizers=2 differs"):
+        ResidualVQ(dim=16, num_quantizers=2, codebook_size=[8, 8, 8])
+    with pytest.raises(TypeError, match="num_quantizers is required"):
+        ResidualVQ(dim=16, codebook_size=8)
+
+
 def test_state_dict_round_trip_shared():
     a = ResidualVQ(dim=8, num_quantizers=3, codebook_size=8, shared_codebook=True)
     b = ResidualVQ(dim=8, num_quantizers=3, codebook_size=8, shared_codebook=True)

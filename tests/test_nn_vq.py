@@ -55,6 +55,29 @@ def test_eval_matches_vector_quantize_pytorch(kw):
         torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-6, atol=1e-6)
 
 
+_LAYOUTS = {"tokens": lambda d: torch.randn(2, 7, d), "channel_first": lambda d: torch.randn(2, d, 7),
+            "image": lambda d: torch.randn(2, d, 5, 6), "one_token": lambda d: torch.randn(3, d)}
+_LAYOUT_KW = {"tokens": {}, "channel_first": dict(channel_last=False), "image": dict(accept_image_fmap=True),
+              "one_token": {}}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("heads,separate", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+@pytest.mark.parametrize("codebook_dim", [None, 8, 16])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_output_from_indices_is_the_forward_output(layout, heads, separate, codebook_dim, cosine):
+    """get_output_from_indices(forward's indices) is forward's output (eval mode), in the input's layout,
+    for every heads / layout / codebook_dim: it once gave (2, 80, 6, 4) for a [2, 64, 5, 6] image with 4
+    heads sharing a 16-wide codebook, and crashed with an 8-wide one."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=64, codebook_size=32, codebook_dim=codebook_dim, heads=heads,
+                           separate_codebook_per_head=separate, use_cosine_sim=cosine, **_LAYOUT_KW[layout]).eval()
+    x = _LAYOUTS[layout](64)
+    out, indices, _ = layer(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(layer.get_output_from_indices(indices), out, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw", [dict(dim=32, codebook_size=64, rotation_trick=False),
                                 dict(dim=32, codebook_size=64, rotation_trick=True),
                                 dict(dim=32, codebook_size=64, use_cosine_sim=True, rotation_trick=False),

@@ -1,5 +1,6 @@
 """``ResidualVQ`` (RQ-VAE, SoundStream) and ``GroupedResidualVQ`` on the fused residual op."""
 
+import inspect
 import random
 
 import torch
@@ -8,16 +9,33 @@ from torch import nn
 from .. import ops
 from ._layout import Layout
 from ._options import reject_unsupported
-from .vq import VectorQuantize, route_gradient, training_losses
+from .vq import _VQ_UNSUPPORTED, VectorQuantize, route_gradient, training_losses
 
 _RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
                         beam_score_quantizer_weights=None, quant_grad_frac=0.0,
                         return_zeros_for_masked_padding=True, use_cosine_sim=False,
                         separate_codebook_per_head=False)
-# Keywords passed on to each level's VectorQuantize (which holds that level's codebook).
-_LEVEL_KWARGS = ("decay", "eps", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "commitment_weight",
-                 "rotation_trick", "sync_codebook", "ema_update", "learnable_codebook", "freeze_codebook",
-                 "channel_last")
+# What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
+_LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
+                   - {"unsupported"} - set(_RVQ_UNSUPPORTED))
+
+
+def _level_sizes(codebook_size, num_quantizers):
+    """(one codebook size, levels) from an int and ``num_quantizers``, or from a per-level sequence (as
+    vector-quantize-pytorch, where the sequence's length is the number of levels)."""
+    if isinstance(codebook_size, int):
+        if num_quantizers is None:
+            raise TypeError("ResidualVQ: num_quantizers is required with one codebook_size "
+                            "(or give a size per level)")
+        return codebook_size, num_quantizers
+    sizes = tuple(codebook_size)
+    if num_quantizers is not None and num_quantizers != len(sizes):
+        raise ValueError(f"ResidualVQ: num_quantizers={num_quantizers} differs from the {len(sizes)} per-level "
+                         f"codebook sizes {sizes}")
+    if len(set(sizes)) != 1:
+        raise ValueError(f"ResidualVQ: per-level codebook sizes must be equal here (got {sizes}); levels of "
+                         "different sizes are not supported by vqkernels")
+    return sizes[0], len(sizes)
 
 
 class ResidualVQ(nn.Module):
@@ -33,22 +51,22 @@ class ResidualVQ(nn.Module):
     ``rotation_trick``, on the sum); every level's commitment term reaches x (RQ-VAE's loss;
     vector-quantize-pytorch's per-level straight-through lets only the first level's reach x).
 
-    Keywords: ``dim, num_quantizers, codebook_size`` (one int), ``codebook_dim``,
-    ``shared_codebook``, ``quantize_dropout``, ``quantize_dropout_cutoff_index``,
-    ``quantize_dropout_multiple_of``, ``accept_image_fmap``, ``beam_size``, ``eval_beam_size``,
-    and the level options of :class:`VectorQuantize` (``decay, eps, kmeans_init, kmeans_iters,
-    threshold_ema_dead_code, commitment_weight, rotation_trick, sync_codebook, ema_update,
-    learnable_codebook, freeze_codebook, channel_last``). Squared-L2 codebooks only.
+    Keywords: ``dim``, ``codebook_size`` (one int, or one per level: a sequence of equal sizes, whose
+    length gives ``num_quantizers``), ``num_quantizers``, ``codebook_dim``, ``shared_codebook``,
+    ``quantize_dropout``, ``quantize_dropout_cutoff_index``, ``quantize_dropout_multiple_of``,
+    ``accept_image_fmap``, ``beam_size``, ``eval_beam_size``; every other keyword goes to each level's
+    :class:`VectorQuantize` (e.g. ``decay, eps, kmeans_init, threshold_ema_dead_code, commitment_weight,
+    rotation_trick, ema_update, learnable_codebook, freeze_codebook, channel_last``), which accepts or
+    refuses it as it would on its own. Squared-L2 codebooks only.
     """
 
-    def __init__(self, *, dim, num_quantizers, codebook_size, codebook_dim=None, shared_codebook=False,
+    def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
                  accept_image_fmap=False, beam_size=None, eval_beam_size=None, **kwargs):
         super().__init__()
-        level_kwargs = {k: kwargs.pop(k) for k in _LEVEL_KWARGS if k in kwargs}
-        reject_unsupported("ResidualVQ", kwargs, _RVQ_UNSUPPORTED)
-        if not isinstance(codebook_size, int):
-            raise ValueError("ResidualVQ: codebook_size must be one int (per-level sizes are not supported)")
+        reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
+                           _RVQ_UNSUPPORTED)
+        codebook_size, num_quantizers = _level_sizes(codebook_size, num_quantizers)
         if num_quantizers < 1:
             raise ValueError(f"ResidualVQ: num_quantizers must be >= 1, got {num_quantizers}")
         if eval_beam_size is not None and beam_size is None:
@@ -59,10 +77,10 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         self.accept_image_fmap = accept_image_fmap
-        self.channel_last = level_kwargs.get("channel_last", True)
+        self.channel_last = kwargs.get("channel_last", True)
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=codebook_size, accept_image_fmap=accept_image_fmap,
-                           **level_kwargs) for _ in range(num_quantizers))
+                           **kwargs) for _ in range(num_quantizers))
         self.shared_codebook = shared_codebook
         if shared_codebook:  # as vector-quantize-pytorch: every level holds the first level's codebook module
             for layer in self.layers[1:]:

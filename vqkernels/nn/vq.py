@@ -164,26 +164,29 @@ class VectorQuantize(nn.Module):
         out = layout.restore(self.project_out(q.to(x.dtype)))
         return out, layout.indices(idx), loss
 
+    def _codes(self, indices):
+        """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
+        codebooks, [..., heads, codebook_dim] with heads sharing one (a single head: [..., codebook_dim])."""
+        embed = self._codebook.embed
+        if self.separate_codebook_per_head:
+            return torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
+        return embed[0][indices]
+
+    def _channel_first(self):
+        return self.accept_image_fmap or not self.channel_last
+
     def get_codes_from_indices(self, indices):
         """The codes (before the out projection) of ``indices`` as returned by forward, in the
         input layout: [..., heads * codebook_dim] ([..., heads, codebook_dim] when the heads share one
-        codebook), channels first for images / channel_last=False."""
-        embed = self._codebook.embed
-        if self.separate_codebook_per_head:
-            codes = torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
-        else:  # with heads sharing one codebook: [..., heads, codebook_dim], as vector-quantize-pytorch
-            codes = embed[0][indices]
-        if self.accept_image_fmap or not self.channel_last:
-            codes = codes.movedim(-1, 1)
-        return codes
+        codebook, as vector-quantize-pytorch), channels first for images / channel_last=False."""
+        codes = self._codes(indices)
+        return codes.movedim(-1, 1) if self._channel_first() else codes
 
     def get_output_from_indices(self, indices):
-        """The layer's output for ``indices``: codes through the out projection."""
-        codes = self.get_codes_from_indices(indices)
+        """The layer's output for ``indices`` (forward's output in eval mode, in the input's layout): the
+        heads' codes side by side, through the out projection."""
+        codes = self._codes(indices)
         if self.heads > 1 and not self.separate_codebook_per_head:
-            codes = codes.flatten(-2) if self.channel_last and not self.accept_image_fmap else codes.flatten(1, 2)
-        if not self.has_projections:
-            return codes
-        if self.accept_image_fmap or not self.channel_last:
-            return self.project_out(codes.movedim(1, -1)).movedim(-1, 1)
-        return self.project_out(codes)
+            codes = codes.flatten(-2)
+        out = self.project_out(codes)
+        return out.movedim(-1, 1) if self._channel_first() else out
