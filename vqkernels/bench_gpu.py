@@ -155,7 +155,7 @@ def search_table(device, shapes, timer, winners):
                          + " | ".join(_fmt(cells.get(name, "-")) for name in names)
                          + f" | {_fmt(floor) if floor else 'n/a'} | {vs_floor} | {vs_cdist} |")
             print(lines[-1], flush=True)
-            del x, c
+            x = c = None  # frees the inputs before the next shape allocates (the timers held them)
     return lines, headline
 
 

@@ -4,7 +4,6 @@ taming-transformers' ``VectorQuantizer2`` (which ``taming.models.vqgan`` imports
 convention, with the search, lookup and both losses fused in :func:`vqkernels.vq_quantize`.
 """
 
-import torch
 from torch import nn
 
 from ..ops import vq_quantize
