@@ -4,10 +4,10 @@
 same for every class-conditional generator (:data:`models.generator.CLASS_GENERATORS`): each tokenizer's tiny preset
 is first trained on ``digits`` (:data:`DIGITS_TOKENIZER`, once per tokenizer system, kept in the out
 folder and reused), then the generator's tiny preset on its codes with the labels; the trainer's
-final evaluation gives the judge's class accuracy (every class >= 80% is the target) and classifier
-FID, and the generators section of ``models/RESULTS.md`` (``<!-- generators:start -->``..``end``)
-gets the table and each sample grid (``models/results/gen-<entry>.png``; record
-``models/results/generators.json``).
+final evaluation gives the judge's class accuracy (every class >= 80% is the target, reached plain
+or with ``--cfg`` :data:`GUIDED_CFG`, each judged) and classifier FID, and the generators section of
+``models/RESULTS.md`` (``<!-- generators:start -->``..``end``) gets the table and each sample grid
+(``models/results/gen-<entry>.png``; record ``models/results/generators.json``).
 
 ``python -m models.zoo --stage text [--only NAME,...] [--out runs/zoo-text]`` does it for every
 text-conditioned generator (:data:`models.generator.TEXT_GENERATORS`): each tokenizer system the
@@ -223,11 +223,14 @@ def _generator_verdict(row: Dict) -> str:
         return "failed: " + row["error"]
     if "judge_min_class_accuracy" not in row:
         return "not judged"
-    low = row["judge_min_class_accuracy"]
+    low, guided = row["judge_min_class_accuracy"], row.get("guided", {}).get("min_class_accuracy")
     if low >= ACCURACY_TARGET:
         return "meets (every class >= 80%)"
+    if guided is not None and guided >= ACCURACY_TARGET:
+        return f"meets with --cfg {row['guided']['cfg']:g} (every class >= 80%)"
     worst = min(range(10), key=lambda c: row["judge_per_class"][c])
-    return f"misses: class {worst} at {low:.0%} < 80%"
+    return f"misses: class {worst} at {low:.0%} < 80%" + (f", lowest class {guided:.0%} with --cfg "
+                                                          f"{row['guided']['cfg']:g}" if guided is not None else "")
 
 
 def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[float] = None) -> str:
@@ -236,7 +239,8 @@ def render_generators(rows: Dict[str, Dict], device: str, real_fid: Optional[flo
              "tiny preset is trained on `digits` (800 steps), then the generator's tiny preset on its codes with "
              "the labels. The judge (`models.eval.digits_judge`, a small CNN trained on the digits training split, "
              f"held-out accuracy in the table) classifies {JUDGE_PER_CLASS} samples of each class (temperature 1, no "
-             "top-k / top-p, no guidance): the target is >= 80% of every class's samples classified as that class. "
+             "top-k / top-p, no guidance): the target is >= 80% of every class's samples classified as that class, "
+             f"with plain samples or with samples guided by `--cfg {GUIDED_CFG:g}`. "
              f"Classifier FID: Frechet distance of the judge's 64-d features, {10 * JUDGE_PER_CLASS} samples vs the "
              "180 held-out digits"
              + (f" (the training digits vs the held-out ones: {real_fid:.2f})." if real_fid is not None else ".")

@@ -72,6 +72,10 @@ def test_generator_verdicts_and_section():
     bad = dict(_gen_row("var", [0.9] * 7 + [0.5, 0.95, 0.9]), guided={"cfg": 2.0, "error": "exit code 1"})
     assert zoo._generator_verdict(good) == "meets (every class >= 80%)"
     assert zoo._generator_verdict(bad) == "misses: class 7 at 50% < 80%"
+    guided = dict(bad, guided={"cfg": 2.0, "accuracy": 0.95, "min_class_accuracy": 0.8, "fid": 80.0})
+    assert zoo._generator_verdict(guided) == "meets with --cfg 2 (every class >= 80%)"
+    guided["guided"]["min_class_accuracy"] = 0.78
+    assert zoo._generator_verdict(guided) == "misses: class 7 at 50% < 80%, lowest class 78% with --cfg 2"
     assert zoo._generator_verdict({"error": "exit code 1"}) == "failed: exit code 1"
     text = zoo.render_generators({"vqvae": good, "var": bad, "maskgit": {"name": "maskgit", "tokenizer": "vqgan",
                                                                          "error": "exit code 2", "minutes": 0.5}},
