@@ -185,6 +185,84 @@ def test_op_matches_reference_bitwise():
     assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(got[1], want[1])
 
 
+MODES = {"symmetric": dict(symmetric=True), "hard-clamp": dict(hard_clamp=True),
+         "symmetric-hard-clamp": dict(symmetric=True, hard_clamp=True)}
+
+
+def mode_truth(z, levels, symmetric=False, hard_clamp=False):
+    """Float64 levels (0 .. L - 1) and d codes / dz of the symmetric / hard-clamp bounds, from their formulas."""
+    zd, lv = z.double(), torch.tensor(levels, dtype=torch.float64)
+    squash = (lambda v: v.clamp(-1, 1)) if hard_clamp else torch.tanh
+    dsquash = (lambda v: ((v >= -1) & (v <= 1)).double()) if hard_clamp else (lambda v: 1 - torch.tanh(v) ** 2)
+    if symmetric:  # the scale 2 / (L - 1) is float32 there, for every dtype
+        scale = (2.0 / (lv - 1).float()).double()
+        return torch.floor((lv - 1) * (squash(zd) + 1) / 2 + 0.5), dsquash(zd) * scale / 2 * (lv - 1)
+    # the bound's constants are float32 there, for every dtype
+    half_l, offset = ((lv - 1).float() * (1 + 1e-3) / 2).double(), (lv.remainder(2) == 0).double() * 0.5
+    shift = (offset / half_l).float().double() if hard_clamp else torch.atanh(offset.float() / half_l.float()).double()
+    return (squash(zd + shift) * half_l - offset).round() + torch.div(lv, 2, rounding_mode="floor"), \
+        dsquash(zd + shift) * half_l / torch.div(lv, 2, rounding_mode="floor")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_modes_op_matches_reference_and_truth(mode, dtype):
+    """symmetric (vector-quantize-pytorch's preserve_symmetry, levels of 2 allowed) and hard_clamp: the kernel
+    and the reference agree bit for bit (codes, indices, a NaN row's -1), their levels are the float64
+    formula's wherever it is not within rounding of a level boundary, and indices are the levels' mixed radix."""
+    levels = [8, 5, 2, 3]
+    z = fsq_input(2000, levels, seed=21, scale=1.5).to(dtype)
+    z[5, 2] = float("nan")
+    kw = MODES[mode]
+    got, want = vqkernels.fsq_quantize(z, levels, **kw), reference.fsq_quantize(z, levels, **kw)
+    both_nan = torch.isnan(got[0]) & torch.isnan(want[0])  # a NaN's sign bit may differ in bfloat16
+    assert ((bits(got[0]) == bits(want[0])) | both_nan).all() and torch.equal(got[1], want[1])
+    assert got[1][5] == -1 and (got[1][torch.arange(2000) != 5] >= 0).all()
+    level, _ = mode_truth(z.float() if dtype == torch.bfloat16 else z, levels, **kw)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    codes = got[0].double()
+    decoded = (codes + 1) * (lv - 1) / 2 if kw.get("symmetric") else codes * torch.div(lv, 2, rounding_mode="floor") \
+        + torch.div(lv, 2, rounding_mode="floor")
+    ok = (decoded.round() == level) | torch.isnan(level)
+    assert ok[torch.arange(2000) != 5].float().mean() > 0.999, "levels differ from the float64 formula"
+    basis = torch.tensor([1, 8, 40, 80], dtype=torch.int64)
+    rows = torch.arange(2000) != 5
+    assert torch.equal((decoded[rows].round().long() * basis).sum(1), got[1][rows])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_modes_backward_matches_truth(mode, dtype):
+    """The straight-through gradient of both bounds: the kernel (through autograd) and the reference
+    against the float64 derivative of the squash (1 inside the hard clamp, 0 outside)."""
+    levels = [8, 5, 2, 3]
+    z = (fsq_input(500, levels, seed=22, scale=2.0).to(dtype)).requires_grad_()
+    g = torch.randn(500, 4, generator=gen(23)).to(dtype)
+    codes, _ = vqkernels.fsq_quantize(z, levels, **MODES[mode])
+    (codes * g).sum().backward()
+    _, slope = mode_truth(z.detach(), levels, **MODES[mode])
+    want = g.double() * slope
+    tol = 32 * unit_roundoff(dtype) * g.double().abs()  # 1 - tanh^2 near saturation: absolute, not relative, error
+    for got in (z.grad, reference.fsq_quantize_backward(g, z.detach(), levels, **MODES[mode])):
+        fail_rows(~((got.double() - want).abs() <= tol).all(1), "gradient", got=got, want=want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_opcheck(mode):
+    sym, hard = MODES[mode].get("symmetric", False), MODES[mode].get("hard_clamp", False)
+    z = torch.randn(9, 4, generator=gen(24)) * 1.5
+    opcheck("fsq_quantize", (z.requires_grad_(), [8, 5, 2, 3], sym, hard))
+    opcheck("fsq_quantize_backward", (torch.randn(9, 4), z.detach(), [8, 5, 2, 3], sym, hard))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_indices_to_codes_inverts_both_bounds(symmetric):
+    levels = [8, 5, 2, 3]
+    z = fsq_input(500, levels, seed=25, scale=2.0)
+    codes, indices = vqkernels.fsq_quantize(z, levels, symmetric=symmetric)
+    assert torch.equal(bits(vqkernels.fsq_indices_to_codes(indices, levels, symmetric=symmetric)), bits(codes))
+
+
 def test_large_codebook_indices_exact():
     """A product of levels beyond 2**53: indices exact in int64 (float arithmetic would round them)."""
     levels = [999, 997, 991, 983, 977, 971]

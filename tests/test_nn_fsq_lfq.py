@@ -43,8 +43,15 @@ FSQ_CASES = {
     "video": (dict(levels=[4, 4, 3], dim=6), (2, 6, 3, 4, 2)),
     "float64-forced-f32": (dict(levels=[8, 5, 5], allowed_dtypes=(torch.float32,)), (2, 9, 3)),
     "float64-native": (dict(levels=[8, 5, 5], force_quantization_f32=False), (2, 9, 3)),
+    "symmetric": (dict(levels=[8, 5, 2, 3], preserve_symmetry=True), (2, 9, 4)),
+    "symmetric-image-projections": (dict(levels=[4, 2, 7], dim=5, preserve_symmetry=True), (2, 5, 4, 3)),
+    "hard-clamp": (dict(levels=[8, 5, 5, 4], bound_hard_clamp=True), (2, 9, 4)),
+    "symmetric-hard-clamp": (dict(levels=[6, 5, 2], preserve_symmetry=True, bound_hard_clamp=True), (3, 7, 3)),
+    "symmetric-float64": (dict(levels=[8, 3], preserve_symmetry=True, force_quantization_f32=False), (2, 9, 2)),
+    "hard-clamp-float64": (dict(levels=[8, 3], bound_hard_clamp=True, force_quantization_f32=False), (2, 9, 2)),
 }
-FSQ_DTYPES = {"float64-forced-f32": torch.float64, "float64-native": torch.float64}
+FSQ_DTYPES = {"float64-forced-f32": torch.float64, "float64-native": torch.float64,
+              "symmetric-float64": torch.float64, "hard-clamp-float64": torch.float64}
 
 
 @pytest.mark.parametrize("case", FSQ_CASES)
@@ -76,11 +83,55 @@ def test_fsq_matches_vqp(case):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_fsq_codes_to_indices_matches_vqp():
-    theirs, ours = pair(vqp.FSQ, FSQ, dict(levels=[8, 5, 5, 5]))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fsq_codes_to_indices_matches_vqp(symmetric):
+    theirs, ours = pair(vqp.FSQ, FSQ, dict(levels=[8, 5, 5, 5], preserve_symmetry=symmetric))
     codes = theirs.implicit_codebook
     assert_same(theirs.codes_to_indices(codes), ours.codes_to_indices(codes), "codes_to_indices")
     assert torch.equal(ours.codes_to_indices(codes), torch.arange(1000, dtype=torch.int32))
+
+
+def test_fsq_hard_clamp_saturates_and_stops_the_gradient():
+    """bound_hard_clamp: inputs far outside the range take the outer levels and get no gradient (tanh would
+    still pass a little), for the plain and the symmetric bound."""
+    for symmetric in (False, True):
+        layer = FSQ(levels=[5, 4], bound_hard_clamp=True, preserve_symmetry=symmetric)
+        z = torch.tensor([[[-3.0, 3.0], [0.2, -0.1]]], requires_grad=True)
+        out, idx = layer(z)
+        assert out[0, 0].abs().tolist() == [1.0, 1.0 if symmetric else 0.5]
+        out.sum().backward()
+        assert z.grad[0, 0].tolist() == [0.0, 0.0] and (z.grad[0, 1] > 0).all()
+
+
+def _noise_stats(layer, z, clean, idx):
+    """(share of code values moved, mean and spread of the offsets the clamp left alone) of one training call."""
+    torch.manual_seed(6)
+    noisy, noisy_idx = layer.train()(z)
+    assert torch.equal(noisy_idx, idx)  # the indices are the noiseless codes'
+    moved = noisy != clean
+    delta = (noisy - clean)[moved & (noisy.abs() < 1)]
+    return moved.float().mean().item(), delta.mean().item(), delta.std().item()
+
+
+def test_fsq_noise_dropout_distribution_matches_vqp():
+    """noise_dropout (stochastic): in training each code value moves by U[-0.5, 0.5) with probability p and is
+    clamped to [-1, 1]; compared by distribution, not bits; eval mode adds nothing. vector-quantize-pytorch
+    1.32.0 draws its mask with ``full_like(z, p).bernoulli_()``, which ignores p and moves half of the values
+    whatever p is: at p = 0.5 the two agree, at p = 0.3 ours moves 30% (before the clamp) and theirs still
+    half."""
+    z = torch.randn(64, 256, 3, generator=gen(5))
+    stats = {}
+    for p in (0.5, 0.3):
+        theirs, ours = pair(vqp.FSQ, FSQ, dict(levels=[8, 5, 3], preserve_symmetry=True, noise_dropout=p))
+        clean, idx = ours.eval()(z)
+        assert_same(clean, theirs.eval()(z)[0], "eval mode")
+        stats[p] = _noise_stats(theirs, z, clean, idx), _noise_stats(ours, z, clean, idx)
+        # an offset moves a value unless the clamp takes it back to an outer level it already held
+        kept = ((clean.abs() == 1).float().mean() * 0.5).item()
+        assert abs(stats[p][1][0] - p * (1 - kept)) < 0.01, (p, stats[p])
+    (share_t, mean_t, std_t), (share_o, mean_o, std_o) = stats[0.5]
+    assert abs(share_t - share_o) < 0.01 and abs(mean_o - mean_t) < 0.01 and abs(std_o - std_t) < 0.01
+    assert abs(stats[0.3][0][0] - share_t) < 0.01  # theirs moves as many at 0.3 as at 0.5
 
 
 def test_fsq_half_input():
@@ -107,9 +158,8 @@ def test_fsq_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    (dict(preserve_symmetry=True), "preserve_symmetry"),
     (dict(noise_dropout=0.1), "noise_dropout"),
-    (dict(bound_hard_clamp=True), "bound_hard_clamp"),
+    (dict(noise_dropout=1.5, preserve_symmetry=True), "noise_dropout"),
     (dict(orthogonal_rotation=True), "orthogonal_rotation"),
 ])
 def test_fsq_rejects_unsupported_options(kwargs, option):

@@ -91,14 +91,15 @@ torch.library.register_autograd("vqkernels::residual_quantize", _residual_quanti
 
 # --- scalar quantizers: FSQ and LFQ ---
 def _fsq_quantize_setup(ctx, inputs, output):
-    z, levels = inputs
-    ctx.levels = levels
+    z, levels, symmetric, hard_clamp = inputs
+    ctx.levels, ctx.symmetric, ctx.hard_clamp = levels, symmetric, hard_clamp
     ctx.save_for_backward(z)
 
 
 def _fsq_quantize_backward(ctx, grad_codes, grad_indices):
     (z,) = ctx.saved_tensors
-    return torch.ops.vqkernels.fsq_quantize_backward(grad_codes, z, ctx.levels), None
+    return torch.ops.vqkernels.fsq_quantize_backward(grad_codes, z, ctx.levels, ctx.symmetric,
+                                                     ctx.hard_clamp), None, None, None
 
 
 def _lfq_quantize_setup(ctx, inputs, output):

@@ -73,13 +73,13 @@ def _residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_co
 
 # --- scalar quantizers: FSQ and LFQ ---
 @_fake("fsq_quantize")
-def _fsq_quantize_fake(z, levels):
+def _fsq_quantize_fake(z, levels, symmetric=False, hard_clamp=False):
     _checks.check_fsq("fsq_quantize", z, levels)
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @_fake("fsq_quantize_backward")
-def _fsq_quantize_backward_fake(grad_codes, z, levels):
+def _fsq_quantize_backward_fake(grad_codes, z, levels, symmetric=False, hard_clamp=False):
     _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 

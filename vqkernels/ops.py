@@ -114,7 +114,8 @@ def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,
 
 
 # --- scalar quantizers: FSQ and LFQ ---
-def fsq_quantize(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
+def fsq_quantize(z: Tensor, levels: Sequence[int], symmetric: bool = False,
+                 hard_clamp: bool = False) -> Tuple[Tensor, Tensor]:
     """Finite scalar quantization (Mentzer et al. 2023), as vector-quantize-pytorch's ``FSQ``.
 
     Every column j of ``z`` [N, d] (d = len(levels)) is bounded, rounded and scaled to [-1, 1]::
@@ -124,7 +125,13 @@ def fsq_quantize(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
 
     with the constants in float32 exactly as vector-quantize-pytorch computes them, the arithmetic
     in float32 (float64 for float64 inputs; half inputs are converted to float32 first), ``round``
-    half-to-even, and a zero code +0.0.
+    half-to-even, and a zero code +0.0. With ``symmetric`` (its ``preserve_symmetry``, the
+    symmetry-preserving quantizer of arXiv:2411.19842, section 3.2; levels of 2 allowed)::
+
+        level = floor((L - 1) * (tanh(z) + 1) / 2 + 0.5)   codes = (2 / (L - 1)) * level - 1
+
+    With ``hard_clamp`` (its ``bound_hard_clamp``, for inputs already in range) ``tanh`` is a clamp
+    to [-1, 1] and ``shift = offset / half_l``; the gradient is then 1 inside [-1, 1] and 0 outside.
 
     Args:
         z: [N, d] float32, float16, bfloat16 or float64.
@@ -133,15 +140,17 @@ def fsq_quantize(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
     Returns:
         ``codes`` [N, d] in ``z``'s dtype, straight-through: its gradient reaches ``z`` through the
         bound (the rounding counts as the identity), and ``indices`` int64 [N], the mixed-radix index
-        sum_j (round(bounded_j) + L_j // 2) * prod_{i<j} L_i (the first column varies fastest).
-        A NaN in a row gives that row index -1 (and NaN codes where ``z`` is NaN).
+        sum_j (round(bounded_j) + L_j // 2) * prod_{i<j} L_i (``level_j`` with ``symmetric``; the
+        first column varies fastest). A NaN in a row gives that row index -1 (and NaN codes where
+        ``z`` is NaN).
     """
-    return _ops.fsq_quantize(z, list(levels))
+    return _ops.fsq_quantize(z, list(levels), symmetric, hard_clamp)
 
 
-def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int]) -> Tensor:
+def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int], symmetric: bool = False) -> Tensor:
     """The codes [..., d] (float32) of FSQ ``indices`` [...] (any integer dtype): the inverse of
-    :func:`fsq_quantize`'s indices. Indices outside [0, prod(levels)) give NaN codes.
+    :func:`fsq_quantize`'s indices (with the same ``symmetric``). Indices outside [0, prod(levels))
+    give NaN codes.
 
     A plain PyTorch function rather than an op: it is an elementwise integer decode with no
     gradient, which torch (and torch.compile) already runs at memory speed on every device.
@@ -152,8 +161,12 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int]) -> Tensor:
     lv = torch.tensor(list(levels), dtype=torch.int64, device=indices.device)
     basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
     idx = indices.long().unsqueeze(-1)
-    half_width = lv // 2
-    codes = ((idx // basis) % lv - half_width).float() / half_width.float()
+    level = (idx // basis) % lv
+    if symmetric:
+        codes = level.float() * (2.0 / (lv - 1).float()) - 1.0
+    else:
+        half_width = lv // 2
+        codes = (level - half_width).float() / half_width.float()
     valid = (idx >= 0) & (idx < math.prod(levels))
     return codes.masked_fill(~valid, float("nan"))
 

@@ -212,43 +212,75 @@ FSQ_EPS = 1e-3  # vector-quantize-pytorch FSQ.bound's eps: the bound stretches t
 LFQ_PROB_EPS = 1e-5  # vector-quantize-pytorch LFQ clamps probabilities at this inside the log
 
 
-def fsq_constants(levels, device=None):
+def fsq_constants(levels, device=None, hard_clamp=False):
     """Per-dimension constants of the FSQ bound, float32 as vector-quantize-pytorch computes them:
-    half_l = (L - 1) * (1 + eps) / 2, offset = 0.5 for even L else 0, shift = atanh(offset / half_l);
-    plus half_width = L // 2 and the mixed-radix basis cumprod([1, L_0, ..., L_{d-2}]) (int64)."""
+    half_l = (L - 1) * (1 + eps) / 2, offset = 0.5 for even L else 0, shift = atanh(offset / half_l)
+    (offset / half_l with ``hard_clamp``); plus half_width = L // 2 and the mixed-radix basis
+    cumprod([1, L_0, ..., L_{d-2}]) (int64)."""
     lv = torch.tensor(list(levels), dtype=torch.int64, device=device)
     half_l = (lv.float() - 1) * (1 + FSQ_EPS) / 2
     offset = torch.where(lv % 2 == 0, 0.5, 0.0).float()
-    shift = torch.atanh(offset / half_l)
+    shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
     basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
     return half_l, offset, shift, lv // 2, basis
 
 
-def _fsq_bounded(z, shift, half_l, offset):
-    """tanh(z + shift) * half_l - offset in z's dtype, rounding after every step as torch does."""
-    return torch.tanh(z + shift.to(z.dtype)) * half_l.to(z.dtype) - offset.to(z.dtype)
+def _fsq_squash(z, hard_clamp):
+    """tanh, or the hard clamp to [-1, 1] (NaN stays NaN)."""
+    return z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
 
 
-def fsq_quantize(z, levels):
+def _fsq_squash_grad(z, hard_clamp):
+    """d squash / dz: 1 - tanh^2, or 1 inside the clamp's [-1, 1] (bounds included, as torch.clamp's backward)."""
+    if hard_clamp:
+        return ((z >= -1) & (z <= 1)).to(z.dtype)
+    t = torch.tanh(z)
+    return 1 - t * t
+
+
+def _fsq_symmetric_scale(levels, device):
+    """2 / (L - 1) in float32 for every input dtype, as vector-quantize-pytorch's int tensor division gives."""
+    return 2.0 / (torch.tensor(list(levels), dtype=torch.int64, device=device) - 1).float()
+
+
+def _fsq_levels_and_codes(z, levels, symmetric, hard_clamp):
+    """(level 0 .. L - 1 of every value, in z's dtype, NaN where z is; the codes), computed in z's dtype with
+    vector-quantize-pytorch's expressions and rounding order."""
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=z.device)
+    if symmetric:  # QL(x) = 2 / (L - 1) * floor((L - 1) * (squash(x) + 1) / 2 + 0.5) - 1
+        lm1 = (lv - 1).to(z.dtype)
+        level = torch.floor(lm1 * (_fsq_squash(z, hard_clamp) + 1) / 2 + 0.5)
+        return level, _fsq_symmetric_scale(levels, z.device).to(z.dtype) * level - 1 + 0.0
+    half_l, offset, shift, half_width, _ = fsq_constants(levels, z.device, hard_clamp)
+    bounded = _fsq_squash(z + shift.to(z.dtype), hard_clamp) * half_l.to(z.dtype) - offset.to(z.dtype)
+    rounded = bounded.round()
+    # + 0.0: a zero code is +0.0, as vector-quantize-pytorch's straight-through sum z + (round(z) - z) gives
+    return rounded + half_width.to(z.dtype), rounded / half_width.to(z.dtype) + 0.0
+
+
+def fsq_quantize(z, levels, symmetric=False, hard_clamp=False):
     """Finite scalar quantization: bound, round, scale; see vqkernels.fsq_quantize."""
     _checks.check_fsq("fsq_quantize", z, levels)
-    half_l, offset, shift, half_width, basis = fsq_constants(levels, z.device)
-    rounded = _fsq_bounded(z.to(_checks.compute_dtype(z)), shift, half_l, offset).round()
-    # + 0.0: a zero code is +0.0, as vector-quantize-pytorch's straight-through sum z + (round(z) - z) gives
-    codes = rounded / half_width.to(rounded.dtype) + 0.0
-    nan_row = torch.isnan(rounded).any(1)
-    level = (rounded.nan_to_num(0.0).to(torch.int64) + half_width)
-    indices = (level * basis).sum(1).masked_fill(nan_row, -1)
+    level, codes = _fsq_levels_and_codes(z.to(_checks.compute_dtype(z)), levels, symmetric, hard_clamp)
+    basis = fsq_constants(levels, z.device)[4]
+    nan_row = torch.isnan(level).any(1)
+    indices = (level.nan_to_num(0.0).to(torch.int64) * basis).sum(1).masked_fill(nan_row, -1)
     return codes.to(z.dtype), indices
 
 
-def fsq_quantize_backward(grad_codes, z, levels):
-    """Straight-through gradient of fsq_quantize, through the bound: d codes / dz = (1 - tanh^2) * half_l / (L // 2)."""
+def fsq_quantize_backward(grad_codes, z, levels, symmetric=False, hard_clamp=False):
+    """Straight-through gradient of fsq_quantize, through the bound (the rounding counts as the identity):
+    d codes / dz = squash'(z + shift) * half_l / (L // 2), or squash'(z) * (2 / (L - 1)) / 2 * (L - 1) with
+    ``symmetric`` (2 / (L - 1) rounded to float32, as there); squash' is 1 - tanh^2, or 1 inside [-1, 1] with ``hard_clamp``."""
     _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
-    half_l, _, shift, half_width, _ = fsq_constants(levels, z.device)
     dt = _checks.compute_dtype(z)
-    t = torch.tanh(z.to(dt) + shift.to(dt))
-    grad = grad_codes.to(dt) / half_width.to(dt) * half_l.to(dt) * (1 - t * t)
+    g, zs = grad_codes.to(dt), z.to(dt)
+    if symmetric:
+        lm1 = torch.tensor(list(levels), dtype=torch.int64, device=z.device).sub(1).to(dt)
+        grad = g * _fsq_symmetric_scale(levels, z.device).to(dt) / 2 * lm1 * _fsq_squash_grad(zs, hard_clamp)
+    else:
+        half_l, _, shift, half_width, _ = fsq_constants(levels, z.device, hard_clamp)
+        grad = g / half_width.to(dt) * half_l.to(dt) * _fsq_squash_grad(zs + shift.to(dt), hard_clamp)
     return grad.to(z.dtype).contiguous()
 
 

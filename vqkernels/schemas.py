@@ -44,8 +44,8 @@ SCHEMAS = {
         "Tensor x, Tensor codebooks, Tensor indices) -> (Tensor grad_x, Tensor grad_codebooks)"
     ),
     # --- scalar quantizers: FSQ (finite scalar quantization) and LFQ (lookup-free quantization) ---
-    "fsq_quantize": "fsq_quantize(Tensor z, int[] levels) -> (Tensor codes, Tensor indices)",
-    "fsq_quantize_backward": "fsq_quantize_backward(Tensor grad_codes, Tensor z, int[] levels) -> Tensor grad_z",
+    "fsq_quantize": "fsq_quantize(Tensor z, int[] levels, bool symmetric=False, bool hard_clamp=False) -> (Tensor codes, Tensor indices)",
+    "fsq_quantize_backward": "fsq_quantize_backward(Tensor grad_codes, Tensor z, int[] levels, bool symmetric=False, bool hard_clamp=False) -> Tensor grad_z",
     "lfq_quantize": (
         "lfq_quantize(Tensor x, float codebook_scale=1.0) -> (Tensor codes, Tensor indices, Tensor commit_loss)"
     ),
