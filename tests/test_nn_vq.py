@@ -55,6 +55,61 @@ def test_eval_matches_vector_quantize_pytorch(kw):
         torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [dict(dim=32, codebook_size=64, orthogonal_reg_weight=10.0, rotation_trick=False),
+                                dict(dim=16, codebook_size=32, orthogonal_reg_weight=2.0, learnable_codebook=True,
+                                     ema_update=False, rotation_trick=False),
+                                dict(dim=32, codebook_size=48, heads=2, separate_codebook_per_head=True, codebook_dim=8,
+                                     orthogonal_reg_weight=1.0, rotation_trick=False),
+                                dict(dim=32, codebook_size=64, orthogonal_reg_weight=3.0, rotation_trick=False,
+                                     orthogonal_reg_active_codes_only=True)], ids=str)
+def test_orthogonal_reg_and_loss_breakdown_match_vector_quantize_pytorch(kw):
+    """orthogonal_reg_weight (with active codes only): the same loss, breakdown, input and codebook
+    gradients and codebooks as theirs over 3 training steps; eval mode: zero losses."""
+    theirs, ours = _pair(kw)
+    for step in range(3):
+        x_t = torch.randn(3, 17, kw["dim"], requires_grad=True)
+        x_o = x_t.detach().clone().requires_grad_()
+        q_t, i_t, l_t, b_t = theirs(x_t, return_loss_breakdown=True)
+        q_o, i_o, l_o, b_o = ours(x_o, return_loss_breakdown=True)
+        assert torch.equal(i_o, i_t), step
+        assert b_o._fields == b_t._fields
+        for name in ("commitment", "orthogonal_reg"):
+            torch.testing.assert_close(getattr(b_o, name), getattr(b_t, name), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        assert float(b_o.orthogonal_reg.detach()) != 0.0
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        ((q_t * q_t.detach()).sum() + l_t).backward()
+        ((q_o * q_o.detach()).sum() + l_o).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=1e-6)
+        if kw.get("learnable_codebook"):
+            torch.testing.assert_close(ours._codebook.embed.grad, theirs._codebook.embed.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours._codebook.embed.detach(), theirs._codebook.embed.detach(), rtol=1e-5, atol=1e-6)
+    ours.eval()
+    _, _, loss, breakdown = ours(torch.randn(2, 5, kw["dim"]), return_loss_breakdown=True)
+    assert float(loss) == 0.0 and all(float(v) == 0.0 for v in breakdown)
+
+
+def test_orthogonal_reg_max_codes_is_a_random_subset():
+    """orthogonal_reg_max_codes (stochastic): each step's loss is the regulariser of a uniformly drawn subset of
+    that many codes (of the active ones with both options): over many draws its mean matches theirs' (randperm
+    subsets) and it differs from the whole codebook's; and with max_codes >= the active count it is exact."""
+    kw = dict(dim=8, codebook_size=64, orthogonal_reg_weight=1.0, orthogonal_reg_max_codes=8, rotation_trick=False,
+              commitment_weight=0.0)
+    theirs, ours = _pair(kw)
+    x = torch.randn(2, 40, 8)
+    draws = {}
+    for name, layer in (("theirs", theirs), ("ours", ours)):
+        layer.train()
+        draws[name] = torch.tensor([float(layer(x, freeze_codebook=True, return_loss_breakdown=True)[3].orthogonal_reg)
+                                    for _ in range(400)])
+    assert draws["ours"].std() > 0
+    assert abs(draws["ours"].mean() - draws["theirs"].mean()) < 3 * (draws["theirs"].std() / 20 + draws["ours"].std() / 20)
+    whole = VectorQuantize(**dict(kw, orthogonal_reg_max_codes=None))
+    whole.load_state_dict(ours.state_dict())
+    assert abs(float(whole.train()(x, freeze_codebook=True, return_loss_breakdown=True)[3].orthogonal_reg)
+               - draws["ours"].mean()) > 3 * draws["ours"].std() / 20
+
+
 _LAYOUTS = {"tokens": lambda d: torch.randn(2, 7, d), "channel_first": lambda d: torch.randn(2, d, 7),
             "image": lambda d: torch.randn(2, d, 5, 6), "one_token": lambda d: torch.randn(3, d)}
 _LAYOUT_KW = {"tokens": {}, "channel_first": dict(channel_last=False), "image": dict(accept_image_fmap=True),
@@ -127,7 +182,9 @@ def test_state_dict_round_trip():
     assert torch.equal(a(x)[1], b(x)[1])
 
 
-@pytest.mark.parametrize("kw,err", [(dict(orthogonal_reg_weight=0.1), ValueError),
+@pytest.mark.parametrize("kw,err", [(dict(orthogonal_reg_weight=0.1, orthogonal_reg_max_codes=0), ValueError),
+                                    (dict(orthogonal_reg_active_codes_only=True, heads=2,
+                                          separate_codebook_per_head=True), ValueError),
                                     (dict(affine_param=True), ValueError),
                                     (dict(no_such_option=1), TypeError),
                                     (dict(learnable_codebook=True), ValueError),  # with the EMA default
@@ -139,7 +196,7 @@ def test_unsupported_options_raise(kw, err):
 
 
 def test_unsupported_option_at_default_is_accepted():
-    VectorQuantize(dim=8, codebook_size=16, orthogonal_reg_weight=0.0, straight_through=False)
+    VectorQuantize(dim=8, codebook_size=16, stochastic_sample_codes=False, straight_through=False)
 
 
 def test_forward_unsupported_keywords_raise():
@@ -278,6 +335,8 @@ COMPILE_CONFIGS = [
     dict(dim=16, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=1.0),
     dict(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True, codebook_dim=8, use_cosine_sim=True),
     dict(dim=16, codebook_size=32, learnable_codebook=True, ema_update=False, threshold_ema_dead_code=1.0),
+    dict(dim=16, codebook_size=32, learnable_codebook=True, ema_update=False, orthogonal_reg_weight=1.0,
+         orthogonal_reg_active_codes_only=True),
 ]
 
 

@@ -14,7 +14,8 @@ from .vq import _VQ_UNSUPPORTED, VectorQuantize, route_gradient, training_losses
 _RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
                         beam_score_quantizer_weights=None, quant_grad_frac=0.0,
                         return_zeros_for_masked_padding=True, use_cosine_sim=False,
-                        separate_codebook_per_head=False)
+                        separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
+                        orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
 _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
                    - {"unsupported"} - set(_RVQ_UNSUPPORTED))

@@ -1,6 +1,9 @@
 """``VectorQuantize``: the VQ-VAE / VQ-GAN / ViT-VQGAN quantizer layer on the fused ops."""
 
+from collections import namedtuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -12,8 +15,7 @@ from .codebook import Codebook
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
     layernorm_after_project_in=False, accept_3d_fmap=False, sync_kmeans=True,
-    commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
-    orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+    commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False, directional_reparam=False,
     directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None, manual_ema_update=False,
     in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False, affine_param=False,
@@ -21,8 +23,24 @@ _VQ_UNSUPPORTED = dict(
     return_zeros_for_masked_padding=True, route_gradients_to_input=True,
 )
 _FORWARD_UNSUPPORTED = dict(indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
-                            return_loss_breakdown=False, codebook_transform_fn=None, ema_update_weight=None,
+                            codebook_transform_fn=None, ema_update_weight=None,
                             accum_ema_update=False, ema_update=None)
+
+
+# forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
+# commitment and orthogonal-regularisation losses (0 in eval mode); the other two are options not implemented here (0).
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+
+
+def orthogonal_loss(codebook, weights):
+    """Eq. (2) of arXiv:2112.00384 as vector-quantize-pytorch computes it, over the codes of ``weights`` [H, K]
+    (1 for a code taking part, 0 otherwise; n codes of each head): sum_ij cos(c_i, c_j)^2 / (H n^2) - 1 / n.
+    Computed as ||N^T W N||_F^2 with the normalised codes N, so memory is D x D per head, not K x K, and
+    the count n stays a tensor (no host synchronisation)."""
+    normed = F.normalize(codebook.float(), dim=-1)
+    gram = normed.transpose(1, 2) @ (normed * weights.unsqueeze(-1))
+    n = weights.sum(-1).amax()
+    return gram.pow(2).sum() / (codebook.shape[0] * n * n) - 1 / n
 
 
 def training_losses(commit, codebook_loss, weight, learnable):
@@ -57,7 +75,9 @@ class VectorQuantize(nn.Module):
     ``use_cosine_sim``, ``threshold_ema_dead_code``, ``channel_last``, ``accept_image_fmap``,
     ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``sync_codebook``
     (default: when torch.distributed runs with several ranks), ``ema_update``,
-    ``learnable_codebook``. Others raise unless given at their default.
+    ``learnable_codebook``, ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only`` and
+    ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with
+    both), and forward's ``return_loss_breakdown``. Others raise unless given at their default.
 
     ``frozen_codebook``: a fixed [codebook_size, codebook_dim] table (e.g. a language model's
     word embeddings, LQAE / SPAE / UniCode) that is never updated and not part of the
@@ -69,6 +89,7 @@ class VectorQuantize(nn.Module):
                  eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, use_cosine_sim=False,
                  threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, commitment_weight=1.0,
                  rotation_trick=None, sync_codebook=None, ema_update=None, learnable_codebook=None,
+                 orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                  frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
@@ -100,6 +121,14 @@ class VectorQuantize(nn.Module):
         self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self.commitment_weight = commitment_weight
+        if orthogonal_reg_active_codes_only and separate_codebook_per_head and heads > 1:
+            raise ValueError("VectorQuantize: orthogonal_reg_active_codes_only does not work with separate codebooks "
+                             "per head (as in vector-quantize-pytorch)")
+        if orthogonal_reg_max_codes is not None and orthogonal_reg_max_codes < 1:
+            raise ValueError(f"VectorQuantize: orthogonal_reg_max_codes must be >= 1, got {orthogonal_reg_max_codes}")
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
         self.rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
@@ -126,7 +155,22 @@ class VectorQuantize(nn.Module):
             return [xin[..., h * d:(h + 1) * d].reshape(-1, d) for h in range(self.heads)]
         return [xin.reshape(-1, d)]
 
-    def forward(self, x, freeze_codebook=None, **unsupported):
+    def _orthogonal_weights(self, indices):
+        """[H, K] 1 / 0: the codes in the orthogonal regulariser this step (all, the ones ``indices`` used, and
+        at most ``orthogonal_reg_max_codes`` of them drawn at random), without reading anything back."""
+        embed = self._codebook.embed
+        weights = torch.ones(embed.shape[:2], device=embed.device)
+        if self.orthogonal_reg_active_codes_only:
+            # slot 0 takes the -1 of a row that chose no code
+            used = torch.zeros(self.codebook_size + 1, device=embed.device).index_fill_(0, indices.reshape(-1) + 1, 1.0)
+            weights = weights * used[1:]
+        if self.orthogonal_reg_max_codes is not None and self.orthogonal_reg_max_codes < self.codebook_size:
+            keys = torch.rand(self.codebook_size, device=embed.device).masked_fill(weights[0] == 0, 2.0)
+            rank = keys.argsort().argsort()  # a uniform random order of the taking-part codes first
+            weights = weights * (rank < self.orthogonal_reg_max_codes)
+        return weights
+
+    def forward(self, x, freeze_codebook=None, return_loss_breakdown=False, **unsupported):
         reject_unsupported("VectorQuantize.forward", unsupported, _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last)
@@ -145,8 +189,7 @@ class VectorQuantize(nn.Module):
             q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
             if self.training:
                 q = route_gradient(r, q, self.rotation_trick)
-                losses.append(training_losses(commit, codebook_loss, self.commitment_weight,
-                                              self.learnable_codebook and not freeze))
+                losses.append(training_losses(commit, codebook_loss, 1.0, self.learnable_codebook and not freeze))
                 if updates:
                     cb.update_(h, r, idx)
             quantized.append(q)
@@ -157,12 +200,17 @@ class VectorQuantize(nn.Module):
         else:
             q = quantized[0].reshape(b, n, self.heads * self.codebook_dim)
             idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
-        if self.training and self.commitment_weight > 0:
-            loss = torch.stack(losses).mean()
-        else:
-            loss = x.new_zeros((), dtype=torch.float32)
+        zero = x.new_zeros((), dtype=torch.float32)
+        commitment = torch.stack(losses).mean() if self.training and self.commitment_weight > 0 else zero
+        loss = commitment * self.commitment_weight if self.training and self.commitment_weight > 0 else zero
+        orthogonal = zero
+        if self.training and self.orthogonal_reg_weight > 0:
+            orthogonal = orthogonal_loss(self._codebook.embed, self._orthogonal_weights(idx))
+            loss = loss + orthogonal * self.orthogonal_reg_weight
         out = layout.restore(self.project_out(q.to(x.dtype)))
-        return out, layout.indices(idx), loss
+        if not return_loss_breakdown:
+            return out, layout.indices(idx), loss
+        return out, layout.indices(idx), loss, LossBreakdown(commitment, zero, orthogonal, zero)
 
     def _codes(self, indices):
         """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
