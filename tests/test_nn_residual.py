@@ -196,20 +196,52 @@ def test_level_keywords_pass_through_as_theirs():
 
 
 def test_codebook_size_per_level_gives_num_quantizers():
-    """A per-level codebook_size sequence gives the number of levels (as theirs); equal sizes run and match
-    theirs, different sizes and a contradicting num_quantizers are refused, and an int needs num_quantizers."""
-    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, dict(dim=16, codebook_size=(32, 32, 32)))
-    assert ours.num_quantizers == 3
-    theirs.eval()
-    ours.eval()
-    x = torch.randn(2, 7, 16)
-    assert torch.equal(ours(x)[1], theirs(x)[1])
-    with pytest.raises(ValueError, match=r"must be equal here \(got \(32, 16\)\)"):
-        ResidualVQ(dim=16, codebook_size=(32, 16))
+    """A per-level codebook_size sequence gives the number of levels (as theirs); a contradicting
+    num_quantizers, a shared codebook of several sizes and an int without num_quantizers are refused."""
+    ours = ResidualVQ(dim=16, codebook_size=(32, 32, 32))
+    assert ours.num_quantizers == 3 and ours.codebooks.shape == (3, 32, 16)
     with pytest.raises(ValueError, match="num_quantizers=2 differs"):
         ResidualVQ(dim=16, num_quantizers=2, codebook_size=[8, 8, 8])
+    with pytest.raises(ValueError, match=r"shared_codebook needs one codebook size"):
+        ResidualVQ(dim=16, codebook_size=(32, 16), shared_codebook=True)
     with pytest.raises(TypeError, match="num_quantizers is required"):
         ResidualVQ(dim=16, codebook_size=8)
+
+
+@pytest.mark.parametrize("beam", [None, 3])
+def test_levels_of_different_sizes_match_vector_quantize_pytorch(beam):
+    """Codebooks of 32, 8 and 16 codes (padded with never-chosen NaN rows in the fused op): the same indices,
+    output, codes from indices and state_dict as theirs in eval mode (with beam search too), and the same
+    losses, gradients and EMA codebooks over training steps."""
+    kw = dict(dim=16, codebook_size=(32, 8, 16), beam_size=beam)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    assert [c.shape[0] for c in ours.codebooks] == [32, 8, 16]
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 13, 16)
+    q_t, i_t, _ = theirs(x)
+    q_o, i_o, _ = ours(x)
+    assert int(i_o[..., 1].max()) < 8 and int(i_o[..., 2].max()) < 16 and (i_o >= 0).all()
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_o, rtol=1e-5, atol=1e-5)
+    if beam is not None:  # theirs keeps other beams than ours: here ours reconstructs at least as well
+        assert ((x - q_o) ** 2).sum() <= ((x - q_t) ** 2).sum() + 1e-4
+        return
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+    theirs.train()
+    ours.train()
+    for step in range(3):
+        x_t = torch.randn(3, 11, 16, requires_grad=True)
+        x_o = x_t.detach().clone().requires_grad_()
+        q_t, i_t, l_t = theirs(x_t)
+        q_o, i_o, l_o = ours(x_o)
+        assert torch.equal(i_o, i_t), step
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        q_o.sum().backward()
+        for level in range(3):
+            torch.testing.assert_close(ours.layers[level]._codebook.embed, theirs.layers[level]._codebook.embed,
+                                       rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(l_o).all() and l_o.shape == l_t.shape
 
 
 def test_state_dict_round_trip_shared():

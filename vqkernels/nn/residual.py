@@ -4,6 +4,7 @@ import inspect
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -22,21 +23,18 @@ _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_
 
 
 def _level_sizes(codebook_size, num_quantizers):
-    """(one codebook size, levels) from an int and ``num_quantizers``, or from a per-level sequence (as
+    """Every level's codebook size from one int and ``num_quantizers``, or from a per-level sequence (as
     vector-quantize-pytorch, where the sequence's length is the number of levels)."""
     if isinstance(codebook_size, int):
         if num_quantizers is None:
             raise TypeError("ResidualVQ: num_quantizers is required with one codebook_size "
                             "(or give a size per level)")
-        return codebook_size, num_quantizers
-    sizes = tuple(codebook_size)
+        return (codebook_size,) * num_quantizers
+    sizes = tuple(int(k) for k in codebook_size)
     if num_quantizers is not None and num_quantizers != len(sizes):
         raise ValueError(f"ResidualVQ: num_quantizers={num_quantizers} differs from the {len(sizes)} per-level "
                          f"codebook sizes {sizes}")
-    if len(set(sizes)) != 1:
-        raise ValueError(f"ResidualVQ: per-level codebook sizes must be equal here (got {sizes}); levels of "
-                         "different sizes are not supported by vqkernels")
-    return sizes[0], len(sizes)
+    return sizes
 
 
 class ResidualVQ(nn.Module):
@@ -52,8 +50,9 @@ class ResidualVQ(nn.Module):
     ``rotation_trick``, on the sum); every level's commitment term reaches x (RQ-VAE's loss;
     vector-quantize-pytorch's per-level straight-through lets only the first level's reach x).
 
-    Keywords: ``dim``, ``codebook_size`` (one int, or one per level: a sequence of equal sizes, whose
-    length gives ``num_quantizers``), ``num_quantizers``, ``codebook_dim``, ``shared_codebook``,
+    Keywords: ``dim``, ``codebook_size`` (one int, or one per level: a sequence whose length gives
+    ``num_quantizers``; levels of different sizes run in the same fused op, the smaller codebooks
+    padded with rows of NaN, which are never chosen), ``num_quantizers``, ``codebook_dim``, ``shared_codebook``,
     ``quantize_dropout``, ``quantize_dropout_cutoff_index``, ``quantize_dropout_multiple_of``,
     ``accept_image_fmap``, ``beam_size``, ``eval_beam_size``; every other keyword goes to each level's
     :class:`VectorQuantize` (e.g. ``decay, eps, kmeans_init, threshold_ema_dead_code, commitment_weight,
@@ -67,12 +66,17 @@ class ResidualVQ(nn.Module):
         super().__init__()
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
-        codebook_size, num_quantizers = _level_sizes(codebook_size, num_quantizers)
+        sizes = _level_sizes(codebook_size, num_quantizers)
+        num_quantizers = len(sizes)
         if num_quantizers < 1:
             raise ValueError(f"ResidualVQ: num_quantizers must be >= 1, got {num_quantizers}")
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("ResidualVQ: eval_beam_size needs beam_size")
-        self.dim, self.num_quantizers, self.codebook_size = dim, num_quantizers, codebook_size
+        self.dim, self.num_quantizers, self.codebook_sizes = dim, num_quantizers, sizes
+        self.codebook_size = sizes[0]  # the first level's, as vector-quantize-pytorch's property
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        if shared_codebook and not self.uniform_codebook_size:
+            raise ValueError(f"ResidualVQ: shared_codebook needs one codebook size, got per-level sizes {sizes}")
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
         self.has_projections = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
@@ -80,8 +84,8 @@ class ResidualVQ(nn.Module):
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = kwargs.get("channel_last", True)
         self.layers = nn.ModuleList(
-            VectorQuantize(dim=self.codebook_dim, codebook_size=codebook_size, accept_image_fmap=accept_image_fmap,
-                           **kwargs) for _ in range(num_quantizers))
+            VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
+                           **kwargs) for size in sizes)
         self.shared_codebook = shared_codebook
         if shared_codebook:  # as vector-quantize-pytorch: every level holds the first level's codebook module
             for layer in self.layers[1:]:
@@ -97,8 +101,17 @@ class ResidualVQ(nn.Module):
 
     @property
     def codebooks(self):
-        """[num_quantizers, K, D]."""
-        return torch.stack([layer._codebook.embed[0] for layer in self.layers])
+        """[num_quantizers, K, D]; with per-level sizes a tuple of each level's [K_l, D] (as vector-quantize-pytorch)."""
+        codebooks = tuple(layer._codebook.embed[0] for layer in self.layers)
+        return torch.stack(codebooks) if self.uniform_codebook_size else codebooks
+
+    def _stacked_codebooks(self, levels):
+        """The first ``levels`` codebooks as one [levels, max K, D] tensor for the fused op, smaller ones padded
+        with NaN rows (never chosen)."""
+        embeds = [layer._codebook.embed[0] for layer in self.layers[:levels]]
+        k = max(e.shape[0] for e in embeds)
+        return torch.stack([e if e.shape[0] == k else F.pad(e, (0, 0, 0, k - e.shape[0]), value=float("nan"))
+                            for e in embeds])
 
     def _levels_this_step(self):
         """Levels to run: all, or in training with quantize dropout a random prefix (drawn on
@@ -144,7 +157,7 @@ class ResidualVQ(nn.Module):
             if updates and self.learnable_codebook:
                 codebooks = codebooks.clone()  # the levels' updates write the shared Parameter in place
         else:
-            codebooks = torch.stack([layer._codebook.embed[0] for layer in self.layers[:levels]])
+            codebooks = self._stacked_codebooks(levels)
             codebooks = codebooks if learn else codebooks.detach()
         q, idx, commit, codebook_loss = ops.residual_quantize(rows, codebooks, levels, beam_size or 1)
         if self.training:
