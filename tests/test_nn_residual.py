@@ -262,3 +262,17 @@ def test_compiled_training_matches_eager(kw):
     batches = [torch.randn(2, 24, 8, generator=g) for _ in range(3)]
     assert_compiled_training_matches_eager(
         lambda: ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, rotation_trick=False, **kw), batches)
+
+
+def test_levels_of_different_sizes_learn_by_gradient():
+    """A learned codebook per level of different sizes: the NaN padding never reaches a loss or a gradient."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, codebook_size=(16, 4, 8), learnable_codebook=True, ema_update=False,
+                     rotation_trick=False).train()
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    q, _, losses = rvq(x)
+    (q.sum() + losses.sum()).backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(x.grad).all()
+    for layer in rvq.layers:
+        grad = layer._codebook.embed.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
