@@ -198,6 +198,9 @@ LFQ_CASES = {
     "forced-projections-keep-dim": (dict(dim=5, has_projections=True, keep_num_codebooks_dim=True,
                                          commitment_loss_weight=1.0), (4, 9, 5)),
     "channel-first-3d": (dict(dim=7, channel_first=True, codebook_scale=2.0), (2, 7, 12)),
+    "spherical": (dict(dim=8, spherical=True), (2, 33, 8)),
+    "spherical-scaled-2-codebooks-commit": (dict(dim=12, codebook_size=2 ** 5, num_codebooks=2, spherical=True,
+                                                 codebook_scale=1.5, commitment_loss_weight=0.25), (2, 17, 12)),
 }
 
 
@@ -294,16 +297,39 @@ def test_lfq_state_dict_round_trip():
 
 @pytest.mark.parametrize("kwargs, option", [
     (dict(straight_through_activation=torch.nn.Tanh()), "straight_through_activation"),
-    (dict(frac_per_sample_entropy=0.5), "frac_per_sample_entropy"),
     (dict(cosine_sim_project_in=True), "cosine_sim_project_in"),
     (dict(cosine_sim_project_in_scale=2.0), "cosine_sim_project_in_scale"),
-    (dict(spherical=True), "spherical"),
     (dict(orthogonal_rotation=True), "orthogonal_rotation"),
     (dict(force_quantization_f32=False), "force_quantization_f32"),
 ])
 def test_lfq_rejects_unsupported_options(kwargs, option):
     with pytest.raises(ValueError, match=rf"vqkernels\.nn\.LFQ: {option}=.* is not supported"):
         LFQ(dim=8, **kwargs)
+
+
+def test_lfq_frac_per_sample_entropy_matches_vqp_in_distribution():
+    """frac_per_sample_entropy < 1 (stochastic): both entropies read a random share of the tokens each step. Over
+    many steps the breakdown's mean and spread match theirs (their clamp puts their per-sample entropy a little
+    lower, by at most aux_loss_tolerance's clamp term), the quantized output and indices do not change, and the
+    subset's batch entropy is lower on average than the whole batch's (fewer tokens spread over the codes)."""
+    kwargs = dict(dim=6, frac_per_sample_entropy=0.25)
+    theirs, ours = pair(vqp.LFQ, LFQ, kwargs)
+    full = LFQ(dim=6).train()
+    x = torch.randn(2, 48, 6, generator=gen(8))
+    draws = {}
+    for name, layer in (("theirs", theirs.train()), ("ours", ours.train())):
+        torch.manual_seed(9)
+        out = [layer(x, inv_temperature=1.0, return_loss_breakdown=True) for _ in range(300)]
+        assert all(torch.equal(o[0].indices, out[0][0].indices) for o in out)
+        draws[name] = torch.tensor([[float(o[1].per_sample_entropy.detach()), float(o[1].batch_entropy.detach())]
+                                    for o in out])
+    _, clamp = aux_loss_tolerance(ours, 6)
+    sem = (draws["theirs"].std(0) + draws["ours"].std(0)) / math.sqrt(300)
+    gap = draws["ours"].mean(0) - draws["theirs"].mean(0)
+    assert (draws["ours"].std(0) > 0).all()
+    assert -4 * sem[0] <= gap[0] <= clamp + 4 * sem[0] and abs(gap[1]) <= 4 * sem[1], (gap, sem)
+    whole = float(full(x, inv_temperature=1.0, return_loss_breakdown=True)[1].batch_entropy)
+    assert draws["ours"][:, 1].mean() < whole
 
 
 def test_lfq_accepts_identity_activation():

@@ -36,9 +36,14 @@ class LFQ(nn.Module):
     clamp are the same. The codes are exactly +-codebook_scale also in training (there
     x + (q - x).detach(), which can differ from q in the last bit).
 
+    ``spherical`` (binary spherical quantization, arXiv:2406.07548): the inputs are l2-normalised per
+    codebook and scaled by ``codebook_scale``, the codes are +-codebook_scale / sqrt(d), and the
+    entropy reads the normalised codebook. ``frac_per_sample_entropy`` < 1: both entropies read a
+    random subset of that share of the tokens each step (drawn on the device with a permutation, so
+    nothing is read back); this module needs it for no memory saving, it is there for parity.
+
     Not supported (ValueError when set): ``straight_through_activation`` other than identity,
-    ``frac_per_sample_entropy`` < 1 (a memory saving this module does not need),
-    ``cosine_sim_project_in``, ``spherical``, ``orthogonal_rotation``,
+    ``cosine_sim_project_in``, ``orthogonal_rotation``,
     ``force_quantization_f32=False``, and ``forward``'s ``mask`` (vector-quantize-pytorch 1.32.0
     flattens the codebook axis into the tokens there, so its masked batch entropy equals the
     per-sample one: there is no sound behaviour to match). The inputs may have any rank. A token
@@ -57,15 +62,10 @@ class LFQ(nn.Module):
         if not 0 < frac_per_sample_entropy <= 1:
             raise ValueError(f"vqkernels.nn.LFQ: frac_per_sample_entropy must be in (0, 1], got "
                              f"{frac_per_sample_entropy}")
-        if frac_per_sample_entropy < 1:
-            _reject("frac_per_sample_entropy", frac_per_sample_entropy,
-                    "the entropy never holds the tokens x codes matrix that sampling would shrink")
         if cosine_sim_project_in:
             _reject("cosine_sim_project_in", cosine_sim_project_in, "only a linear project_in is implemented")
         if cosine_sim_project_in_scale is not None:
             _reject("cosine_sim_project_in_scale", cosine_sim_project_in_scale, "it needs cosine_sim_project_in")
-        if spherical:
-            _reject("spherical", spherical, "only the plain sign codes are implemented")
         if orthogonal_rotation:
             _reject("orthogonal_rotation", orthogonal_rotation, "no rotation is implemented")
         if not force_quantization_f32:
@@ -109,6 +109,7 @@ class LFQ(nn.Module):
         self.entropy_loss_offset = entropy_loss_offset
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.frac_per_sample_entropy = frac_per_sample_entropy
+        self.spherical = spherical
         self.force_quantization_f32 = force_quantization_f32
         # bit weights of the index, the first code dimension the top bit (persistent, as there)
         self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
@@ -119,14 +120,23 @@ class LFQ(nn.Module):
         """The dtype of codes made from indices (float32 unless the module was converted)."""
         return self.zero.dtype
 
-    def _codes_of(self, indices):
-        """[..., codebook_dim] codes +-codebook_scale of integer indices [...]."""
+    def _code_value(self):
+        """The codes' magnitude: codebook_scale, or with ``spherical`` the l2-normalised code times
+        codebook_scale, rounded as vector-quantize-pytorch's float32 l2norm gives it (~ codebook_scale / sqrt(d))."""
+        if not self.spherical:
+            return self.codebook_scale
+        code = torch.full((self.codebook_dim,), float(self.codebook_scale))
+        return float(F.normalize(code, dim=-1)[0] * self.codebook_scale)
+
+    def _codes_of(self, indices, value=None):
+        """[..., codebook_dim] codes (+-``value``, codebook_scale by default) of integer indices [...]."""
         bits = (indices.unsqueeze(-1).long() & self.mask) != 0
-        return (bits.to(self.dtype) * 2 - 1) * self.codebook_scale
+        return (bits.to(self.dtype) * 2 - 1) * (self.codebook_scale if value is None else value)
 
     @property
     def codebook(self):
-        """All codebook_size codes [codebook_size, codebook_dim], built on request (not stored)."""
+        """All codebook_size codes [codebook_size, codebook_dim] (+-codebook_scale, also with ``spherical``, as
+        there), built on request (not stored)."""
         return self._codes_of(torch.arange(self.codebook_size, device=self.mask.device))
 
     def indices_to_codes(self, indices, project_out=True):
@@ -135,7 +145,7 @@ class LFQ(nn.Module):
         should_transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        codes = self._codes_of(indices).flatten(-2)
+        codes = self._codes_of(indices, self._code_value()).flatten(-2)
         if project_out:
             codes = self.project_out(codes)
         if should_transpose:
@@ -159,12 +169,17 @@ class LFQ(nn.Module):
         lead = x.shape[:-1]
         orig_dtype = x.dtype
         tokens = x.float().reshape(-1, self.num_codebooks, self.codebook_dim)
-        codes, indices, commit_loss = ops.lfq_quantize(tokens.reshape(-1, self.codebook_dim), self.codebook_scale)
+        if self.spherical:
+            tokens = F.normalize(tokens, dim=-1) * self.codebook_scale
+        codes, indices, commit_loss = ops.lfq_quantize(tokens.reshape(-1, self.codebook_dim), self._code_value())
         if not self.training:
             codes = codes.detach()  # as there: in eval the output carries no gradient to x
 
         if self.training:
-            terms = [ops.lfq_entropy(tokens[:, c], inv_temperature * self.codebook_scale)
+            if self.frac_per_sample_entropy < 1:
+                keep = int(tokens.shape[0] * self.frac_per_sample_entropy)
+                tokens = tokens[torch.randperm(tokens.shape[0], device=tokens.device)[:keep]]
+            terms = [ops.lfq_entropy(tokens[:, c], inv_temperature * self._code_value())
                      for c in range(self.num_codebooks)]
             per_sample_entropy = torch.stack([t[0] for t in terms]).mean()
             codebook_entropy = torch.stack([t[1] for t in terms]).mean()
