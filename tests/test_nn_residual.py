@@ -276,3 +276,22 @@ def test_levels_of_different_sizes_learn_by_gradient():
     for layer in rvq.layers:
         grad = layer._codebook.embed.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_video_fmap_is_the_token_layout():
+    """accept_3d_fmap reaches ResidualVQ's own layout (not only its levels): [B, C, T, H, W] gives the same codes as
+    the flattened tokens, indices [B, T, H, W, levels], and get_output_from_indices gives the output back;
+    GroupedResidualVQ splits the channels."""
+    torch.manual_seed(0)
+    video = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, accept_3d_fmap=True).eval()
+    tokens = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16).eval()
+    tokens.load_state_dict(video.state_dict())
+    x = torch.randn(2, 8, 3, 4, 5)
+    q, idx, _ = video(x)
+    q_tok, idx_tok, _ = tokens(x.flatten(2).transpose(1, 2))
+    assert q.shape == x.shape and idx.shape == (2, 3, 4, 5, 2)
+    assert torch.equal(idx.reshape(2, -1, 2), idx_tok)
+    torch.testing.assert_close(q, q_tok.transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(video.get_output_from_indices(idx), q)
+    grouped = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=16, accept_3d_fmap=True).eval()
+    assert grouped(x)[0].shape == x.shape

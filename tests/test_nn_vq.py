@@ -110,10 +110,31 @@ def test_orthogonal_reg_max_codes_is_a_random_subset():
                - draws["ours"].mean()) > 3 * draws["ours"].std() / 20
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_video_fmap_matches_vector_quantize_pytorch(heads):
+    """accept_3d_fmap: [B, C, T, H, W] in and out, indices [B, T, H, W(, heads)], equal to theirs, and the same
+    as quantizing the tokens the video flattens to (eval; a training step's losses and codebooks too)."""
+    kw = dict(dim=16, codebook_size=32, heads=heads, codebook_dim=8, accept_3d_fmap=True, rotation_trick=False)
+    theirs, ours = _pair(kw)
+    x = torch.randn(2, 16, 3, 4, 5)
+    for mode in ("eval", "train"):
+        getattr(theirs, mode)(), getattr(ours, mode)()
+        q_t, i_t, l_t = theirs(x)
+        q_o, i_o, l_o = ours(x)
+        assert q_o.shape == x.shape and i_o.shape == (2, 3, 4, 5) + ((heads,) if heads > 1 else ())
+        assert torch.equal(i_o, i_t), mode
+        torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours._codebook.embed, theirs._codebook.embed, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"accept_3d_fmap expects \[B, C, T, H, W\]"):
+        ours(torch.randn(2, 16, 4, 5))
+
+
 _LAYOUTS = {"tokens": lambda d: torch.randn(2, 7, d), "channel_first": lambda d: torch.randn(2, d, 7),
-            "image": lambda d: torch.randn(2, d, 5, 6), "one_token": lambda d: torch.randn(3, d)}
+            "image": lambda d: torch.randn(2, d, 5, 6), "video": lambda d: torch.randn(2, d, 3, 4, 2),
+            "one_token": lambda d: torch.randn(3, d)}
 _LAYOUT_KW = {"tokens": {}, "channel_first": dict(channel_last=False), "image": dict(accept_image_fmap=True),
-              "one_token": {}}
+              "video": dict(accept_3d_fmap=True), "one_token": {}}
 
 
 @pytest.mark.parametrize("layout", list(_LAYOUTS))

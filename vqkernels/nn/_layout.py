@@ -1,19 +1,22 @@
 """Input layouts of the quantizer layers: tokens [B, N, D] (channel-last), [B, D, N]
-(``channel_last=False``), image feature maps [B, C, H, W] (``accept_image_fmap``), or a
-single token per sample [B, D]. Everything is quantized as rows of a [B, N, D] view."""
+(``channel_last=False``), image feature maps [B, C, H, W] (``accept_image_fmap``), video feature
+maps [B, C, T, H, W] (``accept_3d_fmap``), or a single token per sample [B, D]. Everything is
+quantized as rows of a [B, N, D] view."""
 
 
 class Layout:
     """Moves an input to tokens [B, N, D] and results back to the input's layout."""
 
-    def __init__(self, owner, x, dim, accept_image_fmap=False, channel_last=True):
-        self.image = accept_image_fmap
-        self.only_one = not accept_image_fmap and x.dim() == 2
-        self.transposed = not accept_image_fmap and not channel_last and not self.only_one
+    def __init__(self, owner, x, dim, accept_image_fmap=False, channel_last=True, accept_3d_fmap=False):
+        self.image = accept_image_fmap or accept_3d_fmap
+        self.only_one = not self.image and x.dim() == 2
+        self.transposed = not self.image and not channel_last and not self.only_one
         if self.image:
-            if x.dim() != 4:
-                raise ValueError(f"{owner}: accept_image_fmap expects [B, C, H, W] inputs, got shape {tuple(x.shape)}")
-            self.hw = tuple(x.shape[-2:])
+            rank, option = (5, "accept_3d_fmap expects [B, C, T, H, W]") if accept_3d_fmap else \
+                (4, "accept_image_fmap expects [B, C, H, W]")
+            if x.dim() != rank:
+                raise ValueError(f"{owner}: {option} inputs, got shape {tuple(x.shape)}")
+            self.hw = tuple(x.shape[2:])
         elif not self.only_one and x.dim() != 3:
             raise ValueError(f"{owner}: expects [B, N, D] (or [B, D, N] with channel_last=False, or [B, D]) inputs, "
                              f"got shape {tuple(x.shape)}")
@@ -37,7 +40,7 @@ class Layout:
         return t.transpose(1, 2) if self.transposed else t
 
     def indices(self, idx):
-        """[B, N, ...] -> [B, H, W, ...] for images, [B, ...] for single tokens."""
+        """[B, N, ...] -> [B, H, W, ...] for images ([B, T, H, W, ...] for videos), [B, ...] for single tokens."""
         if self.image:
             return idx.reshape(idx.shape[0], *self.hw, *idx.shape[2:])
         if self.only_one:

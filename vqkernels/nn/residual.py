@@ -82,6 +82,7 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = kwargs.get("accept_3d_fmap", False)  # the levels take it too (and check it)
         self.channel_last = kwargs.get("channel_last", True)
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
@@ -140,7 +141,7 @@ class ResidualVQ(nn.Module):
                            dict(mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                                 rand_quantize_dropout_fixed_seed=None))
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last)
+        layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
         rows = self.project_in(tokens).reshape(-1, self.codebook_dim)
@@ -195,7 +196,7 @@ class ResidualVQ(nn.Module):
     def get_output_from_indices(self, indices):
         """The layer's output for ``indices`` [..., num_quantizers]: summed codes, out projection."""
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
-        if self.accept_image_fmap or not self.channel_last:
+        if self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last:
             out = out.movedim(-1, 1)
         return out
 
@@ -219,7 +220,8 @@ class GroupedResidualVQ(nn.Module):
 
     @property
     def split_dim(self):
-        return 1 if self.accept_image_fmap or not self.rvqs[0].channel_last else -1
+        first = self.rvqs[0]
+        return 1 if first.accept_image_fmap or first.accept_3d_fmap or not first.channel_last else -1
 
     def forward(self, x, **kwargs):
         if x.shape[self.split_dim] != self.dim:

@@ -14,7 +14,7 @@ from .codebook import Codebook
 
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
-    layernorm_after_project_in=False, accept_3d_fmap=False, sync_kmeans=True,
+    layernorm_after_project_in=False, sync_kmeans=True,
     commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False, directional_reparam=False,
     directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None, manual_ema_update=False,
@@ -65,7 +65,8 @@ class VectorQuantize(nn.Module):
 
     ``forward(x)`` returns ``(quantized, indices, loss)`` with vector-quantize-pytorch's shapes:
     x [B, N, dim] (channel-last), [B, dim, N] with ``channel_last=False``, [B, dim, H, W] with
-    ``accept_image_fmap=True``, or [B, dim]; indices [B, N] (or [B, H, W], [B]), with a trailing
+    ``accept_image_fmap=True``, [B, dim, T, H, W] with ``accept_3d_fmap=True`` (video), or [B, dim];
+    indices [B, N] (or [B, H, W], [B, T, H, W], [B]), with a trailing
     head dimension when ``heads > 1``. ``loss`` is ``commitment_weight`` times the commitment
     loss in training and 0 in eval mode.
 
@@ -87,7 +88,8 @@ class VectorQuantize(nn.Module):
 
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
                  eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, use_cosine_sim=False,
-                 threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, commitment_weight=1.0,
+                 threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, accept_3d_fmap=False,
+                 commitment_weight=1.0,
                  rotation_trick=None, sync_codebook=None, ema_update=None, learnable_codebook=None,
                  orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                  frozen_codebook=None, **unsupported):
@@ -132,7 +134,9 @@ class VectorQuantize(nn.Module):
         self.rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
-        self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("VectorQuantize: accept_image_fmap and accept_3d_fmap exclude each other")
+        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
         self.use_cosine_sim = use_cosine_sim
         sync = _dist.distributed_ready() if sync_codebook is None else sync_codebook
         self._codebook = Codebook(self.codebook_dim, codebook_size,
@@ -173,7 +177,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x, freeze_codebook=None, return_loss_breakdown=False, **unsupported):
         reject_unsupported("VectorQuantize.forward", unsupported, _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last)
+        layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
         cb = self._codebook
@@ -221,7 +225,7 @@ class VectorQuantize(nn.Module):
         return embed[0][indices]
 
     def _channel_first(self):
-        return self.accept_image_fmap or not self.channel_last
+        return self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last
 
     def get_codes_from_indices(self, indices):
         """The codes (before the out projection) of ``indices`` as returned by forward, in the
