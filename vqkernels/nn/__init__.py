@@ -10,8 +10,9 @@ from .gumbel import GumbelQuantize
 from .lfq import LFQ
 from .multiscale import MultiScaleVQ
 from .residual import GroupedResidualVQ, ResidualVQ
+from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ",
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ",
            "VectorQuantizer", "minilm_word_embeddings"]

@@ -22,6 +22,16 @@ _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_
                    - {"unsupported"} - set(_RVQ_UNSUPPORTED))
 
 
+def dropout_levels(num_quantizers, cutoff_index, multiple_of, rng=random):
+    """Quantize dropout's number of levels to run this step: a random prefix ending at or after
+    ``cutoff_index``, rounded up to a multiple of ``multiple_of`` (drawn on the host with Python's random,
+    or ``rng``, so no tensor is read back)."""
+    last = rng.randrange(cutoff_index, num_quantizers)
+    if multiple_of != 1:
+        last = min(num_quantizers, (last + 1 + multiple_of - 1) // multiple_of * multiple_of) - 1
+    return last + 1
+
+
 def _level_sizes(codebook_size, num_quantizers):
     """Every level's codebook size from one int and ``num_quantizers``, or from a per-level sequence (as
     vector-quantize-pytorch, where the sequence's length is the number of levels)."""
@@ -115,15 +125,10 @@ class ResidualVQ(nn.Module):
                             for e in embeds])
 
     def _levels_this_step(self):
-        """Levels to run: all, or in training with quantize dropout a random prefix (drawn on
-        the host with Python's random, so no tensor is read back)."""
+        """Levels to run: all, or in training with quantize dropout a random prefix."""
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers
-        last = random.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
-        m = self.quantize_dropout_multiple_of
-        if m != 1:
-            last = min(self.num_quantizers, (last + 1 + m - 1) // m * m) - 1
-        return last + 1
+        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of)
 
     @torch.no_grad()
     def _kmeans_init_levels(self, rows):
@@ -193,26 +198,28 @@ class ResidualVQ(nn.Module):
             codes.append(c.masked_fill((i < 0).unsqueeze(-1), 0.0))
         return torch.stack(codes)
 
+    @property
+    def channel_first(self):
+        """Whether inputs and outputs carry the features on dim 1."""
+        return self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last
+
     def get_output_from_indices(self, indices):
         """The layer's output for ``indices`` [..., num_quantizers]: summed codes, out projection."""
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
-        if self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last:
-            out = out.movedim(-1, 1)
-        return out
+        return out.movedim(-1, 1) if self.channel_first else out
 
 
-class GroupedResidualVQ(nn.Module):
-    """``groups`` independent :class:`ResidualVQ` over equal slices of the feature dimension
-    (vector-quantize-pytorch's ``GroupedResidualVQ``). Returns ``(quantized, indices [groups, ...,
-    num_quantizers], losses [groups, num_quantizers])``."""
+class Grouped(nn.Module):
+    """``groups`` independent residual quantizers (``make(dim // groups)``) over equal slices of the feature
+    dimension: their outputs side by side, their other results stacked (indices [groups, ...], ...)."""
 
-    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+    def __init__(self, owner, make, dim, groups):
         super().__init__()
         if dim % groups:
-            raise ValueError(f"GroupedResidualVQ: dim={dim} is not divisible by groups={groups}")
-        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-                                  for _ in range(groups))
+            raise ValueError(f"{owner}: dim={dim} is not divisible by groups={groups}")
+        self.owner, self.dim, self.groups = owner, dim, groups
+        self.rvqs = nn.ModuleList(make(dim // groups) for _ in range(groups))
+        self.codebook_size = self.rvqs[0].codebook_size
 
     @property
     def codebooks(self):
@@ -220,16 +227,15 @@ class GroupedResidualVQ(nn.Module):
 
     @property
     def split_dim(self):
-        first = self.rvqs[0]
-        return 1 if first.accept_image_fmap or first.accept_3d_fmap or not first.channel_last else -1
+        return 1 if self.rvqs[0].channel_first else -1
 
     def forward(self, x, **kwargs):
         if x.shape[self.split_dim] != self.dim:
-            raise ValueError(f"GroupedResidualVQ: expected {self.dim} features on dim {self.split_dim}, "
+            raise ValueError(f"{self.owner}: expected {self.dim} features on dim {self.split_dim}, "
                              f"got shape {tuple(x.shape)}")
         outs = [rvq(chunk, **kwargs) for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))]
-        quantized, indices, losses = zip(*outs)
-        return torch.cat(quantized, dim=self.split_dim), torch.stack(indices), torch.stack(losses)
+        quantized, *rest = zip(*outs)
+        return (torch.cat(quantized, dim=self.split_dim), *(torch.stack(r) for r in rest))
 
     def get_codes_from_indices(self, indices):
         return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
@@ -237,3 +243,14 @@ class GroupedResidualVQ(nn.Module):
     def get_output_from_indices(self, indices):
         return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)],
                          dim=self.split_dim)
+
+
+class GroupedResidualVQ(Grouped):
+    """``groups`` independent :class:`ResidualVQ` over equal slices of the feature dimension
+    (vector-quantize-pytorch's ``GroupedResidualVQ``). Returns ``(quantized, indices [groups, ...,
+    num_quantizers], losses [groups, num_quantizers])``."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__("GroupedResidualVQ", lambda d: ResidualVQ(dim=d, accept_image_fmap=accept_image_fmap, **kwargs),
+                         dim, groups)
+        self.accept_image_fmap = accept_image_fmap

@@ -1,0 +1,105 @@
+"""vqkernels.nn.ResidualFSQ / GroupedResidualFSQ as drop-ins for vector-quantize-pytorch 1.32.0's: the same
+outputs, indices, codes, gradients and state_dict; quantize dropout; torch.compile."""
+
+import pytest
+import torch
+import vector_quantize_pytorch as vqp
+
+from vq_helpers import gen, vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
+from vqkernels.nn import GroupedResidualFSQ, ResidualFSQ
+
+CASES = {
+    "default": (dict(levels=[8, 5, 5, 5], num_quantizers=3), (2, 9, 4)),
+    "projections": (dict(levels=[7, 5, 4], num_quantizers=2, dim=12), (3, 6, 12)),
+    "channel-first-image": (dict(levels=[6, 5], num_quantizers=4, dim=5, is_channel_first=True), (2, 5, 3, 4)),
+    "tanh-bound": (dict(levels=[8, 6, 5], num_quantizers=3, bound_hard_clamp=False), (2, 7, 3)),
+    "tanh-soft-clamp": (dict(levels=[5, 5], num_quantizers=2, bound_hard_clamp=False, soft_clamp_input_value=1.5),
+                        (2, 7, 2)),
+}
+
+
+def _pair(cls_theirs, cls_ours, kw):
+    torch.manual_seed(0)
+    theirs = cls_theirs(**kw)
+    ours = cls_ours(**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    return theirs, ours
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_vector_quantize_pytorch(case, mode):
+    """Indices equal; outputs, every level's codes and input / parameter gradients equal to float32 rounding."""
+    kw, shape = CASES[case]
+    theirs, ours = _pair(vqp.ResidualFSQ, ResidualFSQ, kw)
+    getattr(theirs, mode)(), getattr(ours, mode)()
+    x = torch.randn(shape, generator=gen(1)) * 1.5
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_t, i_t, codes_t = theirs(xa, return_all_codes=True)
+    q_o, i_o, codes_o = ours(xb, return_all_codes=True)
+    assert i_o.dtype == i_t.dtype and torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    if kw.get("is_channel_first"):  # theirs reads [b, q, h, w] indices as if q were last: ours are [q, b, h, w, d]
+        assert codes_o.shape == (kw["num_quantizers"], shape[0], *shape[2:], len(kw["levels"]))
+        torch.testing.assert_close(ours.project_out(codes_o.sum(0)).movedim(-1, 1), q_o.detach(), rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(codes_o, codes_t, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.codebooks, theirs.codebooks)
+    g = torch.randn(q_t.shape, generator=gen(2))
+    (q_t * g).sum().backward()
+    (q_o * g).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for (name, pa), pb in zip(theirs.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    if not kw.get("is_channel_first"):
+        torch.testing.assert_close(ours.get_output_from_indices(i_o), q_o.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_dropout_with_a_fixed_seed_matches_theirs():
+    """The same seed drops the same levels (-1 indices, zero codes) as theirs; without a seed the kept prefix
+    varies between steps and never ends before the cutoff."""
+    kw = dict(levels=[8, 5, 5], num_quantizers=4, quantize_dropout=True, quantize_dropout_cutoff_index=1)
+    theirs, ours = _pair(vqp.ResidualFSQ, ResidualFSQ, kw)
+    theirs.train(), ours.train()
+    x = torch.randn(2, 6, 3, generator=gen(3))
+    for seed in range(6):
+        q_t, i_t = theirs(x, rand_quantize_dropout_fixed_seed=seed)
+        q_o, i_o = ours(x, rand_quantize_dropout_fixed_seed=seed)
+        assert torch.equal(i_o, i_t), seed
+        torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    kept = {int((ours(x)[1][0, 0] >= 0).sum()) for _ in range(40)}
+    assert kept == {2, 3, 4}
+
+
+def test_grouped_matches_vector_quantize_pytorch():
+    kw = dict(dim=8, groups=2, levels=[8, 5, 5, 5], num_quantizers=2)
+    theirs, ours = _pair(vqp.GroupedResidualFSQ, GroupedResidualFSQ, kw)
+    theirs.eval(), ours.eval()
+    x = torch.randn(2, 7, 8, generator=gen(4))
+    q_t, i_t = theirs(x)
+    q_o, i_o = ours(x)
+    assert torch.equal(i_o, i_t) and i_o.shape == (2, 2, 7, 2)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_t, rtol=1e-6, atol=1e-6)
+    image = GroupedResidualFSQ(dim=8, groups=2, levels=[5, 5, 5, 5], num_quantizers=2, accept_image_fmap=True).eval()
+    q, idx = image(torch.randn(2, 8, 3, 4, generator=gen(5)))
+    assert q.shape == (2, 8, 3, 4) and idx.shape == (2, 2, 2, 3, 4)
+
+
+def test_compiled_training_matches_eager():
+    from nn_helpers import assert_compiled_training_matches_eager
+    g = torch.Generator().manual_seed(6)
+    batches = [torch.randn(2, 12, 16, generator=g) for _ in range(3)]
+    assert_compiled_training_matches_eager(lambda: ResidualFSQ(levels=[8, 5, 5], num_quantizers=3, dim=16), batches)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(levels=[8, 1], num_quantizers=2), "at least 2"),
+    (dict(levels=[8, 5], num_quantizers=0), "num_quantizers must be >= 1"),
+    (dict(levels=[8, 5], num_quantizers=2, quantize_dropout_cutoff_index=2), "cutoff_index"),
+    (dict(levels=[8, 5], num_quantizers=2, soft_clamp_input_value=2.0), "bound_hard_clamp sets"),
+])
+def test_bad_configurations(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ResidualFSQ(**kw)
