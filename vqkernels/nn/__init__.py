@@ -10,9 +10,10 @@ from .gumbel import GumbelQuantize
 from .lfq import LFQ
 from .multiscale import MultiScaleVQ
 from .residual import GroupedResidualVQ, ResidualVQ
-from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_scalar import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "GumbelQuantize", "MultiScaleVQ",
+__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
+           "ResidualLFQ", "GroupedResidualLFQ", "GumbelQuantize", "MultiScaleVQ",
            "VectorQuantizer", "minilm_word_embeddings"]

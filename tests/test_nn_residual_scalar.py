@@ -1,4 +1,4 @@
-"""vqkernels.nn.ResidualFSQ / GroupedResidualFSQ as drop-ins for vector-quantize-pytorch 1.32.0's: the same
+"""vqkernels.nn.ResidualFSQ, ResidualLFQ and their grouped forms as drop-ins for vector-quantize-pytorch 1.32.0's: the same
 outputs, indices, codes, gradients and state_dict; quantize dropout; torch.compile."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import vector_quantize_pytorch as vqp
 
 from vq_helpers import gen, vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
-from vqkernels.nn import GroupedResidualFSQ, ResidualFSQ
+from vqkernels.nn import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 
 CASES = {
     "default": (dict(levels=[8, 5, 5, 5], num_quantizers=3), (2, 9, 4)),
@@ -103,3 +103,63 @@ def test_compiled_training_matches_eager():
 def test_bad_configurations(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         ResidualFSQ(**kw)
+
+
+# ---------------------------------------------------------------------------------------
+# ResidualLFQ
+
+LFQ_CASES = {
+    "default": (dict(dim=6, num_quantizers=3, codebook_size=2 ** 6), (2, 17, 6)),
+    "projections-commit": (dict(dim=10, num_quantizers=2, codebook_size=2 ** 5, commitment_loss_weight=0.25), (2, 9, 10)),
+    "soft-clamp": (dict(dim=5, num_quantizers=3, codebook_size=2 ** 5, soft_clamp_input_value=2.0), (3, 7, 5)),
+}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("case", LFQ_CASES)
+def test_residual_lfq_matches_vector_quantize_pytorch(case, mode):
+    """Indices equal, outputs and codes to float32 rounding, the per-level aux losses within LFQ's bound (our
+    per-sample entropy is the exact one, theirs clamps code probabilities at 1e-5: at most 2**d * 1e-5 / e
+    higher, times entropy_loss_weight), gradients of the output within float32 rounding."""
+    kw, shape = LFQ_CASES[case]
+    theirs, ours = _pair(vqp.ResidualLFQ, ResidualLFQ, kw)
+    getattr(theirs, mode)(), getattr(ours, mode)()
+    x = torch.randn(shape, generator=gen(7))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_t, i_t, l_t, codes_t = theirs(xa, return_all_codes=True)
+    q_o, i_o, l_o, codes_o = ours(xb, return_all_codes=True)
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(codes_o, codes_t)
+    torch.testing.assert_close(ours.codebooks, theirs.codebooks)
+    assert l_o.shape == l_t.shape == (kw["num_quantizers"],)
+    bound = 0.1 * (2 ** 6 * 1e-5 / 2.718 + 3e-5) + 1e-6
+    assert ((l_o - l_t).abs() <= bound).all(), (l_o, l_t)
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_o.detach(), rtol=1e-6, atol=1e-6)
+    assert q_o.requires_grad == q_t.requires_grad  # in eval, LFQ's codes carry no gradient (as there)
+    if mode == "train":
+        g = torch.randn(q_t.shape, generator=gen(8))
+        (q_t * g).sum().backward()
+        (q_o * g).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_lfq_dropout_grouped_and_bad_inputs():
+    kw = dict(dim=6, num_quantizers=3, codebook_size=2 ** 6, quantize_dropout=True)
+    theirs, ours = _pair(vqp.ResidualLFQ, ResidualLFQ, kw)
+    theirs.train(), ours.train()
+    x = torch.randn(2, 5, 6, generator=gen(9))
+    for seed in range(5):
+        assert torch.equal(ours(x, rand_quantize_dropout_fixed_seed=seed)[1],
+                           theirs(x, rand_quantize_dropout_fixed_seed=seed)[1])
+    gkw = dict(dim=8, groups=2, num_quantizers=2, codebook_size=2 ** 4)
+    g_theirs, g_ours = _pair(vqp.GroupedResidualLFQ, GroupedResidualLFQ, gkw)
+    g_theirs.eval(), g_ours.eval()
+    xg = torch.randn(2, 5, 8, generator=gen(10))
+    (q_t, i_t, _), (q_o, i_o, _) = g_theirs(xg), g_ours(xg)
+    assert torch.equal(i_o, i_t) and i_o.shape == (2, 2, 5, 2)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mask is not supported"):
+        ours(x, mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="power of 2"):
+        ResidualLFQ(dim=6, num_quantizers=2, codebook_size=48)

@@ -1,0 +1,224 @@
+"""Residual scalar quantizers, vector-quantize-pytorch's (1.32.0): ``ResidualFSQ`` / ``GroupedResidualFSQ`` on
+:class:`vqkernels.nn.FSQ` (the fused :func:`vqkernels.fsq_quantize`) and ``ResidualLFQ`` / ``GroupedResidualLFQ``
+on :class:`vqkernels.nn.LFQ` (:func:`vqkernels.lfq_quantize` and :func:`vqkernels.lfq_entropy`)."""
+
+import random
+
+import torch
+from torch import nn
+
+from ._layout import ChannelFirst
+from .fsq import FSQ
+from .lfq import LFQ
+from .residual import Grouped, dropout_levels
+
+
+class _ResidualLevels(nn.Module):
+    """What the residual scalar quantizers share: projections, ``layers`` quantizing in turn what the previous
+    ones left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
+    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes)."""
+
+    def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
+        if num_quantizers < 1:
+            raise ValueError(f"vqkernels.nn.{owner}: num_quantizers must be >= 1, got {num_quantizers}")
+        if not 0 <= cutoff_index < num_quantizers:
+            raise ValueError(f"vqkernels.nn.{owner}: quantize_dropout_cutoff_index must be in [0, "
+                             f"{num_quantizers}), got {cutoff_index}")
+        self.dim = codebook_dim if dim is None else dim
+        self.has_projections = self.dim != codebook_dim
+        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.num_quantizers = num_quantizers
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = cutoff_index
+        self.quantize_dropout_multiple_of = multiple_of
+
+    def _levels_this_step(self, seed):
+        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+            return self.num_quantizers
+        rng = random if seed is None else random.Random(seed)
+        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
+                              self.quantize_dropout_multiple_of, rng)
+
+    def _quantize(self, x, seed):
+        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
+        levels = self._levels_this_step(seed)
+        residual, out, indices, losses = x, 0.0, [], []
+        for level in range(self.num_quantizers):
+            if level >= levels:
+                indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
+                losses.append(losses[0].new_zeros(()))
+                continue
+            quantized, idx, loss = self._level(level, residual)
+            residual = residual - quantized.detach()
+            out = out + quantized
+            indices.append(idx)
+            losses.append(loss)
+        return out, torch.stack(indices, dim=-1), torch.stack(losses, dim=-1)
+
+    def get_codes_from_indices(self, indices):
+        """Every level's scaled codes [num_quantizers, ..., d] of indices [..., q] (q <= num_quantizers; missing
+        levels and index -1 give zeros)."""
+        q = indices.shape[-1]
+        if q > self.num_quantizers:
+            raise ValueError(f"vqkernels.nn.{type(self).__name__}: indices have {q} levels, the layer "
+                             f"{self.num_quantizers}")
+        codes = []
+        for level in range(self.num_quantizers):
+            if level >= q:
+                codes.append(torch.zeros_like(codes[0]))
+                continue
+            i = indices[..., level]
+            codes.append(self._level_codebook(level)[i.clamp_min(0).long()].masked_fill((i < 0).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices):
+        """The summed scaled codes of indices [..., q], projected out."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))
+
+
+class ResidualFSQ(_ResidualLevels):
+    """Residual FSQ (Algorithm 1 of arXiv:2107.03312 with FSQ levels), a drop-in for vector-quantize-pytorch's.
+
+    Level l quantizes ``residual / L**-l`` with a symmetry-preserving FSQ (``preserve_symmetry=True``,
+    ``bound_hard_clamp`` by default, when the input is first soft-clamped to ``1 + 1 / (L - 1)``) and adds
+    back ``codes * L**-l``. ``forward(x)`` returns ``(quantized, indices [..., num_quantizers])`` (and every
+    level's scaled codes with ``return_all_codes``); with ``is_channel_first`` the input is [b, d, ...] and,
+    as there, the indices [b, num_quantizers, ...]. Quantize dropout (training) keeps a random prefix of the
+    levels and gives the others index -1; the draw is on the host (Python's ``random``, or
+    ``rand_quantize_dropout_fixed_seed``), where vector-quantize-pytorch reads a device tensor back.
+    Other keywords go to every level's :class:`FSQ`; the ``state_dict`` keys are theirs. One difference: with
+    ``is_channel_first``, ``return_all_codes`` gives [num_quantizers, b, ..., d] (theirs reads its own
+    [b, num_quantizers, ...] indices as if the levels were last).
+    """
+
+    def __init__(self, *, levels, num_quantizers, dim=None, is_channel_first=False, quantize_dropout=False,
+                 quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, soft_clamp_input_value=None,
+                 bound_hard_clamp=True, **kwargs):
+        super().__init__()
+        levels = [int(lv) for lv in levels]
+        if min(levels) < 2:
+            raise ValueError(f"vqkernels.nn.ResidualFSQ: every level must be at least 2, got {levels}")
+        if bound_hard_clamp and soft_clamp_input_value is not None:
+            raise ValueError("vqkernels.nn.ResidualFSQ: bound_hard_clamp sets its own soft_clamp_input_value")
+        self._setup("ResidualFSQ", dim, len(levels), num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
+                    quantize_dropout_multiple_of)
+        self.is_channel_first = self.channel_first = is_channel_first
+        self.levels = levels
+        self.layers = nn.ModuleList(FSQ(levels=levels, dim=len(levels), preserve_symmetry=True,
+                                        bound_hard_clamp=bound_hard_clamp, **kwargs) for _ in range(num_quantizers))
+        self.codebook_size = self.layers[0].codebook_size
+        lv = torch.tensor(levels).float()
+        self.register_buffer("scales", torch.stack([lv ** -level for level in range(num_quantizers)]),
+                             persistent=False)
+        if bound_hard_clamp:
+            soft_clamp_input_value = 1 + 1 / (lv - 1)
+        elif isinstance(soft_clamp_input_value, (list, tuple, float, int)):
+            soft_clamp_input_value = torch.tensor(soft_clamp_input_value, dtype=torch.float32)
+        self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, codebook_size, d]: every level's (unscaled) implicit codebook."""
+        return torch.stack([layer.implicit_codebook for layer in self.layers])
+
+    def _level_codebook(self, level):
+        return self.layers[level].implicit_codebook * self.scales[level]
+
+    def _level(self, level, residual):
+        quantized, indices = self.layers[level](residual / self.scales[level])
+        return quantized * self.scales[level], indices, residual.new_zeros(())
+
+    def forward(self, x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
+        layout = ChannelFirst(x, self.is_channel_first)
+        x = self.project_in(layout.tokens(x))
+        if self.soft_clamp_input_value is not None:
+            clamp = self.soft_clamp_input_value
+            x = (x / clamp).tanh() * clamp
+        out, indices, _ = self._quantize(x, rand_quantize_dropout_fixed_seed)
+        out = layout.restore(self.project_out(out))
+        indices = layout.indices(indices)
+        if self.is_channel_first:
+            indices = indices.movedim(-1, 1)
+        if not return_all_codes:
+            return out, indices
+        return out, indices, self.get_codes_from_indices(indices.movedim(1, -1) if self.is_channel_first else indices)
+
+
+class GroupedResidualFSQ(Grouped):
+    """``groups`` independent :class:`ResidualFSQ` over equal slices of the features (vector-quantize-pytorch's
+    ``GroupedResidualFSQ``): ``(quantized, indices [groups, ..., num_quantizers])``; with ``accept_image_fmap``
+    the slices are taken on dim 1 and every group reads them channel-first. In training every group drops the
+    same levels (one seed per step, as there)."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        if accept_image_fmap:
+            kwargs["is_channel_first"] = True
+        super().__init__("vqkernels.nn.GroupedResidualFSQ", lambda d: ResidualFSQ(dim=d, **kwargs), dim, groups)
+        self.accept_image_fmap = accept_image_fmap
+
+    def forward(self, x, return_all_codes=False):
+        seed = random.randrange(10_000) if self.training else None
+        return super().forward(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
+
+
+class ResidualLFQ(_ResidualLevels):
+    """Residual LFQ, a drop-in for vector-quantize-pytorch's: level l is an :class:`LFQ` with
+    ``codebook_scale=2**-l`` (and a soft clamp halved at every level) quantizing what the previous levels left.
+    ``forward(x)`` [b, n, dim] returns ``(quantized, indices [b, n, num_quantizers], aux losses
+    [num_quantizers])`` (and every level's codes with ``return_all_codes``). Quantize dropout as
+    :class:`ResidualFSQ`'s. Other keywords go to every level's :class:`LFQ` (which refuses what it does not
+    implement, ``mask`` included); the ``state_dict`` keys are theirs."""
+
+    channel_first = False  # tokens [b, n, dim] only
+
+    def __init__(self, *, dim, num_quantizers, codebook_size, quantize_dropout=False, quantize_dropout_cutoff_index=0,
+                 quantize_dropout_multiple_of=1, soft_clamp_input_value=None, **kwargs):
+        super().__init__()
+        if codebook_size < 2 or codebook_size & (codebook_size - 1):
+            raise ValueError(f"vqkernels.nn.ResidualLFQ: codebook_size must be a power of 2 of at least 2, got "
+                             f"{codebook_size}")
+        codebook_dim = codebook_size.bit_length() - 1
+        self._setup("ResidualLFQ", dim, codebook_dim, num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
+                    quantize_dropout_multiple_of)
+        clamps = [None if soft_clamp_input_value is None else soft_clamp_input_value * 0.5 ** level
+                  for level in range(num_quantizers)]
+        self.layers = nn.ModuleList(LFQ(dim=codebook_dim, codebook_scale=2.0 ** -level,
+                                        soft_clamp_input_value=clamps[level], **kwargs)
+                                    for level in range(num_quantizers))
+        self.codebook_size = codebook_size
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, codebook_size, d]: every level's codes +-2**-l."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _level_codebook(self, level):
+        return self.layers[level].codebook
+
+    def _level(self, level, residual):
+        return tuple(self.layers[level](residual))
+
+    def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
+        if mask is not None:
+            raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported (nor by vqkernels.nn.LFQ)")
+        out, indices, losses = self._quantize(self.project_in(x), rand_quantize_dropout_fixed_seed)
+        ret = (self.project_out(out), indices, losses)
+        return ret if not return_all_codes else (*ret, self.get_codes_from_indices(indices))
+
+
+class GroupedResidualLFQ(Grouped):
+    """``groups`` independent :class:`ResidualLFQ` over equal slices of the features (vector-quantize-pytorch's
+    ``GroupedResidualLFQ``): ``(quantized, indices [groups, ..., num_quantizers], losses [groups,
+    num_quantizers])``. In training every group drops the same levels (one seed per step, as there)."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        if accept_image_fmap:
+            raise ValueError("vqkernels.nn.GroupedResidualLFQ: accept_image_fmap is not supported (ResidualLFQ reads "
+                             "[b, n, dim] tokens)")
+        super().__init__("vqkernels.nn.GroupedResidualLFQ", lambda d: ResidualLFQ(dim=d, **kwargs), dim, groups)
+        self.accept_image_fmap = accept_image_fmap
+
+    def forward(self, x, mask=None, return_all_codes=False):
+        seed = random.randrange(10_000) if self.training else None
+        return super().forward(x, mask=mask, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
