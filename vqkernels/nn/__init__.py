@@ -11,9 +11,10 @@ from .lfq import LFQ
 from .multiscale import MultiScaleVQ
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_scalar import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
+from .sim_vq import SimVQ
 from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
-           "ResidualLFQ", "GroupedResidualLFQ", "GumbelQuantize", "MultiScaleVQ",
+           "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "GumbelQuantize", "MultiScaleVQ",
            "VectorQuantizer", "minilm_word_embeddings"]
