@@ -9,6 +9,7 @@ from .fsq import FSQ
 from .gumbel import GumbelQuantize
 from .lfq import LFQ
 from .multiscale import MultiScaleVQ
+from .random_projection import RandomProjectionQuantizer
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_scalar import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 from .sim_vq import SimVQ
@@ -16,5 +17,5 @@ from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
-           "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "GumbelQuantize", "MultiScaleVQ",
+           "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
            "VectorQuantizer", "minilm_word_embeddings"]

@@ -198,7 +198,7 @@ class VectorQuantize(nn.Module):
                     cb.update_(h, r, idx)
             quantized.append(q)
             indices.append(idx)
-        if self.separate_codebook_per_head:
+        if self.separate_codebook_per_head and self.heads > 1:
             q = torch.cat([t.reshape(b, n, self.codebook_dim) for t in quantized], dim=-1)
             idx = torch.stack([t.reshape(b, n) for t in indices], dim=-1)
         else:
@@ -220,7 +220,7 @@ class VectorQuantize(nn.Module):
         """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
         codebooks, [..., heads, codebook_dim] with heads sharing one (a single head: [..., codebook_dim])."""
         embed = self._codebook.embed
-        if self.separate_codebook_per_head:
+        if self.separate_codebook_per_head and self.heads > 1:
             return torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
         return embed[0][indices]
 
