@@ -1,4 +1,4 @@
-"""vqkernels.nn.SimVQ as a drop-in for vector-quantize-pytorch 1.32.0's SimVQ: the same indices, outputs, loss,
+"""vqkernels.nn.SimVQ and ResidualSimVQ as drop-ins for vector-quantize-pytorch 1.32.0's: the same indices, outputs, loss,
 input and transform gradients and state_dict, with and without the rotation trick."""
 
 import pytest
@@ -7,7 +7,7 @@ import vector_quantize_pytorch as vqp
 from torch import nn
 
 from vq_helpers import gen, vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
-from vqkernels.nn import SimVQ
+from vqkernels.nn import ResidualSimVQ, SimVQ
 
 CASES = {
     "rotation": (dict(dim=16, codebook_size=64), (2, 13, 16)),
@@ -78,3 +78,35 @@ def test_training_moves_every_code_and_lowers_the_loss():
 def test_wrong_feature_dim_is_an_error():
     with pytest.raises(ValueError, match="expected 8 features"):
         SimVQ(dim=8, codebook_size=4)(torch.randn(2, 3, 6))
+
+
+@pytest.mark.parametrize("kw, shape", [(dict(dim=8, num_quantizers=3, codebook_size=32), (2, 9, 8)),
+                                       (dict(dim=8, num_quantizers=2, codebook_size=16, channel_first=True,
+                                             rotation_trick=False), (2, 8, 3, 4))], ids=["tokens", "channel-first"])
+def test_residual_sim_vq_matches_vector_quantize_pytorch(kw, shape):
+    """Indices, output, per-level losses, codes and gradients as theirs; quantize dropout with a fixed seed."""
+    torch.manual_seed(0)
+    theirs = vqp.ResidualSimVQ(**kw)
+    ours = ResidualSimVQ(**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(shape, generator=gen(3))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_t, i_t, l_t, c_t = theirs(xa, return_all_codes=True)
+    q_o, i_o, l_o, c_o = ours(xb, return_all_codes=True)
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(c_o, c_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.get_output_from_indices(i_o), q_o.detach(), rtol=1e-5, atol=1e-5)
+    ((q_t ** 2).sum() + l_t.sum()).backward()
+    ((q_o ** 2).sum() + l_o.sum()).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    for (name, pa), pb in zip(theirs.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    dropping = dict(kw, quantize_dropout=True)
+    torch.manual_seed(0)
+    theirs, ours = vqp.ResidualSimVQ(**dropping).train(), ResidualSimVQ(**dropping).train()
+    ours.load_state_dict(theirs.state_dict())
+    for seed in range(4):
+        assert torch.equal(ours(x, rand_quantize_dropout_fixed_seed=seed)[1],
+                           theirs(x, rand_quantize_dropout_fixed_seed=seed)[1])

@@ -12,10 +12,10 @@ from .multiscale import MultiScaleVQ
 from .random_projection import RandomProjectionQuantizer
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_scalar import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
-from .sim_vq import SimVQ
+from .sim_vq import ResidualSimVQ, SimVQ
 from .vector_quantizer import VectorQuantizer
 from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
-           "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
+           "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "ResidualSimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
            "VectorQuantizer", "minilm_word_embeddings"]

@@ -254,3 +254,68 @@ class GroupedResidualVQ(Grouped):
         super().__init__("GroupedResidualVQ", lambda d: ResidualVQ(dim=d, accept_image_fmap=accept_image_fmap, **kwargs),
                          dim, groups)
         self.accept_image_fmap = accept_image_fmap
+
+
+class ResidualLevels(nn.Module):
+    """What the layer-by-layer residual quantizers share (ResidualFSQ, ResidualLFQ, ResidualSimVQ; ResidualVQ
+    runs its levels in one fused op instead): projections, ``layers`` quantizing in turn what the previous ones
+    left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
+    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes)."""
+
+    def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
+        if num_quantizers < 1:
+            raise ValueError(f"vqkernels.nn.{owner}: num_quantizers must be >= 1, got {num_quantizers}")
+        if not 0 <= cutoff_index < num_quantizers:
+            raise ValueError(f"vqkernels.nn.{owner}: quantize_dropout_cutoff_index must be in [0, "
+                             f"{num_quantizers}), got {cutoff_index}")
+        self.dim = codebook_dim if dim is None else dim
+        self.has_projections = self.dim != codebook_dim
+        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.num_quantizers = num_quantizers
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = cutoff_index
+        self.quantize_dropout_multiple_of = multiple_of
+
+    def _levels_this_step(self, seed):
+        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+            return self.num_quantizers
+        rng = random if seed is None else random.Random(seed)
+        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
+                              self.quantize_dropout_multiple_of, rng)
+
+    def _quantize(self, x, seed):
+        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
+        levels = self._levels_this_step(seed)
+        residual, out, indices, losses = x, 0.0, [], []
+        for level in range(self.num_quantizers):
+            if level >= levels:
+                indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
+                losses.append(losses[0].new_zeros(()))
+                continue
+            quantized, idx, loss = self._level(level, residual)
+            residual = residual - quantized.detach()
+            out = out + quantized
+            indices.append(idx)
+            losses.append(loss)
+        return out, torch.stack(indices, dim=-1), torch.stack(losses, dim=-1)
+
+    def get_codes_from_indices(self, indices):
+        """Every level's scaled codes [num_quantizers, ..., d] of indices [..., q] (q <= num_quantizers; missing
+        levels and index -1 give zeros)."""
+        q = indices.shape[-1]
+        if q > self.num_quantizers:
+            raise ValueError(f"vqkernels.nn.{type(self).__name__}: indices have {q} levels, the layer "
+                             f"{self.num_quantizers}")
+        codes = []
+        for level in range(self.num_quantizers):
+            if level >= q:
+                codes.append(torch.zeros_like(codes[0]))
+                continue
+            i = indices[..., level]
+            codes.append(self._level_codebook(level)[i.clamp_min(0).long()].masked_fill((i < 0).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices):
+        """The summed scaled codes of indices [..., q], projected out."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))

@@ -10,74 +10,10 @@ from torch import nn
 from ._layout import ChannelFirst
 from .fsq import FSQ
 from .lfq import LFQ
-from .residual import Grouped, dropout_levels
+from .residual import Grouped, ResidualLevels
 
 
-class _ResidualLevels(nn.Module):
-    """What the residual scalar quantizers share: projections, ``layers`` quantizing in turn what the previous
-    ones left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
-    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes)."""
-
-    def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
-        if num_quantizers < 1:
-            raise ValueError(f"vqkernels.nn.{owner}: num_quantizers must be >= 1, got {num_quantizers}")
-        if not 0 <= cutoff_index < num_quantizers:
-            raise ValueError(f"vqkernels.nn.{owner}: quantize_dropout_cutoff_index must be in [0, "
-                             f"{num_quantizers}), got {cutoff_index}")
-        self.dim = codebook_dim if dim is None else dim
-        self.has_projections = self.dim != codebook_dim
-        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
-        self.num_quantizers = num_quantizers
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        self.quantize_dropout_cutoff_index = cutoff_index
-        self.quantize_dropout_multiple_of = multiple_of
-
-    def _levels_this_step(self, seed):
-        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
-            return self.num_quantizers
-        rng = random if seed is None else random.Random(seed)
-        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
-                              self.quantize_dropout_multiple_of, rng)
-
-    def _quantize(self, x, seed):
-        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
-        levels = self._levels_this_step(seed)
-        residual, out, indices, losses = x, 0.0, [], []
-        for level in range(self.num_quantizers):
-            if level >= levels:
-                indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
-                losses.append(losses[0].new_zeros(()))
-                continue
-            quantized, idx, loss = self._level(level, residual)
-            residual = residual - quantized.detach()
-            out = out + quantized
-            indices.append(idx)
-            losses.append(loss)
-        return out, torch.stack(indices, dim=-1), torch.stack(losses, dim=-1)
-
-    def get_codes_from_indices(self, indices):
-        """Every level's scaled codes [num_quantizers, ..., d] of indices [..., q] (q <= num_quantizers; missing
-        levels and index -1 give zeros)."""
-        q = indices.shape[-1]
-        if q > self.num_quantizers:
-            raise ValueError(f"vqkernels.nn.{type(self).__name__}: indices have {q} levels, the layer "
-                             f"{self.num_quantizers}")
-        codes = []
-        for level in range(self.num_quantizers):
-            if level >= q:
-                codes.append(torch.zeros_like(codes[0]))
-                continue
-            i = indices[..., level]
-            codes.append(self._level_codebook(level)[i.clamp_min(0).long()].masked_fill((i < 0).unsqueeze(-1), 0.0))
-        return torch.stack(codes)
-
-    def get_output_from_indices(self, indices):
-        """The summed scaled codes of indices [..., q], projected out."""
-        return self.project_out(self.get_codes_from_indices(indices).sum(0))
-
-
-class ResidualFSQ(_ResidualLevels):
+class ResidualFSQ(ResidualLevels):
     """Residual FSQ (Algorithm 1 of arXiv:2107.03312 with FSQ levels), a drop-in for vector-quantize-pytorch's.
 
     Level l quantizes ``residual / L**-l`` with a symmetry-preserving FSQ (``preserve_symmetry=True``,
@@ -162,7 +98,7 @@ class GroupedResidualFSQ(Grouped):
         return super().forward(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
 
 
-class ResidualLFQ(_ResidualLevels):
+class ResidualLFQ(ResidualLevels):
     """Residual LFQ, a drop-in for vector-quantize-pytorch's: level l is an :class:`LFQ` with
     ``codebook_scale=2**-l`` (and a soft clamp halved at every level) quantizing what the previous levels left.
     ``forward(x)`` [b, n, dim] returns ``(quantized, indices [b, n, num_quantizers], aux losses

@@ -1,11 +1,12 @@
 """``SimVQ`` (Zhu et al. 2024, arXiv:2411.02038): a frozen random codebook seen through a learned linear map, a
-drop-in for vector-quantize-pytorch's (1.32.0) on :func:`vqkernels.vq_quantize`."""
+drop-in for vector-quantize-pytorch's (1.32.0) on :func:`vqkernels.vq_quantize`; and ``ResidualSimVQ``."""
 
 import torch
 from torch import nn
 
 from .. import ops
 from ._layout import ChannelFirst
+from .residual import ResidualLevels
 
 
 class SimVQ(nn.Module):
@@ -63,3 +64,50 @@ class SimVQ(nn.Module):
         if self.channel_first:
             indices = indices.reshape(layout.spatial)
         return out, indices, loss * self.commitment_weight
+
+
+class ResidualSimVQ(ResidualLevels):
+    """Residual SimVQ, a drop-in for vector-quantize-pytorch's: ``num_quantizers`` :class:`SimVQ` levels, each
+    quantizing what the previous ones left. ``forward(x)`` [b, n, dim] (or [b, dim, ...] with ``channel_first``)
+    returns ``(quantized, indices [..., num_quantizers], losses [num_quantizers])`` (and every level's codes with
+    ``return_all_codes``); quantize dropout as :class:`vqkernels.nn.ResidualFSQ`'s. Other keywords go to every
+    level's SimVQ; the ``state_dict`` keys are theirs."""
+
+    def __init__(self, *, dim, num_quantizers, codebook_size, heads=1, quantize_dropout=False,
+                 quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, channel_first=False,
+                 rotation_trick=True, **sim_vq_kwargs):
+        super().__init__()
+        if heads != 1:
+            raise ValueError(f"vqkernels.nn.ResidualSimVQ: heads must be 1 (as there), got {heads}")
+        self._setup("ResidualSimVQ", dim, dim, num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
+                    quantize_dropout_multiple_of)
+        self.channel_first = channel_first
+        # the levels read tokens: the layout is handled here, once
+        self.layers = nn.ModuleList(SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick,
+                                          **sim_vq_kwargs) for _ in range(num_quantizers))
+        self.codebook_size = codebook_size
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, codebook_size, dim]: every level's (transformed) codes."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _level_codebook(self, level):
+        return self.layers[level].codebook
+
+    def _level(self, level, residual):
+        return self.layers[level](residual)
+
+    def get_codes_from_indices(self, indices):
+        """Every level's codes [num_quantizers, b, ..., dim] ([num_quantizers, b, dim, ...] with channel_first)."""
+        codes = super().get_codes_from_indices(indices)
+        return codes.movedim(-1, 2) if self.channel_first else codes
+
+    def get_output_from_indices(self, indices):
+        return self.get_codes_from_indices(indices).sum(0)
+
+    def forward(self, x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
+        layout = ChannelFirst(x, self.channel_first)
+        out, indices, losses = self._quantize(layout.tokens(x), rand_quantize_dropout_fixed_seed)
+        ret = (layout.restore(out), layout.indices(indices), losses)
+        return ret if not return_all_codes else (*ret, self.get_codes_from_indices(ret[1]))
