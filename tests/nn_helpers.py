@@ -45,3 +45,12 @@ def assert_compiled_training_matches_eager(make, inputs, atol=1e-5, rtol=1e-5):
                                            msg=lambda m: f"step {step} {name}.grad: {m}")
         for (name, be), (_, bc) in zip(eager.state_dict().items(), compiled_mod.state_dict().items()):
             torch.testing.assert_close(bc, be, atol=atol, rtol=rtol, msg=lambda m: f"step {step} {name}: {m}")
+
+
+def run_residual_pair(theirs, ours, x):
+    """Runs vector-quantize-pytorch's residual layer and ours on copies of ``x`` that take gradients, with
+    ``return_all_codes``: ``(xa, xb, theirs' results, ours)``, the indices asserted equal."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got_t, got_o = theirs(xa, return_all_codes=True), ours(xb, return_all_codes=True)
+    assert torch.equal(got_o[1], got_t[1])
+    return xa, xb, got_t, got_o

@@ -5,6 +5,7 @@ import pytest
 import torch
 import vector_quantize_pytorch as vqp
 
+from nn_helpers import run_residual_pair
 from vq_helpers import gen, vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
 from vqkernels.nn import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 
@@ -125,10 +126,7 @@ def test_residual_lfq_matches_vector_quantize_pytorch(case, mode):
     theirs, ours = _pair(vqp.ResidualLFQ, ResidualLFQ, kw)
     getattr(theirs, mode)(), getattr(ours, mode)()
     x = torch.randn(shape, generator=gen(7))
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    q_t, i_t, l_t, codes_t = theirs(xa, return_all_codes=True)
-    q_o, i_o, l_o, codes_o = ours(xb, return_all_codes=True)
-    assert torch.equal(i_o, i_t)
+    xa, xb, (q_t, i_t, l_t, codes_t), (q_o, i_o, l_o, codes_o) = run_residual_pair(theirs, ours, x)
     torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(codes_o, codes_t)
     torch.testing.assert_close(ours.codebooks, theirs.codebooks)

@@ -6,6 +6,7 @@ import torch
 import vector_quantize_pytorch as vqp
 from torch import nn
 
+from nn_helpers import run_residual_pair
 from vq_helpers import gen, vqkernels  # noqa: F401  (loads the ops, quietly without the extension)
 from vqkernels.nn import ResidualSimVQ, SimVQ
 
@@ -90,10 +91,7 @@ def test_residual_sim_vq_matches_vector_quantize_pytorch(kw, shape):
     ours = ResidualSimVQ(**kw)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(shape, generator=gen(3))
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    q_t, i_t, l_t, c_t = theirs(xa, return_all_codes=True)
-    q_o, i_o, l_o, c_o = ours(xb, return_all_codes=True)
-    assert torch.equal(i_o, i_t)
+    xa, xb, (q_t, i_t, l_t, c_t), (q_o, i_o, l_o, c_o) = run_residual_pair(theirs, ours, x)
     torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(c_o, c_t, rtol=1e-5, atol=1e-6)

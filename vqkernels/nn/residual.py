@@ -260,7 +260,8 @@ class ResidualLevels(nn.Module):
     """What the layer-by-layer residual quantizers share (ResidualFSQ, ResidualLFQ, ResidualSimVQ; ResidualVQ
     runs its levels in one fused op instead): projections, ``layers`` quantizing in turn what the previous ones
     left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
-    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes)."""
+    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes), by
+    default the level's own call and ``codebook``."""
 
     def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
         if num_quantizers < 1:
@@ -276,6 +277,17 @@ class ResidualLevels(nn.Module):
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
         self.quantize_dropout_cutoff_index = cutoff_index
         self.quantize_dropout_multiple_of = multiple_of
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, codebook_size, d]: every level's codes."""
+        return torch.stack([self._level_codebook(level) for level in range(self.num_quantizers)])
+
+    def _level_codebook(self, level):
+        return self.layers[level].codebook
+
+    def _level(self, level, residual):
+        return tuple(self.layers[level](residual))
 
     def _levels_this_step(self, seed):
         if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):

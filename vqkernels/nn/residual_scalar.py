@@ -124,17 +124,6 @@ class ResidualLFQ(ResidualLevels):
                                     for level in range(num_quantizers))
         self.codebook_size = codebook_size
 
-    @property
-    def codebooks(self):
-        """[num_quantizers, codebook_size, d]: every level's codes +-2**-l."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def _level_codebook(self, level):
-        return self.layers[level].codebook
-
-    def _level(self, level, residual):
-        return tuple(self.layers[level](residual))
-
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
         if mask is not None:
             raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported (nor by vqkernels.nn.LFQ)")

@@ -87,17 +87,6 @@ class ResidualSimVQ(ResidualLevels):
                                           **sim_vq_kwargs) for _ in range(num_quantizers))
         self.codebook_size = codebook_size
 
-    @property
-    def codebooks(self):
-        """[num_quantizers, codebook_size, dim]: every level's (transformed) codes."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def _level_codebook(self, level):
-        return self.layers[level].codebook
-
-    def _level(self, level, residual):
-        return self.layers[level](residual)
-
     def get_codes_from_indices(self, indices):
         """Every level's codes [num_quantizers, b, ..., dim] ([num_quantizers, b, dim, ...] with channel_first)."""
         codes = super().get_codes_from_indices(indices)
