@@ -68,6 +68,28 @@ def _lfq(bits):
     return make
 
 
+def _residual_fsq(quick):
+    from .nn import ResidualFSQ
+    ours, theirs = _pair(ResidualFSQ, "ResidualFSQ", levels=[8, 5, 5, 5], num_quantizers=4, dim=64)
+    return ours, theirs, _tokens(4 if quick else 16, 256, 64)
+
+
+def _residual_lfq(quick):
+    from .nn import ResidualLFQ
+    ours, theirs = _pair(ResidualLFQ, "ResidualLFQ", dim=64, num_quantizers=4, codebook_size=2 ** 10)
+    return ours, theirs, _tokens(4 if quick else 16, 256, 64)
+
+
+def _sim_vq(residual):
+    def make(quick):
+        from .nn import ResidualSimVQ, SimVQ
+        kw = dict(dim=64, codebook_size=1024)
+        ours, theirs = (_pair(ResidualSimVQ, "ResidualSimVQ", num_quantizers=4, **kw) if residual
+                        else _pair(SimVQ, "SimVQ", **kw))
+        return ours, theirs, _tokens(4 if quick else 16, 256, 64)
+    return make
+
+
 CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
     Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128", _rvq(False), 5.0),
@@ -75,6 +97,10 @@ CASES = (
     Case("FSQ", "levels 8,8,8,5,5,5 (64000 codes)", _fsq),
     Case("LFQ 2^14", "14 bits", _lfq(14)),
     Case("LFQ 2^16", "16 bits", _lfq(16)),
+    Case("ResidualFSQ", "4 levels of 8,5,5,5, dim 64", _residual_fsq),
+    Case("ResidualLFQ", "4 levels of 2^10, dim 64", _residual_lfq),
+    Case("SimVQ", "dim 64, 1024 codes", _sim_vq(False)),
+    Case("ResidualSimVQ", "4 levels x 1024 codes, dim 64", _sim_vq(True)),
 )
 
 
