@@ -126,8 +126,10 @@ def check_forward(logits, codebook, gumbels, tau, hard, outputs):
     else:
         want = y @ codebook.double()
         spread = (s.max(1).values - s.min(1).values) / tau
+        # the output's rounding: relative, and absolute below the smallest normal (float16's subnormals start
+        # at 6.1e-5, where a value like -5.17e-5 rounds by up to 3e-8)
         tol = (u * (k + 8 + 4 * spread) * codebook.double().abs().max()).unsqueeze(1) \
-            + OUT_ROUNDOFF[out_dtype] * want.abs()
+            + OUT_ROUNDOFF[out_dtype] * (want.abs() + torch.finfo(out_dtype).tiny)
         got = quantized.double()
         fail_rows((~((got - want).abs() <= tol)).any(1), "soft: quantized is not y @ codebook", got=got, want=want)
     lrange = float((logits.double().max(1).values - logits.double().min(1).values).max())
