@@ -33,8 +33,8 @@ class LFQ(nn.Module):
     d = 16 with thousands of tokens fits in a few MB. The per-sample entropy is the exact one,
     where vector-quantize-pytorch clamps every code probability at 1e-5 inside the log: it is
     higher by at most 2**d * 1e-5 / e per token (see lfq_entropy); the batch entropy and its
-    clamp are the same. The codes are exactly +-codebook_scale also in training (there
-    x + (q - x).detach(), which can differ from q in the last bit).
+    clamp are the same. The codes are exactly +-codebook_scale (or the spherical value) also in
+    training (there x + (q - x).detach(), which can differ from q in the last bit).
 
     ``spherical`` (binary spherical quantization, arXiv:2406.07548): the inputs are l2-normalised per
     codebook and scaled by ``codebook_scale``, the codes are +-codebook_scale / sqrt(d), and the
