@@ -171,7 +171,9 @@ def test_kmeans_init_runs_level_by_level():
 
 
 @pytest.mark.parametrize("kw,err", [(dict(implicit_neural_codebook=True), ValueError),
-                                    (dict(use_cosine_sim=True), ValueError),
+                                    (dict(use_cosine_sim=True, accept_image_fmap=True), ValueError),
+                                    (dict(quant_grad_frac=0.5, beam_size=2), ValueError),
+                                    (dict(use_cosine_sim=True, shared_codebook=True), ValueError),
                                     (dict(heads=2), ValueError),
                                     (dict(bogus=3), TypeError)])
 def test_unsupported_options_raise(kw, err):
@@ -192,7 +194,7 @@ def test_level_keywords_pass_through_as_theirs():
     with pytest.raises(ValueError, match="orthogonal_reg_weight=0.5 is not supported"):
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5)
     with pytest.raises(ValueError, match="GroupedResidualVQ|ResidualVQ"):
-        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, use_cosine_sim=True)
+        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, implicit_neural_codebook=True)
 
 
 def test_codebook_size_per_level_gives_num_quantizers():
@@ -295,3 +297,33 @@ def test_video_fmap_is_the_token_layout():
     torch.testing.assert_close(video.get_output_from_indices(idx), q)
     grouped = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=16, accept_3d_fmap=True).eval()
     assert grouped(x)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("kw", [dict(dim=16, num_quantizers=3, codebook_size=32, use_cosine_sim=True),
+                                dict(dim=16, num_quantizers=3, codebook_size=32, quant_grad_frac=0.5),
+                                dict(dim=24, num_quantizers=2, codebook_size=16, codebook_dim=8, use_cosine_sim=True,
+                                     rotation_trick=False)], ids=str)
+def test_level_by_level_options_match_vector_quantize_pytorch(kw):
+    """use_cosine_sim and quant_grad_frac run the levels one by one, as theirs: the same indices, outputs,
+    per-level losses, input gradients and EMA codebooks over training steps, and the same eval result (from
+    their own initialisation: cosine codebooks hold unit rows)."""
+    torch.manual_seed(0)
+    theirs = vqp.ResidualVQ(**kw)
+    ours = ResidualVQ(**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for mode in ("eval", "train", "train"):
+        getattr(theirs, mode)(), getattr(ours, mode)()
+        x = torch.randn(2, 9, kw["dim"])
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_t, i_t, l_t = theirs(xa)
+        q_o, i_o, l_o = ours(xb)
+        assert torch.equal(i_o, i_t), mode
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        if mode == "train":
+            ((q_t ** 2).sum() + l_t.sum()).backward()
+            ((q_o ** 2).sum() + l_o.sum()).backward()
+            torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(theirs.layers, ours.layers):
+        torch.testing.assert_close(b._codebook.embed, a._codebook.embed, rtol=1e-5, atol=1e-6)
+

@@ -13,8 +13,8 @@ from ._options import reject_unsupported
 from .vq import _VQ_UNSUPPORTED, VectorQuantize, route_gradient, training_losses
 
 _RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
-                        beam_score_quantizer_weights=None, quant_grad_frac=0.0,
-                        return_zeros_for_masked_padding=True, use_cosine_sim=False,
+                        beam_score_quantizer_weights=None,
+                        return_zeros_for_masked_padding=True,
                         separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
                         orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
@@ -67,13 +67,25 @@ class ResidualVQ(nn.Module):
     ``accept_image_fmap``, ``beam_size``, ``eval_beam_size``; every other keyword goes to each level's
     :class:`VectorQuantize` (e.g. ``decay, eps, kmeans_init, threshold_ema_dead_code, commitment_weight,
     rotation_trick, ema_update, learnable_codebook, freeze_codebook, channel_last``), which accepts or
-    refuses it as it would on its own. Squared-L2 codebooks only.
+    refuses it as it would on its own.
+
+    ``use_cosine_sim=True`` or ``quant_grad_frac > 0`` (tokens [B, N, D] only, no beam search, per-level
+    codebooks: a shared one did not match vector-quantize-pytorch's updates there, so it is refused) run the
+    levels one by one as vector-quantize-pytorch does: each level's :class:`VectorQuantize` (cosine:
+    normalised residual and codes) quantizes what the previous levels left, the residual takes
+    ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own commitment loss.
     """
 
     def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
-                 accept_image_fmap=False, beam_size=None, eval_beam_size=None, **kwargs):
+                 accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, **kwargs):
         super().__init__()
+        self.quant_grad_frac = quant_grad_frac
+        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0
+        if self.by_level and (accept_image_fmap or kwargs.get("accept_3d_fmap") or not kwargs.get("channel_last", True)
+                              or beam_size is not None or kwargs.get("heads", 1) != 1 or shared_codebook):
+            raise ValueError("ResidualVQ: use_cosine_sim and quant_grad_frac run the levels one by one, for tokens "
+                             "[B, N, D] with one head, per-level codebooks and no beam search")
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
         sizes = _level_sizes(codebook_size, num_quantizers)
@@ -145,6 +157,10 @@ class ResidualVQ(nn.Module):
         reject_unsupported("ResidualVQ.forward", unsupported,
                            dict(mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                                 rand_quantize_dropout_fixed_seed=None))
+        if self.by_level:
+            if beam_size is not None:
+                raise ValueError("ResidualVQ: beam search does not run with use_cosine_sim / quant_grad_frac")
+            return self._forward_by_level(x, freeze_codebook)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
@@ -178,6 +194,26 @@ class ResidualVQ(nn.Module):
             losses = torch.cat([losses, losses.new_zeros(self.num_quantizers - levels)])
         out = layout.restore(self.project_out(q.reshape(b, n, self.codebook_dim).to(x.dtype)))
         return out, layout.indices(idx.reshape(b, n, self.num_quantizers)), losses
+
+    def _forward_by_level(self, x, freeze_codebook):
+        """vector-quantize-pytorch's level loop (cosine levels, or a residual that keeps quant_grad_frac of the
+        gradient): (quantized, indices [B, N, num_quantizers], every level's own loss)."""
+        Layout("ResidualVQ", x, self.dim)
+        residual = self.project_in(x)
+        levels = self._levels_this_step()
+        out, indices, losses = torch.zeros_like(residual), [], []
+        for level, layer in enumerate(self.layers):
+            if level >= levels:
+                indices.append(indices[0].new_full(indices[0].shape, -1))
+                losses.append(torch.zeros_like(losses[0]))
+                continue
+            q, idx, loss = layer(residual, freeze_codebook=freeze_codebook)
+            frac = self.quant_grad_frac
+            residual = residual - (q * frac + q.detach() * (1 - frac) if frac else q.detach())
+            out = out + q
+            indices.append(idx)
+            losses.append(loss)
+        return self.project_out(out), torch.stack(indices, dim=-1), torch.stack(losses)
 
     @torch.no_grad()
     def _update_codebooks(self, rows, codebooks, idx):
