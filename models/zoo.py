@@ -218,16 +218,26 @@ def _train_minutes(run_dir: Path) -> Optional[float]:
     return None if start is None or end is None else (end - start) / 60
 
 
-def _generator_verdict(row: Dict) -> str:
+def _met(row: Dict, key: str, guided_key: str, target: float, target_text: str) -> Optional[str]:
+    """What every zoo verdict starts with: failed, not judged, met by plain samples or by guided ones (saying
+    which); None when the target is missed."""
     if "error" in row:
         return "failed: " + row["error"]
-    if "judge_min_class_accuracy" not in row:
+    if key not in row:
         return "not judged"
+    guided = row.get("guided", {}).get(guided_key)
+    if row[key] >= target:
+        return f"meets ({target_text})"
+    if guided is not None and guided >= target:
+        return f"meets with --cfg {row['guided']['cfg']:g} ({target_text})"
+    return None
+
+
+def _generator_verdict(row: Dict) -> str:
+    met = _met(row, "judge_min_class_accuracy", "min_class_accuracy", ACCURACY_TARGET, "every class >= 80%")
+    if met:
+        return met
     low, guided = row["judge_min_class_accuracy"], row.get("guided", {}).get("min_class_accuracy")
-    if low >= ACCURACY_TARGET:
-        return "meets (every class >= 80%)"
-    if guided is not None and guided >= ACCURACY_TARGET:
-        return f"meets with --cfg {row['guided']['cfg']:g} (every class >= 80%)"
     worst = min(range(10), key=lambda c: row["judge_per_class"][c])
     return f"misses: class {worst} at {low:.0%} < 80%" + (f", lowest class {guided:.0%} with --cfg "
                                                           f"{row['guided']['cfg']:g}" if guided is not None else "")
@@ -313,16 +323,10 @@ def generator_main(args, p) -> int:
 
 def _text_verdict(row: Dict) -> str:
     """Met when plain or guided samples reach the caption-match target (saying which)."""
-    if "error" in row:
-        return "failed: " + row["error"]
-    if "judge_caption_match" not in row:
-        return "not judged"
-    rate, guided = row["judge_caption_match"], row.get("guided", {}).get("caption_match")
-    if rate >= CAPTION_TARGET:
-        return f"meets (>= {CAPTION_TARGET:.0%})"
-    if guided is not None and guided >= CAPTION_TARGET:
-        return f"meets with --cfg {row['guided']['cfg']:g} (>= {CAPTION_TARGET:.0%})"
-    best = max(rate, guided or 0.0)
+    met = _met(row, "judge_caption_match", "caption_match", CAPTION_TARGET, f">= {CAPTION_TARGET:.0%}")
+    if met:
+        return met
+    best = max(row["judge_caption_match"], row.get("guided", {}).get("caption_match") or 0.0)
     return f"misses: {best:.0%} < {CAPTION_TARGET:.0%}"
 
 

@@ -108,3 +108,6 @@ def test_residual_sim_vq_matches_vector_quantize_pytorch(kw, shape):
     for seed in range(4):
         assert torch.equal(ours(x, rand_quantize_dropout_fixed_seed=seed)[1],
                            theirs(x, rand_quantize_dropout_fixed_seed=seed)[1])
+    with torch.no_grad():  # theirs drops levels in training without gradients too (its scalar layers do not)
+        dropped = [(layer(x, rand_quantize_dropout_fixed_seed=1)[1] < 0).any(-1) for layer in (ours, theirs)]
+    assert torch.equal(*dropped)

@@ -47,7 +47,95 @@ def _level_sizes(codebook_size, num_quantizers):
     return sizes
 
 
-class ResidualVQ(nn.Module):
+class ResidualLevels(nn.Module):
+    """What the layer-by-layer residual quantizers share (ResidualFSQ, ResidualLFQ, ResidualSimVQ; ResidualVQ
+    runs its levels in one fused op instead): projections, ``layers`` quantizing in turn what the previous ones
+    left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
+    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes), by
+    default the level's own call and ``codebook``."""
+
+    quant_grad_frac = 0.0     # the share of a level's gradient the next residual keeps (vector-quantize-pytorch's)
+    dropout_needs_grad = True  # quantize dropout only while gradients are on, as their scalar residual layers
+
+    def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
+        if num_quantizers < 1:
+            raise ValueError(f"vqkernels.nn.{owner}: num_quantizers must be >= 1, got {num_quantizers}")
+        if not 0 <= cutoff_index < num_quantizers:
+            raise ValueError(f"vqkernels.nn.{owner}: quantize_dropout_cutoff_index must be in [0, "
+                             f"{num_quantizers}), got {cutoff_index}")
+        self.dim = codebook_dim if dim is None else dim
+        self.has_projections = self.dim != codebook_dim
+        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.num_quantizers = num_quantizers
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = cutoff_index
+        self.quantize_dropout_multiple_of = multiple_of
+
+    @property
+    def codebooks(self):
+        """[num_quantizers, codebook_size, d]: every level's codes (a tuple of them when their sizes differ)."""
+        codes = tuple(self._level_codebook(level) for level in range(self.num_quantizers))
+        return torch.stack(codes) if len({c.shape for c in codes}) == 1 else codes
+
+    def _level_codebook(self, level):
+        return self.layers[level].codebook
+
+    def _level(self, level, residual, **level_kwargs):
+        return tuple(self.layers[level](residual, **level_kwargs))
+
+    def _levels_this_step(self, seed=None):
+        if not (self.training and self.quantize_dropout and (torch.is_grad_enabled() or not self.dropout_needs_grad)):
+            return self.num_quantizers
+        rng = random if seed is None else random.Random(seed)
+        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
+                              self.quantize_dropout_multiple_of, rng)
+
+    def _quantize(self, x, seed=None, **level_kwargs):
+        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
+        levels = self._levels_this_step(seed)
+        residual, out, indices, losses = x, 0.0, [], []
+        frac = self.quant_grad_frac
+        for level in range(self.num_quantizers):
+            if level >= levels:
+                indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
+                losses.append(losses[0].new_zeros(()))
+                continue
+            quantized, idx, loss = self._level(level, residual, **level_kwargs)
+            residual = residual - (quantized * frac + quantized.detach() * (1 - frac) if frac else quantized.detach())
+            out = out + quantized
+            indices.append(idx)
+            losses.append(loss)
+        return out, torch.stack(indices, dim=-1), torch.stack(losses, dim=-1)
+
+    def get_codes_from_indices(self, indices):
+        """Every level's scaled codes [num_quantizers, ..., d] of indices [..., q] (q <= num_quantizers; missing
+        levels and index -1 give zeros)."""
+        q = indices.shape[-1]
+        if q > self.num_quantizers:
+            raise ValueError(f"vqkernels.nn.{type(self).__name__}: indices have {q} levels, the layer "
+                             f"{self.num_quantizers}")
+        return self._codes(indices, self.num_quantizers)
+
+    def _codes(self, indices, num_levels):
+        """[num_levels, ..., d]: the codes of the levels of ``indices`` [..., q], zeros for index -1 and for the
+        levels past q."""
+        q = indices.shape[-1]
+        codes = []
+        for level in range(num_levels):
+            if level >= q:
+                codes.append(torch.zeros_like(codes[0]))
+                continue
+            i = indices[..., level]
+            codes.append(self._level_codebook(level)[i.clamp_min(0).long()].masked_fill((i < 0).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices):
+        """The summed scaled codes of indices [..., q], projected out."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))
+
+
+class ResidualVQ(ResidualLevels):
     """Residual vector quantization, a drop-in for vector-quantize-pytorch's ``ResidualVQ``.
 
     All levels run in one fused op (:func:`vqkernels.residual_quantize`): each row's residual
@@ -76,36 +164,33 @@ class ResidualVQ(nn.Module):
     ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own commitment loss.
     """
 
+    dropout_needs_grad = False  # their ResidualVQ drops levels in training whether gradients are on or not
+
     def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
                  accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, **kwargs):
         super().__init__()
-        self.quant_grad_frac = quant_grad_frac
-        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0
-        if self.by_level and (accept_image_fmap or kwargs.get("accept_3d_fmap") or not kwargs.get("channel_last", True)
-                              or beam_size is not None or kwargs.get("heads", 1) != 1 or shared_codebook):
-            raise ValueError("ResidualVQ: use_cosine_sim and quant_grad_frac run the levels one by one, for tokens "
-                             "[B, N, D] with one head, per-level codebooks and no beam search")
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
         sizes = _level_sizes(codebook_size, num_quantizers)
-        num_quantizers = len(sizes)
-        if num_quantizers < 1:
-            raise ValueError(f"ResidualVQ: num_quantizers must be >= 1, got {num_quantizers}")
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("ResidualVQ: eval_beam_size needs beam_size")
-        self.dim, self.num_quantizers, self.codebook_sizes = dim, num_quantizers, sizes
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        self._setup("ResidualVQ", dim, self.codebook_dim, len(sizes), quantize_dropout, quantize_dropout_cutoff_index,
+                    quantize_dropout_multiple_of)
+        self.codebook_sizes = sizes
         self.codebook_size = sizes[0]  # the first level's, as vector-quantize-pytorch's property
         self.uniform_codebook_size = len(set(sizes)) == 1
         if shared_codebook and not self.uniform_codebook_size:
             raise ValueError(f"ResidualVQ: shared_codebook needs one codebook size, got per-level sizes {sizes}")
-        self.codebook_dim = dim if codebook_dim is None else codebook_dim
-        self.has_projections = self.codebook_dim != dim
-        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         self.accept_image_fmap = accept_image_fmap
         self.accept_3d_fmap = kwargs.get("accept_3d_fmap", False)  # the levels take it too (and check it)
         self.channel_last = kwargs.get("channel_last", True)
+        self.quant_grad_frac = quant_grad_frac
+        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0
+        if self.by_level and (self.channel_first or beam_size is not None or shared_codebook):
+            raise ValueError("ResidualVQ: use_cosine_sim and quant_grad_frac run the levels one by one, for tokens "
+                             "[B, N, D] with per-level codebooks and no beam search")
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
                            **kwargs) for size in sizes)
@@ -113,20 +198,11 @@ class ResidualVQ(nn.Module):
         if shared_codebook:  # as vector-quantize-pytorch: every level holds the first level's codebook module
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.beam_size = beam_size
         self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         first = self.layers[0]
         self.commitment_weight, self.rotation_trick = first.commitment_weight, first.rotation_trick
         self.learnable_codebook, self.freeze_codebook = first.learnable_codebook, first.freeze_codebook
-
-    @property
-    def codebooks(self):
-        """[num_quantizers, K, D]; with per-level sizes a tuple of each level's [K_l, D] (as vector-quantize-pytorch)."""
-        codebooks = tuple(layer._codebook.embed[0] for layer in self.layers)
-        return torch.stack(codebooks) if self.uniform_codebook_size else codebooks
 
     def _stacked_codebooks(self, levels):
         """The first ``levels`` codebooks as one [levels, max K, D] tensor for the fused op, smaller ones padded
@@ -135,12 +211,6 @@ class ResidualVQ(nn.Module):
         k = max(e.shape[0] for e in embeds)
         return torch.stack([e if e.shape[0] == k else F.pad(e, (0, 0, 0, k - e.shape[0]), value=float("nan"))
                             for e in embeds])
-
-    def _levels_this_step(self):
-        """Levels to run: all, or in training with quantize dropout a random prefix."""
-        if not (self.training and self.quantize_dropout):
-            return self.num_quantizers
-        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of)
 
     @torch.no_grad()
     def _kmeans_init_levels(self, rows):
@@ -198,22 +268,9 @@ class ResidualVQ(nn.Module):
     def _forward_by_level(self, x, freeze_codebook):
         """vector-quantize-pytorch's level loop (cosine levels, or a residual that keeps quant_grad_frac of the
         gradient): (quantized, indices [B, N, num_quantizers], every level's own loss)."""
-        Layout("ResidualVQ", x, self.dim)
-        residual = self.project_in(x)
-        levels = self._levels_this_step()
-        out, indices, losses = torch.zeros_like(residual), [], []
-        for level, layer in enumerate(self.layers):
-            if level >= levels:
-                indices.append(indices[0].new_full(indices[0].shape, -1))
-                losses.append(torch.zeros_like(losses[0]))
-                continue
-            q, idx, loss = layer(residual, freeze_codebook=freeze_codebook)
-            frac = self.quant_grad_frac
-            residual = residual - (q * frac + q.detach() * (1 - frac) if frac else q.detach())
-            out = out + q
-            indices.append(idx)
-            losses.append(loss)
-        return self.project_out(out), torch.stack(indices, dim=-1), torch.stack(losses)
+        Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
+        out, indices, losses = self._quantize(self.project_in(x), freeze_codebook=freeze_codebook)
+        return self.project_out(out), indices, losses
 
     @torch.no_grad()
     def _update_codebooks(self, rows, codebooks, idx):
@@ -225,14 +282,8 @@ class ResidualVQ(nn.Module):
             residual = residual - used.float()[idx[:, level].clamp_min(0)]
 
     def get_codes_from_indices(self, indices):
-        """Codes of every level, [num_quantizers, ..., codebook_dim] (zeros where an index is -1)."""
-        levels = indices.shape[-1]
-        codes = []
-        for level in range(levels):
-            i = indices[..., level]
-            c = self.layers[level]._codebook.embed[0][i.clamp_min(0)]
-            codes.append(c.masked_fill((i < 0).unsqueeze(-1), 0.0))
-        return torch.stack(codes)
+        """Codes of the levels of ``indices`` [..., q], [q, ..., codebook_dim] (zeros where an index is -1)."""
+        return self._codes(indices, indices.shape[-1])
 
     @property
     def channel_first(self):
@@ -290,80 +341,3 @@ class GroupedResidualVQ(Grouped):
         super().__init__("GroupedResidualVQ", lambda d: ResidualVQ(dim=d, accept_image_fmap=accept_image_fmap, **kwargs),
                          dim, groups)
         self.accept_image_fmap = accept_image_fmap
-
-
-class ResidualLevels(nn.Module):
-    """What the layer-by-layer residual quantizers share (ResidualFSQ, ResidualLFQ, ResidualSimVQ; ResidualVQ
-    runs its levels in one fused op instead): projections, ``layers`` quantizing in turn what the previous ones
-    left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
-    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes), by
-    default the level's own call and ``codebook``."""
-
-    def _setup(self, owner, dim, codebook_dim, num_quantizers, quantize_dropout, cutoff_index, multiple_of):
-        if num_quantizers < 1:
-            raise ValueError(f"vqkernels.nn.{owner}: num_quantizers must be >= 1, got {num_quantizers}")
-        if not 0 <= cutoff_index < num_quantizers:
-            raise ValueError(f"vqkernels.nn.{owner}: quantize_dropout_cutoff_index must be in [0, "
-                             f"{num_quantizers}), got {cutoff_index}")
-        self.dim = codebook_dim if dim is None else dim
-        self.has_projections = self.dim != codebook_dim
-        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
-        self.num_quantizers = num_quantizers
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        self.quantize_dropout_cutoff_index = cutoff_index
-        self.quantize_dropout_multiple_of = multiple_of
-
-    @property
-    def codebooks(self):
-        """[num_quantizers, codebook_size, d]: every level's codes."""
-        return torch.stack([self._level_codebook(level) for level in range(self.num_quantizers)])
-
-    def _level_codebook(self, level):
-        return self.layers[level].codebook
-
-    def _level(self, level, residual):
-        return tuple(self.layers[level](residual))
-
-    def _levels_this_step(self, seed):
-        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
-            return self.num_quantizers
-        rng = random if seed is None else random.Random(seed)
-        return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
-                              self.quantize_dropout_multiple_of, rng)
-
-    def _quantize(self, x, seed):
-        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
-        levels = self._levels_this_step(seed)
-        residual, out, indices, losses = x, 0.0, [], []
-        for level in range(self.num_quantizers):
-            if level >= levels:
-                indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
-                losses.append(losses[0].new_zeros(()))
-                continue
-            quantized, idx, loss = self._level(level, residual)
-            residual = residual - quantized.detach()
-            out = out + quantized
-            indices.append(idx)
-            losses.append(loss)
-        return out, torch.stack(indices, dim=-1), torch.stack(losses, dim=-1)
-
-    def get_codes_from_indices(self, indices):
-        """Every level's scaled codes [num_quantizers, ..., d] of indices [..., q] (q <= num_quantizers; missing
-        levels and index -1 give zeros)."""
-        q = indices.shape[-1]
-        if q > self.num_quantizers:
-            raise ValueError(f"vqkernels.nn.{type(self).__name__}: indices have {q} levels, the layer "
-                             f"{self.num_quantizers}")
-        codes = []
-        for level in range(self.num_quantizers):
-            if level >= q:
-                codes.append(torch.zeros_like(codes[0]))
-                continue
-            i = indices[..., level]
-            codes.append(self._level_codebook(level)[i.clamp_min(0).long()].masked_fill((i < 0).unsqueeze(-1), 0.0))
-        return torch.stack(codes)
-
-    def get_output_from_indices(self, indices):
-        """The summed scaled codes of indices [..., q], projected out."""
-        return self.project_out(self.get_codes_from_indices(indices).sum(0))

@@ -39,7 +39,7 @@ class ResidualFSQ(ResidualLevels):
             raise ValueError("vqkernels.nn.ResidualFSQ: bound_hard_clamp sets its own soft_clamp_input_value")
         self._setup("ResidualFSQ", dim, len(levels), num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
                     quantize_dropout_multiple_of)
-        self.is_channel_first = self.channel_first = is_channel_first
+        self.is_channel_first = is_channel_first
         self.levels = levels
         self.layers = nn.ModuleList(FSQ(levels=levels, dim=len(levels), preserve_symmetry=True,
                                         bound_hard_clamp=bound_hard_clamp, **kwargs) for _ in range(num_quantizers))
@@ -52,6 +52,10 @@ class ResidualFSQ(ResidualLevels):
         elif isinstance(soft_clamp_input_value, (list, tuple, float, int)):
             soft_clamp_input_value = torch.tensor(soft_clamp_input_value, dtype=torch.float32)
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
+
+    @property
+    def channel_first(self):
+        return self.is_channel_first
 
     @property
     def codebooks(self):

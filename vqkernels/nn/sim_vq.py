@@ -60,9 +60,7 @@ class SimVQ(nn.Module):
         # the op's quantized is straight-through already; the rotation trick reads the code without its gradient
         q = ops.rotation_trick(rows, q.detach()) if self.rotation_trick and rows.requires_grad else q
         out = layout.restore(q.reshape(tokens.shape))
-        indices = indices.reshape(tokens.shape[:-1])
-        if self.channel_first:
-            indices = indices.reshape(layout.spatial)
+        indices = indices.reshape(layout.spatial if self.channel_first else tokens.shape[:-1])
         return out, indices, loss * self.commitment_weight
 
 
@@ -72,6 +70,8 @@ class ResidualSimVQ(ResidualLevels):
     returns ``(quantized, indices [..., num_quantizers], losses [num_quantizers])`` (and every level's codes with
     ``return_all_codes``); quantize dropout as :class:`vqkernels.nn.ResidualFSQ`'s. Other keywords go to every
     level's SimVQ; the ``state_dict`` keys are theirs."""
+
+    dropout_needs_grad = False  # their ResidualSimVQ drops levels in training whether gradients are on or not
 
     def __init__(self, *, dim, num_quantizers, codebook_size, heads=1, quantize_dropout=False,
                  quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, channel_first=False,

@@ -117,13 +117,14 @@ class VectorQuantize(nn.Module):
             raise ValueError("VectorQuantize: use_cosine_sim is not compatible with learnable_codebook")
         self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
         self.separate_codebook_per_head = separate_codebook_per_head
+        self._split_heads = separate_codebook_per_head and heads > 1  # one codebook per head, several heads
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
         inner = self.codebook_dim * heads
         self.has_projections = inner != dim
         self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self.commitment_weight = commitment_weight
-        if orthogonal_reg_active_codes_only and separate_codebook_per_head and heads > 1:
+        if orthogonal_reg_active_codes_only and self._split_heads:
             raise ValueError("VectorQuantize: orthogonal_reg_active_codes_only does not work with separate codebooks "
                              "per head (as in vector-quantize-pytorch)")
         if orthogonal_reg_max_codes is not None and orthogonal_reg_max_codes < 1:
@@ -198,16 +199,16 @@ class VectorQuantize(nn.Module):
                     cb.update_(h, r, idx)
             quantized.append(q)
             indices.append(idx)
-        if self.separate_codebook_per_head and self.heads > 1:
+        if self._split_heads:
             q = torch.cat([t.reshape(b, n, self.codebook_dim) for t in quantized], dim=-1)
             idx = torch.stack([t.reshape(b, n) for t in indices], dim=-1)
         else:
             q = quantized[0].reshape(b, n, self.heads * self.codebook_dim)
             idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
-        zero = x.new_zeros((), dtype=torch.float32)
-        commitment = torch.stack(losses).mean() if self.training and self.commitment_weight > 0 else zero
-        loss = commitment * self.commitment_weight if self.training and self.commitment_weight > 0 else zero
-        orthogonal = zero
+        commitment = loss = orthogonal = zero = x.new_zeros((), dtype=torch.float32)
+        if self.training and self.commitment_weight > 0:
+            commitment = torch.stack(losses).mean()
+            loss = commitment * self.commitment_weight
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = orthogonal_loss(self._codebook.embed, self._orthogonal_weights(idx))
             loss = loss + orthogonal * self.orthogonal_reg_weight
@@ -220,11 +221,13 @@ class VectorQuantize(nn.Module):
         """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
         codebooks, [..., heads, codebook_dim] with heads sharing one (a single head: [..., codebook_dim])."""
         embed = self._codebook.embed
-        if self.separate_codebook_per_head and self.heads > 1:
+        if self._split_heads:
             return torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
         return embed[0][indices]
 
-    def _channel_first(self):
+    @property
+    def channel_first(self):
+        """Whether inputs and outputs carry the features on dim 1."""
         return self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last
 
     def get_codes_from_indices(self, indices):
@@ -232,7 +235,7 @@ class VectorQuantize(nn.Module):
         input layout: [..., heads * codebook_dim] ([..., heads, codebook_dim] when the heads share one
         codebook, as vector-quantize-pytorch), channels first for images / channel_last=False."""
         codes = self._codes(indices)
-        return codes.movedim(-1, 1) if self._channel_first() else codes
+        return codes.movedim(-1, 1) if self.channel_first else codes
 
     def get_output_from_indices(self, indices):
         """The layer's output for ``indices`` (forward's output in eval mode, in the input's layout): the
@@ -241,4 +244,4 @@ class VectorQuantize(nn.Module):
         if self.heads > 1 and not self.separate_codebook_per_head:
             codes = codes.flatten(-2)
         out = self.project_out(codes)
-        return out.movedim(-1, 1) if self._channel_first() else out
+        return out.movedim(-1, 1) if self.channel_first else out
