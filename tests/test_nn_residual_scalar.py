@@ -161,3 +161,16 @@ def test_residual_lfq_dropout_grouped_and_bad_inputs():
         ours(x, mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="power of 2"):
         ResidualLFQ(dim=6, num_quantizers=2, codebook_size=48)
+
+
+@pytest.mark.parametrize("make", [lambda: ResidualFSQ(levels=[8, 5, 5], num_quantizers=2, dim=16),
+                                  lambda: ResidualLFQ(dim=16, num_quantizers=2, codebook_size=2 ** 6)],
+                         ids=["fsq", "lfq"])
+def test_odd_inputs(make):
+    """No tokens gives empty results (LFQ once failed to reshape them), and another feature count is a clear
+    error naming the layer, not a matmul shape error."""
+    layer = make().train()
+    out = layer(torch.randn(2, 0, 16))
+    assert out[0].shape == (2, 0, 16) and out[1].shape == (2, 0, 2)
+    with pytest.raises(ValueError, match=r"(ResidualFSQ|ResidualLFQ): expected 16 features, got shape \(2, 7, 15\)"):
+        layer(torch.randn(2, 7, 15))

@@ -191,7 +191,7 @@ class LFQ(nn.Module):
         if not (self.training and self.commitment_loss_weight > 0):
             commit_loss = self.zero
 
-        quantized = layout.restore(self.project_out(codes.reshape(*lead, -1).to(orig_dtype)))
+        quantized = layout.restore(self.project_out(codes.reshape(*lead, self.num_codebooks * self.codebook_dim).to(orig_dtype)))
         indices = layout.indices(indices.reshape(*lead, self.num_codebooks))
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)

@@ -72,6 +72,13 @@ class ResidualLevels(nn.Module):
         self.quantize_dropout_cutoff_index = cutoff_index
         self.quantize_dropout_multiple_of = multiple_of
 
+    def _project_in(self, tokens):
+        """Tokens [..., dim] into the levels' width, with a clear error for another feature count."""
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"vqkernels.nn.{type(self).__name__}: expected {self.dim} features, got shape "
+                             f"{tuple(tokens.shape)}")
+        return self.project_in(tokens)
+
     @property
     def codebooks(self):
         """[num_quantizers, codebook_size, d]: every level's codes (a tuple of them when their sizes differ)."""

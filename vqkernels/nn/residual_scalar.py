@@ -71,7 +71,7 @@ class ResidualFSQ(ResidualLevels):
 
     def forward(self, x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
         layout = ChannelFirst(x, self.is_channel_first)
-        x = self.project_in(layout.tokens(x))
+        x = self._project_in(layout.tokens(x))
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value
             x = (x / clamp).tanh() * clamp
@@ -131,7 +131,7 @@ class ResidualLFQ(ResidualLevels):
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
         if mask is not None:
             raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported (nor by vqkernels.nn.LFQ)")
-        out, indices, losses = self._quantize(self.project_in(x), rand_quantize_dropout_fixed_seed)
+        out, indices, losses = self._quantize(self._project_in(x), rand_quantize_dropout_fixed_seed)
         ret = (self.project_out(out), indices, losses)
         return ret if not return_all_codes else (*ret, self.get_codes_from_indices(indices))
 
