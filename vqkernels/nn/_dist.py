@@ -27,3 +27,10 @@ def broadcast_from_rank0(t):
     """Rank 0's ``t`` on every rank (in place); returns it."""
     dist.broadcast(t, src=0)
     return t
+
+
+def all_reduce_mean_(t):
+    """``t`` averaged over the ranks, in place."""
+    dist.all_reduce(t)
+    t.div_(dist.get_world_size())
+    return t

@@ -61,7 +61,7 @@ class Codebook(nn.Module):
 
     def __init__(self, dim, codebook_size, num_codebooks=1, kmeans_init=False, kmeans_iters=10, decay=0.8,
                  eps=1e-5, threshold_ema_dead_code=0, learnable_codebook=False, ema_update=True,
-                 use_cosine_sim=False, sync=False, frozen=None):
+                 use_cosine_sim=False, sync=False, frozen=None, manual_ema_update=False):
         super().__init__()
         if frozen is not None:
             embed = frozen.detach().float().reshape(num_codebooks, codebook_size, dim).clone()
@@ -75,6 +75,8 @@ class Codebook(nn.Module):
         self.kmeans_iters, self.decay, self.eps = kmeans_iters, decay, eps
         self.threshold_ema_dead_code = threshold_ema_dead_code
         self.learnable_codebook, self.ema_update = learnable_codebook, ema_update
+        self.manual_ema_update = manual_ema_update
+        self._pending = {}  # codebook -> summed (counts [K], sums [K, D]) of accum_ema_update steps
         self.use_cosine_sim, self.sync, self.frozen = use_cosine_sim, sync, frozen is not None
         self.metric = "cosine" if use_cosine_sim else "l2"
         initted = frozen is not None or not kmeans_init
@@ -126,31 +128,107 @@ class Codebook(nn.Module):
         self._initted = True
 
     @torch.no_grad()
-    def update_(self, h, rows, indices):
-        """One training step of codebook ``h`` from its rows [M, D] and their codes [M]:
-        the EMA update (or only the statistics, when the codebook is learned by gradient),
-        then dead-code restart."""
-        if not self.tracks_statistics:
+    def update_(self, h, rows, indices, valid=None, ema_update=True, weight=None, accumulate=False):
+        """One training step of codebook ``h`` from its rows [M, D] and their codes [M] (-1: a row
+        that counts nowhere, e.g. padding; ``valid`` [M] bool marks the rows dead codes may restart
+        from, default all): the EMA statistics, then the codes from them (when ``ema_update``, this
+        call's and the layer's, and the updates are not manual), then dead-code restart.
+
+        ``weight`` ([K], or a callable of this step's sums [1, K, D] and counts [1, K] returning
+        one) scales each code's EMA rate, ``(1 - decay) * weight``; ``accumulate`` adds this step's
+        counts and sums to a pending total that the next non-accumulating step adds to its own
+        (vector-quantize-pytorch's ``ema_update_weight`` / ``accum_ema_update``). Without these the
+        whole step is one fused :func:`vqkernels.ema_update_`."""
+        if not self.tracks_statistics or not (ema_update or self.threshold_ema_dead_code > 0):
             return
         rows = rows.detach().float()
         if self.sync:  # every rank updates from the rows of all ranks: identical codebooks
             rows, indices = _dist.gather_rows(rows), _dist.gather_rows(indices)
+            valid = None if valid is None else _dist.gather_rows(valid)
+        fused = weight is None and not accumulate and h not in self._pending
         target = torch.empty_like(self.embed_avg[h])
-        ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], rows, indices, self.decay, self.eps)
-        if self.ema_update:
+        if fused:
+            ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], rows, indices, self.decay, self.eps)
+        else:
+            counts, sums = self._batch_statistics(target, rows, indices)
+            if accumulate:
+                self._accumulate(h, counts, sums)
+                return
+            self._ema_step(h, counts, sums, weight)
+        if self.ema_update and ema_update and not self.manual_ema_update:
+            if not fused:
+                target = self._codes_from_statistics(h)
             codes = F.normalize(target, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else target
         else:
             codes = self.embed[h].detach()
         if self.threshold_ema_dead_code > 0 and rows.shape[0] > 0:
-            codes = self._restart_dead_codes(h, rows, codes)
+            codes = self._restart_dead_codes(h, rows, codes, valid)
         self._set_codes(h, codes)
 
-    def _restart_dead_codes(self, h, rows, codes):
-        """Codes whose EMA count fell below ``threshold_ema_dead_code`` take random rows of the
-        batch (their statistics restart at the threshold); returns the new codes of codebook h."""
+    def _batch_statistics(self, scratch, rows, indices):
+        """This step's counts [K] and sums [K, D] per code (the EMA kernel at decay 0)."""
+        counts = rows.new_zeros(self.codebook_size)
+        sums = rows.new_zeros(self.codebook_size, rows.shape[1])
+        ops.ema_update_(scratch, counts, sums, rows, indices, 0.0, self.eps)
+        return counts, sums
+
+    def _accumulate(self, h, counts, sums):
+        if h in self._pending:
+            counts, sums = counts + self._pending[h][0], sums + self._pending[h][1]
+        self._pending[h] = (counts, sums)
+
+    def _ema_step(self, h, counts, sums, weight):
+        """cluster_size / embed_avg of codebook h move towards this step's (plus pending) statistics
+        at rate (1 - decay) * weight."""
+        if callable(weight):  # of this step's statistics, before the pending ones join (as theirs)
+            weight = weight(sums.unsqueeze(0), counts.unsqueeze(0))
+        if h in self._pending:
+            pending_counts, pending_sums = self._pending.pop(h)
+            counts, sums = counts + pending_counts, sums + pending_sums
+        rate = 1.0 - self.decay
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=counts.dtype, device=counts.device)
+            if weight.dim() == 2:
+                weight = weight[h] if weight.shape[0] == self.num_codebooks else weight[0]
+            if weight.shape != (self.codebook_size,):
+                raise ValueError(f"vqkernels.nn: ema_update_weight must be [codebook_size={self.codebook_size}] or "
+                                 f"[codebooks, codebook_size], got shape {tuple(weight.shape)}")
+            rate = rate * weight
+        self.cluster_size[h].lerp_(counts, rate)
+        self.embed_avg[h].lerp_(sums, rate.unsqueeze(-1) if torch.is_tensor(rate) else rate)
+
+    def _codes_from_statistics(self, h):
+        """Codebook h's codes from its statistics, Laplace-smoothed (the EMA kernel at decay 1 with no rows)."""
+        target = torch.empty_like(self.embed_avg[h])
+        ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], target.new_empty(0, self.dim),
+                        torch.empty(0, dtype=torch.int64, device=target.device), 1.0, self.eps)
+        return target
+
+    @torch.no_grad()
+    def update_ema(self):
+        """Recomputes every codebook from its EMA statistics (``manual_ema_update``'s explicit step)."""
+        for h in range(self.num_codebooks):
+            codes = self._codes_from_statistics(h)
+            self._set_codes(h, F.normalize(codes, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else codes)
+
+    def _restart_dead_codes(self, h, rows, codes, valid=None):
+        """Codes whose EMA count fell below ``threshold_ema_dead_code`` take distinct random rows of
+        the batch (the ``valid`` ones), their statistics restarting at the threshold; when fewer rows
+        than dead codes, a random subset of the dead codes restarts and the rest wait (as
+        vector-quantize-pytorch). Drawn on the device, nothing read back. Returns codebook h's new codes."""
         rows = self.transform_input(rows)
-        sampled = rows[draw_rows(rows.shape[0], self.codebook_size, rows.device, self.sync)]
         dead = self.cluster_size[h] < self.threshold_ema_dead_code
+        valid = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device) if valid is None else valid
+        m, k = rows.shape[0], self.codebook_size
+        # random permutations (randperm: the same draws eagerly and under torch.compile) as sort keys
+        row_keys = torch.randperm(m, device=rows.device).masked_fill(~valid, m)
+        code_keys = torch.randperm(k, device=rows.device).masked_fill(~dead, k)
+        if self.sync:
+            row_keys, code_keys = _dist.broadcast_from_rank0(row_keys), _dist.broadcast_from_rank0(code_keys)
+        order = row_keys.argsort()  # the valid rows first, in random order
+        rank = code_keys.argsort().argsort()  # the dead codes first, in random order
+        dead = dead & (rank < valid.sum())
+        sampled = rows[order[rank.clamp(max=m - 1)]]
         reset = float(self.threshold_ema_dead_code)
         self.cluster_size[h].copy_(torch.where(dead, torch.full_like(self.cluster_size[h], reset),
                                                self.cluster_size[h]))

@@ -16,7 +16,9 @@ _RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, ml
                         beam_score_quantizer_weights=None,
                         return_zeros_for_masked_padding=True,
                         separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
-                        orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None)
+                        orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
+                        directional_reparam=False, manual_ema_update=False, in_place_codebook_optimizer=None,
+                        manual_in_place_optimizer_update=False, route_gradients_to_input=True)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
 _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
                    - {"unsupported"} - set(_RVQ_UNSUPPORTED))

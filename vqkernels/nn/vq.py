@@ -16,15 +16,11 @@ from .codebook import Codebook
 _VQ_UNSUPPORTED = dict(
     layernorm_after_project_in=False, sync_kmeans=True,
     commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
-    stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False, directional_reparam=False,
-    directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None, manual_ema_update=False,
-    in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False, affine_param=False,
+    stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False,
+    sync_affine_param=False, vq_bridge=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
-    return_zeros_for_masked_padding=True, route_gradients_to_input=True,
 )
-_FORWARD_UNSUPPORTED = dict(indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
-                            codebook_transform_fn=None, ema_update_weight=None,
-                            accum_ema_update=False, ema_update=None)
+_FORWARD_UNSUPPORTED = dict(indices=None, sample_codebook_temp=None, codebook_transform_fn=None)
 
 
 # forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
@@ -60,6 +56,23 @@ def route_gradient(x, quantized, rotation_trick):
     return quantized
 
 
+def directional_reparam(src, tgt, variance):
+    """vector-quantize-pytorch's directional reparametrisation: ``src`` moved by |tgt - src| along the
+    direction of tgt - src, perturbed by Gaussian noise of ``variance`` (a detached unit vector), so
+    gradients reach ``src`` and, through the distance, ``tgt``."""
+    error = tgt - src
+    direction = F.normalize(error + variance ** 0.5 * torch.randn_like(error), dim=-1).detach()
+    return src + direction * error.norm(dim=-1, keepdim=True)
+
+
+def masked_mean(values, weights):
+    """Mean of ``values`` [M, ...] over the rows of weight 1 (``weights`` [M], 0 / 1); 0 when no row
+    counts. Nothing is read back."""
+    per_row = values.reshape(values.shape[0], -1)
+    total = weights.sum() * per_row.shape[1]
+    return (per_row.sum(-1) * weights).sum() / total.clamp(min=1)
+
+
 class VectorQuantize(nn.Module):
     """Vector quantization layer, a drop-in for vector-quantize-pytorch's ``VectorQuantize``.
 
@@ -74,11 +87,23 @@ class VectorQuantize(nn.Module):
     (factorised codes with in/out projections), ``heads``, ``separate_codebook_per_head``,
     ``decay``, ``eps``, ``freeze_codebook``, ``kmeans_init``, ``kmeans_iters``,
     ``use_cosine_sim``, ``threshold_ema_dead_code``, ``channel_last``, ``accept_image_fmap``,
-    ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``sync_codebook``
-    (default: when torch.distributed runs with several ranks), ``ema_update``,
-    ``learnable_codebook``, ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only`` and
+    ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``directional_reparam``
+    (with ``directional_reparam_variance``), ``route_gradients_to_input``, ``sync_codebook``
+    (default: when torch.distributed runs with several ranks), ``ema_update``, ``manual_ema_update``
+    (then :meth:`update_ema` recomputes the codes), ``learnable_codebook``, ``in_place_codebook_optimizer``
+    (with ``manual_in_place_optimizer_update`` and :meth:`update_in_place_optimizer`),
+    ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only`` and
     ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with
-    both), and forward's ``return_loss_breakdown``. Others raise unless given at their default.
+    both), ``return_zeros_for_masked_padding``. Others raise unless given at their default.
+
+    Forward options: ``mask`` [B, N] bool or ``lens`` [B] for padded sequences (padded tokens neither
+    update the codebook nor count in the losses; their output is 0, or the input with
+    ``return_zeros_for_masked_padding=False``, and their index -1), ``topk`` (the k nearest codes per
+    token: quantized [..., k, dim], indices [..., k] and a per-token loss [..., k]; no codebook update),
+    ``freeze_codebook``, ``ema_update`` (False: no EMA step this call), ``ema_update_weight`` (a [K] /
+    [heads, K] per-code rate factor, or a callable of the step's sums and counts — called per codebook,
+    with [1, K, D] and [1, K]), ``accum_ema_update`` (collect this step's statistics for the next
+    update), ``return_loss_breakdown``. :meth:`update_indices` updates the codebook from given codes.
 
     ``frozen_codebook``: a fixed [codebook_size, codebook_dim] table (e.g. a language model's
     word embeddings, LQAE / SPAE / UniCode) that is never updated and not part of the
@@ -89,9 +114,11 @@ class VectorQuantize(nn.Module):
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
                  eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, use_cosine_sim=False,
                  threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, accept_3d_fmap=False,
-                 commitment_weight=1.0,
-                 rotation_trick=None, sync_codebook=None, ema_update=None, learnable_codebook=None,
+                 commitment_weight=1.0, rotation_trick=None, directional_reparam=False,
+                 directional_reparam_variance=5e-3, sync_codebook=None, ema_update=None, manual_ema_update=False,
+                 learnable_codebook=None, in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False,
                  orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
+                 return_zeros_for_masked_padding=True, route_gradients_to_input=True,
                  frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
@@ -109,12 +136,19 @@ class VectorQuantize(nn.Module):
                 raise ValueError("VectorQuantize: a frozen_codebook is never updated (no ema_update, "
                                  "learnable_codebook, kmeans_init or threshold_ema_dead_code)")
             ema_update, learnable_codebook = False, False
-        ema_update = True if ema_update is None else ema_update
-        learnable_codebook = False if learnable_codebook is None else learnable_codebook
+        ema_update = not directional_reparam if ema_update is None else ema_update
+        learnable_codebook = directional_reparam if learnable_codebook is None else learnable_codebook
+        rotation_trick = (not directional_reparam and dim > 1) if rotation_trick is None else rotation_trick
         if ema_update and learnable_codebook:
             raise ValueError("VectorQuantize: learnable_codebook is not compatible with ema_update")
         if use_cosine_sim and learnable_codebook:
             raise ValueError("VectorQuantize: use_cosine_sim is not compatible with learnable_codebook")
+        if rotation_trick and directional_reparam:
+            raise ValueError("VectorQuantize: rotation_trick and directional_reparam exclude each other")
+        if directional_reparam and threshold_ema_dead_code == 0:
+            raise ValueError("VectorQuantize: directional_reparam needs dead-code restart (threshold_ema_dead_code > 0)")
+        if in_place_codebook_optimizer is not None and not learnable_codebook:
+            raise ValueError("VectorQuantize: in_place_codebook_optimizer needs learnable_codebook=True")
         self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
         self.separate_codebook_per_head = separate_codebook_per_head
         self._split_heads = separate_codebook_per_head and heads > 1  # one codebook per head, several heads
@@ -124,6 +158,7 @@ class VectorQuantize(nn.Module):
         self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self.commitment_weight = commitment_weight
+        self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
         if orthogonal_reg_active_codes_only and self._split_heads:
             raise ValueError("VectorQuantize: orthogonal_reg_active_codes_only does not work with separate codebooks "
                              "per head (as in vector-quantize-pytorch)")
@@ -132,7 +167,10 @@ class VectorQuantize(nn.Module):
         self.orthogonal_reg_weight = orthogonal_reg_weight
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        self.rotation_trick = rotation_trick
+        self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
+        self.route_gradients_to_input = route_gradients_to_input
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
         if accept_image_fmap and accept_3d_fmap:
@@ -140,12 +178,18 @@ class VectorQuantize(nn.Module):
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
         self.use_cosine_sim = use_cosine_sim
         sync = _dist.distributed_ready() if sync_codebook is None else sync_codebook
+        # The codes are a Parameter (vector-quantize-pytorch's layout) when learned by gradient, and also with the
+        # orthogonal regulariser, whose gradient reaches them beside the EMA updates.
         self._codebook = Codebook(self.codebook_dim, codebook_size,
                                   num_codebooks=heads if separate_codebook_per_head else 1,
                                   kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
                                   threshold_ema_dead_code=threshold_ema_dead_code,
-                                  learnable_codebook=learnable_codebook, ema_update=ema_update,
-                                  use_cosine_sim=use_cosine_sim, sync=sync, frozen=frozen_codebook)
+                                  learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0,
+                                  ema_update=ema_update, use_cosine_sim=use_cosine_sim, sync=sync,
+                                  frozen=frozen_codebook, manual_ema_update=manual_ema_update)
+        self.in_place_codebook_optimizer = (in_place_codebook_optimizer(self._codebook.parameters())
+                                            if in_place_codebook_optimizer is not None else None)
+        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
 
     @property
     def codebook(self):
@@ -153,12 +197,68 @@ class VectorQuantize(nn.Module):
         embed = self._codebook.embed
         return embed if self.separate_codebook_per_head else embed[0]
 
+    @codebook.setter
+    def codebook(self, codes):
+        with torch.no_grad():
+            self._codebook.embed.copy_(codes if self.separate_codebook_per_head else codes.unsqueeze(0))
+
+    @property
+    def ema_update(self):
+        return self._codebook.ema_update
+
+    def update_ema(self):
+        """With ``manual_ema_update``: recompute the codes from the EMA statistics gathered so far."""
+        self._codebook.update_ema()
+
+    def update_in_place_optimizer(self):
+        """One step of the in-place codebook optimizer (after its backward), then its gradients cleared;
+        gradients are averaged over the ranks first when the codebook is synchronised."""
+        if self.in_place_codebook_optimizer is None:
+            return
+        if self._codebook.sync:
+            for param in self._codebook.parameters():
+                if param.grad is not None:
+                    _dist.all_reduce_mean_(param.grad)
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
+
     def _head_rows(self, xin):
         """[B, N, heads * d] -> one [M, d] row matrix per codebook."""
         d = self.codebook_dim
         if self.separate_codebook_per_head:
             return [xin[..., h * d:(h + 1) * d].reshape(-1, d) for h in range(self.heads)]
         return [xin.reshape(-1, d)]
+
+    def _rows(self, tokens):
+        """The codebook rows of tokens [B, N, dim]: the in projection, the heads split, l2-normalised
+        for cosine codebooks."""
+        return [self._codebook.transform_input(r) for r in self._head_rows(self.project_in(tokens))]
+
+    def _row_mask(self, token_mask):
+        """[B, N] token mask -> the [M] mask of one codebook's rows (the heads' rows of a token
+        follow each other when the heads share one codebook)."""
+        if token_mask is None:
+            return None
+        if self._split_heads or self.heads == 1:
+            return token_mask.reshape(-1)
+        return token_mask.unsqueeze(-1).expand(*token_mask.shape, self.heads).reshape(-1)
+
+    def _token_mask(self, mask, lens, layout, tokens):
+        """forward's ``mask`` / ``lens`` as a [B, N] bool mask (None without either)."""
+        if mask is not None and lens is not None:
+            raise ValueError("VectorQuantize: pass mask or lens, not both")
+        if mask is None and lens is None:
+            return None
+        if layout.image or layout.only_one:
+            raise ValueError("VectorQuantize: mask / lens work with sequences of tokens, not feature maps or "
+                             "single tokens (as in vector-quantize-pytorch)")
+        b, n = tokens.shape[:2]
+        if lens is not None:
+            return torch.arange(n, device=tokens.device) < lens.to(tokens.device).unsqueeze(-1)
+        if mask.shape != (b, n) or mask.dtype != torch.bool:
+            raise ValueError(f"VectorQuantize: mask must be a bool [B={b}, N={n}] tensor, got "
+                             f"{mask.dtype} of shape {tuple(mask.shape)}")
+        return mask
 
     def _orthogonal_weights(self, indices):
         """[H, K] 1 / 0: the codes in the orthogonal regulariser this step (all, the ones ``indices`` used, and
@@ -175,28 +275,89 @@ class VectorQuantize(nn.Module):
             weights = weights * (rank < self.orthogonal_reg_max_codes)
         return weights
 
-    def forward(self, x, freeze_codebook=None, return_loss_breakdown=False, **unsupported):
-        reject_unsupported("VectorQuantize.forward", unsupported, _FORWARD_UNSUPPORTED)
+    def _embed(self, h, learn, updates):
+        """The codes of codebook h handed to the ops, with gradients when learned this step. A copy when this
+        step's update writes a Parameter codebook in place (its backward needs the codes it searched)."""
+        embed = self._codebook.embed[h]
+        if updates and isinstance(self._codebook.embed, nn.Parameter):
+            embed = embed.clone()
+        return embed if learn else embed.detach()
+
+    def _route(self, r, q, codes):
+        """The training output of rows r quantized to q (the op's straight-through result) with the chosen
+        codes ``codes`` (carrying the codebook's gradient when it is learned): the rotation trick, the
+        directional reparametrisation or straight-through; the bare codes without routing to the input."""
+        if not (self.route_gradients_to_input and r.requires_grad):
+            return codes
+        if self.rotation_trick:
+            return ops.rotation_trick(r, q.detach())
+        if self.directional_reparam:
+            return directional_reparam(r, codes, self.directional_reparam_variance)
+        return q
+
+    def _in_place_step(self, rows, row_mask, freeze):
+        """vector-quantize-pytorch's in-place codebook optimisation: search, the codes' mse to the
+        (detached) rows backpropagated into the codebook, one optimizer step (unless manual); the
+        statistics of this search update the codebook as a normal step would. Returns the loss."""
+        cb = self._codebook
+        losses = []
+        for h, r in enumerate(rows):
+            embed = cb.embed[h]
+            _, idx, _, _ = ops.vq_quantize(r.detach(), embed.detach(), cb.metric)
+            codes = embed.index_select(0, idx)
+            err = (codes.float() - r.detach().float()).square()
+            losses.append(err.mean() if row_mask is None else masked_mean(err, row_mask.float()))
+            if cb.tracks_statistics and not freeze:
+                cb.update_(h, r, idx if row_mask is None else idx.masked_fill(~row_mask, -1), valid=row_mask)
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        if not self.manual_in_place_optimizer_update:
+            self.update_in_place_optimizer()
+        return loss.detach()
+
+    def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+                freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
+                ema_update_weight=None, accum_ema_update=False, ema_update=None):
+        reject_unsupported("VectorQuantize.forward", dict(indices=indices, sample_codebook_temp=sample_codebook_temp,
+                                                          codebook_transform_fn=codebook_transform_fn),
+                           _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
+        token_mask = self._token_mask(mask, lens, layout, tokens)
+        row_mask = self._row_mask(token_mask)
+        weights = None if row_mask is None else row_mask.float()
         cb = self._codebook
-        rows = [cb.transform_input(r) for r in self._head_rows(self.project_in(tokens))]
+        rows = self._rows(tokens)
         if self.training and cb.needs_init:
-            cb.init_embed_([r.detach() for r in rows])
+            cb.init_embed_([r.detach() if row_mask is None else r.detach()[row_mask] for r in rows])
+        if topk is not None:
+            return self._forward_topk(x, layout, tokens, rows[0], token_mask, int(topk), freeze, return_loss_breakdown)
+        zero = x.new_zeros((), dtype=torch.float32)
+        inplace_loss = zero
+        in_place = self.in_place_codebook_optimizer is not None and self.training and not freeze
+        if in_place:
+            inplace_loss = self._in_place_step(rows, row_mask, freeze)
+        learn = self.learnable_codebook and not freeze
         quantized, indices, losses = [], [], []
         for h, r in enumerate(rows):
-            updates = self.training and not freeze and cb.tracks_statistics
-            embed = cb.embed[h] if self.learnable_codebook and not freeze else cb.embed[h].detach()
-            if updates and self.learnable_codebook:
-                embed = embed.clone()  # backward needs the codes this step used; updates write the Parameter
+            updates = self.training and not freeze and cb.tracks_statistics and not in_place
+            embed = self._embed(h, learn, updates)
             q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
+            if row_mask is not None:
+                idx = idx.masked_fill(~row_mask, -1)
             if self.training:
-                q = route_gradient(r, q, self.rotation_trick)
-                losses.append(training_losses(commit, codebook_loss, 1.0, self.learnable_codebook and not freeze))
+                codes = embed.index_select(0, idx.clamp(min=0)) if learn else q.detach()
+                if row_mask is not None:
+                    commit = masked_mean((r.float() - codes.detach().float()).square(), weights)
+                    codebook_loss = masked_mean((codes.float() - r.detach().float()).square(), weights) if learn \
+                        else commit
+                losses.append(training_losses(commit, codebook_loss, 1.0, learn))
+                q = self._route(r, q, codes)
                 if updates:
-                    cb.update_(h, r, idx)
+                    cb.update_(h, r, idx, valid=row_mask, ema_update=ema_update is not False,
+                               weight=ema_update_weight, accumulate=accum_ema_update)
             quantized.append(q)
             indices.append(idx)
         if self._split_heads:
@@ -205,17 +366,85 @@ class VectorQuantize(nn.Module):
         else:
             q = quantized[0].reshape(b, n, self.heads * self.codebook_dim)
             idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
-        commitment = loss = orthogonal = zero = x.new_zeros((), dtype=torch.float32)
-        if self.training and self.commitment_weight > 0:
+        commitment = loss = orthogonal = zero
+        if self.training and self.has_commitment_loss:
             commitment = torch.stack(losses).mean()
             loss = commitment * self.commitment_weight
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = orthogonal_loss(self._codebook.embed, self._orthogonal_weights(idx))
             loss = loss + orthogonal * self.orthogonal_reg_weight
-        out = layout.restore(self.project_out(q.to(x.dtype)))
+        out = self._pad_masked(self.project_out(q.to(x.dtype)), tokens, token_mask)
+        out, idx = layout.restore(out), layout.indices(idx)
         if not return_loss_breakdown:
-            return out, layout.indices(idx), loss
-        return out, layout.indices(idx), loss, LossBreakdown(commitment, zero, orthogonal, zero)
+            return out, idx, loss
+        return out, idx, loss, LossBreakdown(commitment, zero, orthogonal, inplace_loss)
+
+    def _pad_masked(self, out, tokens, token_mask):
+        """Outputs [B, N, ..., dim] of padded tokens: 0, or the input with return_zeros_for_masked_padding=False."""
+        if token_mask is None:
+            return out
+        keep = token_mask.reshape(*token_mask.shape, *([1] * (out.dim() - 2)))
+        if self.return_zeros_for_masked_padding:
+            return out.masked_fill(~keep, 0.0)
+        return torch.where(keep, out, tokens.reshape(*tokens.shape[:2], *([1] * (out.dim() - 3)), tokens.shape[-1]))
+
+    def _forward_topk(self, x, layout, tokens, r, token_mask, k, freeze, return_loss_breakdown):
+        """forward with ``topk``: each token's k nearest codes, nearest first, with a per-token-and-code
+        commitment loss [B, N, k] (the loss is this tensor times ``commitment_weight``); the codebook
+        is not updated. One codebook only (heads=1), as vector-quantize-pytorch."""
+        if self.heads != 1 or k < 1 or (self.in_place_codebook_optimizer is not None and self.training):
+            raise ValueError("VectorQuantize: topk works with heads=1, topk >= 1 and no in-place codebook optimizer")
+        k = min(k, self.codebook_size)
+        b, n = tokens.shape[:2]
+        learn = self.learnable_codebook and not freeze
+        embed = self._embed(0, learn, False)
+        idx, _ = ops.nearest_code_topk(r.detach(), embed.detach(), k, self._codebook.metric)  # [M, k]
+        codes = embed[idx]  # [M, k, d]
+        rk = r.unsqueeze(1).expand_as(codes)
+        commit = (codes.detach().float() - rk.float()).square().mean(-1)  # [M, k]
+        q = codes.detach()
+        if self.training:
+            if learn:
+                commit = commit + (codes.float() - rk.detach().float()).square().mean(-1) - commit.detach()
+            straight = rk + (q - rk).detach()
+            flat = self._route(rk.reshape(-1, self.codebook_dim), straight.reshape(-1, self.codebook_dim),
+                               codes.reshape(-1, self.codebook_dim))
+            q = flat.reshape(codes.shape)
+        commit = commit.reshape(b, n, k)
+        idx = idx.reshape(b, n, k)
+        if token_mask is not None:
+            commit = commit.masked_fill(~token_mask.unsqueeze(-1), 0.0)
+            idx = idx.masked_fill(~token_mask.unsqueeze(-1), -1)
+        zero = x.new_zeros((), dtype=torch.float32)
+        loss = commit * self.commitment_weight if self.has_commitment_loss else commit
+        orthogonal = zero
+        if self.training and self.orthogonal_reg_weight > 0:
+            orthogonal = orthogonal_loss(self._codebook.embed, self._orthogonal_weights(idx))
+            loss = loss + orthogonal * self.orthogonal_reg_weight
+        out = self._pad_masked(self.project_out(q.reshape(b, n, k, -1).to(x.dtype)), tokens, token_mask)
+        out, idx, loss = layout.restore(out), layout.indices(idx), layout.indices(loss)
+        if not return_loss_breakdown:
+            return out, idx, loss
+        return out, idx, loss, LossBreakdown(commit if self.training else zero, zero, orthogonal, zero)
+
+    @torch.no_grad()
+    def update_indices(self, x, indices, mask=None):
+        """Updates the codebook (EMA statistics, codes, dead-code restart) from inputs ``x`` and codes
+        ``indices`` chosen elsewhere, in forward's layouts (vector-quantize-pytorch's
+        ``update_indices`` / ``update_ema_indices``); index -1 and masked tokens count nowhere."""
+        layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
+        tokens = layout.tokens(x)
+        b, n = tokens.shape[:2]
+        row_mask = self._row_mask(self._token_mask(mask, None, layout, tokens))
+        idx = indices.reshape(b, n, -1)
+        rows = self._rows(tokens)
+        for h, r in enumerate(rows):
+            codes = (idx[..., h] if self._split_heads else idx).reshape(-1).long()
+            if row_mask is not None:
+                codes = codes.masked_fill(~row_mask, -1)
+            self._codebook.update_(h, r, codes, valid=row_mask)
+
+    update_ema_indices = update_indices
 
     def _codes(self, indices):
         """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
