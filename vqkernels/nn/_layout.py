@@ -32,12 +32,12 @@ class Layout:
         return x.transpose(1, 2) if self.transposed else x
 
     def restore(self, t):
-        """[B, N, D] -> the input's layout."""
+        """[B, N, ..., D] -> the input's layout; extra dimensions (e.g. top-k's k) follow the token ones."""
         if self.image:
-            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.hw)
+            return t.movedim(-1, 1).reshape(t.shape[0], t.shape[-1], *self.hw, *t.shape[2:-1])
         if self.only_one:
             return t.squeeze(1)
-        return t.transpose(1, 2) if self.transposed else t
+        return t.movedim(-1, 1) if self.transposed else t
 
     def indices(self, idx):
         """[B, N, ...] -> [B, H, W, ...] for images ([B, T, H, W, ...] for videos), [B, ...] for single tokens."""

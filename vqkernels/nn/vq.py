@@ -275,11 +275,12 @@ class VectorQuantize(nn.Module):
             weights = weights * (rank < self.orthogonal_reg_max_codes)
         return weights
 
-    def _embed(self, h, learn, updates):
-        """The codes of codebook h handed to the ops, with gradients when learned this step. A copy when this
-        step's update writes a Parameter codebook in place (its backward needs the codes it searched)."""
+    def _embed(self, h, learn):
+        """The codes of codebook h handed to the ops, with gradients when learned this step. In training a
+        Parameter codebook is copied: this step's update or optimizer may write it in place before the
+        backward, which needs the codes it searched."""
         embed = self._codebook.embed[h]
-        if updates and isinstance(self._codebook.embed, nn.Parameter):
+        if self.training and isinstance(self._codebook.embed, nn.Parameter):
             embed = embed.clone()
         return embed if learn else embed.detach()
 
@@ -343,7 +344,7 @@ class VectorQuantize(nn.Module):
         quantized, indices, losses = [], [], []
         for h, r in enumerate(rows):
             updates = self.training and not freeze and cb.tracks_statistics and not in_place
-            embed = self._embed(h, learn, updates)
+            embed = self._embed(h, learn)
             q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
             if row_mask is not None:
                 idx = idx.masked_fill(~row_mask, -1)
@@ -397,7 +398,7 @@ class VectorQuantize(nn.Module):
         k = min(k, self.codebook_size)
         b, n = tokens.shape[:2]
         learn = self.learnable_codebook and not freeze
-        embed = self._embed(0, learn, False)
+        embed = self._embed(0, learn)
         idx, _ = ops.nearest_code_topk(r.detach(), embed.detach(), k, self._codebook.metric)  # [M, k]
         codes = embed[idx]  # [M, k, d]
         rk = r.unsqueeze(1).expand_as(codes)
