@@ -327,3 +327,82 @@ def test_level_by_level_options_match_vector_quantize_pytorch(kw):
     for a, b in zip(theirs.layers, ours.layers):
         torch.testing.assert_close(b._codebook.embed, a._codebook.embed, rtol=1e-5, atol=1e-6)
 
+
+
+LENS = torch.tensor([13, 6, 1])
+MASK = torch.arange(13) < LENS[:, None]
+
+
+@pytest.mark.parametrize("kw", [dict(dim=16, num_quantizers=3, codebook_size=32, rotation_trick=False),
+                                dict(dim=16, num_quantizers=3, codebook_size=32, threshold_ema_dead_code=0.5),
+                                dict(dim=16, num_quantizers=3, codebook_size=32, shared_codebook=True),
+                                dict(dim=16, codebook_size=(32, 16), learnable_codebook=True, ema_update=False),
+                                dict(dim=16, num_quantizers=2, codebook_size=32, return_zeros_for_masked_padding=False),
+                                dict(dim=16, num_quantizers=3, codebook_size=32, quant_grad_frac=0.5,
+                                     rotation_trick=False)], ids=str)
+def test_mask_matches_vector_quantize_pytorch(kw):
+    """forward's mask: indices -1, output 0 (or the input) and no loss or codebook update from padded tokens,
+    as theirs: same indices, outputs, per-level losses and codebooks over 3 training steps. The input gradient
+    is compared on the level-by-level path only (the fused one differs by design; see the class docstring)."""
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    for step in range(3):
+        x = torch.randn(3, 13, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_t, i_t, l_t = theirs(x_t, mask=MASK)
+        q_o, i_o, l_o = ours(x_o, mask=MASK)
+        assert torch.equal(i_o, i_t) and torch.all(i_o[~MASK] == -1)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        for c_o, c_t in zip(ours.codebooks, theirs.codebooks):
+            torch.testing.assert_close(c_o, c_t, rtol=1e-5, atol=1e-6)
+        if ours.by_level:
+            (q_t.square().sum() + l_t.sum()).backward()
+            (q_o.square().sum() + l_o.sum()).backward()
+            torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(num_quantizers=3, codebook_size=32, threshold_ema_dead_code=1e-3),
+                                dict(num_quantizers=3, codebook_size=32, beam_size=3),
+                                dict(codebook_size=(32, 8), learnable_codebook=True, ema_update=False),
+                                dict(num_quantizers=2, codebook_size=16, codebook_dim=8, shared_codebook=True)],
+                         ids=str)
+def test_padded_tokens_change_nothing(kw):
+    """A padded batch trains the layer exactly as its valid tokens alone: codebooks, losses, valid outputs
+    and input gradients; padded tokens get no gradient."""
+    torch.manual_seed(0)
+    padded, alone = ResidualVQ(dim=16, **kw).train(), ResidualVQ(dim=16, **kw).train()
+    alone.load_state_dict(padded.state_dict())
+    for step in range(3):
+        x = torch.randn(3, 13, 16).requires_grad_()
+        valid = x.detach()[MASK].unsqueeze(0).requires_grad_()
+        q_p, i_p, l_p = padded(x, mask=MASK)
+        q_a, i_a, l_a = alone(valid)
+        assert torch.equal(i_p[MASK], i_a[0]) and torch.all(q_p[~MASK] == 0)
+        torch.testing.assert_close(q_p[MASK], q_a[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l_p, l_a, rtol=1e-5, atol=1e-7)
+        (q_p.square().sum() + l_p.sum()).backward()
+        (q_a.square().sum() + l_a.sum()).backward()
+        torch.testing.assert_close(x.grad[MASK], valid.grad[0], rtol=1e-5, atol=1e-6)
+        assert torch.all(x.grad[~MASK] == 0)
+        for c_p, c_a in zip(padded.codebooks, alone.codebooks):
+            torch.testing.assert_close(c_p, c_a, rtol=1e-5, atol=1e-6)
+
+
+def test_return_all_codes_matches_vector_quantize_pytorch():
+    kw = dict(dim=16, num_quantizers=3, codebook_size=32, quantize_dropout=True)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 13, 16)
+    got_t, got_o = theirs(x, return_all_codes=True), ours(x, return_all_codes=True)
+    assert len(got_o) == len(got_t) == 4
+    torch.testing.assert_close(got_o[3], got_t[3])
+
+
+def test_mask_errors():
+    rvq = ResidualVQ(dim=16, num_quantizers=2, codebook_size=8)
+    with pytest.raises(ValueError, match="bool"):
+        rvq(torch.randn(3, 13, 16), mask=MASK.long())
+    with pytest.raises(ValueError, match="feature maps"):
+        ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, accept_image_fmap=True)(
+            torch.randn(3, 16, 2, 2), mask=MASK)

@@ -10,11 +10,10 @@ from torch import nn
 from .. import ops
 from ._layout import Layout
 from ._options import reject_unsupported
-from .vq import _VQ_UNSUPPORTED, VectorQuantize, route_gradient, training_losses
+from .vq import _VQ_UNSUPPORTED, VectorQuantize, masked_mean, route_gradient, training_losses
 
 _RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
                         beam_score_quantizer_weights=None,
-                        return_zeros_for_masked_padding=True,
                         separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
                         orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                         directional_reparam=False, manual_ema_update=False, in_place_codebook_optimizer=None,
@@ -195,6 +194,7 @@ class ResidualVQ(ResidualLevels):
         self.accept_image_fmap = accept_image_fmap
         self.accept_3d_fmap = kwargs.get("accept_3d_fmap", False)  # the levels take it too (and check it)
         self.channel_last = kwargs.get("channel_last", True)
+        self.return_zeros_for_masked_padding = kwargs.get("return_zeros_for_masked_padding", True)
         self.quant_grad_frac = quant_grad_frac
         self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0
         if self.by_level and (self.channel_first or beam_size is not None or shared_codebook):
@@ -232,21 +232,31 @@ class ResidualVQ(ResidualLevels):
             idx, _ = ops.nearest_code(residual, cb.embed[0])
             residual = residual - cb.embed[0][idx]
 
-    def forward(self, x, freeze_codebook=None, beam_size=None, **unsupported):
-        reject_unsupported("ResidualVQ.forward", unsupported,
-                           dict(mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
-                                rand_quantize_dropout_fixed_seed=None))
+    def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
+                freeze_codebook=None, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+        reject_unsupported("ResidualVQ.forward", dict(indices=indices, sample_codebook_temp=sample_codebook_temp,
+                                                      rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed),
+                           dict(indices=None, sample_codebook_temp=None, rand_quantize_dropout_fixed_seed=None))
         if self.by_level:
             if beam_size is not None:
                 raise ValueError("ResidualVQ: beam search does not run with use_cosine_sim / quant_grad_frac")
-            return self._forward_by_level(x, freeze_codebook)
+            result = self._forward_by_level(x, freeze_codebook, mask)
+        else:
+            result = self._forward_fused(x, mask, freeze_codebook, beam_size)
+        if return_all_codes:  # every level's codes [num_quantizers, ..., codebook_dim] (zeros for index -1)
+            return (*result, self.get_codes_from_indices(result[1]))
+        return result
+
+    def _forward_fused(self, x, mask, freeze_codebook, beam_size):
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
         b, n = tokens.shape[:2]
+        token_mask = self._token_mask(mask, layout, tokens)
+        row_mask = None if token_mask is None else token_mask.reshape(-1)
         rows = self.project_in(tokens).reshape(-1, self.codebook_dim)
         if self.training and any(layer._codebook.needs_init for layer in self.layers):
-            self._kmeans_init_levels(rows)
+            self._kmeans_init_levels(rows if row_mask is None else rows[row_mask])
         levels = self._levels_this_step()
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
@@ -261,33 +271,75 @@ class ResidualVQ(ResidualLevels):
             codebooks = self._stacked_codebooks(levels)
             codebooks = codebooks if learn else codebooks.detach()
         q, idx, commit, codebook_loss = ops.residual_quantize(rows, codebooks, levels, beam_size or 1)
+        if row_mask is not None:
+            idx = idx.masked_fill(~row_mask.unsqueeze(1), -1)
         if self.training:
             q = route_gradient(rows, q, self.rotation_trick)
-            losses = training_losses(commit, codebook_loss, self.commitment_weight, learn)
+            if row_mask is None:
+                losses = training_losses(commit, codebook_loss, self.commitment_weight, learn)
+            else:
+                losses = self._masked_losses(rows, codebooks, idx, row_mask.float(), learn)
             if updates:
-                self._update_codebooks(rows, codebooks.detach(), idx)
+                self._update_codebooks(rows, codebooks.detach(), idx, row_mask)
         else:
             losses = commit.new_zeros(levels, dtype=torch.float32)
         if levels < self.num_quantizers:
             idx = torch.cat([idx, idx.new_full((idx.shape[0], self.num_quantizers - levels), -1)], dim=1)
             losses = torch.cat([losses, losses.new_zeros(self.num_quantizers - levels)])
-        out = layout.restore(self.project_out(q.reshape(b, n, self.codebook_dim).to(x.dtype)))
-        return out, layout.indices(idx.reshape(b, n, self.num_quantizers)), losses
+        out = self.project_out(q.reshape(b, n, self.codebook_dim).to(x.dtype))
+        out = self._pad_masked(out, tokens, token_mask)
+        return layout.restore(out), layout.indices(idx.reshape(b, n, self.num_quantizers)), losses
 
-    def _forward_by_level(self, x, freeze_codebook):
+    def _token_mask(self, mask, layout, tokens):
+        """forward's ``mask`` as a [B, N] bool tensor (None without one); tokens only, as vector-quantize-pytorch."""
+        if mask is None:
+            return None
+        b, n = tokens.shape[:2]
+        if layout.image or layout.only_one:
+            raise ValueError("ResidualVQ: mask works with sequences of tokens, not feature maps or single tokens")
+        if mask.shape != (b, n) or mask.dtype != torch.bool:
+            raise ValueError(f"ResidualVQ: mask must be a bool [B={b}, N={n}] tensor, got {mask.dtype} of shape "
+                             f"{tuple(mask.shape)}")
+        return mask
+
+    def _pad_masked(self, out, tokens, token_mask):
+        """Outputs [B, N, dim] of padded tokens: 0, or the input with return_zeros_for_masked_padding=False."""
+        if token_mask is None:
+            return out
+        keep = token_mask.unsqueeze(-1)
+        return out.masked_fill(~keep, 0.0) if self.return_zeros_for_masked_padding else torch.where(keep, out, tokens)
+
+    def _masked_losses(self, rows, codebooks, idx, weights, learn):
+        """The fused op's per-level losses over the unpadded rows only: the commitment mean ||r_l - sg(q_l)||^2
+        (r_l = x - sg(q_1 + ... + q_{l-1})) reaching x, and for learned codebooks the codebook term
+        ||q_l - sg(r_l)||^2 reaching level l's codes; computed from the chosen codes, O(N D) per level."""
+        residual = rows.detach().float()
+        losses = []
+        for level in range(idx.shape[1]):
+            book = codebooks if codebooks.dim() == 2 else codebooks[level]
+            q = book.index_select(0, idx[:, level].clamp(min=0)).float()
+            nxt = residual - q.detach()
+            commit = masked_mean((rows.float() - rows.detach().float() + nxt).square(), weights)
+            codebook_term = masked_mean((residual - q).square(), weights) if learn else commit
+            losses.append(training_losses(commit, codebook_term, self.commitment_weight, learn))
+            residual = nxt
+        return torch.stack(losses)
+
+    def _forward_by_level(self, x, freeze_codebook, mask):
         """vector-quantize-pytorch's level loop (cosine levels, or a residual that keeps quant_grad_frac of the
         gradient): (quantized, indices [B, N, num_quantizers], every level's own loss)."""
-        Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
-        out, indices, losses = self._quantize(self.project_in(x), freeze_codebook=freeze_codebook)
-        return self.project_out(out), indices, losses
+        layout = Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
+        token_mask = self._token_mask(mask, layout, x)
+        out, indices, losses = self._quantize(self.project_in(x), freeze_codebook=freeze_codebook, mask=token_mask)
+        return self._pad_masked(self.project_out(out), x, token_mask), indices, losses
 
     @torch.no_grad()
-    def _update_codebooks(self, rows, codebooks, idx):
-        """EMA update (and dead-code restart) of each level from its own residual input."""
+    def _update_codebooks(self, rows, codebooks, idx, row_mask=None):
+        """EMA update (and dead-code restart from the unpadded rows) of each level from its own residual input."""
         residual = rows.detach().float()
         for level in range(idx.shape[1]):
             used = codebooks if codebooks.dim() == 2 else codebooks[level]
-            self.layers[level]._codebook.update_(0, residual, idx[:, level])
+            self.layers[level]._codebook.update_(0, residual, idx[:, level], valid=row_mask)
             residual = residual - used.float()[idx[:, level].clamp_min(0)]
 
     def get_codes_from_indices(self, indices):

@@ -70,7 +70,8 @@ def masked_mean(values, weights):
     counts. Nothing is read back."""
     per_row = values.reshape(values.shape[0], -1)
     total = weights.sum() * per_row.shape[1]
-    return (per_row.sum(-1) * weights).sum() / total.clamp(min=1)
+    kept = torch.where(weights > 0, per_row.sum(-1) * weights, 0.0)  # a NaN in a padded row stays out
+    return kept.sum() / total.clamp(min=1)
 
 
 class VectorQuantize(nn.Module):
