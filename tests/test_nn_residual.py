@@ -406,3 +406,34 @@ def test_mask_errors():
     with pytest.raises(ValueError, match="feature maps"):
         ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, accept_image_fmap=True)(
             torch.randn(3, 16, 2, 2), mask=MASK)
+
+
+@pytest.mark.parametrize("kw,forward_kw", [(dict(num_quantizers=3, codebook_size=32), {}),
+                                           (dict(num_quantizers=2, codebook_size=32, codebook_dim=8), dict(mask=MASK))],
+                         ids=["tokens", "projected-masked"])
+def test_diveq_matches_vector_quantize_pytorch(kw, forward_kw):
+    """DiVeQ: learned codes reached through the levels' full gradient and the noisy directional
+    reparametrisation of the output (same noise draws): outputs, losses, input and codebook gradients
+    agree over 3 SGD steps."""
+    kw = dict(dim=16, diveq=True, **kw)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    assert ours.by_level and all(layer.learnable_codebook and not layer.ema_update for layer in ours.layers)
+    for step in range(3):
+        x = torch.randn(3, 13, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        q_t, i_t, l_t = theirs(x_t, **forward_kw)
+        torch.manual_seed(step)
+        q_o, i_o, l_o = ours(x_o, **forward_kw)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l_o, l_t)
+        (q_t.square().sum() + l_t.sum()).backward()
+        (q_o.square().sum() + l_o.sum()).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-5, atol=1e-6)
+        for layer_t, layer_o in zip(theirs.layers, ours.layers):
+            torch.testing.assert_close(layer_o._codebook.embed.grad, layer_t._codebook.embed.grad, rtol=1e-5, atol=1e-6)
+            for layer in (layer_t, layer_o):
+                with torch.no_grad():
+                    layer._codebook.embed -= 0.1 * layer._codebook.embed.grad
+                layer._codebook.embed.grad = None

@@ -10,14 +10,15 @@ from torch import nn
 from .. import ops
 from ._layout import Layout
 from ._options import reject_unsupported
-from .vq import _VQ_UNSUPPORTED, VectorQuantize, masked_mean, route_gradient, training_losses
+from .vq import _VQ_UNSUPPORTED, VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
 
-_RVQ_UNSUPPORTED = dict(diveq=False, heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
+_RVQ_UNSUPPORTED = dict(heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
                         beam_score_quantizer_weights=None,
                         separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
                         orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                         directional_reparam=False, manual_ema_update=False, in_place_codebook_optimizer=None,
                         manual_in_place_optimizer_update=False, route_gradients_to_input=True)
+DIVEQ_VARIANCE = 5e-3  # the noise variance of DiVeQ's output reparametrisation (vector-quantize-pytorch's default)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
 _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
                    - {"unsupported"} - set(_RVQ_UNSUPPORTED))
@@ -170,16 +171,29 @@ class ResidualVQ(ResidualLevels):
     levels one by one as vector-quantize-pytorch does: each level's :class:`VectorQuantize` (cosine:
     normalised residual and codes) quantizes what the previous levels left, the residual takes
     ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own commitment loss.
+    ``diveq=True`` (DiVeQ) runs there too: learned codes, no EMA or commitment loss, the levels' full gradient,
+    and the output reparametrised along the direction to the input with noise (as theirs).
+
+    Forward: ``mask`` [B, N] bool for padded token sequences (padded tokens: index -1 at every level, output 0
+    or the input with ``return_zeros_for_masked_padding=False``, no loss, no codebook update; the fused path
+    takes the losses over the unpadded rows from the chosen codes and hands the EMA kernel index -1), and
+    ``return_all_codes`` (a fourth result, every level's codes [num_quantizers, ..., codebook_dim]).
     """
 
     dropout_needs_grad = False  # their ResidualVQ drops levels in training whether gradients are on or not
 
     def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
-                 accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, **kwargs):
+                 accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, diveq=False,
+                 **kwargs):
         super().__init__()
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
+        self.diveq = diveq
+        if diveq:  # DiVeQ: learned codes, the levels' full gradient, the output reparametrised (as theirs)
+            kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                          commitment_weight=0.0)
+            quant_grad_frac = 1.0
         sizes = _level_sizes(codebook_size, num_quantizers)
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("ResidualVQ: eval_beam_size needs beam_size")
@@ -330,7 +344,10 @@ class ResidualVQ(ResidualLevels):
         gradient): (quantized, indices [B, N, num_quantizers], every level's own loss)."""
         layout = Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
         token_mask = self._token_mask(mask, layout, x)
-        out, indices, losses = self._quantize(self.project_in(x), freeze_codebook=freeze_codebook, mask=token_mask)
+        xin = self.project_in(x)
+        out, indices, losses = self._quantize(xin, freeze_codebook=freeze_codebook, mask=token_mask)
+        if self.diveq:
+            out = directional_reparam(xin, out, DIVEQ_VARIANCE)
         return self._pad_masked(self.project_out(out), x, token_mask), indices, losses
 
     @torch.no_grad()
