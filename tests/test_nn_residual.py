@@ -437,3 +437,54 @@ def test_diveq_matches_vector_quantize_pytorch(kw, forward_kw):
                 with torch.no_grad():
                     layer._codebook.embed -= 0.1 * layer._codebook.embed.grad
                 layer._codebook.embed.grad = None
+
+
+@pytest.mark.parametrize("kw,forward_kw", [
+    (dict(num_quantizers=3, codebook_size=32), {}),
+    (dict(num_quantizers=3, codebook_size=32, rotation_trick=False, mlp_kwargs=dict(depth=2, dim_hidden=24)),
+     dict(mask=MASK)),
+    (dict(codebook_size=(32, 16), codebook_dim=8, threshold_ema_dead_code=1e-3), {}),
+], ids=["tokens", "masked-small-mlp", "per-level-sizes-projected"])
+def test_implicit_neural_codebook_matches_vector_quantize_pytorch(kw, forward_kw, monkeypatch):
+    """QINCo: every level after the first transforms its codes with an MLP conditioned on the reconstruction
+    so far. Ours searches in row chunks (a small chunk here, so several run) and transforms only the chosen
+    codes with gradients; theirs builds every token's codebook. Same indices, outputs, losses, input, codebook
+    and MLP gradients over 3 SGD steps; the output from indices equals eval's forward."""
+    from vqkernels.nn import implicit_codebook
+    monkeypatch.setattr(implicit_codebook, "SEARCH_CHUNK_ELEMENTS", 2000)
+    kw = dict(dim=16, implicit_neural_codebook=True, **kw)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    assert ours.by_level and len(ours.mlps) == ours.num_quantizers - 1
+    for step in range(3):
+        x = torch.randn(3, 13, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_t, i_t, l_t = theirs(x_t, **forward_kw)
+        q_o, i_o, l_o = ours(x_o, **forward_kw)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        (q_t.square().sum() + l_t.sum()).backward()
+        (q_o.square().sum() + l_o.sum()).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=1e-5)
+        for (name, p_t), p_o in zip(theirs.named_parameters(), ours.parameters()):
+            assert (p_t.grad is None) == (p_o.grad is None), name
+            if p_t.grad is not None:
+                torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        for layer in (theirs, ours):
+            with torch.no_grad():
+                for p in layer.parameters():
+                    if p.grad is not None:
+                        p -= 0.05 * p.grad
+            layer.zero_grad(set_to_none=True)
+    ours.eval()
+    x = torch.randn(2, 5, 16)
+    q, idx, _ = ours(x)
+    torch.testing.assert_close(ours.get_output_from_indices(idx), q, rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_neural_codebook_training_compiles():
+    from nn_helpers import assert_compiled_training_matches_eager
+    g = torch.Generator().manual_seed(5)
+    assert_compiled_training_matches_eager(
+        lambda: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True),
+        [torch.randn(2, 6, 8, generator=g) for _ in range(2)])

@@ -10,9 +10,10 @@ from torch import nn
 from .. import ops
 from ._layout import Layout
 from ._options import reject_unsupported
+from .implicit_codebook import ImplicitCodebook
 from .vq import _VQ_UNSUPPORTED, VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
 
-_RVQ_UNSUPPORTED = dict(heads=1, implicit_neural_codebook=False, mlp_kwargs=None,
+_RVQ_UNSUPPORTED = dict(heads=1,
                         beam_score_quantizer_weights=None,
                         separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
                         orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
@@ -53,7 +54,7 @@ class ResidualLevels(nn.Module):
     """What the layer-by-layer residual quantizers share (ResidualFSQ, ResidualLFQ, ResidualSimVQ; ResidualVQ
     runs its levels in one fused op instead): projections, ``layers`` quantizing in turn what the previous ones
     left, quantize dropout drawn on the host, and the codes of indices. A subclass gives
-    ``_level(level, residual) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes), by
+    ``_level(level, residual, so_far) -> (quantized, indices, loss)`` and ``_level_codebook(level)`` (scaled codes), by
     default the level's own call and ``codebook``."""
 
     quant_grad_frac = 0.0     # the share of a level's gradient the next residual keeps (vector-quantize-pytorch's)
@@ -90,7 +91,8 @@ class ResidualLevels(nn.Module):
     def _level_codebook(self, level):
         return self.layers[level].codebook
 
-    def _level(self, level, residual, **level_kwargs):
+    def _level(self, level, residual, so_far, **level_kwargs):
+        """(quantized, indices, loss) of ``level`` on ``residual``; ``so_far``: the previous levels' sum."""
         return tuple(self.layers[level](residual, **level_kwargs))
 
     def _levels_this_step(self, seed=None):
@@ -110,7 +112,7 @@ class ResidualLevels(nn.Module):
                 indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
                 losses.append(losses[0].new_zeros(()))
                 continue
-            quantized, idx, loss = self._level(level, residual, **level_kwargs)
+            quantized, idx, loss = self._level(level, residual, out, **level_kwargs)
             residual = residual - (quantized * frac + quantized.detach() * (1 - frac) if frac else quantized.detach())
             out = out + quantized
             indices.append(idx)
@@ -173,6 +175,11 @@ class ResidualVQ(ResidualLevels):
     ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own commitment loss.
     ``diveq=True`` (DiVeQ) runs there too: learned codes, no EMA or commitment loss, the levels' full gradient,
     and the output reparametrised along the direction to the input with noise (as theirs).
+    ``implicit_neural_codebook=True`` (QINCo, with ``mlp_kwargs``: ``dim_hidden``, ``depth``) runs there as well:
+    each level after the first transforms its learned codes with an MLP conditioned on the reconstruction so
+    far; the search runs in row chunks without gradients and only the chosen codes are transformed again with
+    gradients (:mod:`vqkernels.nn.implicit_codebook`), so memory stays O(chunk K D + N D) where theirs builds
+    every token's codebook with autograd ([B, N, K, D]).
 
     Forward: ``mask`` [B, N] bool for padded token sequences (padded tokens: index -1 at every level, output 0
     or the input with ``return_zeros_for_masked_padding=False``, no loss, no codebook update; the fused path
@@ -185,7 +192,7 @@ class ResidualVQ(ResidualLevels):
     def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
                  accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, diveq=False,
-                 **kwargs):
+                 implicit_neural_codebook=False, mlp_kwargs=None, **kwargs):
         super().__init__()
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
@@ -194,6 +201,9 @@ class ResidualVQ(ResidualLevels):
             kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
                           commitment_weight=0.0)
             quant_grad_frac = 1.0
+        self.implicit_neural_codebook = implicit_neural_codebook
+        if implicit_neural_codebook:  # QINCo: learned codes, transformed per token by the level's MLP
+            kwargs.update(learnable_codebook=True, ema_update=False)
         sizes = _level_sizes(codebook_size, num_quantizers)
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("ResidualVQ: eval_beam_size needs beam_size")
@@ -210,13 +220,16 @@ class ResidualVQ(ResidualLevels):
         self.channel_last = kwargs.get("channel_last", True)
         self.return_zeros_for_masked_padding = kwargs.get("return_zeros_for_masked_padding", True)
         self.quant_grad_frac = quant_grad_frac
-        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0
+        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0 or implicit_neural_codebook
         if self.by_level and (self.channel_first or beam_size is not None or shared_codebook):
             raise ValueError("ResidualVQ: use_cosine_sim and quant_grad_frac run the levels one by one, for tokens "
                              "[B, N, D] with per-level codebooks and no beam search")
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
                            **kwargs) for size in sizes)
+        self.mlps = nn.ModuleList(
+            ImplicitCodebook(self.codebook_dim, l2norm_output=kwargs.get("use_cosine_sim", False), **(mlp_kwargs or {}))
+            for _ in sizes[1:]) if implicit_neural_codebook else None
         self.shared_codebook = shared_codebook
         if shared_codebook:  # as vector-quantize-pytorch: every level holds the first level's codebook module
             for layer in self.layers[1:]:
@@ -349,6 +362,58 @@ class ResidualVQ(ResidualLevels):
         if self.diveq:
             out = directional_reparam(xin, out, DIVEQ_VARIANCE)
         return self._pad_masked(self.project_out(out), x, token_mask), indices, losses
+
+    def _level(self, level, residual, so_far, freeze_codebook=None, mask=None):
+        if self.mlps is None or level == 0:
+            return super()._level(level, residual, so_far, freeze_codebook=freeze_codebook, mask=mask)
+        return self._implicit_level(level, residual, so_far, freeze_codebook, mask)
+
+    def _implicit_level(self, level, residual, so_far, freeze_codebook, mask):
+        """A QINCo level: the nearest of the codes transformed under ``so_far`` (searched in chunks without
+        gradients), the chosen ones transformed again with gradients (to the codes, the MLP and ``so_far``);
+        then as a VectorQuantize level with a learned codebook: rotation / straight-through to the residual,
+        the commitment mse with gradients to both sides, statistics for dead-code restart."""
+        layer, mlp = self.layers[level], self.mlps[level - 1]
+        cb = layer._codebook
+        d = self.codebook_dim
+        freeze = layer.freeze_codebook if freeze_codebook is None else freeze_codebook
+        rows = cb.transform_input(residual).reshape(-1, d)
+        condition = so_far.reshape(-1, d)
+        embed = layer._embed(0, not freeze)
+        idx = mlp.search(rows.detach(), condition.detach(), embed.detach(), cb.metric)
+        codes = mlp(embed.index_select(0, idx), condition)
+        row_mask = None if mask is None else mask.reshape(-1)
+        if row_mask is not None:
+            idx = idx.masked_fill(~row_mask, -1)
+        loss = residual.new_zeros((), dtype=torch.float32)
+        q = codes
+        if layer.training:
+            err = (codes.float() - rows.float()).square()
+            if layer.has_commitment_loss:
+                commit = err.mean() if row_mask is None else masked_mean(err, row_mask.float())
+                loss = commit * layer.commitment_weight
+            q = layer._route(rows, rows + (codes - rows).detach(), codes)
+            if cb.tracks_statistics and not freeze:
+                cb.update_(0, rows, idx, valid=row_mask)
+        q = q.reshape(residual.shape)
+        if mask is not None:
+            q = q.masked_fill(~mask.unsqueeze(-1), 0.0) if layer.return_zeros_for_masked_padding else \
+                torch.where(mask.unsqueeze(-1), q, residual)
+        return q, idx.reshape(residual.shape[:-1]), loss
+
+    def _codes(self, indices, num_levels):
+        if self.mlps is None:
+            return super()._codes(indices, num_levels)
+        codes, so_far = [], 0.0
+        for level in range(num_levels):
+            i = indices[..., level] if level < indices.shape[-1] else torch.full_like(indices[..., 0], -1)
+            code = self._level_codebook(level)[i.clamp_min(0).long()]
+            if level > 0:
+                code = self.mlps[level - 1](code, torch.as_tensor(so_far).to(code).expand_as(code))
+            code = code.masked_fill((i < 0).unsqueeze(-1), 0.0)
+            so_far = so_far + code
+            codes.append(code)
+        return torch.stack(codes)
 
     @torch.no_grad()
     def _update_codebooks(self, rows, codebooks, idx, row_mask=None):

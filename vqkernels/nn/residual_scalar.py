@@ -65,7 +65,7 @@ class ResidualFSQ(ResidualLevels):
     def _level_codebook(self, level):
         return self.layers[level].implicit_codebook * self.scales[level]
 
-    def _level(self, level, residual):
+    def _level(self, level, residual, so_far):
         quantized, indices = self.layers[level](residual / self.scales[level])
         return quantized * self.scales[level], indices, residual.new_zeros(())
 
