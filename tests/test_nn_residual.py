@@ -170,7 +170,8 @@ def test_kmeans_init_runs_level_by_level():
     assert norms[1] < norms[0] and norms[2] < norms[0]
 
 
-@pytest.mark.parametrize("kw,err", [(dict(implicit_neural_codebook=True), ValueError),
+@pytest.mark.parametrize("kw,err", [(dict(beam_score_quantizer_weights=[1.0, 2.0]), ValueError),
+                                    (dict(implicit_neural_codebook=True, accept_image_fmap=True), ValueError),
                                     (dict(use_cosine_sim=True, accept_image_fmap=True), ValueError),
                                     (dict(quant_grad_frac=0.5, beam_size=2), ValueError),
                                     (dict(use_cosine_sim=True, shared_codebook=True), ValueError),
@@ -194,7 +195,7 @@ def test_level_keywords_pass_through_as_theirs():
     with pytest.raises(ValueError, match="orthogonal_reg_weight=0.5 is not supported"):
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5)
     with pytest.raises(ValueError, match="GroupedResidualVQ|ResidualVQ"):
-        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, implicit_neural_codebook=True)
+        GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, heads=2)
 
 
 def test_codebook_size_per_level_gives_num_quantizers():
