@@ -222,8 +222,8 @@ def test_unsupported_option_at_default_is_accepted():
 
 def test_forward_unsupported_keywords_raise():
     vq = VectorQuantize(dim=8, codebook_size=16)
-    with pytest.raises(ValueError, match="sample_codebook_temp"):
-        vq(torch.randn(2, 3, 8), sample_codebook_temp=0.5)
+    with pytest.raises(ValueError, match="codebook_transform_fn"):
+        vq(torch.randn(2, 3, 8), codebook_transform_fn=lambda codes: codes)
 
 
 def _lloyd_float64(samples, means, iters, cosine):

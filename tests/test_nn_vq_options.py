@@ -281,3 +281,44 @@ def test_masked_training_compiles_without_graph_breaks():
 
     g = torch.Generator().manual_seed(5)
     assert_compiled_training_matches_eager(Masked, [torch.randn(2, 9, 16, generator=g) for _ in range(3)])
+
+
+@pytest.mark.parametrize("kw", [dict(BASE, stochastic_sample_codes=True, sample_codebook_temp=0.5),
+                                dict(BASE, stochastic_sample_codes=True, use_cosine_sim=True, sample_codebook_temp=0.1),
+                                dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True,
+                                     stochastic_sample_codes=True)], ids=str)
+def test_stochastic_sample_codes_matches_vector_quantize_pytorch(kw, monkeypatch):
+    """Sampled codes in training: the same scores and Gumbel noise as theirs, drawn from the generator in the
+    same order even in small row chunks, so the same draws for the same seed; outputs, losses, gradients and
+    EMA codebooks follow."""
+    from vqkernels.nn import vq
+    monkeypatch.setattr(vq, "SAMPLE_CHUNK_ELEMENTS", 100)
+    _compare_steps(kw, lambda step: {})
+    # theirs' masked commitment loss reads the raw input (differs with cosine) and fails with heads
+    masked = kw.get("heads", 1) == 1 and not kw.get("use_cosine_sim")
+    _compare_steps(kw, lambda step: dict(sample_codebook_temp=2.0, **(dict(mask=MASK) if masked else {})))
+
+
+def test_sampled_codes_follow_the_softmax_of_minus_the_distance():
+    """One row, 4 codes: over 4000 draws each code's frequency is within 5 standard deviations of
+    softmax(-||x - c|| / T); eval mode and temperature 0 take the nearest code."""
+    layer = VectorQuantize(dim=2, codebook_size=4, stochastic_sample_codes=True, sample_codebook_temp=0.7,
+                           ema_update=False, rotation_trick=False)
+    with torch.no_grad():
+        layer.codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-1.5, -1.5]])
+    x = torch.full((1, 4000, 2), 0.2)
+    torch.manual_seed(0)
+    _, idx, _ = layer.train()(x)
+    freq = torch.bincount(idx.reshape(-1), minlength=4).double() / idx.numel()
+    want = torch.softmax(-torch.cdist(x[0, :1].double(), layer.codebook.double())[0] / 0.7, -1)
+    sd = (want * (1 - want) / idx.numel()).sqrt()
+    assert torch.all((freq - want).abs() < 5 * sd), (freq, want)
+    assert torch.all(layer(x, sample_codebook_temp=0.0)[1] == 0)
+    assert torch.all(layer.eval()(x)[1] == 0)
+
+
+def test_sampled_training_compiles_without_graph_breaks():
+    layer = VectorQuantize(**BASE, stochastic_sample_codes=True).train()
+    step = torch.compile(lambda x: layer(x), fullgraph=True)
+    q, idx, loss = step(torch.randn(2, 9, 16))
+    assert q.shape == (2, 9, 16) and idx.min() >= 0 and idx.max() < 32 and torch.isfinite(loss)

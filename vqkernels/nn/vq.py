@@ -16,11 +16,12 @@ from .codebook import Codebook
 _VQ_UNSUPPORTED = dict(
     layernorm_after_project_in=False, sync_kmeans=True,
     commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
-    stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False,
+    straight_through=False,
     sync_affine_param=False, vq_bridge=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
 )
-_FORWARD_UNSUPPORTED = dict(indices=None, sample_codebook_temp=None, codebook_transform_fn=None)
+_FORWARD_UNSUPPORTED = dict(indices=None, codebook_transform_fn=None)
+SAMPLE_CHUNK_ELEMENTS = 1 << 22  # scores per chunk of stochastic code sampling (16 MiB of float32)
 
 
 # forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
@@ -65,6 +66,30 @@ def directional_reparam(src, tgt, variance):
     return src + direction * error.norm(dim=-1, keepdim=True)
 
 
+def sample_codes(rows, embed, metric, temperature):
+    """One code per row drawn from softmax(score / temperature) by the Gumbel-max trick, with
+    vector-quantize-pytorch's scores (l2: minus its cdist, the square root of the expanded squared distance
+    clamped at 1e-8; cosine: the dot product) and noise (-log(-log(u)), logs clamped at 1e-20). A chunk of
+    rows at a time, so the [N, K] scores are never whole; nothing is read back."""
+    k = embed.shape[0]
+    step = max(1, SAMPLE_CHUNK_ELEMENTS // max(k, 1))
+    codes = embed.float()
+    squared = codes.square().sum(-1)
+    chosen = []
+    for start in range(0, rows.shape[0], step):
+        r = rows[start:start + step].float()
+        dots = r @ codes.T
+        if metric == "cosine":
+            score = dots
+        else:
+            score = -(r.square().sum(-1, keepdim=True) + squared + dots * -2).clamp(min=1e-8).sqrt()
+        noise = -torch.log((-torch.log(torch.rand_like(score).clamp(min=1e-20))).clamp(min=1e-20))
+        chosen.append((score / temperature + noise).argmax(-1))
+    if not chosen:
+        return torch.empty(0, dtype=torch.int64, device=rows.device)
+    return torch.cat(chosen)
+
+
 def masked_mean(values, weights):
     """Mean of ``values`` [M, ...] over the rows of weight 1 (``weights`` [M], 0 / 1); 0 when no row
     counts. Nothing is read back."""
@@ -95,7 +120,10 @@ class VectorQuantize(nn.Module):
     (with ``manual_in_place_optimizer_update`` and :meth:`update_in_place_optimizer`),
     ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only`` and
     ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with
-    both), ``return_zeros_for_masked_padding``. Others raise unless given at their default.
+    both), ``return_zeros_for_masked_padding``, ``stochastic_sample_codes`` with ``sample_codebook_temp`` (in
+    training, codes drawn from softmax(-distance / temperature), theirs' scores and Gumbel noise, in row chunks:
+    :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature). Others raise unless
+    given at their default.
 
     Forward options: ``mask`` [B, N] bool or ``lens`` [B] for padded sequences (padded tokens neither
     update the codebook nor count in the losses; their output is 0, or the input with
@@ -119,8 +147,8 @@ class VectorQuantize(nn.Module):
                  directional_reparam_variance=5e-3, sync_codebook=None, ema_update=None, manual_ema_update=False,
                  learnable_codebook=None, in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False,
                  orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
-                 return_zeros_for_masked_padding=True, route_gradients_to_input=True,
-                 frozen_codebook=None, **unsupported):
+                 return_zeros_for_masked_padding=True, route_gradients_to_input=True, stochastic_sample_codes=False,
+                 sample_codebook_temp=1.0, frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
@@ -171,6 +199,7 @@ class VectorQuantize(nn.Module):
         self.rotation_trick = rotation_trick
         self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
         self.route_gradients_to_input = route_gradients_to_input
+        self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
@@ -297,7 +326,7 @@ class VectorQuantize(nn.Module):
             return directional_reparam(r, codes, self.directional_reparam_variance)
         return q
 
-    def _in_place_step(self, rows, row_mask, freeze):
+    def _in_place_step(self, rows, row_mask, freeze, temperature):
         """vector-quantize-pytorch's in-place codebook optimisation: search, the codes' mse to the
         (detached) rows backpropagated into the codebook, one optimizer step (unless manual); the
         statistics of this search update the codebook as a normal step would. Returns the loss."""
@@ -305,7 +334,10 @@ class VectorQuantize(nn.Module):
         losses = []
         for h, r in enumerate(rows):
             embed = cb.embed[h]
-            _, idx, _, _ = ops.vq_quantize(r.detach(), embed.detach(), cb.metric)
+            if temperature > 0:
+                idx = sample_codes(r.detach(), embed.detach(), cb.metric, temperature)
+            else:
+                _, idx, _, _ = ops.vq_quantize(r.detach(), embed.detach(), cb.metric)
             codes = embed.index_select(0, idx)
             err = (codes.float() - r.detach().float()).square()
             losses.append(err.mean() if row_mask is None else masked_mean(err, row_mask.float()))
@@ -320,8 +352,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
-        reject_unsupported("VectorQuantize.forward", dict(indices=indices, sample_codebook_temp=sample_codebook_temp,
-                                                          codebook_transform_fn=codebook_transform_fn),
+        reject_unsupported("VectorQuantize.forward", dict(indices=indices, codebook_transform_fn=codebook_transform_fn),
                            _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
@@ -334,19 +365,26 @@ class VectorQuantize(nn.Module):
         rows = self._rows(tokens)
         if self.training and cb.needs_init:
             cb.init_embed_([r.detach() if row_mask is None else r.detach()[row_mask] for r in rows])
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temperature = temperature if self.stochastic_sample_codes and self.training else 0.0
         if topk is not None:
+            if temperature > 0:
+                raise ValueError("VectorQuantize: topk does not sample (stochastic_sample_codes) here")
             return self._forward_topk(x, layout, tokens, rows[0], token_mask, int(topk), freeze, return_loss_breakdown)
         zero = x.new_zeros((), dtype=torch.float32)
         inplace_loss = zero
         in_place = self.in_place_codebook_optimizer is not None and self.training and not freeze
         if in_place:
-            inplace_loss = self._in_place_step(rows, row_mask, freeze)
+            inplace_loss = self._in_place_step(rows, row_mask, freeze, temperature)
         learn = self.learnable_codebook and not freeze
         quantized, indices, losses = [], [], []
         for h, r in enumerate(rows):
             updates = self.training and not freeze and cb.tracks_statistics and not in_place
             embed = self._embed(h, learn)
-            q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
+            if temperature > 0:
+                q, idx, commit, codebook_loss = self._sampled_quantize(r, embed, temperature)
+            else:
+                q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
             if row_mask is not None:
                 idx = idx.masked_fill(~row_mask, -1)
             if self.training:
@@ -380,6 +418,16 @@ class VectorQuantize(nn.Module):
         if not return_loss_breakdown:
             return out, idx, loss
         return out, idx, loss, LossBreakdown(commitment, zero, orthogonal, inplace_loss)
+
+    def _sampled_quantize(self, r, embed, temperature):
+        """vq_quantize's four results with sampled codes (:func:`sample_codes`) instead of the nearest:
+        straight-through output, the commitment and codebook mse terms."""
+        idx = sample_codes(r.detach(), embed.detach(), self._codebook.metric, temperature)
+        codes = embed.index_select(0, idx)
+        q = r + (codes - r).detach()
+        commit = (r.float() - codes.detach().float()).square().mean()
+        codebook_loss = (codes.float() - r.detach().float()).square().mean()
+        return q, idx, commit, codebook_loss
 
     def _pad_masked(self, out, tokens, token_mask):
         """Outputs [B, N, ..., dim] of padded tokens: 0, or the input with return_zeros_for_masked_padding=False."""
