@@ -3,6 +3,8 @@ mask / lens, topk, directional_reparam, route_gradients_to_input, the in-place c
 manual / weighted / accumulated / skipped EMA updates, update_indices; and what only ours states:
 padded tokens change nothing, dead codes restart from distinct valid rows, no host sync."""
 
+import copy
+
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ MASK = torch.arange(9) < LENS[:, None]
 def _pair(kw):
     torch.manual_seed(0)
     theirs = vqp.VectorQuantize(**kw)
-    ours = VectorQuantize(**kw)
+    # a module option (vq_bridge) is each layer's own: a copy for ours, which takes theirs' weights below
+    ours = VectorQuantize(**{k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in kw.items()})
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
 
@@ -322,3 +325,20 @@ def test_sampled_training_compiles_without_graph_breaks():
     step = torch.compile(lambda x: layer(x), fullgraph=True)
     q, idx, loss = step(torch.randn(2, 9, 16))
     assert q.shape == (2, 9, 16) and idx.min() >= 0 and idx.max() < 32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kw", [dict(BASE, codebook_dim=8, layernorm_after_project_in=True),
+                                dict(BASE, vq_bridge=torch.nn.Linear(16, 16), rotation_trick=False),
+                                dict(LEARNED, sync_update_v=0.5),
+                                dict(LEARNED, sync_update_v=0.25, route_gradients_to_input=False)], ids=str)
+def test_projection_bridge_and_sync_update_match_vector_quantize_pytorch(kw):
+    """layernorm_after_project_in (their state_dict names), vq_bridge (a learned map of the codes before the
+    search: same outputs, bridge gradients and codes) and sync_update_v."""
+    theirs, ours = _compare_steps(kw, lambda step: {})
+    if "vq_bridge" in kw:
+        assert ours._codebook.vq_bridge.weight.grad is not None
+        ours.eval()
+        q, idx, _ = ours(torch.randn(2, 5, 16))
+        torch.testing.assert_close(ours.get_output_from_indices(idx), q)
+    with pytest.raises(ValueError, match="sync_update_v"):
+        VectorQuantize(**BASE, sync_update_v=0.5)

@@ -14,11 +14,10 @@ from .codebook import Codebook
 
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
-    layernorm_after_project_in=False, sync_kmeans=True,
+    sync_kmeans=True,
     commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     straight_through=False,
-    sync_affine_param=False, vq_bridge=None, affine_param=False,
-    affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
+    sync_affine_param=False, affine_param=False, affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
 )
 _FORWARD_UNSUPPORTED = dict(indices=None, codebook_transform_fn=None)
 SAMPLE_CHUNK_ELEMENTS = 1 << 22  # scores per chunk of stochastic code sampling (16 MiB of float32)
@@ -122,8 +121,10 @@ class VectorQuantize(nn.Module):
     ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with
     both), ``return_zeros_for_masked_padding``, ``stochastic_sample_codes`` with ``sample_codebook_temp`` (in
     training, codes drawn from softmax(-distance / temperature), theirs' scores and Gumbel noise, in row chunks:
-    :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature). Others raise unless
-    given at their default.
+    :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature),
+    ``layernorm_after_project_in``, ``vq_bridge`` (a module applied to the codebook before every search, learned
+    with it; also applied by get_codes_from_indices, where theirs returns the raw codes), ``sync_update_v``. Others
+    raise unless given at their default.
 
     Forward options: ``mask`` [B, N] bool or ``lens`` [B] for padded sequences (padded tokens neither
     update the codebook nor count in the losses; their output is 0, or the input with
@@ -148,7 +149,8 @@ class VectorQuantize(nn.Module):
                  learnable_codebook=None, in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False,
                  orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                  return_zeros_for_masked_padding=True, route_gradients_to_input=True, stochastic_sample_codes=False,
-                 sample_codebook_temp=1.0, frozen_codebook=None, **unsupported):
+                 sample_codebook_temp=1.0, layernorm_after_project_in=False, vq_bridge=None, sync_update_v=0.0,
+                 frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
@@ -165,8 +167,13 @@ class VectorQuantize(nn.Module):
                 raise ValueError("VectorQuantize: a frozen_codebook is never updated (no ema_update, "
                                  "learnable_codebook, kmeans_init or threshold_ema_dead_code)")
             ema_update, learnable_codebook = False, False
-        ema_update = not directional_reparam if ema_update is None else ema_update
-        learnable_codebook = directional_reparam if learnable_codebook is None else learnable_codebook
+        ema_update = not (directional_reparam or vq_bridge is not None) if ema_update is None else ema_update
+        learnable_codebook = (directional_reparam or vq_bridge is not None) if learnable_codebook is None \
+            else learnable_codebook
+        if vq_bridge is not None and (ema_update or not learnable_codebook):
+            raise ValueError("VectorQuantize: vq_bridge needs learnable_codebook=True and ema_update=False")
+        if not 0.0 <= sync_update_v <= 1.0 or (sync_update_v > 0 and not learnable_codebook):
+            raise ValueError("VectorQuantize: sync_update_v must be in [0, 1], and > 0 needs learnable_codebook=True")
         rotation_trick = (not directional_reparam and dim > 1) if rotation_trick is None else rotation_trick
         if ema_update and learnable_codebook:
             raise ValueError("VectorQuantize: learnable_codebook is not compatible with ema_update")
@@ -184,7 +191,10 @@ class VectorQuantize(nn.Module):
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
         inner = self.codebook_dim * heads
         self.has_projections = inner != dim
-        self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
+        self.project_in = nn.Identity()
+        if self.has_projections:  # with the LayerNorm, theirs' Sequential names: project_in.0 / project_in.1
+            self.project_in = nn.Sequential(nn.Linear(dim, inner), nn.LayerNorm(inner)) if layernorm_after_project_in \
+                else nn.Linear(dim, inner)
         self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self.commitment_weight = commitment_weight
         self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
@@ -200,6 +210,7 @@ class VectorQuantize(nn.Module):
         self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
         self.route_gradients_to_input = route_gradients_to_input
         self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
+        self.sync_update_v = sync_update_v
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
@@ -217,6 +228,7 @@ class VectorQuantize(nn.Module):
                                   learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0,
                                   ema_update=ema_update, use_cosine_sim=use_cosine_sim, sync=sync,
                                   frozen=frozen_codebook, manual_ema_update=manual_ema_update)
+        self._codebook.vq_bridge = vq_bridge  # theirs keeps the bridge in its codebook: _codebook.vq_bridge.*
         self.in_place_codebook_optimizer = (in_place_codebook_optimizer(self._codebook.parameters())
                                             if in_place_codebook_optimizer is not None else None)
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
@@ -306,13 +318,16 @@ class VectorQuantize(nn.Module):
         return weights
 
     def _embed(self, h, learn):
-        """The codes of codebook h handed to the ops, with gradients when learned this step. In training a
-        Parameter codebook is copied: this step's update or optimizer may write it in place before the
-        backward, which needs the codes it searched."""
-        embed = self._codebook.embed[h]
-        if self.training and isinstance(self._codebook.embed, nn.Parameter):
+        """The codes of codebook h handed to the ops, with gradients when learned this step, through the
+        ``vq_bridge`` when there is one. In training a Parameter codebook is copied: this step's update or
+        optimizer may write it in place before the backward, which needs the codes it searched."""
+        embed = self._codebook.embed
+        if self.training and isinstance(embed, nn.Parameter):
             embed = embed.clone()
-        return embed if learn else embed.detach()
+        embed = embed if learn else embed.detach()
+        if self._codebook.vq_bridge is not None:
+            embed = self._codebook.vq_bridge(embed)
+        return embed[h]
 
     def _route(self, r, q, codes):
         """The training output of rows r quantized to q (the op's straight-through result) with the chosen
@@ -395,6 +410,8 @@ class VectorQuantize(nn.Module):
                         else commit
                 losses.append(training_losses(commit, codebook_loss, 1.0, learn))
                 q = self._route(r, q, codes)
+                if self.sync_update_v > 0:  # (21) of the vqtorch draft, as theirs: v more of the gradient
+                    q = q + self.sync_update_v * (q - q.detach())
                 if updates:
                     cb.update_(h, r, idx, valid=row_mask, ema_update=ema_update is not False,
                                weight=ema_update_weight, accumulate=accum_ema_update)
@@ -500,6 +517,8 @@ class VectorQuantize(nn.Module):
         """The codes of forward's ``indices``, channel-last: [..., heads * codebook_dim] with separate
         codebooks, [..., heads, codebook_dim] with heads sharing one (a single head: [..., codebook_dim])."""
         embed = self._codebook.embed
+        if self._codebook.vq_bridge is not None:
+            embed = self._codebook.vq_bridge(embed)
         if self._split_heads:
             return torch.cat([embed[h][indices[..., h]] for h in range(self.heads)], dim=-1)
         return embed[0][indices]
