@@ -294,8 +294,8 @@ def test_stochastic_sample_codes_matches_vector_quantize_pytorch(kw, monkeypatch
     """Sampled codes in training: the same scores and Gumbel noise as theirs, drawn from the generator in the
     same order even in small row chunks, so the same draws for the same seed; outputs, losses, gradients and
     EMA codebooks follow."""
-    from vqkernels.nn import vq
-    monkeypatch.setattr(vq, "SAMPLE_CHUNK_ELEMENTS", 100)
+    from vqkernels.nn import _scores
+    monkeypatch.setattr(_scores, "CHUNK_ELEMENTS", 100)
     _compare_steps(kw, lambda step: {})
     # theirs' masked commitment loss reads the raw input (differs with cosine) and fails with heads
     masked = kw.get("heads", 1) == 1 and not kw.get("use_cosine_sim")
@@ -342,3 +342,63 @@ def test_projection_bridge_and_sync_update_match_vector_quantize_pytorch(kw):
         torch.testing.assert_close(ours.get_output_from_indices(idx), q)
     with pytest.raises(ValueError, match="sync_update_v"):
         VectorQuantize(**BASE, sync_update_v=0.5)
+
+
+FIXED = dict(BASE, ema_update=False)
+
+
+@pytest.mark.parametrize("kw", [dict(FIXED, commitment_use_cross_entropy_loss=True),
+                                dict(LEARNED, commitment_use_cross_entropy_loss=True, rotation_trick=False),
+                                dict(FIXED, heads=2, codebook_dim=8, commitment_use_cross_entropy_loss=True),
+                                dict(FIXED, codebook_diversity_loss_weight=0.5),
+                                dict(FIXED, codebook_diversity_loss_weight=1.0, codebook_diversity_temperature=3.0,
+                                     heads=2, codebook_dim=8, separate_codebook_per_head=True),
+                                dict(LEARNED, codebook_diversity_loss_weight=0.3),
+                                dict(FIXED, straight_through=True, rotation_trick=False, route_gradients_to_input=False,
+                                     sample_codebook_temp=0.7),
+                                dict(BASE, straight_through=True, rotation_trick=False)], ids=str)
+def test_score_losses_match_vector_quantize_pytorch(kw, monkeypatch):
+    """The options theirs computes from the full [N, K] scores, here in checkpointed row chunks (a small chunk,
+    so several run): the cross-entropy commitment, the codebook-diversity entropy and the Gumbel
+    straight-through gradient; same losses, breakdown, input and codebook gradients. Codebooks that do not
+    move during the step: with an EMA codebook theirs' backward reads the codes its update wrote in place
+    after the scores were computed (``embed.data.copy_``), ours the codes the scores used."""
+    from vqkernels.nn import _scores
+    monkeypatch.setattr(_scores, "CHUNK_ELEMENTS", 200)
+    _compare_steps(kw, lambda step: dict(return_loss_breakdown=True))
+
+
+def test_score_losses_with_an_ema_codebook_use_the_codes_of_the_forward():
+    """With EMA updates the values still match theirs; the input gradient is the exact one of the scores
+    computed with the step's codes (checked against autograd on a float64 copy)."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(**BASE, commitment_use_cross_entropy_loss=True, rotation_trick=False).train()
+    codes = layer.codebook.detach().double().clone()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    xo = x.float().requires_grad_()
+    _, idx, loss = layer(xo)
+    loss.backward()
+    xd = x.clone().requires_grad_()
+    d = (xd.reshape(-1, 16).square().sum(-1, keepdim=True) + codes.square().sum(-1) - 2 * xd.reshape(-1, 16) @ codes.T)
+    want = torch.nn.functional.cross_entropy(-d.clamp(min=1e-8).sqrt(), idx.reshape(-1))
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xo.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cross_entropy_to_given_indices_matches_vector_quantize_pytorch(train):
+    theirs, ours = _pair(FIXED)
+    theirs.train(train)
+    ours.train(train)
+    x = torch.randn(3, 9, 16)
+    codes = torch.randint(0, 32, (3, 9))
+    codes[0, 2] = -1  # ignored
+    x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_t, ce_t = theirs(x_t, indices=codes)
+    q_o, ce_o = ours(x_o, indices=codes)
+    torch.testing.assert_close(q_o, q_t)
+    torch.testing.assert_close(ce_o, ce_t)
+    ce_t.backward()
+    ce_o.backward()
+    torch.testing.assert_close(x_o.grad, x_t.grad)

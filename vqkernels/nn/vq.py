@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from . import _dist
+from . import _dist, _scores
 from ._layout import Layout
 from ._options import reject_unsupported
 from .codebook import Codebook
@@ -15,12 +15,9 @@ from .codebook import Codebook
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
     sync_kmeans=True,
-    commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
-    straight_through=False,
     sync_affine_param=False, affine_param=False, affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
 )
-_FORWARD_UNSUPPORTED = dict(indices=None, codebook_transform_fn=None)
-SAMPLE_CHUNK_ELEMENTS = 1 << 22  # scores per chunk of stochastic code sampling (16 MiB of float32)
+_FORWARD_UNSUPPORTED = dict(codebook_transform_fn=None)
 
 
 # forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
@@ -65,30 +62,6 @@ def directional_reparam(src, tgt, variance):
     return src + direction * error.norm(dim=-1, keepdim=True)
 
 
-def sample_codes(rows, embed, metric, temperature):
-    """One code per row drawn from softmax(score / temperature) by the Gumbel-max trick, with
-    vector-quantize-pytorch's scores (l2: minus its cdist, the square root of the expanded squared distance
-    clamped at 1e-8; cosine: the dot product) and noise (-log(-log(u)), logs clamped at 1e-20). A chunk of
-    rows at a time, so the [N, K] scores are never whole; nothing is read back."""
-    k = embed.shape[0]
-    step = max(1, SAMPLE_CHUNK_ELEMENTS // max(k, 1))
-    codes = embed.float()
-    squared = codes.square().sum(-1)
-    chosen = []
-    for start in range(0, rows.shape[0], step):
-        r = rows[start:start + step].float()
-        dots = r @ codes.T
-        if metric == "cosine":
-            score = dots
-        else:
-            score = -(r.square().sum(-1, keepdim=True) + squared + dots * -2).clamp(min=1e-8).sqrt()
-        noise = -torch.log((-torch.log(torch.rand_like(score).clamp(min=1e-20))).clamp(min=1e-20))
-        chosen.append((score / temperature + noise).argmax(-1))
-    if not chosen:
-        return torch.empty(0, dtype=torch.int64, device=rows.device)
-    return torch.cat(chosen)
-
-
 def masked_mean(values, weights):
     """Mean of ``values`` [M, ...] over the rows of weight 1 (``weights`` [M], 0 / 1); 0 when no row
     counts. Nothing is read back."""
@@ -124,7 +97,11 @@ class VectorQuantize(nn.Module):
     :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature),
     ``layernorm_after_project_in``, ``vq_bridge`` (a module applied to the codebook before every search, learned
     with it; also applied by get_codes_from_indices, where theirs returns the raw codes), ``sync_update_v``. Others
-    raise unless given at their default.
+    raise unless given at their default. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
+    rows only with ``route_gradients_to_input=False``, as theirs), ``commitment_use_cross_entropy_loss`` and
+    ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature`` read the [N, K] scores theirs
+    builds; here they run in checkpointed row chunks (:mod:`vqkernels.nn._scores`). Forward's ``indices``
+    returns ``(quantized, cross-entropy of the scores to those codes)`` as theirs.
 
     Forward options: ``mask`` [B, N] bool or ``lens`` [B] for padded sequences (padded tokens neither
     update the codebook nor count in the losses; their output is 0, or the input with
@@ -150,7 +127,8 @@ class VectorQuantize(nn.Module):
                  orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
                  return_zeros_for_masked_padding=True, route_gradients_to_input=True, stochastic_sample_codes=False,
                  sample_codebook_temp=1.0, layernorm_after_project_in=False, vq_bridge=None, sync_update_v=0.0,
-                 frozen_codebook=None, **unsupported):
+                 straight_through=False, commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0,
+                 codebook_diversity_temperature=100.0, frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
@@ -179,8 +157,10 @@ class VectorQuantize(nn.Module):
             raise ValueError("VectorQuantize: learnable_codebook is not compatible with ema_update")
         if use_cosine_sim and learnable_codebook:
             raise ValueError("VectorQuantize: use_cosine_sim is not compatible with learnable_codebook")
-        if rotation_trick and directional_reparam:
-            raise ValueError("VectorQuantize: rotation_trick and directional_reparam exclude each other")
+        if rotation_trick + directional_reparam + straight_through > 1:
+            raise ValueError("VectorQuantize: rotation_trick, directional_reparam and straight_through exclude each other")
+        if straight_through and learnable_codebook:
+            raise ValueError("VectorQuantize: straight_through does not work with learnable_codebook (as theirs)")
         if directional_reparam and threshold_ema_dead_code == 0:
             raise ValueError("VectorQuantize: directional_reparam needs dead-code restart (threshold_ema_dead_code > 0)")
         if in_place_codebook_optimizer is not None and not learnable_codebook:
@@ -211,6 +191,10 @@ class VectorQuantize(nn.Module):
         self.route_gradients_to_input = route_gradients_to_input
         self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
         self.sync_update_v = sync_update_v
+        self.straight_through = straight_through
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.learnable_codebook = learnable_codebook
         self.freeze_codebook = freeze_codebook
@@ -350,7 +334,7 @@ class VectorQuantize(nn.Module):
         for h, r in enumerate(rows):
             embed = cb.embed[h]
             if temperature > 0:
-                idx = sample_codes(r.detach(), embed.detach(), cb.metric, temperature)
+                idx = _scores.sample_codes(r.detach(), embed.detach(), cb.metric, temperature)
             else:
                 _, idx, _, _ = ops.vq_quantize(r.detach(), embed.detach(), cb.metric)
             codes = embed.index_select(0, idx)
@@ -367,7 +351,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
-        reject_unsupported("VectorQuantize.forward", dict(indices=indices, codebook_transform_fn=codebook_transform_fn),
+        reject_unsupported("VectorQuantize.forward", dict(codebook_transform_fn=codebook_transform_fn),
                            _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
@@ -380,8 +364,8 @@ class VectorQuantize(nn.Module):
         rows = self._rows(tokens)
         if self.training and cb.needs_init:
             cb.init_embed_([r.detach() if row_mask is None else r.detach()[row_mask] for r in rows])
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        temperature = temperature if self.stochastic_sample_codes and self.training else 0.0
+        sample_temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temperature = sample_temp if self.stochastic_sample_codes and self.training else 0.0
         if topk is not None:
             if temperature > 0:
                 raise ValueError("VectorQuantize: topk does not sample (stochastic_sample_codes) here")
@@ -392,7 +376,7 @@ class VectorQuantize(nn.Module):
         if in_place:
             inplace_loss = self._in_place_step(rows, row_mask, freeze, temperature)
         learn = self.learnable_codebook and not freeze
-        quantized, indices, losses = [], [], []
+        quantized, chosen, losses, diversity, given = [], [], [], 0.0, []
         for h, r in enumerate(rows):
             updates = self.training and not freeze and cb.tracks_statistics and not in_place
             embed = self._embed(h, learn)
@@ -408,38 +392,62 @@ class VectorQuantize(nn.Module):
                     commit = masked_mean((r.float() - codes.detach().float()).square(), weights)
                     codebook_loss = masked_mean((codes.float() - r.detach().float()).square(), weights) if learn \
                         else commit
-                losses.append(training_losses(commit, codebook_loss, 1.0, learn))
+                if self.commitment_use_cross_entropy_loss:  # to the codes chosen (padded rows -1: ignored)
+                    total, count = _scores.cross_entropy_to_codes(r, embed, idx, cb.metric)
+                    losses.append(total / count.clamp(min=1))
+                else:
+                    losses.append(training_losses(commit, codebook_loss, 1.0, learn))
+                if self.codebook_diversity_loss_weight > 0:
+                    diversity = diversity + _scores.position_mean_probs(
+                        r, embed, self._positions(r.shape[0], n), n, cb.metric, self.codebook_diversity_temperature)
+                routed = self.route_gradients_to_input and r.requires_grad
                 q = self._route(r, q, codes)
+                if self.straight_through and not routed and sample_temp > 0:  # theirs' Gumbel one-hot's gradient
+                    q = q + _scores.gumbel_straight_through(r, embed, cb.metric, sample_temp)
                 if self.sync_update_v > 0:  # (21) of the vqtorch draft, as theirs: v more of the gradient
                     q = q + self.sync_update_v * (q - q.detach())
                 if updates:
                     cb.update_(h, r, idx, valid=row_mask, ema_update=ema_update is not False,
                                weight=ema_update_weight, accumulate=accum_ema_update)
+            if indices is not None:
+                targets = indices[..., h] if self._split_heads else indices
+                given.append(_scores.cross_entropy_to_codes(r, embed, targets.reshape(-1).long(), cb.metric))
             quantized.append(q)
-            indices.append(idx)
+            chosen.append(idx)
         if self._split_heads:
             q = torch.cat([t.reshape(b, n, self.codebook_dim) for t in quantized], dim=-1)
-            idx = torch.stack([t.reshape(b, n) for t in indices], dim=-1)
+            idx = torch.stack([t.reshape(b, n) for t in chosen], dim=-1)
         else:
             q = quantized[0].reshape(b, n, self.heads * self.codebook_dim)
-            idx = indices[0].reshape(b, n, self.heads) if self.heads > 1 else indices[0].reshape(b, n)
-        commitment = loss = orthogonal = zero
+            idx = chosen[0].reshape(b, n, self.heads) if self.heads > 1 else chosen[0].reshape(b, n)
+        commitment = loss = orthogonal = diversity_loss = zero
+        if self.training and self.codebook_diversity_loss_weight > 0:
+            avg = diversity / len(rows)
+            diversity_loss = (avg * avg.clamp(min=1e-5).log()).sum(-1).mean()  # minus theirs' entropy
+            loss = loss + diversity_loss * self.codebook_diversity_loss_weight
         if self.training and self.has_commitment_loss:
             commitment = torch.stack(losses).mean()
-            loss = commitment * self.commitment_weight
+            loss = loss + commitment * self.commitment_weight
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = orthogonal_loss(self._codebook.embed, self._orthogonal_weights(idx))
             loss = loss + orthogonal * self.orthogonal_reg_weight
         out = self._pad_masked(self.project_out(q.to(x.dtype)), tokens, token_mask)
         out, idx = layout.restore(out), layout.indices(idx)
+        if indices is not None:  # theirs' cross-entropy of the scores to the given codes (after the layer's step)
+            return out, sum(t for t, _ in given) / sum(c for _, c in given).clamp(min=1)
         if not return_loss_breakdown:
             return out, idx, loss
-        return out, idx, loss, LossBreakdown(commitment, zero, orthogonal, inplace_loss)
+        return out, idx, loss, LossBreakdown(commitment, diversity_loss, orthogonal, inplace_loss)
+
+    def _positions(self, num_rows, n):
+        """Each row's sequence position in [0, n): the rows of a codebook are (batch, token[, head])."""
+        rows = torch.arange(num_rows, device=self._codebook.embed.device)
+        return (rows if self._split_heads else rows // self.heads) % max(n, 1)
 
     def _sampled_quantize(self, r, embed, temperature):
         """vq_quantize's four results with sampled codes (:func:`sample_codes`) instead of the nearest:
         straight-through output, the commitment and codebook mse terms."""
-        idx = sample_codes(r.detach(), embed.detach(), self._codebook.metric, temperature)
+        idx = _scores.sample_codes(r.detach(), embed.detach(), self._codebook.metric, temperature)
         codes = embed.index_select(0, idx)
         q = r + (codes - r).detach()
         commit = (r.float() - codes.detach().float()).square().mean()
