@@ -402,3 +402,30 @@ def test_cross_entropy_to_given_indices_matches_vector_quantize_pytorch(train):
     ce_t.backward()
     ce_o.backward()
     torch.testing.assert_close(x_o.grad, x_t.grad)
+
+
+@pytest.mark.parametrize("kw,forward_kw", [(dict(BASE, affine_param=True), {}),
+                                           (dict(BASE, affine_param=True, affine_param_batch_decay=0.5,
+                                                 affine_param_codebook_decay=0.7, threshold_ema_dead_code=1e-3),
+                                            dict(mask=MASK)),
+                                           (dict(BASE, affine_param=True, heads=2, codebook_dim=8,
+                                                 separate_codebook_per_head=True), {})], ids=str)
+def test_affine_param_matches_vector_quantize_pytorch(kw, forward_kw):
+    """affine_param: running batch and codebook statistics (the batch ones also in eval mode, as theirs), the
+    search on the mapped codes, the EMA in code space: same outputs, losses, gradients and buffers, in training
+    and then in eval mode."""
+    theirs, ours = _compare_steps(kw, lambda step: forward_kw)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(3, 9, 16)
+    q_t, i_t, _ = theirs(x, **forward_kw)
+    q_o, i_o, _ = ours(x, **forward_kw)
+    assert torch.equal(i_o, i_t)
+    torch.testing.assert_close(q_o, q_t)
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value)
+    fresh = VectorQuantize(**kw)
+    fresh.load_state_dict(ours.state_dict())  # batch statistics created by the load
+    torch.testing.assert_close(fresh._codebook.batch_variance, ours._codebook.batch_variance)
+    with pytest.raises(ValueError, match="affine_param"):
+        VectorQuantize(**BASE, affine_param=True, use_cosine_sim=True)

@@ -76,6 +76,7 @@ class Codebook(nn.Module):
         self.threshold_ema_dead_code = threshold_ema_dead_code
         self.learnable_codebook, self.ema_update = learnable_codebook, ema_update
         self.manual_ema_update = manual_ema_update
+        self.affine = False  # see enable_affine
         self._pending = {}  # codebook -> summed (counts [K], sums [K, D]) of accum_ema_update steps
         self.use_cosine_sim, self.sync, self.frozen = use_cosine_sim, sync, frozen is not None
         self.metric = "cosine" if use_cosine_sim else "l2"
@@ -94,8 +95,13 @@ class Codebook(nn.Module):
         self._initted = initted
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("batch_mean", "batch_variance"):  # an affine checkpoint's batch statistics: made room for
+            if self.affine and getattr(self, name) is None and prefix + name in state_dict:
+                self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted = bool(self.initted)
+        if self.affine:
+            self._affine_fresh = {name: bool(getattr(self, name + "_needs_init")) for name in self._affine_fresh}
 
     @property
     def needs_init(self):
@@ -147,10 +153,11 @@ class Codebook(nn.Module):
             valid = None if valid is None else _dist.gather_rows(valid)
         fused = weight is None and not accumulate and h not in self._pending
         target = torch.empty_like(self.embed_avg[h])
+        stats_rows = self.affine_rows(h, rows) if self.affine else rows  # the statistics live in code space
         if fused:
-            ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], rows, indices, self.decay, self.eps)
+            ops.ema_update_(target, self.cluster_size[h], self.embed_avg[h], stats_rows, indices, self.decay, self.eps)
         else:
-            counts, sums = self._batch_statistics(target, rows, indices)
+            counts, sums = self._batch_statistics(target, stats_rows, indices)
             if accumulate:
                 self._accumulate(h, counts, sums)
                 return
@@ -164,6 +171,58 @@ class Codebook(nn.Module):
         if self.threshold_ema_dead_code > 0 and rows.shape[0] > 0:
             codes = self._restart_dead_codes(h, rows, codes, valid)
         self._set_codes(h, codes)
+
+    def enable_affine(self, batch_decay, codebook_decay):
+        """vector-quantize-pytorch's ``affine_param``: running means and variances of the batch rows and of the
+        codes (same buffers: ``batch_mean`` / ``batch_variance`` appear at the first forward, as there), the codes
+        searched after an affine map onto the batch statistics."""
+        self.affine, self.affine_decays = True, (batch_decay, codebook_decay)
+        self.register_buffer("batch_mean", None)
+        self.register_buffer("batch_variance", None)
+        for name in ("codebook_mean", "codebook_variance"):
+            self.register_buffer(name + "_needs_init", torch.tensor(True))
+            self.register_buffer(name, torch.empty(self.num_codebooks, 1, self.dim))
+        self._affine_fresh = {"codebook_mean": True, "codebook_variance": True}  # host mirror of the flags
+
+    def _update_with_decay(self, name, value, decay):
+        old = getattr(self, name)
+        if old is None or self._affine_fresh.get(name, False):  # the first value is taken as is
+            if name in self._affine_fresh:
+                getattr(self, name + "_needs_init").fill_(False)
+                self._affine_fresh[name] = False
+            self.register_buffer(name, value.detach().clone())
+            return
+        self.register_buffer(name, old * decay + value.detach() * (1 - decay))
+
+    @torch.no_grad()
+    def update_affine_(self, rows, weights=None, training=True):
+        """The running statistics from this step's rows (one [M, D] per codebook; ``weights`` [M] 0 / 1 keeps the
+        unpadded ones) and, in training, the codes; the batch ones move in eval mode too, as theirs."""
+        batch_decay, codebook_decay = self.affine_decays
+        if training:
+            embed = self.embed.detach().float()
+            self._update_with_decay("codebook_mean", embed.mean(1, keepdim=True), codebook_decay)
+            self._update_with_decay("codebook_variance", embed.var(1, unbiased=False, keepdim=True), codebook_decay)
+        data = torch.stack([r.detach().float() for r in rows])  # [H, M, D]
+        w = torch.ones(data.shape[1], device=data.device) if weights is None else weights
+        count = w.sum().clamp(min=1)
+        mean = (data * w[:, None]).sum(1, keepdim=True) / count
+        variance = ((data - mean).square() * w[:, None]).sum(1, keepdim=True) / count
+        self._update_with_decay("batch_mean", mean, batch_decay)
+        self._update_with_decay("batch_variance", variance, batch_decay)
+
+    def _stds(self, h):
+        return self.codebook_variance[h].clamp(min=1e-5).sqrt(), self.batch_variance[h].clamp(min=1e-5).sqrt()
+
+    def affine_codes(self, h, embed):
+        """Codes of codebook h mapped onto the batch statistics (what the search sees)."""
+        codebook_std, batch_std = self._stds(h)
+        return (embed - self.codebook_mean[h]) * (batch_std / codebook_std) + self.batch_mean[h]
+
+    def affine_rows(self, h, rows):
+        """Rows mapped into codebook h's statistics (what the EMA accumulates)."""
+        codebook_std, batch_std = self._stds(h)
+        return (rows - self.batch_mean[h]) * (codebook_std / batch_std) + self.codebook_mean[h]
 
     def _batch_statistics(self, scratch, rows, indices):
         """This step's counts [K] and sums [K, D] per code (the EMA kernel at decay 0)."""

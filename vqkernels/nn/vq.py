@@ -15,7 +15,7 @@ from .codebook import Codebook
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
     sync_kmeans=True,
-    sync_affine_param=False, affine_param=False, affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
+    sync_affine_param=False,
 )
 _FORWARD_UNSUPPORTED = dict(codebook_transform_fn=None)
 
@@ -97,7 +97,8 @@ class VectorQuantize(nn.Module):
     :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature),
     ``layernorm_after_project_in``, ``vq_bridge`` (a module applied to the codebook before every search, learned
     with it; also applied by get_codes_from_indices, where theirs returns the raw codes), ``sync_update_v``. Others
-    raise unless given at their default. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
+    raise unless given at their default. ``affine_param`` (with its two decays): codes searched after an affine map
+    onto running batch statistics. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
     rows only with ``route_gradients_to_input=False``, as theirs), ``commitment_use_cross_entropy_loss`` and
     ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature`` read the [N, K] scores theirs
     builds; here they run in checkpointed row chunks (:mod:`vqkernels.nn._scores`). Forward's ``indices``
@@ -128,7 +129,8 @@ class VectorQuantize(nn.Module):
                  return_zeros_for_masked_padding=True, route_gradients_to_input=True, stochastic_sample_codes=False,
                  sample_codebook_temp=1.0, layernorm_after_project_in=False, vq_bridge=None, sync_update_v=0.0,
                  straight_through=False, commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0,
-                 codebook_diversity_temperature=100.0, frozen_codebook=None, **unsupported):
+                 codebook_diversity_temperature=100.0, affine_param=False, affine_param_batch_decay=0.99,
+                 affine_param_codebook_decay=0.9, frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
@@ -213,6 +215,10 @@ class VectorQuantize(nn.Module):
                                   ema_update=ema_update, use_cosine_sim=use_cosine_sim, sync=sync,
                                   frozen=frozen_codebook, manual_ema_update=manual_ema_update)
         self._codebook.vq_bridge = vq_bridge  # theirs keeps the bridge in its codebook: _codebook.vq_bridge.*
+        if affine_param:
+            if use_cosine_sim:
+                raise ValueError("VectorQuantize: affine_param works with the euclidean codebook only (as theirs)")
+            self._codebook.enable_affine(affine_param_batch_decay, affine_param_codebook_decay)
         self.in_place_codebook_optimizer = (in_place_codebook_optimizer(self._codebook.parameters())
                                             if in_place_codebook_optimizer is not None else None)
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
@@ -311,7 +317,7 @@ class VectorQuantize(nn.Module):
         embed = embed if learn else embed.detach()
         if self._codebook.vq_bridge is not None:
             embed = self._codebook.vq_bridge(embed)
-        return embed[h]
+        return self._codebook.affine_codes(h, embed[h]) if self._codebook.affine else embed[h]
 
     def _route(self, r, q, codes):
         """The training output of rows r quantized to q (the op's straight-through result) with the chosen
@@ -364,6 +370,8 @@ class VectorQuantize(nn.Module):
         rows = self._rows(tokens)
         if self.training and cb.needs_init:
             cb.init_embed_([r.detach() if row_mask is None else r.detach()[row_mask] for r in rows])
+        if cb.affine:
+            cb.update_affine_(rows, weights, self.training)
         sample_temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         temperature = sample_temp if self.stochastic_sample_codes and self.training else 0.0
         if topk is not None:
