@@ -192,8 +192,9 @@ def test_level_keywords_pass_through_as_theirs():
     x = torch.randn(2, 9, 32)
     assert torch.equal(ours(x)[1], theirs(x)[1])
     assert ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, decay=0.9).layers[1]._codebook.decay == 0.9
-    with pytest.raises(ValueError, match="orthogonal_reg_weight=0.5 is not supported"):
-        ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5)
+    assert ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5).by_level
+    with pytest.raises(ValueError, match="orthogonal_reg_weight run the levels one by one"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=8, orthogonal_reg_weight=0.5, beam_size=2)
     with pytest.raises(ValueError, match="GroupedResidualVQ|ResidualVQ"):
         GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, heads=2)
 
@@ -489,3 +490,47 @@ def test_implicit_neural_codebook_training_compiles():
     assert_compiled_training_matches_eager(
         lambda: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True),
         [torch.randn(2, 6, 8, generator=g) for _ in range(2)])
+
+
+@pytest.mark.parametrize("kw,forward_kw", [
+    (dict(stochastic_sample_codes=True, sample_codebook_temp=0.3), {}),
+    (dict(stochastic_sample_codes=True), dict(sample_codebook_temp=0.5, mask=MASK)),
+    (dict(orthogonal_reg_weight=2.0, rotation_trick=False), {}),
+    (dict(affine_param=True), {}),
+    (dict(codebook_diversity_loss_weight=0.5, ema_update=False), {}),
+    (dict(learnable_codebook=True, ema_update=False, in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.3)),
+     {}),
+], ids=["sampled", "sampled-forward-temp-masked", "orthogonal", "affine", "diversity", "in-place-optimizer"])
+def test_level_options_run_the_levels_one_by_one_as_theirs(kw, forward_kw):
+    """A VectorQuantize option the fused op does not honour moves the layer to the level-by-level path, where
+    each level's VectorQuantize applies it: the same draws, indices, outputs, losses, input gradients and
+    buffers as theirs over 3 training steps."""
+    kw = dict(dim=16, num_quantizers=3, codebook_size=32, **kw)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    assert ours.by_level
+    for step in range(3):
+        x = torch.randn(3, 13, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        q_t, i_t, l_t = theirs(x_t, **forward_kw)
+        torch.manual_seed(step)
+        q_o, i_o, l_o = ours(x_o, **forward_kw)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        (q_t.square().sum() + l_t.sum()).backward()
+        (q_o.square().sum() + l_o.sum()).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=2e-5)
+        for name, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_dropout_seed_matches_vector_quantize_pytorch():
+    kw = dict(dim=16, num_quantizers=4, codebook_size=32, quantize_dropout=True, rotation_trick=False)
+    theirs, ours = _pair(vqp.ResidualVQ, ResidualVQ, kw)
+    for seed in range(4):
+        x = torch.randn(2, 13, 16)
+        _, i_t, l_t = theirs(x, rand_quantize_dropout_fixed_seed=seed)
+        _, i_o, l_o = ours(x, rand_quantize_dropout_fixed_seed=seed)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)

@@ -13,16 +13,16 @@ from ._options import reject_unsupported
 from .implicit_codebook import ImplicitCodebook
 from .vq import _VQ_UNSUPPORTED, VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
 
-_RVQ_UNSUPPORTED = dict(heads=1,
-                        beam_score_quantizer_weights=None,
-                        separate_codebook_per_head=False, orthogonal_reg_weight=0.0,
-                        orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
-                        directional_reparam=False, manual_ema_update=False, in_place_codebook_optimizer=None,
-                        manual_in_place_optimizer_update=False, route_gradients_to_input=True)
+_RVQ_UNSUPPORTED = dict(heads=1, beam_score_quantizer_weights=None, separate_codebook_per_head=False)
 DIVEQ_VARIANCE = 5e-3  # the noise variance of DiVeQ's output reparametrisation (vector-quantize-pytorch's default)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
 _LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
                    - {"unsupported"} - set(_RVQ_UNSUPPORTED))
+_VQ_DEFAULTS = {name: p.default for name, p in inspect.signature(VectorQuantize).parameters.items()}
+# The level options the fused residual op honours; any other one set runs the levels one by one.
+_FUSED_LEVEL_KEYWORDS = {"decay", "eps", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "commitment_weight",
+                         "rotation_trick", "ema_update", "learnable_codebook", "freeze_codebook", "channel_last",
+                         "accept_3d_fmap", "sync_codebook", "return_zeros_for_masked_padding", "sample_codebook_temp"}
 
 
 def dropout_levels(num_quantizers, cutoff_index, multiple_of, rng=random):
@@ -168,11 +168,15 @@ class ResidualVQ(ResidualLevels):
     rotation_trick, ema_update, learnable_codebook, freeze_codebook, channel_last``), which accepts or
     refuses it as it would on its own.
 
-    ``use_cosine_sim=True`` or ``quant_grad_frac > 0`` (tokens [B, N, D] only, no beam search, per-level
-    codebooks: a shared one did not match vector-quantize-pytorch's updates there, so it is refused) run the
-    levels one by one as vector-quantize-pytorch does: each level's :class:`VectorQuantize` (cosine:
-    normalised residual and codes) quantizes what the previous levels left, the residual takes
-    ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own commitment loss.
+    ``quant_grad_frac > 0``, and any level option the fused op does not honour (``use_cosine_sim``,
+    ``stochastic_sample_codes``, ``orthogonal_reg_weight``, ``affine_param``, ``directional_reparam``, the
+    in-place optimizer, ... : everything but ``decay, eps, kmeans_init, kmeans_iters, threshold_ema_dead_code,
+    commitment_weight, rotation_trick, ema_update, learnable_codebook, freeze_codebook, channel_last,
+    sync_codebook``) run the levels one by one as vector-quantize-pytorch does (tokens [B, N, D] only, no beam
+    search, per-level codebooks: a shared one did not match theirs' updates there, so it is refused): each level's
+    :class:`VectorQuantize` quantizes what the previous levels left, the residual takes ``quant_grad_frac`` of
+    the level's gradient, and ``losses`` are each level's own loss. Forward's ``sample_codebook_temp`` and
+    ``rand_quantize_dropout_fixed_seed`` work on both paths.
     ``diveq=True`` (DiVeQ) runs there too: learned codes, no EMA or commitment loss, the levels' full gradient,
     and the output reparametrised along the direction to the input with noise (as theirs).
     ``implicit_neural_codebook=True`` (QINCo, with ``mlp_kwargs``: ``dim_hidden``, ``depth``) runs there as well:
@@ -220,10 +224,14 @@ class ResidualVQ(ResidualLevels):
         self.channel_last = kwargs.get("channel_last", True)
         self.return_zeros_for_masked_padding = kwargs.get("return_zeros_for_masked_padding", True)
         self.quant_grad_frac = quant_grad_frac
-        self.by_level = kwargs.get("use_cosine_sim", False) or quant_grad_frac > 0 or implicit_neural_codebook
+        level_options = sorted(k for k, v in kwargs.items()
+                               if k not in _FUSED_LEVEL_KEYWORDS and v is not _VQ_DEFAULTS.get(k) and
+                               not (isinstance(v, (bool, int, float)) and v == _VQ_DEFAULTS.get(k)))
+        self.by_level = bool(level_options) or quant_grad_frac > 0 or implicit_neural_codebook
         if self.by_level and (self.channel_first or beam_size is not None or shared_codebook):
-            raise ValueError("ResidualVQ: use_cosine_sim and quant_grad_frac run the levels one by one, for tokens "
-                             "[B, N, D] with per-level codebooks and no beam search")
+            raise ValueError(f"ResidualVQ: {', '.join(level_options) or 'quant_grad_frac / implicit_neural_codebook'} "
+                             f"run the levels one by one, for tokens [B, N, D] with per-level codebooks and no beam "
+                             f"search")
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
                            **kwargs) for size in sizes)
@@ -261,20 +269,18 @@ class ResidualVQ(ResidualLevels):
 
     def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                 freeze_codebook=None, beam_size=None, rand_quantize_dropout_fixed_seed=None):
-        reject_unsupported("ResidualVQ.forward", dict(indices=indices, sample_codebook_temp=sample_codebook_temp,
-                                                      rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed),
-                           dict(indices=None, sample_codebook_temp=None, rand_quantize_dropout_fixed_seed=None))
+        reject_unsupported("ResidualVQ.forward", dict(indices=indices), dict(indices=None))
         if self.by_level:
             if beam_size is not None:
-                raise ValueError("ResidualVQ: beam search does not run with use_cosine_sim / quant_grad_frac")
-            result = self._forward_by_level(x, freeze_codebook, mask)
-        else:
-            result = self._forward_fused(x, mask, freeze_codebook, beam_size)
+                raise ValueError("ResidualVQ: beam search does not run with the levels one by one")
+            result = self._forward_by_level(x, freeze_codebook, mask, sample_codebook_temp, rand_quantize_dropout_fixed_seed)
+        else:  # no level samples or reads the temperature on this path
+            result = self._forward_fused(x, mask, freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed)
         if return_all_codes:  # every level's codes [num_quantizers, ..., codebook_dim] (zeros for index -1)
             return (*result, self.get_codes_from_indices(result[1]))
         return result
 
-    def _forward_fused(self, x, mask, freeze_codebook, beam_size):
+    def _forward_fused(self, x, mask, freeze_codebook, beam_size, seed):
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("ResidualVQ", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
@@ -284,7 +290,7 @@ class ResidualVQ(ResidualLevels):
         rows = self.project_in(tokens).reshape(-1, self.codebook_dim)
         if self.training and any(layer._codebook.needs_init for layer in self.layers):
             self._kmeans_init_levels(rows if row_mask is None else rows[row_mask])
-        levels = self._levels_this_step()
+        levels = self._levels_this_step(seed)
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
         cb0 = self.layers[0]._codebook
@@ -352,20 +358,22 @@ class ResidualVQ(ResidualLevels):
             residual = nxt
         return torch.stack(losses)
 
-    def _forward_by_level(self, x, freeze_codebook, mask):
+    def _forward_by_level(self, x, freeze_codebook, mask, sample_codebook_temp, seed):
         """vector-quantize-pytorch's level loop (cosine levels, or a residual that keeps quant_grad_frac of the
         gradient): (quantized, indices [B, N, num_quantizers], every level's own loss)."""
         layout = Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
         token_mask = self._token_mask(mask, layout, x)
         xin = self.project_in(x)
-        out, indices, losses = self._quantize(xin, freeze_codebook=freeze_codebook, mask=token_mask)
+        out, indices, losses = self._quantize(xin, seed, freeze_codebook=freeze_codebook, mask=token_mask,
+                                              sample_codebook_temp=sample_codebook_temp)
         if self.diveq:
             out = directional_reparam(xin, out, DIVEQ_VARIANCE)
         return self._pad_masked(self.project_out(out), x, token_mask), indices, losses
 
-    def _level(self, level, residual, so_far, freeze_codebook=None, mask=None):
+    def _level(self, level, residual, so_far, freeze_codebook=None, mask=None, sample_codebook_temp=None):
         if self.mlps is None or level == 0:
-            return super()._level(level, residual, so_far, freeze_codebook=freeze_codebook, mask=mask)
+            return super()._level(level, residual, so_far, freeze_codebook=freeze_codebook, mask=mask,
+                                  sample_codebook_temp=sample_codebook_temp)
         return self._implicit_level(level, residual, so_far, freeze_codebook, mask)
 
     def _implicit_level(self, level, residual, so_far, freeze_codebook, mask):
