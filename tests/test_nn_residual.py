@@ -174,7 +174,7 @@ def test_kmeans_init_runs_level_by_level():
                                     (dict(implicit_neural_codebook=True, accept_image_fmap=True), ValueError),
                                     (dict(use_cosine_sim=True, accept_image_fmap=True), ValueError),
                                     (dict(quant_grad_frac=0.5, beam_size=2), ValueError),
-                                    (dict(use_cosine_sim=True, shared_codebook=True), ValueError),
+                                    (dict(implicit_neural_codebook=True, shared_codebook=True), ValueError),
                                     (dict(heads=2), ValueError),
                                     (dict(bogus=3), TypeError)])
 def test_unsupported_options_raise(kw, err):
@@ -534,3 +534,42 @@ def test_fixed_dropout_seed_matches_vector_quantize_pytorch():
         _, i_o, l_o = ours(x, rand_quantize_dropout_fixed_seed=seed)
         assert torch.equal(i_o, i_t)
         torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(use_cosine_sim=True), dict(quant_grad_frac=0.5, rotation_trick=False),
+                                dict(stochastic_sample_codes=True)], ids=str)
+def test_shared_codebook_level_by_level_matches_vector_quantize_pytorch(kw):
+    """A shared codebook on the level-by-level path, in theirs' order: every level adds its statistics, the codes
+    are recomputed once at the end of the step. Same indices, outputs, losses, gradients and codebook."""
+    kw = dict(dim=16, num_quantizers=3, codebook_size=32, shared_codebook=True, **kw)
+    torch.manual_seed(0)
+    theirs, ours = vqp.ResidualVQ(**kw), ResidualVQ(**kw)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.by_level and all(layer._codebook is ours.layers[0]._codebook for layer in ours.layers)
+    for step in range(3):
+        x = torch.randn(3, 13, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        q_t, i_t, l_t = theirs(x_t)
+        torch.manual_seed(step)
+        q_o, i_o, l_o = ours(x_o)
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+        (q_t.square().sum() + l_t.sum()).backward()
+        (q_o.square().sum() + l_o.sum()).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.codebooks, theirs.codebooks, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_codebook_level_by_level_restarts_dead_codes_from_unpadded_inputs():
+    """Dead codes restart from the levels' inputs, never from padded tokens (here huge)."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_quantizers=2, codebook_size=64, shared_codebook=True, quant_grad_frac=0.5,
+                     threshold_ema_dead_code=2.0).train()
+    x = torch.randn(2, 6, 4)
+    mask = torch.tensor([[True, True, True, False, False, False], [True] * 6])
+    x[~mask] = 1000.0
+    rvq(x, mask=mask)
+    restarted = rvq.layers[0]._codebook.cluster_size[0] == 2.0
+    assert int(restarted.sum()) > 0 and rvq.layers[0].codebook.abs().max() < 100

@@ -224,6 +224,18 @@ class Codebook(nn.Module):
         codebook_std, batch_std = self._stds(h)
         return (rows - self.batch_mean[h]) * (codebook_std / batch_std) + self.codebook_mean[h]
 
+    @torch.no_grad()
+    def expire_(self, h, rows, valid=None):
+        """Dead-code restart of codebook h from ``rows`` [M, D] (the ``valid`` ones) alone, statistics unchanged
+        otherwise."""
+        if self.frozen or self.threshold_ema_dead_code <= 0 or rows.shape[0] == 0:
+            return
+        rows = rows.detach().float()
+        if self.sync:
+            rows = _dist.gather_rows(rows)
+            valid = None if valid is None else _dist.gather_rows(valid)
+        self._set_codes(h, self._restart_dead_codes(h, rows, self.embed[h].detach(), valid))
+
     def _batch_statistics(self, scratch, rows, indices):
         """This step's counts [K] and sums [K, D] per code (the EMA kernel at decay 0)."""
         counts = rows.new_zeros(self.codebook_size)

@@ -102,8 +102,9 @@ class ResidualLevels(nn.Module):
         return dropout_levels(self.num_quantizers, self.quantize_dropout_cutoff_index,
                               self.quantize_dropout_multiple_of, rng)
 
-    def _quantize(self, x, seed=None, **level_kwargs):
-        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses)."""
+    def _quantize(self, x, seed=None, inputs=None, **level_kwargs):
+        """(summed quantized [..., d], indices [..., num_quantizers] with -1 for dropped levels, losses); each
+        level's input residual is appended to the list ``inputs`` when given."""
         levels = self._levels_this_step(seed)
         residual, out, indices, losses = x, 0.0, [], []
         frac = self.quant_grad_frac
@@ -112,6 +113,8 @@ class ResidualLevels(nn.Module):
                 indices.append(torch.full(x.shape[:-1], -1, dtype=indices[0].dtype, device=x.device))
                 losses.append(losses[0].new_zeros(()))
                 continue
+            if inputs is not None:
+                inputs.append(residual)
             quantized, idx, loss = self._level(level, residual, out, **level_kwargs)
             residual = residual - (quantized * frac + quantized.detach() * (1 - frac) if frac else quantized.detach())
             out = out + quantized
@@ -228,10 +231,13 @@ class ResidualVQ(ResidualLevels):
                                if k not in _FUSED_LEVEL_KEYWORDS and v is not _VQ_DEFAULTS.get(k) and
                                not (isinstance(v, (bool, int, float)) and v == _VQ_DEFAULTS.get(k)))
         self.by_level = bool(level_options) or quant_grad_frac > 0 or implicit_neural_codebook
-        if self.by_level and (self.channel_first or beam_size is not None or shared_codebook):
+        if self.by_level and (self.channel_first or beam_size is not None or (shared_codebook and
+                                                                               implicit_neural_codebook)):
             raise ValueError(f"ResidualVQ: {', '.join(level_options) or 'quant_grad_frac / implicit_neural_codebook'} "
-                             f"run the levels one by one, for tokens [B, N, D] with per-level codebooks and no beam "
-                             f"search")
+                             f"run the levels one by one, for tokens [B, N, D] and no beam search (a shared codebook "
+                             f"not with implicit_neural_codebook)")
+        if self.by_level and shared_codebook:  # as theirs: statistics per level, the codes and restarts at the end
+            kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, accept_image_fmap=accept_image_fmap,
                            **kwargs) for size in sizes)
@@ -364,8 +370,11 @@ class ResidualVQ(ResidualLevels):
         layout = Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
         token_mask = self._token_mask(mask, layout, x)
         xin = self.project_in(x)
-        out, indices, losses = self._quantize(xin, seed, freeze_codebook=freeze_codebook, mask=token_mask,
+        inputs = []
+        out, indices, losses = self._quantize(xin, seed, inputs, freeze_codebook=freeze_codebook, mask=token_mask,
                                               sample_codebook_temp=sample_codebook_temp)
+        if self.shared_codebook and self.training:
+            self._finish_shared_step(inputs, token_mask)
         if self.diveq:
             out = directional_reparam(xin, out, DIVEQ_VARIANCE)
         return self._pad_masked(self.project_out(out), x, token_mask), indices, losses
@@ -422,6 +431,18 @@ class ResidualVQ(ResidualLevels):
             so_far = so_far + code
             codes.append(code)
         return torch.stack(codes)
+
+    def _finish_shared_step(self, inputs, token_mask):
+        """The end of a level-by-level step on the shared codebook (vector-quantize-pytorch's order): codes from
+        the statistics every level gathered, the in-place optimizer's step, then dead-code restart from the
+        inputs of all levels (the unpadded ones)."""
+        first = self.layers[0]
+        if first.ema_update:
+            first.update_ema()
+        first.update_in_place_optimizer()
+        rows = torch.cat([first._codebook.transform_input(r).reshape(-1, self.codebook_dim) for r in inputs])
+        valid = None if token_mask is None else token_mask.reshape(-1).repeat(len(inputs))
+        first._codebook.expire_(0, rows, valid)
 
     @torch.no_grad()
     def _update_codebooks(self, rows, codebooks, idx, row_mask=None):
