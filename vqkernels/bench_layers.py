@@ -17,7 +17,7 @@ LFQ_MEMORY_LIMIT = 6 << 30  # bytes: vector-quantize-pytorch's LFQ is not run wh
 class Case:
     name: str
     detail: str
-    make: Callable  # quick -> (ours module, theirs module or None, input tensor)
+    make: Callable  # quick -> (ours module, theirs module or None, input tensor[, forward keywords])
     target: float = 0.0  # speedup needed (0: none)
 
 
@@ -90,8 +90,39 @@ def _sim_vq(residual):
     return make
 
 
+def _vq_option(forward=None, **options):
+    """VectorQuantize with constructor ``options`` and forward keywords ``forward(tokens)``."""
+    def make(quick):
+        from .nn import VectorQuantize
+        ours, theirs = _pair(VectorQuantize, "VectorQuantize", dim=64, codebook_size=1024, decay=0.99,
+                             commitment_weight=0.25, **options)
+        x = _tokens(4 if quick else 16, 256, 64)
+        return ours, theirs, x, ({} if forward is None else forward(x))
+    return make
+
+
+def _half_padded(x):
+    """lens: every other sequence half padded."""
+    lens = torch.full((x.shape[0],), x.shape[1])
+    lens[::2] = x.shape[1] // 2
+    return dict(lens=lens)
+
+
+def _qinco(quick):
+    from .nn import ResidualVQ
+    ours, theirs = _pair(ResidualVQ, "ResidualVQ", dim=32, num_quantizers=3, codebook_size=256,
+                         implicit_neural_codebook=True)
+    return ours, theirs, _tokens(1 if quick else 2, 256, 32)
+
+
 CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
+    Case("VectorQuantize masked", "dim 64, 1024 codes, lens (half the sequences half padded)",
+         _vq_option(_half_padded)),
+    Case("VectorQuantize top-4", "dim 64, 1024 codes, topk=4", _vq_option(lambda x: dict(topk=4))),
+    Case("VectorQuantize sampled", "dim 64, 1024 codes, stochastic_sample_codes", _vq_option(
+        stochastic_sample_codes=True)),
+    Case("ResidualVQ QINCo", "implicit_neural_codebook, 3 levels x 256 codes, dim 32", _qinco),
     Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128", _rvq(False), 5.0),
     Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128", _rvq(True), 5.0),
     Case("FSQ", "levels 8,8,8,5,5,5 (64000 codes)", _fsq),
@@ -115,16 +146,17 @@ def _objective(out):
     return total
 
 
-def _step(module, x0, device):
+def _step(module, x0, device, forward):
     module.to(device).train()
     x = x0.to(device).requires_grad_()
+    forward = {k: v.to(device) if torch.is_tensor(v) else v for k, v in forward.items()}
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
         x.grad = None
         for p in module.parameters():
             p.grad = None
-        out = module(x)
+        out = module(x, **forward)
         _objective(out).backward()
         sync()
         return out
@@ -146,11 +178,12 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
     """Rows [layer, shape, ours ms, theirs ms, speedup, ours MiB, theirs MiB] and the target rows."""
     rows, targets = [], []
     for case in CASES:
-        ours, theirs, x = case.make(quick)
+        ours, theirs, x, *forward = case.make(quick)
+        forward = forward[0] if forward else {}
         detail = f"{case.detail}, {x.shape[0]} x {x.shape[1]} tokens"
-        fns = {"ours": _step(ours, x, device)}
+        fns = {"ours": _step(ours, x, device, forward)}
         if theirs is not None:
-            fns["theirs"] = _step(theirs, x, device)
+            fns["theirs"] = _step(theirs, x, device, forward)
         timed = bench.time_calls(fns, repeats, budget)
         mib = {name: _peak_mib(fn, device) for name, fn in fns.items()}
         if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
