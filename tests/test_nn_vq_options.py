@@ -429,3 +429,28 @@ def test_affine_param_matches_vector_quantize_pytorch(kw, forward_kw):
     torch.testing.assert_close(fresh._codebook.batch_variance, ours._codebook.batch_variance)
     with pytest.raises(ValueError, match="affine_param"):
         VectorQuantize(**BASE, affine_param=True, use_cosine_sim=True)
+
+
+@pytest.mark.parametrize("kw", [LEARNED, dict(BASE, rotation_trick=False)], ids=str)
+def test_codebook_transform_fn_matches_vector_quantize_pytorch(kw):
+    """Forward's codebook_transform_fn: every token searches its own codes (here theirs' QINCo MLP conditioned
+    per token); same indices, outputs, losses, input and transform gradients."""
+    from vector_quantize_pytorch.residual_vq import MLP
+    theirs, ours = _pair(kw)
+    mlp_t, mlp_o = MLP(16), MLP(16)
+    mlp_o.load_state_dict(mlp_t.state_dict())
+    for step in range(2):
+        x, cond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+        x_t, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_t, i_t, l_t = theirs(x_t, codebook_transform_fn=lambda codes: mlp_t(codes, condition=cond))
+        q_o, i_o, l_o = ours(x_o, codebook_transform_fn=lambda codes: mlp_o(codes, condition=cond))
+        assert torch.equal(i_o, i_t)
+        torch.testing.assert_close(q_o, q_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_o, l_t)
+        (q_t.square().sum() + l_t).backward()
+        (q_o.square().sum() + l_o).backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-5, atol=1e-5)
+        for p_t, p_o in zip(mlp_t.parameters(), mlp_o.parameters()):
+            assert (p_t.grad is None) == (p_o.grad is None)
+            if p_t.grad is not None:
+                torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-5, atol=1e-6)

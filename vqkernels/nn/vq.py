@@ -17,7 +17,6 @@ _VQ_UNSUPPORTED = dict(
     sync_kmeans=True,
     sync_affine_param=False,
 )
-_FORWARD_UNSUPPORTED = dict(codebook_transform_fn=None)
 
 
 # forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
@@ -357,8 +356,6 @@ class VectorQuantize(nn.Module):
     def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
-        reject_unsupported("VectorQuantize.forward", dict(codebook_transform_fn=codebook_transform_fn),
-                           _FORWARD_UNSUPPORTED)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         layout = Layout("VectorQuantize", x, self.dim, self.accept_image_fmap, self.channel_last, self.accept_3d_fmap)
         tokens = layout.tokens(x)
@@ -388,14 +385,20 @@ class VectorQuantize(nn.Module):
         for h, r in enumerate(rows):
             updates = self.training and not freeze and cb.tracks_statistics and not in_place
             embed = self._embed(h, learn)
-            if temperature > 0:
+            chosen_codes = None  # the chosen codes with their gradients, where not the codebook's rows
+            if codebook_transform_fn is not None:
+                q, idx, commit, codebook_loss, chosen_codes = self._transformed_quantize(r, embed, codebook_transform_fn)
+            elif temperature > 0:
                 q, idx, commit, codebook_loss = self._sampled_quantize(r, embed, temperature)
             else:
                 q, idx, commit, codebook_loss = ops.vq_quantize(r, embed, cb.metric)
             if row_mask is not None:
                 idx = idx.masked_fill(~row_mask, -1)
             if self.training:
-                codes = embed.index_select(0, idx.clamp(min=0)) if learn else q.detach()
+                if chosen_codes is not None:
+                    codes = chosen_codes
+                else:
+                    codes = embed.index_select(0, idx.clamp(min=0)) if learn else q.detach()
                 if row_mask is not None:
                     commit = masked_mean((r.float() - codes.detach().float()).square(), weights)
                     codebook_loss = masked_mean((codes.float() - r.detach().float()).square(), weights) if learn \
@@ -451,6 +454,23 @@ class VectorQuantize(nn.Module):
         """Each row's sequence position in [0, n): the rows of a codebook are (batch, token[, head])."""
         rows = torch.arange(num_rows, device=self._codebook.embed.device)
         return (rows if self._split_heads else rows // self.heads) % max(n, 1)
+
+    def _transformed_quantize(self, r, embed, transform):
+        """vq_quantize's four results against per-row codebooks: ``transform(codes [1, K, d])`` returns
+        [1, ..., K, d] codes for each row (theirs' ``codebook_transform_fn``, e.g. an MLP conditioned per token),
+        which the caller has built whole; the nearest of each row's own codes, scored as theirs (l2: the pairwise
+        distance with its 1e-6 eps; cosine: normalised codes), straight-through output, mse terms, chosen codes."""
+        codes = transform(embed.unsqueeze(0)).reshape(r.shape[0], embed.shape[0], -1)
+        if self._codebook.use_cosine_sim:
+            codes = F.normalize(codes, dim=-1)
+            idx = (codes * r.unsqueeze(1)).sum(-1).argmax(-1)
+        else:
+            idx = (-F.pairwise_distance(r.unsqueeze(1), codes)).argmax(-1)
+        chosen = codes.gather(1, idx.view(-1, 1, 1).expand(-1, 1, codes.shape[-1])).squeeze(1)
+        q = r + (chosen - r).detach()
+        commit = (r.float() - chosen.detach().float()).square().mean()
+        codebook_loss = (chosen.float() - r.detach().float()).square().mean()
+        return q, idx, commit, codebook_loss, chosen
 
     def _sampled_quantize(self, r, embed, temperature):
         """vq_quantize's four results with sampled codes (:func:`sample_codes`) instead of the nearest:
