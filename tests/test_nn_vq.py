@@ -220,10 +220,12 @@ def test_unsupported_option_at_default_is_accepted():
     VectorQuantize(dim=8, codebook_size=16, stochastic_sample_codes=False, straight_through=False)
 
 
-def test_forward_unsupported_keywords_raise():
+def test_forward_bad_keywords_raise():
     vq = VectorQuantize(dim=8, codebook_size=16)
-    with pytest.raises(ValueError, match="codebook_transform_fn"):
+    with pytest.raises(ValueError, match="codebook_transform_fn must return 16 codes of width 8 for each of the 6"):
         vq(torch.randn(2, 3, 8), codebook_transform_fn=lambda codes: codes)
+    with pytest.raises(TypeError):
+        vq(torch.randn(2, 3, 8), no_such_option=1)
 
 
 def _lloyd_float64(samples, means, iters, cosine):

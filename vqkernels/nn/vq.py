@@ -460,7 +460,11 @@ class VectorQuantize(nn.Module):
         [1, ..., K, d] codes for each row (theirs' ``codebook_transform_fn``, e.g. an MLP conditioned per token),
         which the caller has built whole; the nearest of each row's own codes, scored as theirs (l2: the pairwise
         distance with its 1e-6 eps; cosine: normalised codes), straight-through output, mse terms, chosen codes."""
-        codes = transform(embed.unsqueeze(0)).reshape(r.shape[0], embed.shape[0], -1)
+        codes = transform(embed.unsqueeze(0))
+        if codes.numel() != r.shape[0] * embed.numel():
+            raise ValueError(f"VectorQuantize: codebook_transform_fn must return {embed.shape[0]} codes of width "
+                             f"{embed.shape[1]} for each of the {r.shape[0]} rows, got shape {tuple(codes.shape)}")
+        codes = codes.reshape(r.shape[0], embed.shape[0], -1)
         if self._codebook.use_cosine_sim:
             codes = F.normalize(codes, dim=-1)
             idx = (codes * r.unsqueeze(1)).sum(-1).argmax(-1)
