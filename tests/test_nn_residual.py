@@ -174,7 +174,7 @@ def test_kmeans_init_runs_level_by_level():
                                     (dict(implicit_neural_codebook=True, accept_image_fmap=True), ValueError),
                                     (dict(use_cosine_sim=True, accept_image_fmap=True), ValueError),
                                     (dict(quant_grad_frac=0.5, beam_size=2), ValueError),
-                                    (dict(implicit_neural_codebook=True, shared_codebook=True), ValueError),
+                                    (dict(implicit_neural_codebook=True, beam_size=2), ValueError),
                                     (dict(heads=2), ValueError),
                                     (dict(bogus=3), TypeError)])
 def test_unsupported_options_raise(kw, err):
@@ -446,7 +446,8 @@ def test_diveq_matches_vector_quantize_pytorch(kw, forward_kw):
     (dict(num_quantizers=3, codebook_size=32, rotation_trick=False, mlp_kwargs=dict(depth=2, dim_hidden=24)),
      dict(mask=MASK)),
     (dict(codebook_size=(32, 16), codebook_dim=8, threshold_ema_dead_code=1e-3), {}),
-], ids=["tokens", "masked-small-mlp", "per-level-sizes-projected"])
+    (dict(num_quantizers=3, codebook_size=32, shared_codebook=True), {}),
+], ids=["tokens", "masked-small-mlp", "per-level-sizes-projected", "shared"])
 def test_implicit_neural_codebook_matches_vector_quantize_pytorch(kw, forward_kw, monkeypatch):
     """QINCo: every level after the first transforms its codes with an MLP conditioned on the reconstruction
     so far. Ours searches in row chunks (a small chunk here, so several run) and transforms only the chosen

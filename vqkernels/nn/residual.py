@@ -231,11 +231,9 @@ class ResidualVQ(ResidualLevels):
                                if k not in _FUSED_LEVEL_KEYWORDS and v is not _VQ_DEFAULTS.get(k) and
                                not (isinstance(v, (bool, int, float)) and v == _VQ_DEFAULTS.get(k)))
         self.by_level = bool(level_options) or quant_grad_frac > 0 or implicit_neural_codebook
-        if self.by_level and (self.channel_first or beam_size is not None or (shared_codebook and
-                                                                               implicit_neural_codebook)):
+        if self.by_level and (self.channel_first or beam_size is not None):
             raise ValueError(f"ResidualVQ: {', '.join(level_options) or 'quant_grad_frac / implicit_neural_codebook'} "
-                             f"run the levels one by one, for tokens [B, N, D] and no beam search (a shared codebook "
-                             f"not with implicit_neural_codebook)")
+                             f"run the levels one by one, for tokens [B, N, D] and no beam search")
         if self.by_level and shared_codebook:  # as theirs: statistics per level, the codes and restarts at the end
             kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         self.layers = nn.ModuleList(
