@@ -115,6 +115,12 @@ def _qinco(quick):
     return ours, theirs, _tokens(1 if quick else 2, 256, 32)
 
 
+def _latent_quantize(quick):
+    from .nn import LatentQuantize
+    ours, theirs = _pair(LatentQuantize, "LatentQuantize", levels=[8, 5, 5, 5], dim=64)
+    return ours, theirs, _tokens(4 if quick else 16, 64, 1024)  # channel-first: [b, dim, n]
+
+
 CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
     Case("VectorQuantize masked", "dim 64, 1024 codes, lens (half the sequences half padded)",
@@ -132,6 +138,7 @@ CASES = (
     Case("ResidualLFQ", "4 levels of 2^10, dim 64", _residual_lfq),
     Case("SimVQ", "dim 64, 1024 codes", _sim_vq(False)),
     Case("ResidualSimVQ", "4 levels x 1024 codes, dim 64", _sim_vq(True)),
+    Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first [b, 64, 1024]", _latent_quantize),
 )
 
 
