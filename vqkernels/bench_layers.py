@@ -19,6 +19,7 @@ class Case:
     detail: str
     make: Callable  # quick -> (ours module, theirs module or None, input tensor[, forward keywords])
     target: float = 0.0  # speedup needed (0: none)
+    channel_first: bool = False  # inputs [b, dim, n] rather than [b, n, dim]
 
 
 def _tokens(b, n, d, seed=0):
@@ -138,7 +139,8 @@ CASES = (
     Case("ResidualLFQ", "4 levels of 2^10, dim 64", _residual_lfq),
     Case("SimVQ", "dim 64, 1024 codes", _sim_vq(False)),
     Case("ResidualSimVQ", "4 levels x 1024 codes, dim 64", _sim_vq(True)),
-    Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first [b, 64, 1024]", _latent_quantize),
+    Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first", _latent_quantize,
+         channel_first=True),
 )
 
 
@@ -187,7 +189,7 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
     for case in CASES:
         ours, theirs, x, *forward = case.make(quick)
         forward = forward[0] if forward else {}
-        detail = f"{case.detail}, {x.shape[0]} x {x.shape[1]} tokens"
+        detail = f"{case.detail}, {x.shape[0]} x {x.shape[2 if case.channel_first else 1]} tokens"
         fns = {"ours": _step(ours, x, device, forward)}
         if theirs is not None:
             fns["theirs"] = _step(theirs, x, device, forward)
