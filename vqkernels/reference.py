@@ -292,7 +292,7 @@ def lfq_quantize(x, codebook_scale=1.0):
     xs = x.to(dt)
     positive = xs > 0
     nan = torch.isnan(xs)
-    scale = torch.tensor(codebook_scale, dtype=dt, device=x.device)  # half inputs: rounded to float32 first
+    scale = xs.new_full((), codebook_scale)  # half inputs: rounded to float32 first; no host-to-device copy
     codes = torch.where(positive, scale, -scale).to(x.dtype).masked_fill(nan, float("nan"))
     weights = 2 ** torch.arange(x.shape[1] - 1, -1, -1, device=x.device)  # the first column is the top bit
     indices = (positive.long() * weights).sum(1).masked_fill(nan.any(1), -1)
