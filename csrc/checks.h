@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -177,6 +178,22 @@ inline void check_lfq(const char* op, const at::Tensor& x, int64_t max_bits) {
             "] columns (bits), got shape ", shape_str(x));
 }
 
+// lfq_entropy's optional row weights: [N] floating on x's device (their values are not read).
+inline void check_lfq_weights(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weights) {
+  if (!weights) return;
+  VQK_CHECK(weights->dim() == 1 && weights->size(0) == x.size(0), op, "weights must have shape [N=", x.size(0),
+            "], got ", shape_str(*weights));
+  check_float(op, "weights", *weights);
+  VQK_CHECK(weights->device() == x.device(), op, "weights is on ", weights->device(), " but x is on ", x.device());
+}
+
+inline void check_lfq_entropy(const char* op, const at::Tensor& x, double inv_temperature,
+                              const std::optional<at::Tensor>& weights) {
+  check_lfq(op, x, kLfqEntropyMaxBits);
+  check_finite(op, "inv_temperature", inv_temperature);
+  check_lfq_weights(op, x, weights);
+}
+
 // Gumbel-softmax quantization and the rotation trick
 
 inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
@@ -317,9 +334,9 @@ inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tens
 
 inline void check_lfq_entropy_backward(const char* op, const at::Tensor& grad_per_sample,
                                        const at::Tensor& grad_codebook, const at::Tensor& grad_avg_probs,
-                                       const at::Tensor& x, const at::Tensor& avg_probs, double inv_temperature) {
-  check_lfq(op, x, kLfqEntropyMaxBits);
-  check_finite(op, "inv_temperature", inv_temperature);
+                                       const at::Tensor& x, const at::Tensor& avg_probs, double inv_temperature,
+                                       const std::optional<at::Tensor>& weights) {
+  check_lfq_entropy(op, x, inv_temperature, weights);
   const int64_t k = int64_t(1) << x.size(1);
   const std::pair<const char*, const at::Tensor*> args[] = {{"grad_per_sample_entropy", &grad_per_sample},
                                                             {"grad_codebook_entropy", &grad_codebook},

@@ -543,6 +543,95 @@ def test_lfq_entropy_opcheck():
     cuda_opcheck("lfq_entropy_backward", args)
 
 
+def lfq_weights(n, seed):
+    """[n] float32 row weights in [0, 3), about a third of them exactly 0."""
+    g = gen(seed)
+    return torch.rand(n, generator=g) * 3 * (torch.rand(n, generator=g) < 0.67)
+
+
+def weighted_lfq_args(n, d, seed, dtype=torch.float32, inv_t=3.0):
+    """Backward arguments with row weights (lfq_backward_args + weights); the rows of weight 0 hold NaN."""
+    args = list(lfq_backward_args(n, d, seed, dtype, inv_t))
+    w = lfq_weights(n, seed + 1000)
+    args[3][w == 0] = float("nan")
+    args[4] = reference.lfq_entropy(f64(args[3]), inv_t, w)[2].float()
+    return tuple(args) + (w,)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 2), (7, 5), (300, 12), (2000, 17)])
+def test_lfq_entropy_weighted_matches_reference(dtype, n, d):
+    """Row weights: the reference's weighted outputs and gradient; the rows of weight 0 (NaN here) count
+    nowhere and get a zero gradient."""
+    args = weighted_lfq_args(n, d, seed=n * d + 3, dtype=dtype)
+    x, w = args[3], args[6]
+    ps, cbe, avg = cuda_op("lfq_entropy")(x.to(DEV), 3.0, w.to(DEV))
+    rps, rcbe, ravg = reference.lfq_entropy(f64(x), 3.0, w)
+    assert ps.dtype == cbe.dtype == avg.dtype == torch.float32
+    close(avg, ravg, rtol=1e-4, atol=1e-7)
+    close(ps, rps, rtol=1e-4, atol=1e-6)
+    close(cbe, rcbe, rtol=1e-4, atol=1e-6)
+    grad = check_lfq_backward(args)
+    assert bool((grad.cpu()[w == 0] == 0).all())
+
+
+def test_lfq_entropy_weights_mask_none_kept_float64():
+    """A 0/1 mask gives the kept rows' results; all-zero weights give zeros and a zero gradient; float64
+    goes to the reference with its weights."""
+    x = lfq_x(500, 9, seed=32).to(DEV)
+    w = (torch.rand(500, generator=gen(33)) < 0.5).float().to(DEV)
+    keep = w != 0
+    for a, b in zip(cuda_op("lfq_entropy")(x, 2.0, w), cuda_op("lfq_entropy")(x[keep], 2.0)):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+    zero = torch.zeros(500, device=DEV)
+    out = cuda_op("lfq_entropy")(x, 2.0, zero)
+    assert all(bool((t == 0).all()) for t in out)
+    one = torch.ones((), device=DEV)
+    grad = cuda_op("lfq_entropy_backward")(one, -one, torch.ones(512, device=DEV), x, out[2], 2.0, zero)
+    assert bool((grad == 0).all())
+    x64 = lfq_x(40, 6, seed=34, dtype=torch.float64)
+    w64 = lfq_weights(40, seed=35).double()
+    for a, b in zip(cuda_op("lfq_entropy")(x64.to(DEV), 2.0, w64.to(DEV)), reference.lfq_entropy(x64, 2.0, w64)):
+        close(a, b)
+
+
+def test_lfq_entropy_weighted_deterministic_bitwise():
+    args = tuple(t.to(DEV) if isinstance(t, torch.Tensor) else t for t in weighted_lfq_args(5000, 14, seed=36))
+    x, w = args[3], args[6]
+    for a, b in zip(cuda_op("lfq_entropy")(x, 3.0, w), cuda_op("lfq_entropy")(x, 3.0, w)):
+        bitwise_equal(a, b)
+    bitwise_equal(cuda_op("lfq_entropy_backward")(*args), cuda_op("lfq_entropy_backward")(*args))
+
+
+def test_lfq_entropy_weighted_no_host_sync():
+    """Forward and backward with weights never synchronise with the host (the weights' total stays on the
+    device)."""
+    args = tuple(t.to(DEV) if isinstance(t, torch.Tensor) else t for t in weighted_lfq_args(300, 10, seed=37))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_op("lfq_entropy")(args[3], 3.0, args[6])
+        cuda_op("lfq_entropy_backward")(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_lfq_entropy_bad_weights():
+    x = torch.zeros(4, 3, device=DEV)
+    with pytest.raises(ValueError, match=r"weights is on cpu but x is on cuda"):
+        cuda_op("lfq_entropy")(x, 1.0, torch.ones(4))
+    with pytest.raises(ValueError, match=r"weights must have shape \[N=4\], got \(5,\)"):
+        cuda_op("lfq_entropy")(x, 1.0, torch.ones(5, device=DEV))
+    with pytest.raises(ValueError, match=r"weights must be float32, float16, bfloat16 or float64"):
+        cuda_op("lfq_entropy")(x, 1.0, torch.ones(4, device=DEV, dtype=torch.bool))
+
+
+def test_lfq_entropy_weighted_opcheck():
+    args = tuple(t.to(DEV) if isinstance(t, torch.Tensor) else t for t in weighted_lfq_args(30, 7, seed=38))
+    cuda_opcheck("lfq_entropy", (args[3].nan_to_num(0.5).bfloat16(), 3.0, args[6].half()))
+    cuda_opcheck("lfq_entropy_backward", args)
+
+
 # ---------------------------------------------------------------------------------------
 # multiscale_quantize_step
 

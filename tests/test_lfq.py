@@ -149,15 +149,20 @@ def code_signs(d):
     return ((c.unsqueeze(1) >> torch.arange(d - 1, -1, -1)) & 1).double() * 2 - 1
 
 
-def brute_force(x, inv_temperature):
+def brute_force(x, inv_temperature, weights=None):
     """float64 (per_sample_exact, per_sample_clamped, codebook_entropy, avg_probs) through the N x 2**d
     softmax of 2 * inv_temperature * <x, c> (vector-quantize-pytorch's logits for codebook_scale 1);
-    clamped: -sum p log(max(p, 1e-5)) per row, as vector-quantize-pytorch. Differentiable in x."""
+    clamped: -sum p log(max(p, 1e-5)) per row, as vector-quantize-pytorch. With row ``weights``, the
+    rows of weight 0 are dropped (whatever they hold) and the means are sum_n w_n (.) / sum_n w_n (1 where
+    that is 0). Differentiable in x."""
+    w = torch.ones(x.shape[0], dtype=torch.float64) if weights is None else weights.double()
+    x, w = x[w != 0], w[w != 0]
+    total = w.sum() if bool(w.sum() != 0) else 1.0
     logp = torch.log_softmax(2 * inv_temperature * x @ code_signs(x.shape[1]).T, 1)
     p = logp.exp()
-    exact = -(p * logp).sum(1).mean()
-    clamped = -(p * p.clamp_min(PROB_EPS).log()).sum(1).mean()
-    avg = p.mean(0)
+    exact = -(w @ (p * logp).sum(1)) / total
+    clamped = -(w @ (p * p.clamp_min(PROB_EPS).log()).sum(1)) / total
+    avg = w @ p / total
     return exact, clamped, -(avg * avg.clamp_min(PROB_EPS).log()).sum(), avg
 
 
@@ -181,18 +186,20 @@ def entropy_tolerances(x, inv_temperature):
     return dict(per_sample=8 * d * u + big, avg=big, codebook=13 * big, grad=4 * big)
 
 
-def check_entropy(x, inv_temperature, outputs):
+def check_entropy(x, inv_temperature, outputs, weights=None):
+    """outputs against brute_force (with the row weights, if any), within entropy_tolerances of the rows
+    that count (those of non-zero weight: their N, their logits)."""
     per_sample, codebook, avg = outputs
     n, d = x.shape
     dt = compute_dtype(x)
     for t in outputs:
         assert t.dtype == dt
     assert per_sample.shape == () and codebook.shape == () and avg.shape == (2 ** d,)
-    if n == 0:
+    if n == 0 or (weights is not None and not bool(weights.any())):
         assert per_sample == 0 and codebook == 0 and not bool(avg.any())
         return
-    exact, _, cb, want_avg = brute_force(x.double(), inv_temperature)
-    tol = entropy_tolerances(x, inv_temperature)
+    exact, _, cb, want_avg = brute_force(x.double(), inv_temperature, weights)
+    tol = entropy_tolerances(x if weights is None else x[weights != 0], inv_temperature)
     u = unit_roundoff(dt)
     assert abs(float(per_sample) - float(exact)) <= tol["per_sample"] + 2 * u * float(exact), (per_sample, exact)
     assert abs(float(codebook) - float(cb)) <= tol["codebook"] + 2 * u * float(cb), (codebook, cb)
@@ -271,10 +278,11 @@ LOSS_WEIGHTS = {"per_sample": (1.0, 0.0, False), "codebook": (0.0, 1.0, False), 
                 "all": (0.7, -1.3, True)}
 
 
-def truth_grad(x, tau, a, b, w):
-    """d/dx of a * exact per-sample + b * codebook entropy + <w, avg_probs> (w None: 0), float64."""
+def truth_grad(x, tau, a, b, w, weights=None):
+    """d/dx of a * exact per-sample + b * codebook entropy + <w, avg_probs> (w None: 0), float64, with the row
+    weights, if any."""
     x = x.double().detach().requires_grad_()
-    exact, _, cb, avg = brute_force(x, tau)
+    exact, _, cb, avg = brute_force(x, tau, weights)
     loss = a * exact + b * cb + ((avg * w).sum() if w is not None else 0.0)
     return torch.autograd.grad(loss, x)[0]
 
@@ -393,6 +401,185 @@ def test_entropy_backward_opcheck(args):
 
 
 # ---------------------------------------------------------------------------------------
+# lfq_entropy: row weights (a row of weight 0 counts nowhere, whatever it holds)
+
+WEIGHT_KINDS = ("mask", "positive", "one-row", "none-kept")
+
+
+def row_weights(kind, n, seed, dtype=torch.float32):
+    """[n] weights: a 0/1 mask (about 60% ones), reals in [0, 3) with about 20% exact zeros, one row of weight
+    2.5 and the rest 0, or all 0."""
+    g = gen(seed)
+    if kind == "mask":
+        w = (torch.rand(n, generator=g) < 0.6).float()
+    elif kind == "positive":
+        w = torch.rand(n, generator=g) * 3 * (torch.rand(n, generator=g) < 0.8)
+    else:
+        w = torch.zeros(n)
+        if kind == "one-row" and n:
+            w[n // 2] = 2.5
+    return w.to(dtype)
+
+
+def weighted_input(n, d, seed, kind, scale=1.0, dtype=torch.float32, layout="contiguous", w_dtype=torch.float32,
+                   poison=True):
+    """(x, weights): with ``poison`` the rows of weight 0 hold NaN, +inf or -inf (which must reach nothing)."""
+    weights = row_weights(kind, n, seed + 1, w_dtype)
+    x = torch.randn(n, d, generator=gen(seed), dtype=torch.float64) * scale
+    if poison:
+        dropped = (weights == 0).nonzero().flatten()
+        for i, value in enumerate((float("nan"), float("inf"), -float("inf"))):
+            x[dropped[i::3]] = value
+    return with_layout(x.to(dtype), layout), weights
+
+
+@st.composite
+def weighted_cases(draw):
+    return dict(draw(entropy_cases()), kind=draw(st.sampled_from(WEIGHT_KINDS)), w_dtype=draw(st.sampled_from(DTYPES)),
+                poison=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@hyp_settings(50)
+@given(case=weighted_cases())
+def test_weighted_entropy_matches_brute_force(impl, case):
+    x, w = weighted_input(case["n"], case["d"], case["seed"], case["kind"], case["scale"], case["dtype"],
+                          case["layout"], case["w_dtype"], case["poison"])
+    saved = bits(w).clone()
+    check_entropy(x, case["tau"], ENTROPY[impl](x, case["tau"], w), w)
+    assert torch.equal(bits(w), saved), "weights were modified"
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_weight_rows_count_nowhere(impl, dtype):
+    """With a 0/1 mask (its dropped rows NaN or infinite) the outputs and the backward are those of the kept
+    rows alone, within float32 rounding (the GEMM may group the sums differently); the dropped rows' gradient
+    is exactly 0."""
+    x, w = weighted_input(90, 7, seed=20, kind="mask", scale=0.5, dtype=dtype)
+    keep = w != 0
+    got, want = ENTROPY[impl](x, 3.0, w), ENTROPY[impl](x[keep], 3.0)
+    ct = compute_dtype(x)
+    tol = dict(rtol=1e-12, atol=1e-14) if ct == torch.float64 else dict(rtol=2e-6, atol=1e-8)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    args = (torch.tensor(0.4, dtype=ct), torch.tensor(-1.5, dtype=ct), torch.randn(128, generator=gen(21)).to(ct))
+    grad = ENTROPY_BACKWARD[impl](*args, x, got[2], 3.0, w)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert bool((grad[~keep] == 0).all())
+    kept = ENTROPY_BACKWARD[impl](*args, x[keep], want[2], 3.0)
+    torch.testing.assert_close(grad[keep].double(), kept.double(), rtol=1e-3 if dtype in (torch.float16, torch.bfloat16)
+                               else tol["rtol"] * 10, atol=1e-6 * float(kept.abs().max()))
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+def test_weights_of_one_and_scaled_weights(impl):
+    """Weights of 1 are no weights; multiplying every weight by a constant changes nothing (float64)."""
+    x, w = weighted_input(60, 6, seed=22, kind="positive", dtype=torch.float64, w_dtype=torch.float64, poison=False)
+    for a, b in zip(ENTROPY[impl](x, 2.0, torch.ones(60, dtype=torch.float64)), ENTROPY[impl](x, 2.0)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    for a, b in zip(ENTROPY[impl](x, 2.0, w * 7.5), ENTROPY[impl](x, 2.0, w)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_zero_weights_give_zeros(impl, dtype):
+    """Every weight 0 (and every row NaN): zeros, finite, and a zero gradient (the total 0 counts as 1)."""
+    x = torch.full((12, 5), float("nan"), dtype=dtype)
+    w = torch.zeros(12)
+    out = ENTROPY[impl](x, 1.0, w)
+    check_entropy(x, 1.0, out, w)
+    ct = compute_dtype(x)
+    grad = ENTROPY_BACKWARD[impl](torch.tensor(1.0, dtype=ct), torch.tensor(-1.0, dtype=ct),
+                                  torch.ones(32, dtype=ct), x, out[2], 1.0, w)
+    assert grad.dtype == dtype and bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("which", LOSS_WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d, tau", [(1, 1.0), (6, 0.5), (9, 100.0)])
+def test_weighted_autograd_matches_brute_force(d, tau, dtype, which):
+    """vqkernels.lfq_entropy with weights (zeros among them, on NaN / infinite rows) through autograd:
+    x's gradient is the brute force's, 0 on the dropped rows."""
+    a, b, use_w = LOSS_WEIGHTS[which]
+    x, weights = weighted_input(150, d, seed=23, kind="positive", scale=0.3 if tau > 1 else 1.0, dtype=dtype)
+    x.requires_grad_()
+    w = torch.randn(2 ** d, generator=gen(24), dtype=torch.float64) if use_w else None
+    per_sample, codebook, avg = vqkernels.lfq_entropy(x, tau, weights)
+    loss = a * per_sample + b * codebook + ((avg * w.to(avg.dtype)).sum() if use_w else 0.0)
+    loss.backward()
+    assert x.grad.dtype == dtype
+    keep = weights != 0
+    assert bool((x.grad[~keep] == 0).all())
+    assert_grad_close(x.grad, truth_grad(x, tau, a, b, w, weights), x.detach()[keep], tau)
+
+
+@pytest.mark.parametrize("impl", ENTROPY_BACKWARD)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weighted_backward_op_matches_brute_force(impl, dtype, layout):
+    d, tau = 8, 2.0
+    x, weights = weighted_input(120, d, seed=25, kind="positive", scale=0.5, dtype=dtype, layout=layout)
+    avg = ENTROPY[impl](x, tau, weights)[2]
+    w = torch.randn(2 ** d, generator=gen(26), dtype=torch.float64)
+    ct = compute_dtype(x)
+    got = ENTROPY_BACKWARD[impl](torch.tensor(0.4, dtype=ct), torch.tensor(-2.0, dtype=ct), w.to(ct), x, avg, tau,
+                                 weights)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_grad_close(got, truth_grad(x, tau, 0.4, -2.0, w, weights), x[weights != 0], tau)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_weighted_entropy_gradcheck(d):
+    """float64 gradcheck with fractional weights and a row of weight 0 (its numerical gradient is 0 too)."""
+    x = lfq_input(6, d, seed=27, dtype=torch.float64).requires_grad_()
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25, 3.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: vqkernels.lfq_entropy(t, 0.3, weights), (x,))
+
+
+def test_weighted_deterministic():
+    """Bitwise the same when repeated and with 1 or 2 threads, with weights too."""
+    x64, weights = weighted_input(3000, 12, seed=28, kind="positive", scale=0.05)
+
+    def run():
+        x = x64.clone().requires_grad_()
+        per_sample, codebook, avg = vqkernels.lfq_entropy(x, 100.0, weights)
+        (per_sample - codebook + avg[::7].sum()).backward()
+        return per_sample, codebook, avg, x.grad
+
+    assert_deterministic(run)
+
+
+def weighted_opcheck_samples():
+    x = torch.randn(9, 5, generator=gen(29))
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 0.0, 1.0, 3.0, 1.0])
+    return [
+        pytest.param(x, 1.0, w, id="f32"),
+        pytest.param(x.clone().requires_grad_(), 100.0, w, id="f32-grad"),
+        pytest.param(x.double().requires_grad_(), 0.5, w.double(), id="f64-grad"),
+        pytest.param(x.bfloat16().requires_grad_(), 1.0, w.half(), id="bf16-grad-f16-weights"),
+        pytest.param(with_layout(x, "transposed").requires_grad_(), 1.0, torch.stack([w, w], 1)[:, 0],
+                     id="strided-grad"),
+        pytest.param(x.clone().requires_grad_(), 1.0, torch.zeros(9), id="zero-weights-grad"),
+        pytest.param(x[:0], 1.0, w[:0], id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("x, tau, weights", weighted_opcheck_samples())
+def test_weighted_entropy_opcheck(x, tau, weights):
+    opcheck("lfq_entropy", (x, tau, weights))
+
+
+def test_weighted_entropy_backward_opcheck():
+    x, w = weighted_input(9, 5, seed=30, kind="positive", poison=False)
+    avg = vqkernels.lfq_entropy(x, 1.0, w)[2]
+    one = torch.tensor(1.0)
+    opcheck("lfq_entropy_backward", (one, -one, torch.randn(32, generator=gen(31)), x, avg, 1.0, w))
+    opcheck("lfq_entropy_backward", (one.double(), one.double(), torch.randn(32, generator=gen(31)).double(),
+                                     x.double(), avg.double(), 1.0, w.half()))
+
+# ---------------------------------------------------------------------------------------
 # bad inputs
 
 X = torch.randn(4, 3)
@@ -466,6 +653,30 @@ def test_backward_rejects(case, impl):
 
 def test_backward_accepts_the_base_arguments():
     assert ENTROPY_BACKWARD["op"](**backward_args()).shape == X.shape
+
+
+BAD_WEIGHTS = {
+    "2-d": (torch.ones(4, 1), r"weights must have shape \[N=4\], got \(4, 1\)"),
+    "length": (torch.ones(3), r"weights must have shape \[N=4\], got \(3,\)"),
+    "bool": (torch.ones(4, dtype=torch.bool), r"weights must be float32, float16, bfloat16 or float64"),
+    "int": (torch.ones(4, dtype=torch.int64), r"weights must be float32, float16, bfloat16 or float64"),
+    "device": (torch.ones(4, device="meta"), r"weights is on meta but x is on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS)
+def test_rejects_bad_weights(case):
+    """lfq_entropy and its backward (the op, its fake kernel on meta tensors, the reference) name the bad weights."""
+    weights, pattern = BAD_WEIGHTS[case]
+    for impl in ENTROPY.values():
+        with pytest.raises(ERRORS, match=pattern):
+            impl(X, 1.0, weights)
+    for impl in ENTROPY_BACKWARD.values():
+        with pytest.raises(ERRORS, match=pattern):
+            impl(**backward_args(weights=weights))
+    if case != "device":
+        with pytest.raises(ERRORS, match=pattern):
+            vqkernels.lfq_entropy(X.to("meta"), 1.0, weights.to("meta"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -356,41 +356,243 @@ def test_lfq_keyword_only_and_forward_checks():
     with pytest.raises(TypeError):
         LFQ(8)  # keyword-only, as there
     lfq = LFQ(dim=4)
-    with pytest.raises(ValueError, match=r"mask is not supported"):
-        lfq(torch.randn(1, 3, 4), mask=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"expected the feature dimension 4"):
         lfq(torch.randn(1, 3, 5))
+    for mask, got in ((torch.ones(1, 3), r"torch\.float32 of shape \(1, 3\)"),
+                      (torch.ones(1, 4, dtype=torch.bool), r"torch\.bool of shape \(1, 4\)"),
+                      (torch.ones(3, dtype=torch.bool), r"torch\.bool of shape \(3,\)")):
+        for mode in (lfq.train(), lfq.eval()):
+            with pytest.raises(ValueError, match=r"mask must be a bool tensor of the tokens' shape \(1, 3\) .*got "
+                                                 + got):
+                mode(torch.randn(1, 3, 4), mask=mask)
+    image = LFQ(dim=4).train()
+    with pytest.raises(ValueError, match=r"tokens' shape \(2, 6\)"):  # [b, h * w], as there
+        image(torch.randn(2, 4, 2, 3), mask=torch.ones(2, 2, 3, dtype=torch.bool))
+    assert image(torch.randn(2, 4, 2, 3), mask=torch.ones(2, 6, dtype=torch.bool)).indices.shape == (2, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# LFQ with a mask: the masked-out tokens count nowhere in the aux loss
+
+LFQ_MASK_CASES = {name: LFQ_CASES[name] for name in (
+    "default", "projections-2-codebooks-commit", "image", "soft-clamp-no-bias", "softplus-gamma",
+    "forced-projections-keep-dim", "spherical-scaled-2-codebooks-commit")}
+
+
+def masked_batch(shape, dim, seed):
+    """(x of ``shape``, mask [b, tokens], tokens_of): about 70% of the tokens kept (each sample's first
+    one always); the others hold large values of another distribution, which would show if they counted.
+    ``tokens_of(x)`` is x as [b, tokens, dim] (image inputs are channel-first)."""
+    image = len(shape) == 4
+    b, n = shape[0], math.prod(shape[2:]) if image else shape[1]
+    mask = torch.rand(b, n, generator=gen(seed)) < 0.7
+    mask[:, 0] = True
+    tokens = torch.randn(b, n, dim, generator=gen(seed + 1))
+    tokens = torch.where(mask.unsqueeze(-1), tokens, 4 * torch.randn(b, n, dim, generator=gen(seed + 2)) + 3)
+    x = tokens.transpose(1, 2).reshape(shape) if image else tokens
+
+    def tokens_of(t):
+        return t.flatten(2).transpose(1, 2) if image else t
+    return x, mask, tokens_of
+
+
+@pytest.mark.parametrize("tau", [100.0, 1.0])
+@pytest.mark.parametrize("case", LFQ_MASK_CASES)
+def test_lfq_mask_matches_vqp(case, tau):
+    """Training with a mask: indices, quantized output, per-sample entropy and commitment loss as
+    vector-quantize-pytorch's masked call (within test_lfq_training_matches_vqp's tolerances). Its masked batch
+    entropy equals its per-sample entropy (it folds the codebook axis into the tokens); ours is the batch
+    entropy it computes without a mask on the kept tokens alone, as are our aux loss and its gradient (input
+    and parameters, with the quantized output's gradient from the masked call)."""
+    kwargs, shape = LFQ_MASK_CASES[case]
+    theirs, ours = pair(vqp.LFQ, LFQ, kwargs)
+    theirs.train(), ours.train()
+    x, mask, tokens_of = masked_batch(shape, kwargs["dim"], seed=12)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, la = theirs(xa, inv_temperature=tau, return_loss_breakdown=True, mask=mask)
+    b, lb = ours(xb, inv_temperature=tau, return_loss_breakdown=True, mask=mask)
+    kept, lk = theirs(tokens_of(xa)[mask].unsqueeze(0), inv_temperature=tau, return_loss_breakdown=True)
+    assert_same(a.indices, b.indices, "indices")
+    torch.testing.assert_close(b.quantized, a.quantized, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(la.batch_entropy, la.per_sample_entropy)  # theirs' fold
+    tol, clamp = aux_loss_tolerance(ours, ours.codebook_dim)
+    for want in (la, lk):
+        assert -1e-5 <= float((lb.per_sample_entropy - want.per_sample_entropy).detach()) <= clamp + 1e-5
+        assert abs(float((lb.commitment - want.commitment).detach())) <= 1e-6
+    assert abs(float((lb.batch_entropy - lk.batch_entropy).detach())) <= 1e-5
+    assert abs(float((b.entropy_aux_loss - kept.entropy_aux_loss).detach())) <= tol
+    g = torch.randn(a.quantized.shape, generator=gen(15))
+    ((a.quantized * g).sum() + kept.entropy_aux_loss).backward()
+    ((b.quantized * g).sum() + b.entropy_aux_loss).backward()
+    pairs = [("x", xa.grad, xb.grad)] + [(n, p.grad, q.grad) for (n, p), q in
+                                         zip(theirs.named_parameters(), ours.parameters())]
+    for name, ga, gb in pairs:
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-3 * float(ga.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+def aux_run(layer, x, mask, **kwargs):
+    """(aux loss, its breakdown, x's gradient of the aux loss, the parameters' gradients where it reaches them) of
+    one training call."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    ret, breakdown = layer(x, return_loss_breakdown=True, mask=mask, **kwargs)
+    ret.entropy_aux_loss.backward()
+    grads = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    return ret.entropy_aux_loss.detach(), LossBreakdown(*(t.detach() for t in breakdown)), x.grad, grads
+
+
+def test_lfq_all_true_mask_is_no_mask():
+    kwargs = dict(dim=20, codebook_size=2 ** 6, num_codebooks=2, commitment_loss_weight=0.25)
+    layer = LFQ(**kwargs).train()
+    x = torch.randn(3, 11, 20, generator=gen(16))
+    with_mask = aux_run(layer, x, torch.ones(3, 11, dtype=torch.bool), inv_temperature=2.0)
+    without = aux_run(layer, x, None, inv_temperature=2.0)
+    for a, b in zip([*with_mask[:3], *with_mask[3]], [*without[:3], *without[3]]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lfq_masked_tokens_count_nowhere():
+    """What the masked-out tokens hold (zeros, or NaN and infinities) changes nothing in the aux loss, its
+    breakdown or its gradient, bit for bit; their gradient from it is 0 (no projections here: a Linear layer
+    would pass a NaN input row into its weight's gradient)."""
+    layer = LFQ(dim=8, codebook_size=2 ** 4, num_codebooks=2, commitment_loss_weight=0.5).train()
+    x = torch.randn(2, 13, 8, generator=gen(17))
+    mask = torch.rand(2, 13, generator=gen(18)) < 0.6
+    zeros, poisoned = x.masked_fill(~mask.unsqueeze(-1), 0.0), x.clone()
+    poisoned[~mask] = float("nan")
+    poisoned[0, ~mask[0]] = float("inf")
+    ref, got = aux_run(layer, zeros, mask, inv_temperature=3.0), aux_run(layer, poisoned, mask, inv_temperature=3.0)
+    assert_same(got[0], ref[0], "aux loss")
+    for name in LossBreakdown._fields:
+        assert_same(getattr(got[1], name), getattr(ref[1], name), name)
+    assert_same(got[2], ref[2], "x's gradient")
+    assert bool((got[2][~mask] == 0).all()) and bool(got[2].isfinite().all())
+    assert float(ref[1].commitment) > 0 and float(ref[1].per_sample_entropy) > 0
+
+
+def test_lfq_mask_keeping_nothing_gives_zero_losses():
+    """A mask with no token kept: zero losses and gradients (vector-quantize-pytorch: NaN, means of nothing)."""
+    kwargs = dict(dim=6, commitment_loss_weight=0.5)
+    theirs, ours = pair(vqp.LFQ, LFQ, kwargs)
+    x = torch.randn(2, 5, 6, generator=gen(19))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    loss, breakdown, grad, _ = aux_run(ours.train(), x, mask)
+    assert float(loss) == 0 and all(float(getattr(breakdown, name)) == 0 for name in LossBreakdown._fields)
+    assert bool((grad == 0).all())
+    assert torch.isnan(theirs.train()(x, mask=mask).entropy_aux_loss)
+
+
+def test_lfq_entropy_weights_draw_the_subset_of_the_kept_tokens():
+    """frac_per_sample_entropy < 1: every draw keeps exactly floor(frac * kept) tokens, all of them kept by the
+    mask (floor(frac * tokens) of all without one), each kept token equally likely (binomial frequencies over
+    2000 draws within 5 standard deviations)."""
+    layer = LFQ(dim=4, frac_per_sample_entropy=0.3)
+    keep = torch.rand(50, generator=gen(20)) < 0.6
+    m = int(keep.sum())
+    torch.manual_seed(21)
+    draws = torch.stack([layer._entropy_weights(keep, 50, keep.device) for _ in range(2000)])
+    assert draws.dtype == torch.float32 and set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert bool((draws.sum(1) == math.floor(0.3 * m)).all()) and not bool(draws[:, ~keep].any())
+    p = math.floor(0.3 * m) / m
+    freq = draws[:, keep].mean(0)
+    assert float((freq - p).abs().max()) <= 5 * math.sqrt(p * (1 - p) / 2000)
+    assert bool((layer._entropy_weights(None, 50, keep.device).sum() == 15))
+    assert LFQ(dim=4)._entropy_weights(None, 50, keep.device) is None
+    assert torch.equal(LFQ(dim=4)._entropy_weights(keep, 50, keep.device), keep.float())
+
+
+def test_lfq_frac_per_sample_entropy_with_mask_matches_vqp_in_distribution():
+    """frac_per_sample_entropy < 1 with a mask (stochastic): over many steps our breakdown's mean matches
+    vector-quantize-pytorch's on the kept tokens alone without a mask (its masked call draws (token, codebook)
+    pairs and folds the batch entropy into the per-sample one); the masked-out tokens, NaN here, are never
+    drawn (every loss finite)."""
+    kwargs = dict(dim=6, frac_per_sample_entropy=0.25)
+    theirs, ours = pair(vqp.LFQ, LFQ, kwargs)
+    x, mask, _ = masked_batch((2, 60, 6), 6, seed=22)
+    x[~mask] = float("nan")
+    draws = {}
+    for name, layer, call in (("theirs", theirs.train(), {}), ("ours", ours.train(), {"mask": mask})):
+        xx = x if call else x[mask].unsqueeze(0)
+        torch.manual_seed(23)
+        out = [layer(xx, inv_temperature=1.0, return_loss_breakdown=True, **call) for _ in range(300)]
+        draws[name] = torch.tensor([[float(o[1].per_sample_entropy.detach()), float(o[1].batch_entropy.detach())]
+                                    for o in out])
+    assert bool(draws["ours"].isfinite().all()) and (draws["ours"].std(0) > 0).all()
+    _, clamp = aux_loss_tolerance(ours, 6)
+    sem = (draws["theirs"].std(0) + draws["ours"].std(0)) / math.sqrt(300)
+    gap = draws["ours"].mean(0) - draws["theirs"].mean(0)
+    assert -4 * sem[0] <= gap[0] <= clamp + 4 * sem[0] and abs(gap[1]) <= 4 * sem[1], (gap, sem)
+
+
+def test_lfq_masked_training_step_on_meta_tensors():
+    """Forward and backward with a mask (and a random subset) on meta tensors, which hold no data: nothing is
+    read back (vector-quantize-pytorch's x[mask] cannot run there)."""
+    kwargs = dict(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.25,
+                  frac_per_sample_entropy=0.5)
+    x = torch.randn(2, 9, 12, device="meta", requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool, device="meta")
+    ret = LFQ(**kwargs).train().to("meta")(x, mask=mask)
+    (ret.quantized.sum() + ret.entropy_aux_loss).backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    with pytest.raises(NotImplementedError):
+        vqp.LFQ(**kwargs).train().to("meta")(x, mask=mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("frac", [1.0, 0.5])
+def test_lfq_masked_training_step_never_syncs_on_cuda(frac):
+    layer = LFQ(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.25,
+                frac_per_sample_entropy=frac).train().cuda()
+    x = torch.randn(2, 9, 12, device="cuda", requires_grad=True)
+    mask = torch.rand(2, 9, device="cuda") < 0.7
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ret = layer(x, mask=mask)
+        (ret.quantized.sum() + ret.entropy_aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---------------------------------------------------------------------------------------
 # torch.compile: training forward + backward, fullgraph
 
 
-def training_step(fsq, lfq, z, x):
+def training_step(fsq, lfq, z, x, mask=None):
     """Both modules in one function (one compilation): a loss through each output."""
     out, fsq_indices = fsq(z)
-    ret = lfq(x)
+    ret = lfq(x, mask=mask)
     loss = (out * out).sum() + (ret.quantized * ret.quantized).sum() + ret.entropy_aux_loss
     return loss, out, fsq_indices, ret.quantized, ret.indices
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("masked, frac", [(False, 1.0), (True, 1.0), (True, 0.5)], ids=["plain", "mask", "mask-frac"])
+def test_compiled_training_step_matches_eager(masked, frac):
     """Inductor, fullgraph=True: forward and backward of FSQ (projections, 2 codebooks, image input)
-    and LFQ (projections, 2 codebooks, commitment loss) in training mode give eager's results."""
+    and LFQ (projections, 2 codebooks, commitment loss) in training mode give eager's results; also with
+    LFQ's mask, and with a random subset of the kept tokens (inductor's fallback random: both runs draw the
+    same). fullgraph fails on any graph break, e.g. a value read back with .item(); shapes that depend on the
+    data (x[mask]) compile here, so test_lfq_masked_training_step_on_meta_tensors checks those."""
     torch._dynamo.reset()
     torch.manual_seed(11)
     fsq = FSQ(levels=[8, 5, 5, 5], dim=12, num_codebooks=2).train()
-    lfq = LFQ(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.25).train()
+    lfq = LFQ(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.25,
+              frac_per_sample_entropy=frac).train()
     compiled = torch.compile(training_step, fullgraph=True)
     z = torch.randn(2, 12, 3, 3, generator=gen(10))
     x = torch.randn(2, 7, 12, generator=gen(11))
+    mask = torch.rand(2, 7, generator=gen(12)) < 0.6 if masked else None
     results = []
-    for fn in (training_step, compiled):
-        fsq.zero_grad(), lfq.zero_grad()
-        zz, xx = z.clone().requires_grad_(), x.clone().requires_grad_()
-        outputs = fn(fsq, lfq, zz, xx)
-        outputs[0].backward()
-        results.append([*outputs, zz.grad, xx.grad] + [p.grad.clone() for p in [*fsq.parameters(), *lfq.parameters()]])
+    with torch._inductor.config.patch(fallback_random=True):
+        for fn in (training_step, compiled):
+            fsq.zero_grad(), lfq.zero_grad()
+            zz, xx = z.clone().requires_grad_(), x.clone().requires_grad_()
+            torch.manual_seed(13)
+            outputs = fn(fsq, lfq, zz, xx, mask)
+            outputs[0].backward()
+            results.append([*outputs, zz.grad, xx.grad] +
+                           [p.grad.clone() for p in [*fsq.parameters(), *lfq.parameters()]])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()

@@ -485,15 +485,18 @@ def test_multiscale_bad_inputs(make, match):
 PROB_EPS = 1e-5  # vector-quantize-pytorch's clamp inside the codebook entropy's log
 
 
-def lfq_truth(x, inv_temperature):
+def lfq_truth(x, inv_temperature, weights=None):
     """float64 (per_sample, codebook, avg_probs) from the full N x 2**d code distribution: the
-    softmax of 2 inv_temperature <x, c> over the codes c in {-1, +1}**d, index bits top first."""
+    softmax of 2 inv_temperature <x, c> over the codes c in {-1, +1}**d, index bits top first. With
+    row weights: only the rows of non-zero weight, averaged with their weights (sum_n w_n (.) / sum_n w_n)."""
     n, d = x.shape
+    w = torch.ones(n, dtype=torch.float64, device=x.device) if weights is None else weights.double()
+    x, w = x[w != 0], w[w != 0]
     codes = torch.tensor([[1.0 if (a >> (d - 1 - j)) & 1 else -1.0 for j in range(d)] for a in range(2 ** d)],
                          dtype=torch.float64, device=x.device)
     probs = torch.softmax(2.0 * inv_temperature * x.double() @ codes.t(), 1)
-    per_sample = -(probs * probs.log().nan_to_num(neginf=0.0)).sum(1).mean()
-    avg = probs.mean(0)
+    per_sample = -(w @ (probs * probs.log().nan_to_num(neginf=0.0)).sum(1)) / w.sum()
+    avg = w @ probs / w.sum()
     return per_sample, -(avg * avg.clamp_min(PROB_EPS).log()).sum(), avg
 
 
@@ -520,6 +523,59 @@ def test_lfq_entropy_vs_float64_truth(shape, dtype):
     scale = want.abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.double(), want, rtol=tol, atol=tol * scale)
+
+
+def lfq_weights(n, seed, device=DEV):
+    """[n] float32 weights in [0, 3) with about a third exact zeros."""
+    w = torch.rand(n, generator=gen(seed)) * 3 * (torch.rand(n, generator=gen(seed + 1)) < 0.67)
+    return w.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LFQ_SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_lfq_entropy_weighted_vs_float64_truth(shape, dtype):
+    """Row weights: the weighted truth over the rows of non-zero weight; those of weight 0 hold NaN and
+    infinities and get a zero gradient."""
+    n, d = shape
+    w = lfq_weights(n, seed=n + d)
+    w[0] = 0.0
+    x = randn(n, d, seed=n * d + 1, dtype=dtype, scale=0.05)
+    x[w == 0] = float("nan")
+    x[0, 0] = float("inf")
+    inv_t = 10.0
+    out = vqt.lfq_entropy(x, inv_t, w)
+    keep = w != 0
+    xd = x.double().requires_grad_()
+    truth = lfq_truth(xd, inv_t, w)
+    for got, want in zip(out, truth):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=1e-7)
+    gps, gce, gap = randn((), seed=63), randn((), seed=64), randn(2 ** d, seed=65)
+    grad = vqt.lfq_entropy_backward(gps, gce, gap, x, out[2], inv_t, w)
+    assert grad.dtype == dtype and grad.shape == x.shape and bool((grad[~keep] == 0).all())
+    loss = truth[0] * gps.double() + truth[1] * gce.double() + (truth[2] * gap.double()).sum()
+    (want,) = torch.autograd.grad(loss, xd)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad[keep].double(), want[keep], rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_lfq_entropy_weights_mask_and_none_kept():
+    """A 0/1 mask gives the kept rows' results (float32 rounding apart); all-zero weights give zeros
+    and a zero gradient; float64 inputs go to the reference, weights included."""
+    x = randn(40, 6, seed=66, scale=0.2)
+    mask = torch.rand(40, generator=gen(67)) < 0.5
+    w = mask.float().to(DEV)
+    keep = w != 0
+    got, want = vqt.lfq_entropy(x, 3.0, w), vqt.lfq_entropy(x[keep], 3.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+    zero = torch.zeros(40, device=DEV)
+    none = vqt.lfq_entropy(x, 3.0, zero)
+    assert [t.tolist() for t in none] == [0.0, -0.0, [0.0] * 64]
+    grad = vqt.lfq_entropy_backward(randn((), seed=0), randn((), seed=1), randn(64, seed=2), x, none[2], 3.0, zero)
+    assert bool((grad == 0).all())
+    x64 = x.double()
+    for a, b in zip(vqt.lfq_entropy(x64, 2.0, w), reference.lfq_entropy(x64.cpu(), 2.0, w.cpu())):
+        assert_bitwise_equal(a.cpu(), b)
 
 
 def test_lfq_entropy_split_reduction(monkeypatch):
@@ -585,6 +641,11 @@ def test_lfq_opcheck():
     avg = vqt.lfq_entropy(x, 10.0)[2]
     check_opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
                   (randn((), seed=71), randn((), seed=72), randn(32, seed=73), x, avg, 10.0))
+    w = lfq_weights(9, seed=76)
+    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x, 10.0, w))
+    avg = vqt.lfq_entropy(x, 10.0, w)[2]
+    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
+                  (randn((), seed=71), randn((), seed=72), randn(32, seed=73), x, avg, 10.0, w.half()))
 
 
 def test_lfq_bad_inputs():
@@ -595,6 +656,13 @@ def test_lfq_bad_inputs():
             vqt.lfq_entropy(*args)
     with pytest.raises(ValueError, match=r"vqkernels.triton.lfq_entropy_backward: avg_probs must have shape \[2\*\*d"):
         vqt.lfq_entropy_backward(randn((), seed=0), randn((), seed=1), randn(32, seed=2), x, randn(16, seed=3), 1.0)
+    for w, match in ((randn(3, seed=0), r"weights must have shape \[N=4\], got \(3,\)"),
+                     (randn(4, seed=0).long(), r"weights must be float32, float16, bfloat16 or float64")):
+        with pytest.raises(ValueError, match=f"vqkernels.triton.lfq_entropy: {match}"):
+            vqt.lfq_entropy(x, 1.0, w)
+        with pytest.raises(ValueError, match=f"vqkernels.triton.lfq_entropy_backward: {match}"):
+            vqt.lfq_entropy_backward(randn((), seed=0), randn((), seed=1), randn(32, seed=2), x, randn(32, seed=3),
+                                     1.0, w)
 
 
 # ---------------------------------------------------------------------------------------
@@ -617,10 +685,17 @@ KERNELS = [
     (rq._residual_grad_kernel, ["*fp32"] * 4 + ["*i64"] + ["*fp32"] * 2 + [I] * 4, dict(BLOCK_N=32, BLOCK_D=64), False),
     (ms._area_kernel, ["*bf16", "*bf16"] + [I] * 12, dict(BLOCK_R=32, BLOCK_C=64), True),
     (ms._gather_nchw_kernel, ["*fp16", "*i64", "*fp16"] + [I] * 5, dict(BLOCK_R=32, BLOCK_C=64), True),
-    (lf._code_probs_kernel, ["*fp16", "*fp32"] + [I] * 5 + [F], dict(BLOCK_N=32, BLOCK_A=64), True),
-    (lf._entropy_rows_kernel, ["*bf16", "*fp32"] + [I] * 4 + [F], dict(BLOCK_N=32, BLOCK_D=32), True),
+    (lf._code_probs_kernel, ["*fp16", "*fp32", "*fp32"] + [I] * 5 + [F],
+     dict(BLOCK_N=32, BLOCK_A=64, HAS_W=False, SCALE=False), True),
+    (lf._code_probs_kernel, ["*fp16", "*fp32", "*fp32"] + [I] * 5 + [F],
+     dict(BLOCK_N=32, BLOCK_A=64, HAS_W=True, SCALE=True), True),
+    (lf._entropy_rows_kernel, ["*bf16", "*fp32", "*fp32"] + [I] * 4 + [F], dict(BLOCK_N=32, BLOCK_D=32, HAS_W=False),
+     True),
+    (lf._entropy_rows_kernel, ["*bf16", "*fp32", "*fp32"] + [I] * 4 + [F], dict(BLOCK_N=32, BLOCK_D=32, HAS_W=True),
+     True),
     (lf._matmul_kernel, ["*fp32"] * 3 + [I] * 11, dict(BLOCK_M=64, BLOCK_NC=64, BLOCK_K=32), True),
-    (lf._logit_grad_kernel, ["*fp32"] * 5 + [I] * 6 + [F], dict(BLOCK_N=32, BLOCK_A=64, KB=16), True),
+    (lf._logit_grad_kernel, ["*fp32"] * 6 + [I] * 6 + [F], dict(BLOCK_N=32, BLOCK_A=64, KB=16, HAS_W=False), True),
+    (lf._logit_grad_kernel, ["*fp32"] * 6 + [I] * 6 + [F], dict(BLOCK_N=32, BLOCK_A=64, KB=16, HAS_W=True), True),
 ]
 for fn, types, const, fusion in KERNELS:
     names = [a for a in fn.arg_names if a not in const]
@@ -711,6 +786,14 @@ def test_cuda_lfq_entropy_large():
     args = tuple(randn(shape, seed=seed, device="cuda") for shape, seed in (((), 89), ((), 90), ((2 ** 18,), 91)))
     g = vqt.lfq_entropy_backward(*args, x, got[2], 10.0)
     r = reference.lfq_entropy_backward(*(a.double() for a in args), x.double(), want[2], 10.0)
+    torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3 * r.abs().max().item())
+    w = lfq_weights(16384, seed=94)
+    got = vqt.lfq_entropy(x, 10.0, w)
+    want = reference.lfq_entropy(x.double(), 10.0, w)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-9)
+    g = vqt.lfq_entropy_backward(*args, x, got[2], 10.0, w)
+    r = reference.lfq_entropy_backward(*(a.double() for a in args), x.double(), want[2], 10.0, w)
     torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3 * r.abs().max().item())
 
 

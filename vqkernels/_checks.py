@@ -217,9 +217,26 @@ def check_lfq(op, x, max_bits):
         _fail(op, f"x must have d in [1, {max_bits}] columns (bits), got shape {tuple(x.shape)}")
 
 
-def check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature):
+def check_lfq_weights(op, x, weights):
+    """lfq_entropy's optional row weights: [N] floating on x's device (their values are not read)."""
+    if weights is None:
+        return
+    if weights.dim() != 1 or weights.shape[0] != x.shape[0]:
+        _fail(op, f"weights must have shape [N={x.shape[0]}], got {tuple(weights.shape)}")
+    check_float(op, "weights", weights)
+    if weights.device != x.device:
+        _fail(op, f"weights is on {weights.device} but x is on {x.device}")
+
+
+def check_lfq_entropy(op, x, inv_temperature, weights):
     check_lfq(op, x, LFQ_ENTROPY_MAX_BITS)
     check_finite(op, "inv_temperature", inv_temperature)
+    check_lfq_weights(op, x, weights)
+
+
+def check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature,
+                               weights):
+    check_lfq_entropy(op, x, inv_temperature, weights)
     k = 2 ** x.shape[1]
     for name, t, shape in (("grad_per_sample_entropy", grad_per_sample, None),
                            ("grad_codebook_entropy", grad_codebook, None),

@@ -115,15 +115,16 @@ def _lfq_quantize_backward(ctx, grad_codes, grad_indices, grad_commit_loss):
 
 
 def _lfq_entropy_setup(ctx, inputs, output):
-    x, ctx.inv_temperature = inputs
-    ctx.save_for_backward(x, output[2])
+    x, ctx.inv_temperature, weights = inputs
+    ctx.save_for_backward(x, output[2], weights)
 
 
 def _lfq_entropy_backward(ctx, grad_per_sample, grad_codebook, grad_avg_probs):
-    x, avg_probs = ctx.saved_tensors
+    """x's gradient; the row weights get none (they select rows: a mask, not a parameter)."""
+    x, avg_probs, weights = ctx.saved_tensors
     grad_x = torch.ops.vqkernels.lfq_entropy_backward(grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs,
-                                                      ctx.inv_temperature)
-    return grad_x, None
+                                                      ctx.inv_temperature, weights)
+    return grad_x, None, None
 
 
 torch.library.register_autograd("vqkernels::fsq_quantize", _fsq_quantize_backward, setup_context=_fsq_quantize_setup)

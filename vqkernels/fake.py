@@ -93,18 +93,17 @@ def _lfq_quantize_fake(x, codebook_scale=1.0):
 
 
 @_fake("lfq_entropy")
-def _lfq_entropy_fake(x, inv_temperature):
-    _checks.check_lfq("lfq_entropy", x, _checks.LFQ_ENTROPY_MAX_BITS)
-    _checks.check_finite("lfq_entropy", "inv_temperature", inv_temperature)
+def _lfq_entropy_fake(x, inv_temperature, weights=None):
+    _checks.check_lfq_entropy("lfq_entropy", x, inv_temperature, weights)
     dt = _checks.compute_dtype(x)
     return x.new_empty((), dtype=dt), x.new_empty((), dtype=dt), x.new_empty(2 ** x.shape[1], dtype=dt)
 
 
 @_fake("lfq_entropy_backward")
 def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs,
-                               inv_temperature):
+                               inv_temperature, weights=None):
     _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
-                                       grad_avg_probs, x, avg_probs, inv_temperature)
+                                       grad_avg_probs, x, avg_probs, inv_temperature, weights)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

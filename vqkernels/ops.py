@@ -1,7 +1,7 @@
 """Typed Python entry points for the ``torch.ops.vqkernels`` ops."""
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -190,13 +190,20 @@ def lfq_quantize(x: Tensor, codebook_scale: float = 1.0) -> Tuple[Tensor, Tensor
     return _ops.lfq_quantize(x, float(codebook_scale))
 
 
-def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tensor, Tensor]:
+def lfq_entropy(x: Tensor, inv_temperature: float = 100.0,
+                weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """LFQ's entropy terms without an N x 2**d probability matrix.
 
     Each row x_n [d] gives a distribution over the 2**d codes c in {-1, +1}**d with logits
     2 * inv_temperature * <x_n, c> (vector-quantize-pytorch's softmax of -distance * inv_temperature
     for codebook_scale 1; fold a codebook scale s into ``inv_temperature * s``). It factorises over
     the bits: p_n(c_j = +1) = sigmoid(4 * inv_temperature * x_nj).
+
+    ``weights`` (optional, [N], floating, on x's device) weights the rows: both averages below become
+    sum_n w_n (.) / W with W = sum_n w_n (W = 0 counts as 1, so all-zero weights give zeros). A 0/1
+    mask thus keeps exactly its rows: a row of weight 0 counts nowhere, whatever x holds there (NaN
+    included), and its gradient is 0. The weights are meant to be >= 0 (not checked: that would read
+    them back to the host); they get no gradient. Without weights every row has weight 1 (W = N).
 
     Returns ``(per_sample_entropy, codebook_entropy, avg_probs)`` (float32, float64 for float64 inputs):
         per_sample_entropy: mean_n of the exact entropy of p_n, the sum of its d binary entropies.
@@ -209,11 +216,12 @@ def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tens
             :func:`lfq_quantize`'s indices).
 
     avg comes from one GEMM A^T B / N of the per-row probabilities of the top and bottom halves
-    of the bits (A [N, 2**(d//2)], B [N, 2**(d - d//2)]): memory O(N 2**(d/2) + 2**d). All three
-    outputs are differentiable wrt ``x`` (the backward uses the same factorisation). N = 0 gives
-    zeros; a NaN anywhere makes every output NaN. 1 <= d <= 30.
+    of the bits (A [N, 2**(d//2)], B [N, 2**(d - d//2)]; with weights, A's rows scaled by w_n):
+    memory O(N 2**(d/2) + 2**d). All three outputs are differentiable wrt ``x`` (the backward uses
+    the same factorisation). N = 0 gives zeros; a NaN in a row of non-zero weight makes every
+    output NaN. 1 <= d <= 30.
     """
-    return _ops.lfq_entropy(x, float(inv_temperature))
+    return _ops.lfq_entropy(x, float(inv_temperature), weights)
 
 
 # Gumbel-softmax quantization and the rotation trick

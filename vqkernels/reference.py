@@ -292,7 +292,7 @@ def lfq_quantize(x, codebook_scale=1.0):
     xs = x.to(dt)
     positive = xs > 0
     nan = torch.isnan(xs)
-    scale = torch.tensor(codebook_scale, dtype=dt, device=x.device)  # half inputs: rounded to float32 first
+    scale = xs.new_full((), codebook_scale)  # half inputs: rounded to float32 first; no host-to-device copy
     codes = torch.where(positive, scale, -scale).to(x.dtype).masked_fill(nan, float("nan"))
     weights = 2 ** torch.arange(x.shape[1] - 1, -1, -1, device=x.device)  # the first column is the top bit
     indices = (positive.long() * weights).sum(1).masked_fill(nan.any(1), -1)
@@ -339,40 +339,56 @@ def _code_probs_backward(logits, grad_probs):
     return torch.sigmoid(-logits) * (w @ bits) - torch.sigmoid(logits) * (w @ (1 - bits))
 
 
-def lfq_entropy(x, inv_temperature):
+def _row_weights(logits, weights):
+    """(logits with the rows of weight 0 zeroed, so that a NaN there reaches nothing; the weights w [N] in logits'
+    dtype, or None; the divisor: N without weights, else sum(w), or 1 where that is 0)."""
+    if weights is None:
+        return logits, None, logits.shape[0]
+    w = weights.to(logits.dtype)
+    total = w.sum()
+    return logits.masked_fill((w == 0).unsqueeze(1), 0.0), w, torch.where(total == 0, 1.0, total)
+
+
+def lfq_entropy(x, inv_temperature, weights=None):
     """LFQ's entropy terms through the two-half factorisation, no N x 2**d matrix; see vqkernels.lfq_entropy."""
-    _checks.check_lfq("lfq_entropy", x, _checks.LFQ_ENTROPY_MAX_BITS)
-    _checks.check_finite("lfq_entropy", "inv_temperature", inv_temperature)
+    _checks.check_lfq_entropy("lfq_entropy", x, inv_temperature, weights)
     n, d = x.shape
     logits = _bit_logits(x, inv_temperature)
     if n == 0:
         zero = logits.new_zeros(())
         return zero, zero.clone(), logits.new_zeros(2 ** d)
+    logits, w, total = _row_weights(logits, weights)
     half = d // 2
-    avg_probs = (_code_probs(logits[:, :half]).t() @ _code_probs(logits[:, half:])).reshape(-1) / n
-    per_sample = _binary_entropy(logits).sum(1).mean()
+    top, rows = _code_probs(logits[:, :half]), _binary_entropy(logits).sum(1)
+    if w is not None:
+        top, rows = top * w.unsqueeze(1), rows * w
+    avg_probs = (top.t() @ _code_probs(logits[:, half:])).reshape(-1) / total
+    per_sample = rows.sum() / total
     codebook = -(avg_probs * avg_probs.clamp_min(LFQ_PROB_EPS).log()).sum()
     return per_sample, codebook, avg_probs
 
 
 def lfq_entropy_backward(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs,
-                         inv_temperature):
+                         inv_temperature, weights=None):
     """Gradient of lfq_entropy wrt x, through the same factorisation (two GEMMs of N x 2**d work)."""
     _checks.check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample_entropy, grad_codebook_entropy,
-                                       grad_avg_probs, x, avg_probs, inv_temperature)
+                                       grad_avg_probs, x, avg_probs, inv_temperature, weights)
     n, d = x.shape
     logits = _bit_logits(x, inv_temperature)
     if n == 0:
         return torch.zeros_like(x, memory_format=torch.contiguous_format)
+    logits, w, total = _row_weights(logits, weights)
     dt, half = logits.dtype, d // 2
     avg = avg_probs.to(dt)
     # d codebook_entropy / d avg = -log(max(avg, eps)) - [avg >= eps] (torch's clamp_min passes the gradient at eps)
     g = grad_codebook_entropy.to(dt) * -(avg.clamp_min(LFQ_PROB_EPS).log() + (avg >= LFQ_PROB_EPS).to(dt))
-    g = (g + grad_avg_probs.to(dt)).reshape(2 ** half, 2 ** (d - half)) / n
+    g = (g + grad_avg_probs.to(dt)).reshape(2 ** half, 2 ** (d - half)) / total
     top, bottom = logits[:, :half], logits[:, half:]
     grad_logits = torch.cat([_code_probs_backward(top, _code_probs(bottom) @ g.t()),
                              _code_probs_backward(bottom, _code_probs(top) @ g)], 1)
-    grad_logits = grad_logits + grad_per_sample_entropy.to(dt) / n * _binary_entropy_grad(logits)
+    grad_logits = grad_logits + grad_per_sample_entropy.to(dt) / total * _binary_entropy_grad(logits)
+    if w is not None:  # row n counts w_n times (0 for the zeroed rows of weight 0, whatever their x)
+        grad_logits = grad_logits * w.unsqueeze(1)
     return (grad_logits * (4.0 * inv_temperature)).to(x.dtype)
 
 

@@ -50,12 +50,12 @@ SCHEMAS = {
         "lfq_quantize(Tensor x, float codebook_scale=1.0) -> (Tensor codes, Tensor indices, Tensor commit_loss)"
     ),
     "lfq_entropy": (
-        "lfq_entropy(Tensor x, float inv_temperature) "
+        "lfq_entropy(Tensor x, float inv_temperature, Tensor? weights=None) "
         "-> (Tensor per_sample_entropy, Tensor codebook_entropy, Tensor avg_probs)"
     ),
     "lfq_entropy_backward": (
         "lfq_entropy_backward(Tensor grad_per_sample_entropy, Tensor grad_codebook_entropy, Tensor grad_avg_probs, "
-        "Tensor x, Tensor avg_probs, float inv_temperature) -> Tensor grad_x"
+        "Tensor x, Tensor avg_probs, float inv_temperature, Tensor? weights=None) -> Tensor grad_x"
     ),
     # Gumbel-softmax quantization (taming-transformers GumbelQuantize) and the rotation trick
     "gumbel_quantize": (

@@ -10,10 +10,17 @@
 // with two more GEMMs (dA = B G^T / N, dB = A G / N) and then to the bit logits in the log
 // domain: d A[n, a] / d l_j = A[n, a] * (bit_j(a) - p_j), so no probability is ever divided.
 // Extra memory: O(N * 2**(d/2) + 2**d).
+//
+// Row weights w (optional): A's row n is scaled by w_n, so that A^T B = sum_n w_n p_n, and the
+// N above becomes W = sum_n w_n (1 where it is 0); in the backward every row's gradient then
+// carries its w_n once (through A in both halves' sums, and in the per-sample term). A row of
+// weight 0 is skipped: zeros in A and B, gradient 0, whatever x holds.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -79,10 +86,11 @@ T binary_entropy(T l) {
   return std::log1p(e) + (std::isinf(a) ? T(0) : a * e / (T(1) + e));
 }
 
-// The A and B factors of rows [0, n): A [n, 2**da], B [n, 2**db]; returns the sum of the rows'
-// bit entropies when `entropy` (else 0), summed per row block and then in block order.
+// The A and B factors of rows [0, n): A [n, 2**da] with row r scaled by w[r], B [n, 2**db] (w null:
+// every weight 1; a row of weight 0 gets zeros in both); returns sum_r w[r] * (row r's bit entropies)
+// when `entropy` (else 0), summed per row, per row block and then in block order.
 template <typename T>
-double factor_rows(const RowSource<T>& src, int64_t n, int64_t d, T scale, T* a, T* b, bool entropy) {
+double factor_rows(const RowSource<T>& src, int64_t n, int64_t d, T scale, const T* w, T* a, T* b, bool entropy) {
   const int64_t da = d / 2, db = d - da, ka = int64_t(1) << da, kb = int64_t(1) << db;
   std::vector<double> partial(row_block_count(n), 0.0);
   struct Scratch {
@@ -94,11 +102,24 @@ double factor_rows(const RowSource<T>& src, int64_t n, int64_t d, T scale, T* a,
     const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
     double h = 0;
     for (int64_t r = r0; r < r1; ++r) {
+      const T wr = w ? w[r] : T(1);
+      T* ar = a + r * ka;
+      T* br = b + r * kb;
+      if (wr == T(0)) {
+        std::fill(ar, ar + ka, T(0));
+        std::fill(br, br + kb, T(0));
+        continue;
+      }
       s.bits.set(xr + (r - r0) * ld, d, scale);
-      pattern_probs(s.bits.p0.data(), s.bits.p1.data(), da, a + r * ka);
-      pattern_probs(s.bits.p0.data() + da, s.bits.p1.data() + da, db, b + r * kb);
-      if (entropy)
-        for (int64_t j = 0; j < d; ++j) h += static_cast<double>(binary_entropy(s.bits.l[j]));
+      pattern_probs(s.bits.p0.data(), s.bits.p1.data(), da, ar);
+      pattern_probs(s.bits.p0.data() + da, s.bits.p1.data() + da, db, br);
+      if (wr != T(1))
+        for (int64_t i = 0; i < ka; ++i) ar[i] *= wr;
+      if (entropy) {
+        double hr = 0;
+        for (int64_t j = 0; j < d; ++j) hr += static_cast<double>(binary_entropy(s.bits.l[j]));
+        h += static_cast<double>(wr) * hr;
+      }
     }
     partial[block] = h;
   });
@@ -120,6 +141,28 @@ void pattern_probs_backward(const T* g, const T* probs, const T* p0, const T* p1
   }
   for (int64_t j = 0; j < k; ++j) grad_l[j] += p0[j] * s1[j] - p1[j] * s0[j];
 }
+
+// lfq_entropy's row weights in the compute dtype (undefined without weights) and the divisor W of
+// the weighted sums: N without weights, else the weights' sum (fixed-order, in double), 1 where it is 0.
+struct RowWeights {
+  at::Tensor w;
+  double total;
+
+  RowWeights(const std::optional<at::Tensor>& weights, int64_t n, at::ScalarType ct) : total(static_cast<double>(n)) {
+    if (!weights) return;
+    w = weights->to(ct).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(ct, "lfq_weights", [&] {
+      const scalar_t* p = w.const_data_ptr<scalar_t>();
+      total = deterministic_sum(n, [&](int64_t i) { return static_cast<double>(p[i]); });
+    });
+    if (total == 0) total = 1;
+  }
+
+  template <typename T>
+  const T* data() const {
+    return w.defined() ? w.const_data_ptr<T>() : nullptr;
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x, double codebook_scale) {
   const char* op = "lfq_quantize";
@@ -174,23 +217,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x,
   return {codes, indices, at::full({}, total / static_cast<double>(n * d), loss_opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, double inv_temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, double inv_temperature,
+                                                           const std::optional<at::Tensor>& weights) {
   const NoAutocastGuard no_autocast;
   const char* op = "lfq_entropy";
-  check_lfq(op, x, kLfqEntropyMaxBits);
-  check_finite(op, "inv_temperature", inv_temperature);
+  check_lfq_entropy(op, x, inv_temperature, weights);
   const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da;
   const auto opts = x.options().dtype(compute_dtype(x, x));
   if (n == 0) return {at::zeros({}, opts), at::zeros({}, opts), at::zeros({int64_t(1) << d}, opts)};
   at::Tensor a = at::empty({n, int64_t(1) << da}, opts), b = at::empty({n, int64_t(1) << db}, opts);
+  const RowWeights rw(weights, n, compute_dtype(x, x));
   at::Tensor avg;
   double per_sample = 0, codebook = 0;
   with_compute_type(x, x, [&](auto t) {
     using T = decltype(t);
     const RowSource<T> src(x);
-    per_sample = factor_rows<T>(src, n, d, static_cast<T>(4.0 * inv_temperature), a.data_ptr<T>(), b.data_ptr<T>(),
-                                true) / static_cast<double>(n);
-    avg = at::mm(a.t(), b).div_(n).reshape({-1});
+    per_sample = factor_rows<T>(src, n, d, static_cast<T>(4.0 * inv_temperature), rw.data<T>(), a.data_ptr<T>(),
+                                b.data_ptr<T>(), true) / rw.total;
+    avg = at::mm(a.t(), b).div_(rw.total).reshape({-1});
     const T* p = avg.const_data_ptr<T>();
     codebook = -deterministic_sum(avg.numel(), [&](int64_t i) {
       const double v = static_cast<double>(p[i]);
@@ -202,19 +246,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, 
 
 at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Tensor& grad_codebook,
                                 const at::Tensor& grad_avg_probs, const at::Tensor& x, const at::Tensor& avg_probs,
-                                double inv_temperature) {
+                                double inv_temperature, const std::optional<at::Tensor>& weights) {
   const NoAutocastGuard no_autocast;
   check_lfq_entropy_backward("lfq_entropy_backward", grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs,
-                             inv_temperature);
+                             inv_temperature, weights);
   const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da, k = int64_t(1) << d;
   at::Tensor grad = at::empty({n, d}, x.options());
   if (n == 0) return grad;
   const auto ct = compute_dtype(x, x);
+  const RowWeights rw(weights, n, ct);
   const double gps = grad_per_sample.item<double>(), gcb = grad_codebook.item<double>();
   with_compute_type(x, x, [&](auto t) {
     using T = decltype(t);
     const T scale = static_cast<T>(4.0 * inv_temperature);
-    // G = d loss / d avg, over N: gcb * (-log(max(avg, eps)) - [avg >= eps]) + grad_avg_probs
+    // G = d loss / d avg, over W: gcb * (-log(max(avg, eps)) - [avg >= eps]) + grad_avg_probs
     // (torch's clamp_min passes the gradient at eps itself)
     const at::Tensor avg = avg_probs.to(ct).contiguous(), gavg = grad_avg_probs.to(ct).contiguous();
     at::Tensor g = at::empty({int64_t(1) << da, int64_t(1) << db}, x.options().dtype(ct));
@@ -226,19 +271,20 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
         for (int64_t i = i0; i < i1; ++i) {
           const T v = ap[i];
           const T dv = -(std::log(std::max(v, T(kProbEps))) + (v >= T(kProbEps) ? T(1) : T(0)));
-          out[i] = (static_cast<T>(gcb) * dv + gp[i]) / static_cast<T>(n);
+          out[i] = (static_cast<T>(gcb) * dv + gp[i]) / static_cast<T>(rw.total);
         }
       });
     }
     at::Tensor a = at::empty({n, int64_t(1) << da}, g.options()), b = at::empty({n, int64_t(1) << db}, g.options());
     const RowSource<T> src(x);
-    factor_rows<T>(src, n, d, scale, a.data_ptr<T>(), b.data_ptr<T>(), false);
+    const T* w = rw.data<T>();
+    factor_rows<T>(src, n, d, scale, w, a.data_ptr<T>(), b.data_ptr<T>(), false);
     const at::Tensor ga = at::mm(b, g.t()), gb = at::mm(a, g);  // d loss / dA, d loss / dB
     const T* ap = a.const_data_ptr<T>();
     const T* bp = b.const_data_ptr<T>();
     const T* gap = ga.const_data_ptr<T>();
     const T* gbp = gb.const_data_ptr<T>();
-    const T gl = static_cast<T>(gps / static_cast<double>(n));
+    const T gl = static_cast<T>(gps / rw.total);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lfq_entropy_backward", [&] {
       scalar_t* out = grad.data_ptr<scalar_t>();
       struct Scratch {
@@ -249,13 +295,19 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
         int64_t ld;
         const T* xr = src.rows(r0, r1 - r0, s.rows, ld);
         for (int64_t r = r0; r < r1; ++r) {
+          const T wr = w ? w[r] : T(1);
+          if (wr == T(0)) {
+            std::fill(out + r * d, out + (r + 1) * d, scalar_t(0));
+            continue;
+          }
           s.bits.set(xr + (r - r0) * ld, d, scale);
           const T* p0 = s.bits.p0.data();
           const T* p1 = s.bits.p1.data();
+          const T glr = gl * wr;  // the pattern sums below carry w[r] through A
           s.grad_l.resize(d);
           for (int64_t j = 0; j < d; ++j) {  // per-sample entropy: d H(sigmoid(l)) / dl = -l p1 p0
             const T l = s.bits.l[j];
-            s.grad_l[j] = std::isinf(l) ? T(0) : gl * (-l * p1[j] * p0[j]);
+            s.grad_l[j] = std::isinf(l) ? T(0) : glr * (-l * p1[j] * p0[j]);
           }
           pattern_probs_backward(gap + r * (int64_t(1) << da), ap + r * (int64_t(1) << da), p0, p1, da,
                                  s.grad_l.data(), s.s1, s.s0);

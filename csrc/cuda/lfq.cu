@@ -2,6 +2,10 @@
 // csrc/cpu/lfq.cpp for the factorisation). Each row is one block: its bit probabilities are
 // computed once into shared memory, then the threads walk the row's 2**(d/2) patterns.
 // Every sum has a fixed order (thread-strided, then fixed shuffle / shared-memory trees).
+// Row weights (optional, float32 [n]): A's row r is scaled by w[r] and the divisor n becomes
+// *total = sum(w) (1 where that is 0), read on the device; a row of weight 0 is skipped (zeros in
+// A and B, gradient 0). The row loops branch per row, uniformly across a block, so no barrier is
+// ever skipped by part of a block.
 #include "cuda/device_util.cuh"
 #include "cuda/lfq.h"
 
@@ -39,11 +43,19 @@ __device__ __forceinline__ float pattern_prob(const float* p0, const float* p1, 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     factors_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t n, int d, float scale,
-                   float* __restrict__ A, float* __restrict__ B, float* __restrict__ row_entropy) {
+                   const float* __restrict__ w, float* __restrict__ A, float* __restrict__ B,
+                   float* __restrict__ row_entropy) {
   __shared__ float p0[kMaxBits], p1[kMaxBits], lg[kMaxBits];
   const int da = d / 2, db = d - da;
   const int64_t ka = int64_t(1) << da, kb = int64_t(1) << db;
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const float wr = w ? w[r] : 1.0f;
+    if (wr == 0.0f) {
+      for (int64_t a = threadIdx.x; a < ka; a += kRowThreads) A[r * ka + a] = 0.0f;
+      for (int64_t b = threadIdx.x; b < kb; b += kRowThreads) B[r * kb + b] = 0.0f;
+      if (row_entropy && threadIdx.x == 0) row_entropy[r] = 0.0f;
+      continue;
+    }
     if (threadIdx.x < d) {
       const float l = to_float(x[r * s0 + threadIdx.x * s1]) * scale;
       lg[threadIdx.x] = l;
@@ -54,9 +66,9 @@ __global__ void __launch_bounds__(kRowThreads)
     if (row_entropy && threadIdx.x == 0) {
       float h = 0.0f;
       for (int j = 0; j < d; ++j) h += binary_entropy(lg[j]);
-      row_entropy[r] = h;
+      row_entropy[r] = wr * h;
     }
-    for (int64_t a = threadIdx.x; a < ka; a += kRowThreads) A[r * ka + a] = pattern_prob(p0, p1, da, a);
+    for (int64_t a = threadIdx.x; a < ka; a += kRowThreads) A[r * ka + a] = wr * pattern_prob(p0, p1, da, a);
     for (int64_t b = threadIdx.x; b < kb; b += kRowThreads) B[r * kb + b] = pattern_prob(p0 + da, p1 + da, db, b);
     __syncthreads();  // the next row overwrites the shared probabilities
   }
@@ -77,32 +89,46 @@ __global__ void __launch_bounds__(kSumThreads)
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// Block 0: per_sample = sum(partial[0, nb0)) / n; block 1: codebook = -sum(partial[kMaxSumBlocks, + nb1)).
+// *total = float(sum(partial[0, nb))), 1 where that is 0: the divisor of the weighted sums.
 __global__ void __launch_bounds__(kSumThreads)
-    final_sums_kernel(const double* __restrict__ partial, int nb0, int nb1, double n, float* __restrict__ per_sample,
-                      float* __restrict__ codebook) {
+    weight_total_kernel(const double* __restrict__ partial, int nb, float* __restrict__ total) {
+  double s = 0;
+  for (int i = threadIdx.x; i < nb; i += kSumThreads) s += partial[i];
+  const double sum = block_sum<kSumThreads>(s);
+  if (threadIdx.x == 0) {
+    const float t = static_cast<float>(sum);
+    *total = t == 0.0f ? 1.0f : t;
+  }
+}
+
+// Block 0: per_sample = sum(partial[0, nb0)) / (total ? *total : n); block 1: codebook =
+// -sum(partial[kMaxSumBlocks, + nb1)).
+__global__ void __launch_bounds__(kSumThreads)
+    final_sums_kernel(const double* __restrict__ partial, int nb0, int nb1, const float* __restrict__ total, double n,
+                      float* __restrict__ per_sample, float* __restrict__ codebook) {
   const bool first = blockIdx.x == 0;
   const double* p = partial + (first ? 0 : kMaxSumBlocks);
   const int count = first ? nb0 : nb1;
   double s = 0;
   for (int i = threadIdx.x; i < count; i += kSumThreads) s += p[i];
-  const double total = block_sum<kSumThreads>(s);
+  const double sum = block_sum<kSumThreads>(s);
   if (threadIdx.x == 0) {
     if (first)
-      *per_sample = static_cast<float>(total / n);
+      *per_sample = static_cast<float>(sum / (total ? static_cast<double>(*total) : n));
     else
-      *codebook = static_cast<float>(-total);
+      *codebook = static_cast<float>(-sum);
   }
 }
 
 __global__ void grad_avg_kernel(const float* __restrict__ avg, const float* __restrict__ gavg,
-                                const float* __restrict__ gcb, int64_t k, float n, float* __restrict__ g) {
-  const float c = *gcb;
+                                const float* __restrict__ gcb, int64_t k, const float* __restrict__ total, float n,
+                                float* __restrict__ g) {
+  const float c = *gcb, div = total ? *total : n;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < k; i += step) {
     const float v = avg[i];
     const float dv = -(logf(clamp_eps(v)) + (v >= kProbEps ? 1.0f : 0.0f));
-    g[i] = (c * dv + gavg[i]) / n;
+    g[i] = (c * dv + gavg[i]) / div;
   }
 }
 
@@ -152,14 +178,21 @@ __device__ void bit_sums(const float* __restrict__ g, const float* __restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     backward_rows_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t n, int d, float scale,
+                         const float* __restrict__ w, const float* __restrict__ total,
                          const float* __restrict__ A, const float* __restrict__ gA, const float* __restrict__ B,
                          const float* __restrict__ gB, const float* __restrict__ gps, T* __restrict__ grad) {
   __shared__ float sum1[kMaxBits], sum0[kMaxBits];
   __shared__ float warp_part[kRowWarps][2 * kMaxHalf];
   const int da = d / 2, db = d - da;
   const int64_t ka = int64_t(1) << da, kb = int64_t(1) << db;
-  const float gl = *gps / static_cast<float>(n);  // as the reference: grad_per_sample.to(float32) / n
+  // as the reference: grad_per_sample.to(float32) / n (or / total)
+  const float gl = *gps / (total ? *total : static_cast<float>(n));
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const float wr = w ? w[r] : 1.0f;
+    if (wr == 0.0f) {
+      if (threadIdx.x < d) grad[r * d + threadIdx.x] = from_float<T>(0.0f);
+      continue;
+    }
     bit_sums(gA + r * ka, A + r * ka, da, sum1, sum0, warp_part);
     bit_sums(gB + r * kb, B + r * kb, db, sum1 + da, sum0 + da, warp_part);
     if (threadIdx.x < d) {
@@ -167,7 +200,7 @@ __global__ void __launch_bounds__(kRowThreads)
       const float l = to_float(x[r * s0 + j * s1]) * scale;
       const float p1 = sigmoid(l), p0 = sigmoid(-l);
       const float dh = isinf(l) ? 0.0f : -l * p1 * p0;  // d H(sigmoid(l)) / dl
-      const float g = (p0 * sum1[j] - p1 * sum0[j]) + gl * dh;
+      const float g = (p0 * sum1[j] - p1 * sum0[j]) + gl * wr * dh;  // the sums carry wr through A
       grad[r * d + j] = from_float<T>(g * scale);
     }
     // bit_sums ends with a barrier, so the next row's sums cannot overtake these reads
@@ -176,29 +209,40 @@ __global__ void __launch_bounds__(kRowThreads)
 
 unsigned int row_grid(int64_t n) { return static_cast<unsigned int>(n < 65535 ? n : 65535); }
 
+// A fixed number of blocks for a given count: at most kMaxSumBlocks chunks of >= kSumChunk entries.
+int64_t chunk_of(int64_t count) {
+  const int64_t c = (count + kMaxSumBlocks - 1) / kMaxSumBlocks;
+  return c < kSumChunk ? kSumChunk : c;
+}
+
 }  // namespace
 
 cudaError_t lfq_factors(const void* x, ElemType xt, int64_t s0, int64_t s1, int64_t n, int64_t d, float scale,
-                        float* a, float* b, float* row_entropy, cudaStream_t stream) {
+                        const float* w, float* a, float* b, float* row_entropy, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (d < 1 || d > kMaxBits) return cudaErrorInvalidValue;
   return dispatch_elem(xt, [&](auto tag) {
     using T = decltype(tag);
     factors_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(static_cast<const T*>(x), s0, s1, n,
-                                                               static_cast<int>(d), scale, a, b, row_entropy);
+                                                               static_cast<int>(d), scale, w, a, b, row_entropy);
     return cudaGetLastError();
   });
 }
 
 int64_t lfq_sums_scratch() { return 2 * kMaxSumBlocks; }
 
-cudaError_t lfq_entropy_sums(const float* row_entropy, int64_t n, const float* avg, int64_t k, double* scratch,
-                             float* per_sample, float* codebook, cudaStream_t stream) {
-  // A fixed number of blocks for a given count: at most kMaxSumBlocks chunks of >= kSumChunk entries.
-  auto chunk_of = [](int64_t count) {
-    const int64_t c = (count + kMaxSumBlocks - 1) / kMaxSumBlocks;
-    return c < kSumChunk ? kSumChunk : c;
-  };
+cudaError_t lfq_weight_total(const float* w, int64_t n, double* scratch, float* total, cudaStream_t stream) {
+  const int64_t c = chunk_of(n);
+  const int nb = static_cast<int>((n + c - 1) / c);
+  if (nb > 0) partial_sum_kernel<false><<<nb, kSumThreads, 0, stream>>>(w, n, c, scratch);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  weight_total_kernel<<<1, kSumThreads, 0, stream>>>(scratch, nb, total);
+  return cudaGetLastError();
+}
+
+cudaError_t lfq_entropy_sums(const float* row_entropy, int64_t n, const float* avg, int64_t k, const float* total,
+                             double* scratch, float* per_sample, float* codebook, cudaStream_t stream) {
   const int64_t c0 = chunk_of(n), c1 = chunk_of(k);
   const int nb0 = static_cast<int>((n + c0 - 1) / c0), nb1 = static_cast<int>((k + c1 - 1) / c1);
   if (nb0 > 0) partial_sum_kernel<false><<<nb0, kSumThreads, 0, stream>>>(row_entropy, n, c0, scratch);
@@ -207,28 +251,30 @@ cudaError_t lfq_entropy_sums(const float* row_entropy, int64_t n, const float* a
   if (nb1 > 0) partial_sum_kernel<true><<<nb1, kSumThreads, 0, stream>>>(avg, k, c1, scratch + kMaxSumBlocks);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  final_sums_kernel<<<2, kSumThreads, 0, stream>>>(scratch, nb0, nb1, static_cast<double>(n), per_sample, codebook);
+  final_sums_kernel<<<2, kSumThreads, 0, stream>>>(scratch, nb0, nb1, total, static_cast<double>(n), per_sample,
+                                                   codebook);
   return cudaGetLastError();
 }
 
-cudaError_t lfq_grad_avg(const float* avg, const float* gavg, const float* gcb, int64_t k, int64_t n, float* g,
-                         cudaStream_t stream) {
+cudaError_t lfq_grad_avg(const float* avg, const float* gavg, const float* gcb, int64_t k, const float* total,
+                         int64_t n, float* g, cudaStream_t stream) {
   if (k == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  grad_avg_kernel<<<blocks_for(k, kThreads, 1 << 20), kThreads, 0, stream>>>(avg, gavg, gcb, k,
+  grad_avg_kernel<<<blocks_for(k, kThreads, 1 << 20), kThreads, 0, stream>>>(avg, gavg, gcb, k, total,
                                                                              static_cast<float>(n), g);
   return cudaGetLastError();
 }
 
 cudaError_t lfq_backward_rows(const void* x, ElemType xt, int64_t s0, int64_t s1, int64_t n, int64_t d, float scale,
-                              const float* a, const float* ga, const float* b, const float* gb, const float* gps,
-                              void* grad, cudaStream_t stream) {
+                              const float* w, const float* total, const float* a, const float* ga, const float* b,
+                              const float* gb, const float* gps, void* grad, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (d < 1 || d > kMaxBits) return cudaErrorInvalidValue;
   return dispatch_elem(xt, [&](auto tag) {
     using T = decltype(tag);
     backward_rows_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(x), s0, s1, n, static_cast<int>(d), scale, a, ga, b, gb, gps, static_cast<T*>(grad));
+        static_cast<const T*>(x), s0, s1, n, static_cast<int>(d), scale, w, total, a, ga, b, gb, gps,
+        static_cast<T*>(grad));
     return cudaGetLastError();
   });
 }

@@ -22,7 +22,7 @@ class LFQ(nn.Module):
     """Lookup-free quantization (Yu et al. 2023) with vector-quantize-pytorch's interface.
 
     Same keyword-only constructor, attributes, ``forward(x, inv_temperature=100.,
-    return_loss_breakdown=False)`` returning ``Return(quantized, indices, entropy_aux_loss)``
+    return_loss_breakdown=False, mask=None)`` returning ``Return(quantized, indices, entropy_aux_loss)``
     (plus ``LossBreakdown(per_sample_entropy, batch_entropy, commitment)`` on request),
     ``indices_to_codes`` and ``state_dict`` keys (the persistent ``mask`` buffer, and
     ``project_in.*`` / ``project_out.*`` with projections), so a vector-quantize-pytorch ``LFQ``
@@ -39,15 +39,33 @@ class LFQ(nn.Module):
     ``spherical`` (binary spherical quantization, arXiv:2406.07548): the inputs are l2-normalised per
     codebook and scaled by ``codebook_scale``, the codes are +-codebook_scale / sqrt(d), and the
     entropy reads the normalised codebook. ``frac_per_sample_entropy`` < 1: both entropies read a
-    random subset of that share of the tokens each step (drawn on the device with a permutation, so
-    nothing is read back); this module needs it for no memory saving, it is there for parity.
+    random subset of floor(frac * tokens) of the tokens each step, uniform without replacement
+    (drawn on the device from random keys, so nothing is read back); this module needs it for no
+    memory saving, it is there for parity.
+
+    ``mask`` (bool, the tokens' shape: [b, n] for [b, n, dim] inputs, [b, h * w] for channel-first
+    [b, dim, h, w] ones, as there): in training the tokens where it is False count nowhere in the
+    aux loss. The per-sample entropy is the mean over the kept tokens, the batch entropy that of
+    their average code distribution (per codebook), the commitment loss the mean over the kept
+    tokens' elements. It reaches :func:`vqkernels.lfq_entropy` as 0/1 row weights and the
+    commitment loss is a masked mean, so nothing is read back to the host (vector-quantize-pytorch
+    selects the tokens with ``x[mask]``, which does). With ``frac_per_sample_entropy`` < 1 the random
+    subset is floor(frac * kept) of the kept tokens. The quantized output and the indices are those
+    of every token, masked or not, as there; eval mode ignores the mask, as there (here its dtype and
+    shape are still checked). Where
+    vector-quantize-pytorch 1.32.0 differs: its masked path folds the codebook axis into the tokens
+    (``x[mask]`` is [m, c, d] and its rearrange reads c as the sequence axis), so its batch entropy
+    there is the average of per-(token, codebook) entropies, i.e. equal to the per-sample entropy,
+    and its entropy loss is (1 - diversity_gamma) times the per-sample entropy (0 by default); and
+    with ``frac_per_sample_entropy`` < 1 it draws (token, codebook) pairs. Here the batch entropy is the one it computes without a mask, on the
+    kept tokens alone (what ``x[mask]`` intends), and the subset is of tokens, as without a mask. A
+    mask keeping no token gives zero losses (there: NaN). A mask on another device than x is copied
+    to x's (for a CPU mask and a CUDA x that copy waits for the GPU: create it on x's device).
 
     Not supported (ValueError when set): ``straight_through_activation`` other than identity,
-    ``cosine_sim_project_in``, ``orthogonal_rotation``,
-    ``force_quantization_f32=False``, and ``forward``'s ``mask`` (vector-quantize-pytorch 1.32.0
-    flattens the codebook axis into the tokens there, so its masked batch entropy equals the
-    per-sample one: there is no sound behaviour to match). The inputs may have any rank. A token
-    holding a NaN gets index -1 and NaN codes (there: index bit 0 and -codebook_scale in eval).
+    ``cosine_sim_project_in``, ``orthogonal_rotation`` and ``force_quantization_f32=False``. The
+    inputs may have any rank. A token holding a NaN gets index -1 and NaN codes (there: index bit 0
+    and -codebook_scale in eval).
     """
 
     def __init__(self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1, commitment_loss_weight=0.0,
@@ -152,17 +170,41 @@ class LFQ(nn.Module):
             codes = codes.movedim(-1, 1)
         return codes
 
+    def _entropy_weights(self, keep, num_tokens, device):
+        """Row weights of the entropy terms (None: every token counts once): the kept tokens (``keep``
+        [num_tokens] bool, or None for all), and with ``frac_per_sample_entropy`` < 1 a uniform random subset of
+        floor(frac * kept) of them: every token a uniform key, the masked-out ones' keys past all others,
+        the subset the tokens of key rank below that count (all on the device: nothing is read back)."""
+        if self.frac_per_sample_entropy == 1:
+            return None if keep is None else keep.float()
+        keys = torch.rand(num_tokens, device=device)
+        if keep is None:
+            count = int(num_tokens * self.frac_per_sample_entropy)
+        else:
+            keys = keys.masked_fill(~keep, 2.0)
+            count = (keep.sum(dtype=torch.float64) * self.frac_per_sample_entropy).floor()
+        return (keys.argsort().argsort() < count).float()
+
+    @staticmethod
+    def _masked_commitment(tokens, codes, keep):
+        """mean((tokens - sg(codes))**2) over the kept tokens' elements (0 when none is kept); the masked-out
+        tokens reach neither the value nor the gradient, whatever they hold."""
+        diff = torch.where(keep[:, None, None], tokens - codes.detach().view_as(tokens), 0.0)
+        count = keep.sum() * (tokens.shape[1] * tokens.shape[2])
+        return diff.square().sum() / count.clamp_min(1)
+
     def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
-        """x [b, n, dim] (or [b, dim, ...] channel-first) -> Return(quantized, indices, aux_loss)."""
-        if mask is not None:
-            raise ValueError("vqkernels.nn.LFQ: mask is not supported (vector-quantize-pytorch 1.32.0 folds the "
-                             "codebook axis into the tokens when masking, so its masked batch entropy is the "
-                             "per-sample entropy)")
+        """x [b, n, dim] (or [b, dim, ...] channel-first) -> Return(quantized, indices, aux_loss); ``mask``
+        (bool, the tokens' shape) leaves its False tokens out of the aux loss."""
         layout = ChannelFirst(x, x.ndim >= 4 if self.channel_first is None else self.channel_first)
         x = layout.tokens(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"vqkernels.nn.LFQ: expected the feature dimension {self.dim}, got shape "
                              f"{tuple(x.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1]):
+            raise ValueError(f"vqkernels.nn.LFQ: mask must be a bool tensor of the tokens' shape {tuple(x.shape[:-1])}"
+                             f" ([b, n] for [b, n, dim] inputs, [b, h * w] for channel-first [b, dim, h, w] ones), "
+                             f"got {mask.dtype} of shape {tuple(mask.shape)}")
         x = self.project_in(x)
         if self.soft_clamp_input_value is not None:
             x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
@@ -174,12 +216,11 @@ class LFQ(nn.Module):
         codes, indices, commit_loss = ops.lfq_quantize(tokens.reshape(-1, self.codebook_dim), self._code_value())
         if not self.training:
             codes = codes.detach()  # as there: in eval the output carries no gradient to x
+        keep = None if mask is None else mask.to(tokens.device).reshape(-1)
 
         if self.training:
-            if self.frac_per_sample_entropy < 1:
-                keep = int(tokens.shape[0] * self.frac_per_sample_entropy)
-                tokens = tokens[torch.randperm(tokens.shape[0], device=tokens.device)[:keep]]
-            terms = [ops.lfq_entropy(tokens[:, c], inv_temperature * self._code_value())
+            weights = self._entropy_weights(keep, tokens.shape[0], tokens.device)
+            terms = [ops.lfq_entropy(tokens[:, c], inv_temperature * self._code_value(), weights)
                      for c in range(self.num_codebooks)]
             per_sample_entropy = torch.stack([t[0] for t in terms]).mean()
             codebook_entropy = torch.stack([t[1] for t in terms]).mean()
@@ -190,6 +231,8 @@ class LFQ(nn.Module):
             entropy_aux_loss = per_sample_entropy = codebook_entropy = self.zero
         if not (self.training and self.commitment_loss_weight > 0):
             commit_loss = self.zero
+        elif keep is not None:
+            commit_loss = self._masked_commitment(tokens, codes, keep)
 
         quantized = layout.restore(self.project_out(codes.reshape(*lead, self.num_codebooks * self.codebook_dim).to(orig_dtype)))
         indices = layout.indices(indices.reshape(*lead, self.num_codebooks))

@@ -108,7 +108,7 @@ class ResidualLFQ(ResidualLevels):
     ``forward(x)`` [b, n, dim] returns ``(quantized, indices [b, n, num_quantizers], aux losses
     [num_quantizers])`` (and every level's codes with ``return_all_codes``). Quantize dropout as
     :class:`ResidualFSQ`'s. Other keywords go to every level's :class:`LFQ` (which refuses what it does not
-    implement, ``mask`` included); the ``state_dict`` keys are theirs."""
+    implement); ``forward``'s ``mask`` is refused; the ``state_dict`` keys are theirs."""
 
     channel_first = False  # tokens [b, n, dim] only
 
@@ -130,7 +130,7 @@ class ResidualLFQ(ResidualLevels):
 
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
         if mask is not None:
-            raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported (nor by vqkernels.nn.LFQ)")
+            raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported")
         out, indices, losses = self._quantize(self._project_in(x), rand_quantize_dropout_fixed_seed)
         ret = (self.project_out(out), indices, losses)
         return ret if not return_all_codes else (*ret, self.get_codes_from_indices(indices))

@@ -14,15 +14,20 @@ first d // 2 columns) and a bottom half:
 
 Backward: g = d loss / d avg_probs (PyTorch, O(2**d), as the reference), the GEMMs B g^T and
 A g (the same Triton GEMM), then one kernel per half turns them into the gradient of the
-logits with the reference's cancellation-free form, sigmoid(-l_j) sum_{bit_j = 1} w -
-sigmoid(l_j) sum_{bit_j = 0} w (w = G * P), adds the per-sample term and scales by
+logits with the reference's cancellation-free form, sigmoid(-l_j) sum_{bit_j = 1} u -
+sigmoid(l_j) sum_{bit_j = 0} u (u = G * P), adds the per-sample term and scales by
 4 inv_temperature. float64 inputs are served by ``vqkernels.reference``.
+
+Row weights w (optional): the kernels read them (as float32). A's rows are scaled by w_n and the
+row entropies too, the N above becomes W = sum_n w_n (PyTorch, on the device; 1 where it is 0), and
+the backward's per-sample term carries w_n (the pattern sums carry it through A). A row of weight
+0 gives zeros in A, B and its entropy, and gradient 0, whatever x holds there.
 
 The transcendental functions (exp, log, sigmoid) are Triton's, so the results match the
 reference within float32 rounding, not bit for bit.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -53,10 +58,11 @@ def _log1p(z):
 
 
 @triton.jit
-def _code_probs_kernel(x_ptr, out_ptr, N, col0, k, sxn, sxd, s,
-                       BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr):
+def _code_probs_kernel(x_ptr, w_ptr, out_ptr, N, col0, k, sxn, sxd, s,
+                       BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_W: tl.constexpr, SCALE: tl.constexpr):
     """out [N, 2**k] float32: probability of every sign pattern a of the bits col0 .. col0 + k - 1
-    of row n (the first of them the top bit of a)."""
+    of row n (the first of them the top bit of a); with HAS_W, 0 for the rows of weight w[n] = 0
+    (w float32 [N]) and, with SCALE, times w[n]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     codes = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     rmask = rows < N
@@ -67,13 +73,20 @@ def _code_probs_kernel(x_ptr, out_ptr, N, col0, k, sxn, sxd, s,
         lj = tl.load(xrow + (col0 + j) * sxd, mask=rmask, other=0.0).to(tl.float32) * s
         bit = (codes >> (k - 1 - j)) & 1
         p = p * tl.where(bit[None, :] == 1, tl.sigmoid(lj)[:, None], tl.sigmoid(-lj)[:, None])
+    if HAS_W:
+        wr = tl.load(w_ptr + rows, mask=rmask, other=0.0)
+        if SCALE:
+            p = p * wr[:, None]
+        p = tl.where((wr != 0.0)[:, None], p, 0.0)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + codes[None, :], p,
              mask=rmask[:, None] & (codes < width)[None, :])
 
 
 @triton.jit
-def _entropy_rows_kernel(x_ptr, out_ptr, N, d, sxn, sxd, s, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out [N]: sum_j H(l_nj), the binary entropies of row n's bits."""
+def _entropy_rows_kernel(x_ptr, w_ptr, out_ptr, N, d, sxn, sxd, s, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_W: tl.constexpr):
+    """out [N]: sum_j H(l_nj), the binary entropies of row n's bits; with HAS_W, times w[n] (0 where
+    w[n] = 0)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < N
@@ -82,7 +95,11 @@ def _entropy_rows_kernel(x_ptr, out_ptr, N, d, sxn, sxd, s, BLOCK_N: tl.constexp
                        other=0.0).to(tl.float32) * s)
     sig = tl.sigmoid(-a)
     h = _log1p(tl.exp(-a)) + tl.where(a == float("inf"), 0.0, a * sig)
-    tl.store(out_ptr + rows, tl.sum(tl.where(m, h, 0.0), axis=1), mask=rmask)
+    row = tl.sum(tl.where(m, h, 0.0), axis=1)
+    if HAS_W:
+        wr = tl.load(w_ptr + rows, mask=rmask, other=0.0)
+        row = tl.where(wr != 0.0, row * wr, 0.0)
+    tl.store(out_ptr + rows, row, mask=rmask)
 
 
 @triton.jit
@@ -108,11 +125,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, Nc, K, k_split, sam, sak, sbk, sbn, s
 
 
 @triton.jit
-def _logit_grad_kernel(x_ptr, g_ptr, p_ptr, coef_ptr, out_ptr, N, d, col0, k, sxn, sxd, s,
-                       BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, KB: tl.constexpr):
+def _logit_grad_kernel(x_ptr, w_ptr, g_ptr, p_ptr, coef_ptr, out_ptr, N, d, col0, k, sxn, sxd, s,
+                       BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, KB: tl.constexpr, HAS_W: tl.constexpr):
     """out[:, col0:col0 + k] = (dE/dl + coef * H'(l)) * s for the k bits of one half, float32:
-    dE/dl_j = sigmoid(-l_j) sum_{bit_j(a) = 1} w[a] - sigmoid(l_j) sum_{bit_j(a) = 0} w[a] with
-    w = G * P (G, P [N, 2**k] float32 contiguous), H'(l) = -l sigmoid(l) sigmoid(-l)."""
+    dE/dl_j = sigmoid(-l_j) sum_{bit_j(a) = 1} u[a] - sigmoid(l_j) sum_{bit_j(a) = 0} u[a] with
+    u = G * P (G, P [N, 2**k] float32 contiguous), H'(l) = -l sigmoid(l) sigmoid(-l). With HAS_W the
+    H' term is times w[n] (u carries it already, through P or G) and the rows of weight 0 get 0."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     width = 1 << k
@@ -125,27 +143,45 @@ def _logit_grad_kernel(x_ptr, g_ptr, p_ptr, coef_ptr, out_ptr, N, d, col0, k, sx
         codes = a0 + tl.arange(0, BLOCK_A)
         m = rmask[:, None] & (codes < width)[None, :]
         off = rows.to(tl.int64)[:, None] * width + codes[None, :]
-        w = tl.load(g_ptr + off, mask=m, other=0.0) * tl.load(p_ptr + off, mask=m, other=0.0)
+        u = tl.load(g_ptr + off, mask=m, other=0.0) * tl.load(p_ptr + off, mask=m, other=0.0)
         bit = (codes[:, None] >> shift[None, :]) & 1
-        ones = tl.dot(w, tl.where(jmask[None, :], bit, 0).to(tl.float32), ones, input_precision="ieee")
-        zeros = tl.dot(w, tl.where(jmask[None, :], 1 - bit, 0).to(tl.float32), zeros, input_precision="ieee")
+        ones = tl.dot(u, tl.where(jmask[None, :], bit, 0).to(tl.float32), ones, input_precision="ieee")
+        zeros = tl.dot(u, tl.where(jmask[None, :], 1 - bit, 0).to(tl.float32), zeros, input_precision="ieee")
     m = rmask[:, None] & jmask[None, :]
     xo = rows.to(tl.int64)[:, None] * sxn + (col0 + jj)[None, :] * sxd
     lg = tl.load(x_ptr + xo, mask=m, other=0.0).to(tl.float32) * s
     sp, sn = tl.sigmoid(lg), tl.sigmoid(-lg)
     grad = sn * ones - sp * zeros
     h_grad = tl.where(tl.abs(lg) == float("inf"), 0.0, -lg * sp * sn)
+    if HAS_W:
+        wr = tl.load(w_ptr + rows, mask=rmask, other=0.0)
+        h_grad = h_grad * wr[:, None]
     grad = (grad + tl.load(coef_ptr) * h_grad) * s
+    if HAS_W:
+        grad = tl.where((wr != 0.0)[:, None], grad, 0.0)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * d + (col0 + jj)[None, :], grad, mask=m)
 
 
-def _code_probs(x, col0, k, s):
+def _code_probs(x, col0, k, s, w=None, scale=False):
+    """The pattern probabilities of bits col0 .. col0 + k - 1 (rows of weight 0 zero, and times the
+    weights with ``scale``; w float32 contiguous or None)."""
     n = x.shape[0]
     out = torch.empty(n, 2 ** k, dtype=torch.float32, device=x.device)
     block_a = block(2 ** k, 16, 64)
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(2 ** k, block_a))
-    _code_probs_kernel[grid](x, out, n, col0, k, *x.stride(), s, BLOCK_N=BLOCK_N, BLOCK_A=block_a)
+    _code_probs_kernel[grid](x, w, out, n, col0, k, *x.stride(), s, BLOCK_N=BLOCK_N, BLOCK_A=block_a,
+                             HAS_W=w is not None, SCALE=scale)
     return out
+
+
+def _row_weights(weights, n):
+    """(the weights as float32 contiguous, or None; the divisor of the sums over the rows: n, or the
+    weights' sum as a device scalar, 1 where that is 0)."""
+    if weights is None:
+        return None, n
+    w = weights.to(torch.float32).contiguous()
+    total = w.sum()
+    return w, torch.where(total == 0, 1.0, total)
 
 
 def _matmul(a, b):
@@ -166,81 +202,88 @@ def _matmul(a, b):
 
 
 @torch.library.custom_op("vqkernels_triton::lfq_entropy", mutates_args=())
-def _lfq_entropy_op(x: Tensor, inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    _checks.check_lfq(OP, x, _checks.LFQ_ENTROPY_MAX_BITS)
-    _checks.check_finite(OP, "inv_temperature", inv_temperature)
+def _lfq_entropy_op(x: Tensor, inv_temperature: float,
+                    weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    _checks.check_lfq_entropy(OP, x, inv_temperature, weights)
     n, d = x.shape
     if n == 0 or x.dtype == torch.float64:
-        return tuple(t.clone() for t in reference.lfq_entropy(x, inv_temperature))
+        return tuple(t.clone() for t in reference.lfq_entropy(x, inv_temperature, weights))
     s, half = 4.0 * inv_temperature, d // 2
+    w, total = _row_weights(weights, n)
     with on_device(x):
-        top, bottom = _code_probs(x, 0, half, s), _code_probs(x, half, d - half, s)
-        avg_probs = _matmul(top.t(), bottom).reshape(-1) / n
+        top, bottom = _code_probs(x, 0, half, s, w, scale=True), _code_probs(x, half, d - half, s, w)
+        avg_probs = _matmul(top.t(), bottom).reshape(-1) / total
         rows = torch.empty(n, dtype=torch.float32, device=x.device)
-        _entropy_rows_kernel[(triton.cdiv(n, BLOCK_N),)](x, rows, n, d, *x.stride(), s,
-                                                         BLOCK_N=BLOCK_N, BLOCK_D=block(d, 16, 32))
-    per_sample = rows.mean()
+        _entropy_rows_kernel[(triton.cdiv(n, BLOCK_N),)](x, w, rows, n, d, *x.stride(), s, BLOCK_N=BLOCK_N,
+                                                         BLOCK_D=block(d, 16, 32), HAS_W=w is not None)
+    per_sample = rows.sum() / total
     codebook = -(avg_probs * avg_probs.clamp_min(PROB_EPS).log()).sum()
     return per_sample, codebook, avg_probs
 
 
 @_lfq_entropy_op.register_fake
-def _(x, inv_temperature):
-    return fake._lfq_entropy_fake(x, inv_temperature)
+def _(x, inv_temperature, weights=None):
+    return fake._lfq_entropy_fake(x, inv_temperature, weights)
 
 
 @torch.library.custom_op("vqkernels_triton::lfq_entropy_backward", mutates_args=())
 def _lfq_entropy_backward_op(grad_per_sample_entropy: Tensor, grad_codebook_entropy: Tensor,
-                             grad_avg_probs: Tensor, x: Tensor, avg_probs: Tensor, inv_temperature: float) -> Tensor:
-    args = (grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature)
+                             grad_avg_probs: Tensor, x: Tensor, avg_probs: Tensor, inv_temperature: float,
+                             weights: Optional[Tensor] = None) -> Tensor:
+    args = (grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature, weights)
     _checks.check_lfq_entropy_backward(OP_BACKWARD, *args)
     n, d = x.shape
     if n == 0 or x.dtype == torch.float64:
         return reference.lfq_entropy_backward(*args).clone()
     dt, s, half = torch.float32, 4.0 * inv_temperature, d // 2
+    w, total = _row_weights(weights, n)
     avg = avg_probs.to(dt)
     # d loss / d avg_probs, as the reference (O(2**d) work)
     g = grad_codebook_entropy.to(dt) * -(avg.clamp_min(PROB_EPS).log() + (avg >= PROB_EPS).to(dt))
-    g = (g + grad_avg_probs.to(dt)).reshape(2 ** half, 2 ** (d - half)) / n
-    coef = (grad_per_sample_entropy.to(dt) / n).reshape(1)
+    g = (g + grad_avg_probs.to(dt)).reshape(2 ** half, 2 ** (d - half)) / total
+    coef = (grad_per_sample_entropy.to(dt) / total).reshape(1)
     grad = torch.empty(n, d, dtype=dt, device=x.device)
     with on_device(x):
-        top, bottom = _code_probs(x, 0, half, s), _code_probs(x, half, d - half, s)
+        top, bottom = _code_probs(x, 0, half, s, w, scale=True), _code_probs(x, half, d - half, s, w)
         halves = ((0, half, top, _matmul(bottom, g.t())), (half, d - half, bottom, _matmul(top, g)))
         for col0, k, probs, g_half in halves:
             if k:
                 block_a = block(2 ** k, 16, 64)
-                _logit_grad_kernel[(triton.cdiv(n, BLOCK_N),)](x, g_half, probs, coef, grad, n, d, col0, k,
+                _logit_grad_kernel[(triton.cdiv(n, BLOCK_N),)](x, w, g_half, probs, coef, grad, n, d, col0, k,
                                                                 *x.stride(), s, BLOCK_N=BLOCK_N, BLOCK_A=block_a,
-                                                                KB=MAX_HALF_BITS)
+                                                                KB=MAX_HALF_BITS, HAS_W=w is not None)
     return grad.to(x.dtype)
 
 
 @_lfq_entropy_backward_op.register_fake
-def _(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature):
+def _(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature, weights=None):
     return fake._lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x,
-                                           avg_probs, inv_temperature)
+                                           avg_probs, inv_temperature, weights)
 
 
-def lfq_entropy(x: Tensor, inv_temperature: float = 100.0) -> Tuple[Tensor, Tensor, Tensor]:
+def lfq_entropy(x: Tensor, inv_temperature: float = 100.0,
+                weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """LFQ's entropy terms: the Triton kernels of :func:`vqkernels.lfq_entropy`.
 
     Same inputs and outputs: ``(per_sample_entropy, codebook_entropy, avg_probs [2**d])``, float32
-    (float64 inputs are served by the PyTorch reference, as N = 0 is), x [N, d] with 1 <= d <= 30.
-    Matches the reference within float32 rounding (Triton's exp/log/sigmoid); a NaN anywhere makes
-    every output NaN. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. No autograd:
-    :func:`lfq_entropy_backward` gives the gradient.
+    (float64 inputs are served by the PyTorch reference, as N = 0 is), x [N, d] with 1 <= d <= 30,
+    optional row ``weights`` [N] (the weighted averages of :func:`vqkernels.lfq_entropy`; a row of
+    weight 0 counts nowhere). Matches the reference within float32 rounding (Triton's
+    exp/log/sigmoid); a NaN in a row of non-zero weight makes every output NaN. CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``. No autograd: :func:`lfq_entropy_backward` gives the gradient.
     """
     inv_temperature = float(inv_temperature)
     check_device(OP, x)
-    return _lfq_entropy_op(x, inv_temperature)
+    return _lfq_entropy_op(x, inv_temperature, weights)
 
 
 def lfq_entropy_backward(grad_per_sample_entropy: Tensor, grad_codebook_entropy: Tensor, grad_avg_probs: Tensor,
-                         x: Tensor, avg_probs: Tensor, inv_temperature: float) -> Tensor:
+                         x: Tensor, avg_probs: Tensor, inv_temperature: float,
+                         weights: Optional[Tensor] = None) -> Tensor:
     """Gradient of :func:`lfq_entropy` wrt ``x`` (as ``vqkernels.reference.lfq_entropy_backward``),
-    in ``x``'s dtype, through the same factorisation: two GEMMs of N x 2**d work."""
+    in ``x``'s dtype, through the same factorisation: two GEMMs of N x 2**d work (0 for the rows of
+    weight 0)."""
     inv_temperature = float(inv_temperature)
-    args = (grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature)
+    args = (grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature, weights)
     check_device(OP_BACKWARD, x)
     return _lfq_entropy_backward_op(*args)
