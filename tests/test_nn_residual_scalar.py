@@ -157,8 +157,8 @@ def test_residual_lfq_dropout_grouped_and_bad_inputs():
     (q_t, i_t, _), (q_o, i_o, _) = g_theirs(xg), g_ours(xg)
     assert torch.equal(i_o, i_t) and i_o.shape == (2, 2, 5, 2)
     torch.testing.assert_close(q_o, q_t, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="mask is not supported"):
-        ours(x, mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        ours(x, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="power of 2"):
         ResidualLFQ(dim=6, num_quantizers=2, codebook_size=48)
 
@@ -174,3 +174,25 @@ def test_odd_inputs(make):
     assert out[0].shape == (2, 0, 16) and out[1].shape == (2, 0, 2)
     with pytest.raises(ValueError, match=r"(ResidualFSQ|ResidualLFQ): expected 16 features, got shape \(2, 7, 15\)"):
         layer(torch.randn(2, 7, 15))
+
+
+@pytest.mark.parametrize("kw", [dict(diversity_gamma=1.0, entropy_loss_weight=0.1),
+                                dict(frac_per_sample_entropy=1.0, commitment_loss_weight=0.5)], ids=str)
+def test_residual_lfq_mask_is_training_on_the_kept_tokens(kw):
+    """ResidualLFQ's mask reaches every level's LFQ: in training, the masked batch gives theirs' results on its kept
+    tokens alone (outputs, indices, every level's aux loss, input gradients); theirs' own masked batch entropy reads
+    the folded codebook axis as the sequence, so the comparison is with theirs on the kept tokens."""
+    kw = dict(dim=6, num_quantizers=3, codebook_size=2 ** 6, **kw)
+    theirs, ours = _pair(vqp.ResidualLFQ, ResidualLFQ, kw)
+    theirs.train(), ours.train()
+    mask = torch.arange(7) < torch.tensor([7, 3])[:, None]
+    x = torch.randn(2, 7, 6, generator=gen(11))
+    x_o, x_t = x.clone().requires_grad_(), x.detach()[mask].unsqueeze(0).requires_grad_()
+    q_o, i_o, l_o = ours(x_o, mask=mask)
+    q_t, i_t, l_t = theirs(x_t)
+    assert torch.equal(i_o[mask], i_t[0])
+    torch.testing.assert_close(q_o[mask], q_t[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+    (q_o.square().sum() + l_o.sum()).backward()
+    (q_t.square().sum() + l_t.sum()).backward()
+    torch.testing.assert_close(x_o.grad[mask], x_t.grad[0], rtol=1e-5, atol=1e-6)

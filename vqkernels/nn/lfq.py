@@ -195,16 +195,18 @@ class LFQ(nn.Module):
 
     def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
         """x [b, n, dim] (or [b, dim, ...] channel-first) -> Return(quantized, indices, aux_loss); ``mask``
-        (bool, the tokens' shape) leaves its False tokens out of the aux loss."""
+        (bool, the tokens' shape, or [b] for whole samples) leaves its False tokens out of the aux loss."""
         layout = ChannelFirst(x, x.ndim >= 4 if self.channel_first is None else self.channel_first)
         x = layout.tokens(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"vqkernels.nn.LFQ: expected the feature dimension {self.dim}, got shape "
                              f"{tuple(x.shape)}")
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1]):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:mask.dim()] or mask.dim() == 0):
             raise ValueError(f"vqkernels.nn.LFQ: mask must be a bool tensor of the tokens' shape {tuple(x.shape[:-1])}"
-                             f" ([b, n] for [b, n, dim] inputs, [b, h * w] for channel-first [b, dim, h, w] ones), "
-                             f"got {mask.dtype} of shape {tuple(mask.shape)}")
+                             f" ([b, n] for [b, n, dim] inputs, [b, h * w] for channel-first [b, dim, h, w] ones) or "
+                             f"a leading part of it ([b]: whole samples), got {mask.dtype} of shape {tuple(mask.shape)}")
+        if mask is not None:  # a mask of whole samples (theirs indexes the leading dimensions with it)
+            mask = mask.reshape(*mask.shape, *([1] * (x.dim() - 1 - mask.dim()))).expand(x.shape[:-1])
         x = self.project_in(x)
         if self.soft_clamp_input_value is not None:
             x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value

@@ -108,7 +108,8 @@ class ResidualLFQ(ResidualLevels):
     ``forward(x)`` [b, n, dim] returns ``(quantized, indices [b, n, num_quantizers], aux losses
     [num_quantizers])`` (and every level's codes with ``return_all_codes``). Quantize dropout as
     :class:`ResidualFSQ`'s. Other keywords go to every level's :class:`LFQ` (which refuses what it does not
-    implement); ``forward``'s ``mask`` is refused; the ``state_dict`` keys are theirs."""
+    implement); ``forward``'s ``mask`` goes to every level (its aux losses leave masked tokens out, as there);
+    the ``state_dict`` keys are theirs."""
 
     channel_first = False  # tokens [b, n, dim] only
 
@@ -129,9 +130,8 @@ class ResidualLFQ(ResidualLevels):
         self.codebook_size = codebook_size
 
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
-        if mask is not None:
-            raise ValueError("vqkernels.nn.ResidualLFQ: mask is not supported")
-        out, indices, losses = self._quantize(self._project_in(x), rand_quantize_dropout_fixed_seed)
+        level_kwargs = {} if mask is None else dict(mask=mask)  # every level's LFQ leaves masked tokens out
+        out, indices, losses = self._quantize(self._project_in(x), rand_quantize_dropout_fixed_seed, **level_kwargs)
         ret = (self.project_out(out), indices, losses)
         return ret if not return_all_codes else (*ret, self.get_codes_from_indices(indices))
 
