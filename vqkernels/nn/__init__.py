@@ -7,6 +7,7 @@ Constructor keywords, forward return convention ``(quantized, indices, loss)`` a
 from .frozen import minilm_word_embeddings
 from .fsq import FSQ
 from .gumbel import GumbelQuantize
+from .hierarchical_vq import HierarchicalVQ
 from .latent_quantize import LatentQuantize
 from .lfq import LFQ
 from .multiscale import MultiScaleVQ
@@ -19,4 +20,4 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
            "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "ResidualSimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
-           "LatentQuantize", "VectorQuantizer", "minilm_word_embeddings"]
+           "HierarchicalVQ", "LatentQuantize", "VectorQuantizer", "minilm_word_embeddings"]
