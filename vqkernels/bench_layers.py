@@ -19,7 +19,7 @@ class Case:
     detail: str
     make: Callable  # quick -> (ours module, theirs module or None, input tensor[, forward keywords])
     target: float = 0.0  # speedup needed (0: none)
-    channel_first: bool = False  # inputs [b, dim, n] rather than [b, n, dim]
+    channel_first: bool = False  # inputs [b, dim, ...] rather than [b, n, dim]
 
 
 def _tokens(b, n, d, seed=0):
@@ -122,6 +122,13 @@ def _latent_quantize(quick):
     return ours, theirs, _tokens(4 if quick else 16, 64, 1024)  # channel-first: [b, dim, n]
 
 
+def _hierarchical_vq(quick):
+    from .nn import HierarchicalVQ
+    ours, theirs = _pair(HierarchicalVQ, "HierarchicalVQ", dim=64, codebook_size=1024, scales=(1, 2, 4, 8, 16),
+                         accept_image_fmap=True)
+    return ours, theirs, torch.randn(4 if quick else 8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
 CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
     Case("VectorQuantize masked", "dim 64, 1024 codes, lens (half the sequences half padded)",
@@ -140,6 +147,8 @@ CASES = (
     Case("SimVQ", "dim 64, 1024 codes", _sim_vq(False)),
     Case("ResidualSimVQ", "4 levels x 1024 codes, dim 64", _sim_vq(True)),
     Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first", _latent_quantize,
+         channel_first=True),
+    Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq,
          channel_first=True),
 )
 
@@ -189,7 +198,7 @@ def run(repeats, budget, quick=False, log=print, device="cpu"):
     for case in CASES:
         ours, theirs, x, *forward = case.make(quick)
         forward = forward[0] if forward else {}
-        detail = f"{case.detail}, {x.shape[0]} x {x.shape[2 if case.channel_first else 1]} tokens"
+        detail = f"{case.detail}, {x.shape[0]} x {x[0, 0].numel() if case.channel_first else x.shape[1]} tokens"
         fns = {"ours": _step(ours, x, device, forward)}
         if theirs is not None:
             fns["theirs"] = _step(theirs, x, device, forward)
