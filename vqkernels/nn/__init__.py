@@ -5,6 +5,7 @@ Constructor keywords, forward return convention ``(quantized, indices, loss)`` a
 """
 
 from .frozen import minilm_word_embeddings
+from .fsp import FSP
 from .fsq import FSQ
 from .gumbel import GumbelQuantize
 from .hierarchical_vq import HierarchicalVQ
@@ -20,4 +21,4 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
            "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "ResidualSimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
-           "HierarchicalVQ", "LatentQuantize", "VectorQuantizer", "minilm_word_embeddings"]
+           "HierarchicalVQ", "LatentQuantize", "VectorQuantizer", "FSP", "minilm_word_embeddings"]
