@@ -1,12 +1,14 @@
 // The Python module vqkernels._C. Loading it registers the compiled kernels (each backend
 // file's TORCH_LIBRARY_IMPL); the op schemas live in vqkernels/schemas.py. The functions
 // here report and steer build facts for vqkernels.info and the tests.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/fsq.h"
 #include "dispatch.h"
 #if VQK_WITH_CUDA
 #include "cuda/probe.h"
@@ -18,6 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &vqk::set_isa, "Choose the CPU instruction set: 'auto', 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_has_avx2", &vqk::cpu_has_avx2, "Whether this CPU supports AVX2 and FMA.");
   m.def("cpu_has_avx512", &vqk::cpu_has_avx512, "Whether this CPU supports AVX-512F (and AVX2, FMA).");
+  m.def("fsq_tanh", [](pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast> x) {
+    pybind11::array_t<float> y(x.size());
+    vqk::cpu::fsq_tanh(x.data(), x.size(), y.mutable_data());
+    return y;
+  }, "tanh of float32 values (flattened) as the FSQ kernels compute it under the active CPU ISA.");
   m.def("install_routers", &vqk::dispatch::install_routers,
         "Register the backend router of each named op for the CPU and CUDA keys.");
   m.def("set_route", [](const std::string& device, const std::string& op,

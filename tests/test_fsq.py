@@ -1,8 +1,16 @@
 """vqkernels.fsq_quantize (finite scalar quantization), its backward op and fsq_indices_to_codes.
 
-The kernels are plain per-element code (no instruction-set variants), so instead of the
-`isa` fixture the tests run both the op as served (the C++ kernel when built) and the
-pure-PyTorch reference called directly.
+The C++ kernels compute float32, float16 and bfloat16 inputs in float32 lanes: one body (and one
+tanh of their own) compiled for AVX-512, AVX2 and a portable scalar path, chosen by the CPU ISA;
+float64 inputs take a scalar path with std::tanh. The `impl` fixture runs the op under each ISA
+and the pure-PyTorch reference called directly (tests of the op alone take the `isa` fixture),
+and the ISAs must agree bit for bit.
+
+Rounding ties: the kernels' tanh is within TANH_ULP of the exact value and torch.tanh (the
+reference's) within about 1 ulp, so where a bounded value lies within a few ulp of a half-integer
+the two can round it to neighbouring levels. check_fsq accepts either neighbour there (within its
+tolerance; test_near_ties_round_to_a_neighbour puts values there on purpose); the bit-for-bit
+comparisons with the reference use random data with no value that close to a tie.
 """
 
 import math
@@ -19,6 +27,33 @@ from vq_helpers import (DTYPES, LAYOUTS, bits, compute_dtype, fail_rows, gen, hy
 ERRORS = (ValueError, RuntimeError)
 IMPLS = {"op": vqkernels.fsq_quantize, "reference": reference.fsq_quantize}
 BACKWARD_IMPLS = {"op": torch.ops.vqkernels.fsq_quantize_backward, "reference": reference.fsq_quantize_backward}
+ISAS = ["avx512", "avx2", "portable"] if vqkernels.compiled() else []
+TANH_ULP = 1.07  # the kernels' tanh: 1.066 ulp at most over every float32 (at x = 0.762640178)
+
+
+@pytest.fixture(params=(ISAS or ["op"]) + ["reference"])
+def impl(request):
+    """'reference', or the op with the CPU kernels forced to the ISA named (restored after); 'op' as
+    served when the extension is not built. Pass it to forward() / backward()."""
+    if request.param not in ISAS:
+        yield request.param
+        return
+    try:
+        vqkernels.set_cpu_isa(request.param)
+    except ValueError as exc:
+        pytest.skip(f"CPU ISA {request.param!r} unavailable: {exc}")
+    try:
+        yield request.param
+    finally:
+        vqkernels.set_cpu_isa("auto")
+
+
+def forward(impl):
+    return IMPLS["reference" if impl == "reference" else "op"]
+
+
+def backward(impl):
+    return BACKWARD_IMPLS["reference" if impl == "reference" else "op"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,25 +153,23 @@ def fsq_cases(draw):
 # forward
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @hyp_settings(60)
 @given(case=fsq_cases())
 def test_forward_matches_float64_truth(impl, case):
     z = fsq_input(case["n"], case["levels"], case["seed"], case["scale"], case["dtype"], case["layout"])
     saved = bits(z).clone()
-    codes, indices = IMPLS[impl](z, case["levels"])
+    codes, indices = forward(impl)(z, case["levels"])
     assert torch.equal(bits(z), saved), "z was modified"
     ambiguous = check_fsq(z, case["levels"], codes, indices)
     assert ambiguous <= max(1, z.numel() // 1000), f"{ambiguous} levels were decided by the tolerance"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("levels", LEVEL_SETS, ids=str)
 def test_levels_and_dtypes(impl, levels, dtype):
     """Every level of every dimension is reached (z spans the bound's range), in every dtype."""
     z = fsq_input(2000, levels, seed=1, scale=2.0, dtype=dtype)
-    codes, indices = IMPLS[impl](z, levels)
+    codes, indices = forward(impl)(z, levels)
     check_fsq(z, levels, codes, indices)
     level = decode_levels(indices, levels)
     for j, lv in enumerate(levels):
@@ -144,39 +177,37 @@ def test_levels_and_dtypes(impl, levels, dtype):
             assert level[:, j].unique().numel() == lv, f"dimension {j}: not all {lv} levels reached"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_extremes_and_zero_sign(impl):
     """+-inf reach the outer levels; the bound of +-large z stays in range; a zero code is +0.0
-    (also for z = -0.0 and tiny negative z, whose rounded value is -0.0)."""
+    (also for z = -0.0 and tiny negative z, whose rounded value is -0.0); the kernels' tanh
+    switches formula at |x| = 0.75 and caps |x| at 9.1 (the last row goes near both)."""
     levels = [8, 5, 4, 3]
     z = torch.tensor([[float("inf"), -float("inf"), 1e30, -1e30], [-0.0, -1e-30, -0.0, -1e-3],
-                      [-1e-30, -0.0, -1e-30, 0.0]])
-    codes, indices = IMPLS[impl](z, levels)
+                      [-1e-30, -0.0, -1e-30, 0.0], [0.75, -9.1, 9.0, -1e-40]])
+    codes, indices = forward(impl)(z, levels)
     check_fsq(z, levels, codes, indices)
     assert codes[0].tolist() == [0.75, -1.0, 0.5, -1.0]  # even L tops out at (L/2 - 1) / (L/2)
     assert not bool((bits(codes) == bits(torch.tensor(-0.0))).any()), "a code is -0.0"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_rows(impl, dtype):
     levels = [8, 5, 5]
     z = fsq_input(9, levels, seed=2, dtype=dtype)
     z[3, 1] = float("nan")
     z[5] = float("nan")
-    codes, indices = IMPLS[impl](z, levels)
+    codes, indices = forward(impl)(z, levels)
     check_fsq(z, levels, codes, indices)
     assert indices[3] == -1 and indices[5] == -1 and not bool(torch.isnan(codes[3, [0, 2]].double()).any())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty(impl, dtype):
-    codes, indices = IMPLS[impl](torch.empty(0, 3, dtype=dtype), [3, 4, 5])
+    codes, indices = forward(impl)(torch.empty(0, 3, dtype=dtype), [3, 4, 5])
     assert codes.shape == (0, 3) and codes.dtype == dtype and indices.shape == (0,) and indices.dtype == torch.int64
 
 
-def test_op_matches_reference_bitwise():
+def test_op_matches_reference_bitwise(isa):
     """The kernel and the reference round the same bounded values: on random data (no value near
     a half-integer within tanh's last bit) both give the same codes and indices."""
     levels = [8, 6, 5, 5, 3]
@@ -206,7 +237,7 @@ def mode_truth(z, levels, symmetric=False, hard_clamp=False):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_modes_op_matches_reference_and_truth(mode, dtype):
+def test_modes_op_matches_reference_and_truth(isa, mode, dtype):
     """symmetric (vector-quantize-pytorch's preserve_symmetry, levels of 2 allowed) and hard_clamp: the kernel
     and the reference agree bit for bit (codes, indices, a NaN row's -1), their levels are the float64
     formula's wherever it is not within rounding of a level boundary, and indices are the levels' mixed radix."""
@@ -232,7 +263,7 @@ def test_modes_op_matches_reference_and_truth(mode, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_modes_backward_matches_truth(mode, dtype):
+def test_modes_backward_matches_truth(isa, mode, dtype):
     """The straight-through gradient of both bounds: the kernel (through autograd) and the reference
     against the float64 derivative of the squash (1 inside the hard clamp, 0 outside)."""
     levels = [8, 5, 2, 3]
@@ -263,7 +294,7 @@ def test_indices_to_codes_inverts_both_bounds(symmetric):
     assert torch.equal(bits(vqkernels.fsq_indices_to_codes(indices, levels, symmetric=symmetric)), bits(codes))
 
 
-def test_large_codebook_indices_exact():
+def test_large_codebook_indices_exact(isa):
     """A product of levels beyond 2**53: indices exact in int64 (float arithmetic would round them)."""
     levels = [999, 997, 991, 983, 977, 971]
     assert math.prod(levels) > 2 ** 59
@@ -271,6 +302,128 @@ def test_large_codebook_indices_exact():
     codes, indices = vqkernels.fsq_quantize(z, levels)
     check_fsq(z, levels, codes, indices)
     assert bool((indices > 2 ** 53).any())
+
+
+# ---------------------------------------------------------------------------------------
+# the kernels' tanh, their ISA paths, rounding near ties, their cache of constants
+
+
+def float32_grid(stride, start=0, stop=0x7F800001):
+    """Every stride-th float32 bit pattern in [start, stop) (by default +0 to +inf), then their negatives."""
+    pos = np.arange(start, stop, stride, dtype=np.uint32).view(np.float32)
+    return np.concatenate([pos, -pos])
+
+
+def tanh_ulp_error(got, x):
+    """|got - tanh(x)| in units in the last place, in float32, of the exact (float64) tanh(x)."""
+    want = np.tanh(x.astype(np.float64))
+    ulp = np.ldexp(1.0, np.maximum(np.frexp(want)[1] - 24, -149))
+    return np.abs(got.astype(np.float64) - want) / ulp
+
+
+def test_tanh_within_bound(isa):
+    """The kernels' float32 tanh (vqkernels._C.fsq_tanh runs it under the active ISA) within TANH_ULP
+    over 8M float32 of every binade and every float32 around its branch point 0.75 and its cap 9.1;
+    exact where it must be: +-0 keep their sign, tiny x gives x, |x| >= 9.1 and +-inf give +-1, NaN
+    gives NaN; and odd bit for bit."""
+    if isa == "reference":
+        pytest.skip("the C++ kernels' tanh (the extension is not built)")
+    tanh = vqkernels._backend._C.fsq_tanh
+    x = np.concatenate([float32_grid(509), float32_grid(1, 0x3F3F0000, 0x3F410000),
+                        float32_grid(1, 0x410F0000, 0x41130000)])
+    y = tanh(x)
+    err = tanh_ulp_error(y, x)
+    assert err.max() <= TANH_ULP, f"{err.max():.3f} ulp at x = {x[err.argmax()]!r}"
+    assert np.array_equal(tanh(-x).view(np.uint32), y.view(np.uint32) ^ np.uint32(0x80000000)), "tanh(-x) != -tanh(x)"
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-45, 9.1, -9.1, 20.0, 3e38, np.inf, -np.inf], np.float32)
+    want = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-45, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0], np.float32)
+    assert np.array_equal(tanh(special).view(np.uint32), want.view(np.uint32)), tanh(special)
+    assert np.isnan(tanh(np.array([np.nan], np.float32))).all()
+
+
+EDGE_VALUES = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-30, 0.75, -0.75, 9.1, -20.0, 1e30]
+ISA_LEVELS = [[5], [8, 5, 3], [8, 8, 8, 5, 5, 5], [2, 3, 4, 5, 6, 7, 8], list(range(2, 19))]
+
+
+def all_outputs(z, g, levels):
+    """Codes and indices (float32 and bfloat16 z) and gradients of every mode, contiguous and strided."""
+    out = []
+    for symmetric in (False, True):
+        for hard_clamp in (False, True):
+            for layout in ("contiguous", "strided"):
+                zl, gl = with_layout(z, layout), with_layout(g, layout)
+                out += vqkernels.fsq_quantize(zl, levels, symmetric, hard_clamp)
+                out += vqkernels.fsq_quantize(zl.bfloat16(), levels, symmetric, hard_clamp)
+                out.append(torch.ops.vqkernels.fsq_quantize_backward(gl, zl, levels, symmetric, hard_clamp))
+    return out
+
+
+@pytest.mark.skipif(not ISAS, reason="the C++ kernels' ISA paths (the extension is not built)")
+@pytest.mark.parametrize("levels", ISA_LEVELS, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 33])
+def test_isas_agree_bitwise(levels, n):
+    """The ISA paths share one body in which nothing is fused into an FMA, so their codes, indices and
+    gradients are the same bits: for every mode, for runs of every length (n * d elements, or d per row
+    of a strided z: the vector loops' tails) and for edge values (+-0, +-inf, NaN, subnormal, the tanh's
+    branch point and cap)."""
+    d = len(levels)
+    z = torch.randn(n, d, generator=gen(30 + n)) * 2
+    flat = z.view(-1)
+    k = min(len(EDGE_VALUES), (flat.numel() + 2) // 3)
+    flat[::3][:k] = torch.tensor(EDGE_VALUES[:k])
+    g = torch.randn(n, d, generator=gen(31))
+    results = {}
+    try:
+        for isa in ISAS:
+            try:
+                vqkernels.set_cpu_isa(isa)
+            except ValueError:
+                continue
+            results[isa] = all_outputs(z, g, levels)
+    finally:
+        vqkernels.set_cpu_isa("auto")
+    for isa, outs in results.items():
+        for i, (got, want) in enumerate(zip(outs, results["portable"])):
+            assert torch.equal(bits(got), bits(want)), f"{isa} differs from portable in output {i}"
+
+
+def test_near_ties_round_to_a_neighbour(impl):
+    """z whose bounded value lies within a few ulp of a half-integer, where a tanh 1 ulp off (the
+    kernels' or torch.tanh in the reference) can round to either neighbour: every level is one of the
+    two (check_fsq's tolerance) or, away from the tie, round(bounded); the index is that of the levels."""
+    levels = [8, 7, 6, 5]
+    half_l, offset, shift, _ = bound_constants(levels)
+    columns = []
+    for j in range(len(levels)):
+        ties = np.arange(-levels[j], levels[j]) + 0.5
+        ties = ties[np.abs(ties + offset[j]) < half_l[j]]
+        z32 = (np.arctanh((ties + offset[j]) / half_l[j]) - shift[j]).astype(np.float32)
+        nudged = [z32]
+        for _ in range(3):  # 1 to 3 float32 steps either side
+            nudged = [np.nextafter(nudged[0], -np.inf, dtype=np.float32)] + nudged + \
+                [np.nextafter(nudged[-1], np.inf, dtype=np.float32)]
+        columns.append(np.concatenate(nudged))
+    rows = max(len(c) for c in columns)
+    z = torch.from_numpy(np.stack([np.resize(c, rows) for c in columns], 1))
+    b, tol = bounded_truth(z, levels)
+    assert (((b - b.floor()) - 0.5).abs() <= tol).double().mean() > 0.5, "the data is not near ties"
+    codes, indices = forward(impl)(z, levels)
+    check_fsq(z, levels, codes, indices)
+
+
+def test_constants_per_level_set_and_mode(isa):
+    """The kernels keep each level set's constants (a cache of 64): the same levels with and without the
+    hard clamp (whose shift differs), and more level sets than the cache holds, each get their own."""
+    z = fsq_input(64, [5, 4], seed=41, scale=1.5)
+    for k in range(3, 75):
+        levels = [k, 4]
+        for hard_clamp in ((True, False) if k % 2 else (False, True)):
+            codes, indices = vqkernels.fsq_quantize(z, levels, hard_clamp=hard_clamp)
+            if hard_clamp:  # no tanh: the kernel and the reference round the same values
+                want = reference.fsq_quantize(z, levels, hard_clamp=True)
+                assert torch.equal(bits(codes), bits(want[0])) and torch.equal(indices, want[1]), levels
+            else:
+                check_fsq(z, levels, codes, indices)
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,21 +477,20 @@ def bound_grad_truth(z, levels, grad):
     return want, tol
 
 
-@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_op_matches_float64_truth(impl, dtype, layout):
     levels = [8, 5, 4, 3, 1000]
     z = fsq_input(300, levels, seed=6, scale=1.5, dtype=dtype, layout=layout)
     grad = with_layout(torch.randn(300, 5, generator=gen(7)).to(dtype), layout)
-    got = BACKWARD_IMPLS[impl](grad, z, levels)
+    got = backward(impl)(grad, z, levels)
     assert got.dtype == dtype and got.shape == z.shape and got.is_contiguous()
     want, tol = bound_grad_truth(z, levels, grad)
     fail_rows(~((got.double() - want).abs() <= tol).all(1), "gradient", got=got, want=want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_autograd_is_straight_through(dtype):
+def test_autograd_is_straight_through(isa, dtype):
     """The op's autograd sends sum(codes * G)'s gradient through the bound only (rounding =
     identity); indices carry none. The straight-through gradient is not the derivative of the
     piecewise-constant codes, so torch.autograd.gradcheck does not apply: the float64 run is held
@@ -353,7 +505,7 @@ def test_autograd_is_straight_through(dtype):
     fail_rows(~((z.grad.double() - want).abs() <= tol).all(1), "gradient", got=z.grad, want=want)
 
 
-def test_reference_backward_matches_op():
+def test_reference_backward_matches_op(isa):
     levels = [7, 6, 5]
     z = fsq_input(200, levels, seed=10, scale=2.0)
     g = torch.randn(200, 3, generator=gen(11))
@@ -410,23 +562,23 @@ BAD = {
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", IMPLS)
 @pytest.mark.parametrize("case", BAD)
-def test_rejects(case, impl, device):
+def test_rejects(case, kind, device):
     """Every backend (C++, reference, fake kernel on 'meta') rejects with the same message."""
     z, levels, pattern = BAD[case]
-    if device == "meta" and impl == "reference":
+    if device == "meta" and kind == "reference":
         pytest.skip("the meta device runs the fake kernel, the same for both")
     with pytest.raises(ERRORS, match=pattern):
-        IMPLS[impl](z.to(device), levels)
+        IMPLS[kind](z.to(device), levels)
 
 
-@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("kind", BACKWARD_IMPLS)
 @pytest.mark.parametrize("grad, pattern", [
     (torch.randn(4, 2), r"grad_codes must have z's shape \(4, 3\), got \(4, 2\)"),
     (torch.ones(4, 3, dtype=torch.int32), r"grad_codes must be float"),
     (torch.randn(4, 3, device="meta"), r"grad_codes is on meta but z is on cpu"),
 ])
-def test_backward_rejects(impl, grad, pattern):
+def test_backward_rejects(kind, grad, pattern):
     with pytest.raises(ERRORS, match=pattern):
-        BACKWARD_IMPLS[impl](grad, Z, [4, 5, 6])
+        BACKWARD_IMPLS[kind](grad, Z, [4, 5, 6])

@@ -1,14 +1,43 @@
 // CPU kernels of vqkernels::fsq_quantize (finite scalar quantization) and its backward.
-// Elementwise per row: bound, round, scale, and the row's mixed-radix index, in one pass.
+// Elementwise: bound, round, scale, and each row's mixed-radix index.
+//
+// float32 work (float32, float16 and bfloat16 inputs; the halves are converted to float32 first)
+// runs one generic body over lanes of floats: 16 with AVX-512, 8 with AVX2, 1 on the portable
+// path, picked per call from the active CPU ISA. The rows of a block are one flat run of
+// elements, so the lanes stay full whatever d is; element p of a run uses column p mod d, whose
+// constants come from tables repeating them over lcm(d, lanes) elements. tanh is computed here
+// (tanh_lanes). The lanes use plain multiplies and adds in a fixed order, never fused into FMAs
+// (the entry points turn contraction off), so every ISA gives the same bits. float64 inputs take
+// a scalar path with std::tanh.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/fsq.h"
 #include "cpu/search.h"
+
+// The lane functions are always inlined, so that they compile for the target ISA of the entry
+// point calling them (a function without a target attribute may be inlined into one with it).
+#define VQK_LANES inline __attribute__((always_inline))
+// The lanes' arithmetic rounds every product and sum as written: GCC otherwise fuses a * b + c
+// into an FMA where the target has one (-ffp-contract=fast is its C++ default), which would
+// make the AVX paths round differently from the portable one and from vector-quantize-pytorch.
+// (Other compilers get no attribute; tests/test_fsq.py::test_isas_agree_bitwise would show a fusion.)
+#if defined(__GNUC__) && !defined(__clang__)
+#define VQK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define VQK_NO_CONTRACT
+#endif
 
 namespace vqk {
 namespace cpu {
@@ -48,36 +77,532 @@ struct FsqConstants {
   }
 };
 
+// The constants of the columns repeated over `period` elements, the least multiple of d that is one
+// of `lanes` too: in a flat run of whole rows, element p reads its column's at p mod period, a whole
+// vector at a time. (Not std::lcm: GCC 12.2 compiled its absolute value wrongly here, giving -lcm.)
+struct FsqTables {
+  int64_t period;
+  std::vector<float> shift, half_l, offset, half_width, levels_minus_1, symmetric_scale;
+
+  FsqTables(const FsqConstants& k, int64_t d, int64_t lanes) : period(d) {
+    while (period % lanes != 0) period += d;
+    for (int64_t p = 0; p < period; ++p) {
+      const int64_t j = p % d;
+      shift.push_back(k.shift[j]);
+      half_l.push_back(k.half_l[j]);
+      offset.push_back(k.offset[j]);
+      half_width.push_back(static_cast<float>(k.half_width[j]));
+      levels_minus_1.push_back(static_cast<float>(k.levels_minus_1[j]));
+      symmetric_scale.push_back(k.symmetric_scale[j]);
+    }
+  }
+};
+
+// The constants and tables of one (levels, hard_clamp), built once per process (they take a dozen
+// ATen ops, several microseconds a call); the cache holds up to kCacheSize level sets.
+struct FsqSetup {
+  FsqConstants k;
+  FsqTables lanes1, lanes8, lanes16;
+
+  FsqSetup(at::IntArrayRef levels, bool hard_clamp)
+      : k(levels, hard_clamp),
+        lanes1(k, levels.size(), 1),
+        lanes8(k, levels.size(), 8),
+        lanes16(k, levels.size(), 16) {}
+
+  const FsqTables& tables(int64_t lanes) const { return lanes == 16 ? lanes16 : lanes == 8 ? lanes8 : lanes1; }
+};
+
+std::shared_ptr<const FsqSetup> fsq_setup(at::IntArrayRef levels, bool hard_clamp) {
+  constexpr size_t kCacheSize = 64;
+  static std::mutex mutex;
+  static std::map<std::pair<std::vector<int64_t>, bool>, std::shared_ptr<const FsqSetup>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_pair(levels.vec(), hard_clamp);
+  if (const auto hit = cache.find(key); hit != cache.end()) return hit->second;
+  if (cache.size() >= kCacheSize) cache.clear();  // callers still holding a setup keep it alive
+  auto setup = std::make_shared<const FsqSetup>(levels, hard_clamp);
+  cache.emplace(std::move(key), setup);
+  return setup;
+}
+
+// ---------------------------------------------------------------------------------------
+// float64: one value at a time.
+
 // tanh, or the hard clamp to [-1, 1] that keeps a NaN (as torch.clamp).
-template <typename T>
-T squash(T v, bool hard_clamp) {
+double squash(double v, bool hard_clamp) {
   if (!hard_clamp) return std::tanh(v);
-  return std::isnan(v) ? v : std::min(std::max(v, T(-1)), T(1));
+  return std::isnan(v) ? v : std::min(std::max(v, -1.0), 1.0);
 }
 
 // Its derivative: 1 - tanh^2, or 1 inside [-1, 1] (bounds included, as torch.clamp's backward) and 0 outside.
-template <typename T>
-T squash_grad(T v, bool hard_clamp) {
-  if (hard_clamp) return (v >= T(-1) && v <= T(1)) ? T(1) : T(0);
-  const T th = std::tanh(v);
-  return T(1) - th * th;
+double squash_grad(double v, bool hard_clamp) {
+  if (hard_clamp) return (v >= -1.0 && v <= 1.0) ? 1.0 : 0.0;
+  const double th = std::tanh(v);
+  return 1.0 - th * th;
 }
 
-// One value's level (0 .. L - 1, NaN for a NaN) and code, in T, one rounding per step as torch evaluates
+// One value's level (0 .. L - 1, NaN for a NaN) and code, one rounding per step as torch evaluates
 // vector-quantize-pytorch's expressions tensor by tensor.
-template <typename T>
-void fsq_value(T z, const FsqConstants& k, int64_t j, bool symmetric, bool hard_clamp, T& level, T& code) {
+void fsq_value(double z, const FsqConstants& k, int64_t j, bool symmetric, bool hard_clamp, double& level,
+               double& code) {
   if (symmetric) {  // floor((L - 1) * (squash(z) + 1) / 2 + 0.5), then (2 / (L - 1)) * level - 1
-    const T lm1 = T(k.levels_minus_1[j]);
-    level = std::floor(lm1 * (squash(z, hard_clamp) + T(1)) / T(2) + T(0.5));
-    code = T(k.symmetric_scale[j]) * level - T(1) + T(0);
+    const double lm1 = static_cast<double>(k.levels_minus_1[j]);
+    level = std::floor(lm1 * (squash(z, hard_clamp) + 1.0) / 2.0 + 0.5);
+    code = static_cast<double>(k.symmetric_scale[j]) * level - 1.0;  // a zero code is +0.0: 1 - 1
     return;
   }
-  const T bounded = squash(z + T(k.shift[j]), hard_clamp) * T(k.half_l[j]) - T(k.offset[j]);
-  T rounded = std::nearbyint(bounded);  // half to even, as torch.round
-  if (rounded == T(0)) rounded = T(0);  // +0.0: vector-quantize-pytorch's z + (round(z) - z)
-  level = rounded + T(k.half_width[j]);
-  code = rounded / T(k.half_width[j]);
+  const double bounded = squash(z + k.shift[j], hard_clamp) * k.half_l[j] - k.offset[j];
+  double rounded = std::nearbyint(bounded);  // half to even, as torch.round
+  if (rounded == 0.0) rounded = 0.0;  // +0.0: vector-quantize-pytorch's z + (round(z) - z)
+  level = rounded + static_cast<double>(k.half_width[j]);
+  code = rounded / static_cast<double>(k.half_width[j]);
+}
+
+void quantize_double(const at::Tensor& z, const FsqConstants& k, bool symmetric, bool hard_clamp, double* out,
+                     int64_t* idx) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const RowSource<double> src(z);
+  parallel_row_blocks<std::vector<double>>(n, [&](std::vector<double>& buf, int64_t, int64_t r0, int64_t r1) {
+    int64_t ld;
+    const double* zr = src.rows(r0, r1 - r0, buf, ld);
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* zrow = zr + (r - r0) * ld;
+      int64_t index = 0;
+      bool nan = false;
+      for (int64_t j = 0; j < d; ++j) {
+        double level;
+        fsq_value(zrow[j], k, j, symmetric, hard_clamp, level, out[r * d + j]);
+        if (std::isnan(level))
+          nan = true;
+        else
+          index += static_cast<int64_t>(level) * k.basis[j];
+      }
+      idx[r] = nan ? -1 : index;
+    }
+  }, elementwise_grain(n, d));
+}
+
+void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const FsqConstants& k, bool symmetric,
+                     bool hard_clamp, double* out) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const RowSource<double> zsrc(z), gsrc(grad_codes);
+  struct Scratch {
+    std::vector<double> z, g;
+  };
+  parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+    int64_t ldz, ldg;
+    const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
+    const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < d; ++j) {
+        const double zv = zr[(r - r0) * ldz + j], gv = gr[(r - r0) * ldg + j];
+        // the order of torch's autograd through vector-quantize-pytorch's expressions
+        double g;
+        if (symmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
+          g = gv * k.symmetric_scale[j] / 2.0 * static_cast<double>(k.levels_minus_1[j]) *
+              squash_grad(zv, hard_clamp);
+        else  // / half_width, * half_l, squash'
+          g = gv / static_cast<double>(k.half_width[j]) * k.half_l[j] * squash_grad(zv + k.shift[j], hard_clamp);
+        out[r * d + j] = g;
+      }
+  }, elementwise_grain(n, d));
+}
+
+// ---------------------------------------------------------------------------------------
+// float32 lanes. F is float (portable) or a GCC vector of 8 (AVX2) or 16 (AVX-512) floats; the
+// same code serves all three (a vector's arithmetic is lane by lane, a scalar operand is splat).
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+template <typename F>
+struct LaneInt {
+  using type = int32_t;
+};
+template <>
+struct LaneInt<f32x8> {
+  using type = i32x8;
+};
+template <>
+struct LaneInt<f32x16> {
+  using type = i32x16;
+};
+template <typename F>
+using lane_int = typename LaneInt<F>::type;  // int32 lanes of F's width
+template <typename F>
+constexpr int kWidth = sizeof(F) / sizeof(float);
+
+// GCC warns (at the end of the file) that passing vectors wider than the default target has
+// changes the ABI: the lane functions are always inlined into entry points compiled for a target
+// that has them.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename F>
+VQK_LANES F load(const float* p) {
+  F v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V, typename T>
+VQK_LANES void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename F>
+VQK_LANES F splat(float c) {
+  if constexpr (kWidth<F> == 1)
+    return c;
+  else
+    return F{} + c;  // not for -0.0
+}
+
+// a where m is set (true, or all bits of the lane), b elsewhere.
+template <typename M, typename F>
+VQK_LANES F select(M m, F a, F b) {
+  return m ? a : b;
+}
+
+// Integral-valued lanes to int32.
+template <typename F>
+VQK_LANES lane_int<F> to_int(F v) {
+  if constexpr (kWidth<F> == 1)
+    return static_cast<int32_t>(v);
+  else
+    return __builtin_convertvector(v, lane_int<F>);
+}
+
+// Round to nearest, ties to even (as torch.round and std::nearbyint) for |v| < 2**22: adding
+// 1.5 * 2**23 leaves no fraction bits. A zero result is +0.0; NaN stays NaN.
+template <typename F>
+VQK_LANES F round_even(F v) {
+  constexpr float kShifter = 12582912.0f;
+  return (v + kShifter) - kShifter;
+}
+
+// tanh(x) within 1.07 ulp of the exact value for every float32 x (1.0661 ulp at most, checked against
+// float64 over all of them; 0.13% are not correctly rounded); tanh(+-0) = +-0, +-1 for |x| >= 9.1 and
+// +-inf, NaN for NaN. |tanh| is computed from |x|, then x's sign is put on:
+//   |x| < 0.75: |x| + |x|^3 P(x^2), P a degree-5 minimax fit of (tanh(x) - x) / x^3 (relative error of
+//     tanh 1.6e-9 before rounding);
+//   |x| >= 0.75: 1 - 2 / (1 + exp(2|x|)), |x| capped at 9.1, past the 9.011 from which tanh rounds to 1.
+//     exp(y) = 2^n exp(r), n = round(y / ln 2), r = y - n ln 2 in [-ln2/2, ln2/2] with ln 2 in two parts
+//     (n times the first, 16 bits, is exact), exp(r) = 1 + r + r^2 Q(r), Q a degree-4 minimax fit
+//     (relative error 3.1e-9).
+// scripts/fit_fsq_tanh.py fits P and Q.
+template <typename F>
+VQK_LANES F tanh_lanes(F x) {
+  using I = lane_int<F>;
+  const I bits = std::bit_cast<I>(x);
+  const F ax = std::bit_cast<F>(bits & std::numeric_limits<int32_t>::max());
+  const F s = ax * ax;
+  F p = s * 1.736916834e-03f + -7.657226641e-03f;
+  p = p * s + 2.145201899e-02f;
+  p = p * s + -5.389272049e-02f;
+  p = p * s + 1.333269477e-01f;
+  p = p * s + -3.333331645e-01f;
+  const F small = ax + (ax * s) * p;
+  const F a = select(ax < 9.1f, ax, splat<F>(9.1f));
+  const F y = a + a;
+  const F n = round_even(y * 1.44269504f);
+  const F r = (y - n * 0.693145752f) - n * 1.42860677e-06f;
+  F q = r * 1.381460694e-03f + 8.368719369e-03f;
+  q = q * r + 4.166838899e-02f;
+  q = q * r + 1.666652113e-01f;
+  q = q * r + 4.999999404e-01f;
+  const F e = (1.0f + (r + (r * r) * q)) * std::bit_cast<F>((to_int(n) + 127) << 23);
+  const F large = 1.0f - 2.0f / (1.0f + e);
+  const I magnitude = std::bit_cast<I>(select(ax >= 0.75f, large, small));  // NaN: small
+  return std::bit_cast<F>(magnitude | (bits & std::numeric_limits<int32_t>::min()));
+}
+
+// tanh, or the hard clamp to [-1, 1] that keeps a NaN (as torch.clamp).
+template <bool kHardClamp, typename F>
+VQK_LANES F squash_lanes(F v) {
+  if constexpr (kHardClamp)
+    return select(v < -1.0f, splat<F>(-1.0f), select(v > 1.0f, splat<F>(1.0f), v));
+  else
+    return tanh_lanes(v);
+}
+
+// Its derivative: 1 - tanh^2, or 1 inside [-1, 1] (bounds included) and 0 outside.
+template <bool kHardClamp, typename F>
+VQK_LANES F squash_grad_lanes(F v) {
+  if constexpr (kHardClamp) {
+    return select((v >= -1.0f) & (v <= 1.0f), splat<F>(1.0f), F{});
+  } else {
+    const F t = tanh_lanes(v);
+    return 1.0f - t * t;
+  }
+}
+
+// The codes of one vector of z whose first element reads the tables at c, and the levels as
+// int32 (-1 for NaN); each step rounded as torch evaluates vector-quantize-pytorch's expressions.
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void forward_lanes(F z, const FsqTables& tb, int64_t c, float* codes, int32_t* levels) {
+  F level, code;
+  if constexpr (kSymmetric) {  // floor((L - 1) * (squash(z) + 1) / 2 + 0.5), then (2 / (L - 1)) * level - 1
+    // (* 0.5 rounds as / 2 does)
+    const F y = load<F>(&tb.levels_minus_1[c]) * (squash_lanes<kHardClamp>(z) + 1.0f) * 0.5f + 0.5f;
+    const F r = round_even(y);
+    level = select(r > y, r - 1.0f, r);  // floor, as y >= 0
+    code = load<F>(&tb.symmetric_scale[c]) * level - 1.0f;  // a zero code is +0.0: 1 - 1
+  } else {  // round(squash(z + shift) * half_l - offset): + L // 2, / (L // 2)
+    const F hw = load<F>(&tb.half_width[c]);
+    const F bounded = squash_lanes<kHardClamp>(z + load<F>(&tb.shift[c])) * load<F>(&tb.half_l[c]) -
+                      load<F>(&tb.offset[c]);
+    const F rounded = round_even(bounded);  // a zero is +0.0, as vector-quantize-pytorch's z + (round(z) - z)
+    level = rounded + hw;
+    code = rounded / hw;
+  }
+  store(codes, code);
+  store(levels, to_int(select(level == level, level, splat<F>(-1.0f))));
+}
+
+// The gradient of one vector, in the order of torch's autograd through vector-quantize-pytorch's expressions.
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES F backward_lanes(F g, F z, const FsqTables& tb, int64_t c) {
+  if constexpr (kSymmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
+    return g * load<F>(&tb.symmetric_scale[c]) * 0.5f * load<F>(&tb.levels_minus_1[c]) *
+           squash_grad_lanes<kHardClamp>(z);
+  else  // / half_width, * half_l, squash'
+    return g / load<F>(&tb.half_width[c]) * load<F>(&tb.half_l[c]) *
+           squash_grad_lanes<kHardClamp>(z + load<F>(&tb.shift[c]));
+}
+
+// A flat run of `count` elements of whole rows (or of one row): codes and int32 levels.
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void forward_run(const float* z, int64_t count, const FsqTables& tb, float* codes, int32_t* levels) {
+  constexpr int W = kWidth<F>;
+  int64_t p = 0, c = 0;
+  for (; p + W <= count; p += W) {
+    forward_lanes<F, kSymmetric, kHardClamp>(load<F>(z + p), tb, c, codes + p, levels + p);
+    c = c + W == tb.period ? 0 : c + W;
+  }
+  if constexpr (W > 1) {
+    if (p < count) {  // the tail, through copies padded to a vector
+      float zt[W] = {}, ct[W];
+      int32_t lt[W];
+      std::copy(z + p, z + count, zt);
+      forward_lanes<F, kSymmetric, kHardClamp>(load<F>(zt), tb, c, ct, lt);
+      std::copy(ct, ct + (count - p), codes + p);
+      std::copy(lt, lt + (count - p), levels + p);
+    }
+  }
+}
+
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void backward_run(const float* g, const float* z, int64_t count, const FsqTables& tb, float* out) {
+  constexpr int W = kWidth<F>;
+  int64_t p = 0, c = 0;
+  for (; p + W <= count; p += W) {
+    store(out + p, backward_lanes<F, kSymmetric, kHardClamp>(load<F>(g + p), load<F>(z + p), tb, c));
+    c = c + W == tb.period ? 0 : c + W;
+  }
+  if constexpr (W > 1) {
+    if (p < count) {
+      float gt[W] = {}, zt[W] = {}, ot[W];
+      std::copy(g + p, g + count, gt);
+      std::copy(z + p, z + count, zt);
+      store(ot, backward_lanes<F, kSymmetric, kHardClamp>(load<F>(gt), load<F>(zt), tb, c));
+      std::copy(ot, ot + (count - p), out + p);
+    }
+  }
+}
+
+template <typename F>
+VQK_LANES void tanh_run(const float* x, int64_t n, float* y) {
+  constexpr int W = kWidth<F>;
+  int64_t p = 0;
+  for (; p + W <= n; p += W) store(y + p, tanh_lanes(load<F>(x + p)));
+  if constexpr (W > 1) {
+    if (p < n) {
+      float xt[W] = {}, yt[W];
+      std::copy(x + p, x + n, xt);
+      store(yt, tanh_lanes(load<F>(xt)));
+      std::copy(yt, yt + (n - p), y + p);
+    }
+  }
+}
+
+// The mode as template arguments (explicit branches: a lambda here would not inherit the caller's target ISA).
+template <typename F>
+VQK_LANES void forward_any(bool symmetric, bool hard_clamp, const float* z, int64_t count, const FsqTables& tb,
+                           float* codes, int32_t* levels) {
+  if (symmetric) {
+    if (hard_clamp)
+      forward_run<F, true, true>(z, count, tb, codes, levels);
+    else
+      forward_run<F, true, false>(z, count, tb, codes, levels);
+  } else {
+    if (hard_clamp)
+      forward_run<F, false, true>(z, count, tb, codes, levels);
+    else
+      forward_run<F, false, false>(z, count, tb, codes, levels);
+  }
+}
+
+template <typename F>
+VQK_LANES void backward_any(bool symmetric, bool hard_clamp, const float* g, const float* z, int64_t count,
+                            const FsqTables& tb, float* out) {
+  if (symmetric) {
+    if (hard_clamp)
+      backward_run<F, true, true>(g, z, count, tb, out);
+    else
+      backward_run<F, true, false>(g, z, count, tb, out);
+  } else {
+    if (hard_clamp)
+      backward_run<F, false, true>(g, z, count, tb, out);
+    else
+      backward_run<F, false, false>(g, z, count, tb, out);
+  }
+}
+
+// The entry points of each ISA.
+
+VQK_NO_CONTRACT void forward_portable(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                      const FsqTables& tb, float* codes, int32_t* levels) {
+  forward_any<float>(symmetric, hard_clamp, z, count, tb, codes, levels);
+}
+VQK_NO_CONTRACT void backward_portable(bool symmetric, bool hard_clamp, const float* g, const float* z,
+                                       int64_t count, const FsqTables& tb, float* out) {
+  backward_any<float>(symmetric, hard_clamp, g, z, count, tb, out);
+}
+VQK_NO_CONTRACT void tanh_portable(const float* x, int64_t n, float* y) { tanh_run<float>(x, n, y); }
+
+#if VQK_X86
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void forward_avx2(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                                  const FsqTables& tb, float* codes, int32_t* levels) {
+  forward_any<f32x8>(symmetric, hard_clamp, z, count, tb, codes, levels);
+}
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void backward_avx2(bool symmetric, bool hard_clamp, const float* g, const float* z,
+                                                   int64_t count, const FsqTables& tb, float* out) {
+  backward_any<f32x8>(symmetric, hard_clamp, g, z, count, tb, out);
+}
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void tanh_avx2(const float* x, int64_t n, float* y) { tanh_run<f32x8>(x, n, y); }
+
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void forward_avx512(bool symmetric, bool hard_clamp, const float* z,
+                                                      int64_t count, const FsqTables& tb, float* codes,
+                                                      int32_t* levels) {
+  forward_any<f32x16>(symmetric, hard_clamp, z, count, tb, codes, levels);
+}
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void backward_avx512(bool symmetric, bool hard_clamp, const float* g,
+                                                       const float* z, int64_t count, const FsqTables& tb,
+                                                       float* out) {
+  backward_any<f32x16>(symmetric, hard_clamp, g, z, count, tb, out);
+}
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void tanh_avx512(const float* x, int64_t n, float* y) {
+  tanh_run<f32x16>(x, n, y);
+}
+#endif
+
+// The float32 kernels of the active ISA and their lane count.
+struct FloatPath {
+  int64_t lanes;
+  void (*forward)(bool, bool, const float*, int64_t, const FsqTables&, float*, int32_t*);
+  void (*backward)(bool, bool, const float*, const float*, int64_t, const FsqTables&, float*);
+  void (*tanh)(const float*, int64_t, float*);
+};
+
+FloatPath float_path() {
+#if VQK_X86
+  if (active_isa() == Isa::Avx512) return {16, forward_avx512, backward_avx512, tanh_avx512};
+  if (active_isa() == Isa::Avx2) return {8, forward_avx2, backward_avx2, tanh_avx2};
+#endif
+  return {1, forward_portable, backward_portable, tanh_portable};
+}
+
+// Each row's index sum_j level_j * basis_j from its int32 levels [rows][d]; -1 for a row holding a -1
+// (NaN). d is an int64_t, or a std::integral_constant for the lengths unrolled at compile time.
+template <typename Dim>
+void row_indices(const int32_t* levels, int64_t rows, Dim d, const int64_t* basis, int64_t* idx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* lv = levels + r * d;
+    int64_t index = 0;
+    int32_t any = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      any |= lv[j];
+      index += lv[j] * basis[j];
+    }
+    idx[r] = any < 0 ? -1 : index;
+  }
+}
+
+// Results in float32 are written straight to a float32 output, else through scratch then converted.
+template <typename scalar_t>
+float* float_target(scalar_t* out, std::vector<float>& scratch, int64_t count) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    return out;
+  } else {
+    scratch.resize(count);
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t>
+void convert_out(const float* from, int64_t count, scalar_t* out) {
+  if constexpr (!std::is_same<scalar_t, float>::value)
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(from[i]);
+}
+
+struct FloatScratch {
+  std::vector<float> z, g, out;
+  std::vector<int32_t> levels;
+};
+
+template <typename scalar_t>
+void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, bool hard_clamp, scalar_t* out,
+                    int64_t* idx) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const FloatPath path = float_path();
+  const FsqTables& tb = setup.tables(path.lanes);
+  const int64_t* basis = setup.k.basis.data();
+  const RowSource<float> src(z);
+  parallel_row_blocks<FloatScratch>(n, [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    int64_t ld;
+    const float* zr = src.rows(r0, rows, s.z, ld);
+    float* codes = float_target(out + r0 * d, s.out, rows * d);
+    s.levels.resize(rows * d);
+    if (ld == d) {
+      path.forward(symmetric, hard_clamp, zr, rows * d, tb, codes, s.levels.data());
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        path.forward(symmetric, hard_clamp, zr + i * ld, d, tb, codes + i * d, s.levels.data() + i * d);
+    }
+    convert_out(codes, rows * d, out + r0 * d);
+    const int32_t* levels = s.levels.data();
+    if (d <= 8)
+      with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx + r0); });
+    else
+      row_indices(levels, rows, d, basis, idx + r0);
+  }, elementwise_grain(n, d));
+}
+
+template <typename scalar_t>
+void backward_float(const at::Tensor& grad_codes, const at::Tensor& z, const FsqSetup& setup, bool symmetric,
+                    bool hard_clamp, scalar_t* out) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const FloatPath path = float_path();
+  const FsqTables& tb = setup.tables(path.lanes);
+  const RowSource<float> zsrc(z), gsrc(grad_codes);
+  parallel_row_blocks<FloatScratch>(n, [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    int64_t ldz, ldg;
+    const float* zr = zsrc.rows(r0, rows, s.z, ldz);
+    const float* gr = gsrc.rows(r0, rows, s.g, ldg);
+    float* grad = float_target(out + r0 * d, s.out, rows * d);
+    if (ldz == d && ldg == d) {
+      path.backward(symmetric, hard_clamp, gr, zr, rows * d, tb, grad);
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        path.backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, grad + i * d);
+    }
+    convert_out(grad, rows * d, out + r0 * d);
+  }, elementwise_grain(n, d));
 }
 
 std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArrayRef levels, bool symmetric,
@@ -87,35 +612,14 @@ std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArra
   at::Tensor codes = at::empty({n, d}, z.options());
   at::Tensor indices = at::empty({n}, z.options().dtype(at::kLong));
   if (n == 0) return {codes, indices};
-  const FsqConstants k(levels, hard_clamp);
-  with_compute_type(z, z, [&](auto t) {
-    using T = decltype(t);
-    const RowSource<T> src(z);
-    int64_t* idx = indices.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fsq_quantize", [&] {
-      scalar_t* out = codes.data_ptr<scalar_t>();
-      parallel_row_blocks<std::vector<T>>(n, [&](std::vector<T>& buf, int64_t, int64_t r0, int64_t r1) {
-        int64_t ld;
-        const T* zr = src.rows(r0, r1 - r0, buf, ld);
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* zrow = zr + (r - r0) * ld;
-          scalar_t* orow = out + r * d;
-          int64_t index = 0;
-          bool nan = false;
-          for (int64_t j = 0; j < d; ++j) {
-            T level, code;
-            fsq_value(zrow[j], k, j, symmetric, hard_clamp, level, code);
-            orow[j] = static_cast<scalar_t>(code);
-            if (std::isnan(level))
-              nan = true;
-            else
-              index += static_cast<int64_t>(level) * k.basis[j];
-          }
-          idx[r] = nan ? -1 : index;
-        }
-      }, elementwise_grain(n, d));
-    });
-  });
+  const auto setup = fsq_setup(levels, hard_clamp);
+  int64_t* idx = indices.data_ptr<int64_t>();
+  switch (z.scalar_type()) {
+    case at::kDouble: quantize_double(z, setup->k, symmetric, hard_clamp, codes.data_ptr<double>(), idx); break;
+    case at::kFloat: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<float>(), idx); break;
+    case at::kHalf: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::Half>(), idx); break;
+    default: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::BFloat16>(), idx); break;
+  }
   return {codes, indices};
 }
 
@@ -131,39 +635,20 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
   const int64_t n = z.size(0), d = z.size(1);
   at::Tensor grad = at::empty({n, d}, z.options());
   if (n == 0) return grad;
-  const FsqConstants k(levels, hard_clamp);
-  with_compute_type(z, z, [&](auto t) {
-    using T = decltype(t);
-    const RowSource<T> zsrc(z), gsrc(grad_codes);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fsq_quantize_backward", [&] {
-      scalar_t* out = grad.data_ptr<scalar_t>();
-      struct Scratch {
-        std::vector<T> z, g;
-      };
-      parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
-        int64_t ldz, ldg;
-        const T* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
-        const T* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < d; ++j) {
-            const T zv = zr[(r - r0) * ldz + j], gv = gr[(r - r0) * ldg + j];
-            // the order of torch's autograd through vector-quantize-pytorch's expressions
-            T g;
-            if (symmetric) {  // * (2 / (L - 1)), / 2, * (L - 1), squash'
-              const T lm1 = T(k.levels_minus_1[j]);
-              g = gv * T(k.symmetric_scale[j]) / T(2) * lm1 * squash_grad(zv, hard_clamp);
-            } else {  // / half_width, * half_l, squash'
-              g = gv / T(k.half_width[j]) * T(k.half_l[j]) * squash_grad(zv + T(k.shift[j]), hard_clamp);
-            }
-            out[r * d + j] = static_cast<scalar_t>(g);
-          }
-      }, elementwise_grain(n, d));
-    });
-  });
+  const auto setup = fsq_setup(levels, hard_clamp);
+  switch (z.scalar_type()) {
+    case at::kDouble: backward_double(grad_codes, z, setup->k, symmetric, hard_clamp, grad.data_ptr<double>()); break;
+    case at::kFloat: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<float>()); break;
+    case at::kHalf: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::Half>()); break;
+    default: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::BFloat16>()); break;
+  }
   return grad;
 }
 
 }  // namespace
+
+void fsq_tanh(const float* x, int64_t n, float* y) { float_path().tanh(x, n, y); }
+
 }  // namespace cpu
 }  // namespace vqk
 
