@@ -105,7 +105,9 @@ def test_dead_codes_restart_from_the_batch_where_configured():
         copies = (new_top[:, None] == rows[None]).all(-1).any(1).sum().item()  # exact copies of the batch's rows
         unused = 64 - torch.unique(out.indices["top"]).numel()
         assert unused > 0
-        assert copies == (unused if threshold else 0), threshold
+        # every dead code restarts from its own row of the batch; with more dead codes than rows, as many as
+        # there are rows (the rest wait for later steps, as vector-quantize-pytorch 1.32)
+        assert copies == (min(unused, rows.shape[0]) if threshold else 0), threshold
         assert not torch.equal(new_top, top_cb)
 
 
