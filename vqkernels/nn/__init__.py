@@ -4,6 +4,8 @@ Constructor keywords, forward return convention ``(quantized, indices, loss)`` a
 ``state_dict`` layout follow vector-quantize-pytorch for the options people use.
 """
 
+from .binary_mapper import BinaryMapper
+from .evo_lfq import EvoLFQ
 from .frozen import minilm_word_embeddings
 from .fsp import FSP
 from .fsq import FSQ
@@ -21,4 +23,5 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ",
            "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "ResidualSimVQ", "RandomProjectionQuantizer", "GumbelQuantize", "MultiScaleVQ",
-           "HierarchicalVQ", "LatentQuantize", "VectorQuantizer", "FSP", "minilm_word_embeddings"]
+           "HierarchicalVQ", "LatentQuantize", "VectorQuantizer", "FSP", "EvoLFQ", "BinaryMapper",
+           "minilm_word_embeddings"]
