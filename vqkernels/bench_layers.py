@@ -129,6 +129,30 @@ def _hierarchical_vq(quick):
     return ours, theirs, torch.randn(4 if quick else 8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
+def _fsp(quick):
+    from .nn import FSP
+    ours, theirs = _pair(FSP, "FSP", levels=[8, 5, 5, 5])
+    return ours, theirs, _tokens(4 if quick else 16, 1024, 4)
+
+
+def _binary_mapper(quick):
+    from .nn import BinaryMapper
+    ours, theirs = _pair(BinaryMapper, "BinaryMapper", bits=8)
+    return ours, theirs, _tokens(4 if quick else 16, 256, 8)
+
+
+def _evo_lfq(quick):
+    import copy
+
+    from .nn import EvoLFQ
+    vqp = bench._import("vector_quantize_pytorch")
+    coder = dict(encoder=torch.nn.Linear(32, 10), decoder=torch.nn.Linear(10, 32))
+    theirs = vqp.EvoLFQ(**coder, dim=10, codebook_size=2 ** 10)
+    ours = EvoLFQ(**copy.deepcopy(coder), dim=10, codebook_size=2 ** 10)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs, _tokens(4 if quick else 16, 256, 32)
+
+
 CASES = (
     Case("VectorQuantize", "dim 64, 1024 codes", _vq, 5.0),
     Case("VectorQuantize masked", "dim 64, 1024 codes, lens (half the sequences half padded)",
@@ -150,6 +174,9 @@ CASES = (
          channel_first=True),
     Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq,
          channel_first=True),
+    Case("FSP", "levels 8,5,5,5", _fsp),
+    Case("BinaryMapper", "8 bits (256 codes), one-hot output", _binary_mapper),
+    Case("EvoLFQ", "linear encoder / decoder 32 <-> 10, 2^10 codes", _evo_lfq),
 )
 
 
