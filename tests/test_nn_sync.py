@@ -64,3 +64,35 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
         torch.testing.assert_close(states[0][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # dead codes really were restarted and k-means really ran during these steps
     assert not bool((single["vq._codebook.cluster_size"] == 1.0).all())
+
+
+def _affine(sync):
+    from vqkernels.nn import VectorQuantize
+    torch.manual_seed(0)
+    return VectorQuantize(dim=6, codebook_size=16, affine_param=True, decay=0.7, rotation_trick=False,
+                          sync_codebook=sync, sync_affine_param=sync)
+
+
+def _affine_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        vq = _affine(sync=True).train()
+        for x in _batches():
+            vq(x[rank:rank + 1])
+        torch.save({k: v.clone() for k, v in vq.state_dict().items()}, os.path.join(out_dir, f"affine{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_affine_param_takes_the_batch_statistics_of_every_rank(tmp_path):
+    """sync_affine_param: the running batch mean and variance of two ranks are those of one process seeing both
+    ranks' rows (and with sync_codebook the codebooks follow)."""
+    mp.spawn(_affine_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    states = [torch.load(tmp_path / f"affine{r}.pt") for r in range(WORLD)]
+    single = _affine(sync=False).train()
+    for x in _batches():
+        single(x.reshape(1, WORLD * ROWS, 6))
+    for k, v in single.state_dict().items():
+        for state in states:
+            torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

@@ -206,7 +206,7 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize("kw,err", [(dict(orthogonal_reg_weight=0.1, orthogonal_reg_max_codes=0), ValueError),
                                     (dict(orthogonal_reg_active_codes_only=True, heads=2,
                                           separate_codebook_per_head=True), ValueError),
-                                    (dict(sync_affine_param=True), ValueError),
+                                    (dict(sync_kmeans=False), ValueError),
                                     (dict(no_such_option=1), TypeError),
                                     (dict(learnable_codebook=True), ValueError),  # with the EMA default
                                     (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False),

@@ -34,3 +34,9 @@ def all_reduce_mean_(t):
     dist.all_reduce(t)
     t.div_(dist.get_world_size())
     return t
+
+
+def all_reduce_sum_(t):
+    """``t`` summed over the ranks, in place."""
+    dist.all_reduce(t)
+    return t

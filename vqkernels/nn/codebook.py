@@ -172,11 +172,12 @@ class Codebook(nn.Module):
             codes = self._restart_dead_codes(h, rows, codes, valid)
         self._set_codes(h, codes)
 
-    def enable_affine(self, batch_decay, codebook_decay):
+    def enable_affine(self, batch_decay, codebook_decay, sync=False):
         """vector-quantize-pytorch's ``affine_param``: running means and variances of the batch rows and of the
         codes (same buffers: ``batch_mean`` / ``batch_variance`` appear at the first forward, as there), the codes
-        searched after an affine map onto the batch statistics."""
-        self.affine, self.affine_decays = True, (batch_decay, codebook_decay)
+        searched after an affine map onto the batch statistics; with ``sync`` the batch statistics are those of
+        every rank's rows together (torch.distributed)."""
+        self.affine, self.affine_decays, self.sync_affine = True, (batch_decay, codebook_decay), sync
         self.register_buffer("batch_mean", None)
         self.register_buffer("batch_variance", None)
         for name in ("codebook_mean", "codebook_variance"):
@@ -205,9 +206,10 @@ class Codebook(nn.Module):
             self._update_with_decay("codebook_variance", embed.var(1, unbiased=False, keepdim=True), codebook_decay)
         data = torch.stack([r.detach().float() for r in rows])  # [H, M, D]
         w = torch.ones(data.shape[1], device=data.device) if weights is None else weights
-        count = w.sum().clamp(min=1)
-        mean = (data * w[:, None]).sum(1, keepdim=True) / count
-        variance = ((data - mean).square() * w[:, None]).sum(1, keepdim=True) / count
+        reduce = _dist.all_reduce_sum_ if self.sync_affine else (lambda t: t)  # the batch of every rank
+        count = reduce(w.sum()).clamp(min=1)
+        mean = reduce((data * w[:, None]).sum(1, keepdim=True)) / count
+        variance = reduce(((data - mean).square() * w[:, None]).sum(1, keepdim=True)) / count
         self._update_with_decay("batch_mean", mean, batch_decay)
         self._update_with_decay("batch_variance", variance, batch_decay)
 

@@ -15,7 +15,6 @@ from .codebook import Codebook
 # vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
 _VQ_UNSUPPORTED = dict(
     sync_kmeans=True,
-    sync_affine_param=False,
 )
 
 
@@ -96,8 +95,8 @@ class VectorQuantize(nn.Module):
     :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature),
     ``layernorm_after_project_in``, ``vq_bridge`` (a module applied to the codebook before every search, learned
     with it; also applied by get_codes_from_indices, where theirs returns the raw codes), ``sync_update_v``. Others
-    raise unless given at their default. ``affine_param`` (with its two decays): codes searched after an affine map
-    onto running batch statistics. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
+    raise unless given at their default. ``affine_param`` (with its two decays and ``sync_affine_param``: the batch
+    statistics of every rank): codes searched after an affine map onto running batch statistics. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
     rows only with ``route_gradients_to_input=False``, as theirs), ``commitment_use_cross_entropy_loss`` and
     ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature`` read the [N, K] scores theirs
     builds; here they run in checkpointed row chunks (:mod:`vqkernels.nn._scores`). Forward's ``indices``
@@ -129,7 +128,7 @@ class VectorQuantize(nn.Module):
                  sample_codebook_temp=1.0, layernorm_after_project_in=False, vq_bridge=None, sync_update_v=0.0,
                  straight_through=False, commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0,
                  codebook_diversity_temperature=100.0, affine_param=False, affine_param_batch_decay=0.99,
-                 affine_param_codebook_decay=0.9, frozen_codebook=None, **unsupported):
+                 affine_param_codebook_decay=0.9, sync_affine_param=False, frozen_codebook=None, **unsupported):
         super().__init__()
         reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
@@ -217,7 +216,7 @@ class VectorQuantize(nn.Module):
         if affine_param:
             if use_cosine_sim:
                 raise ValueError("VectorQuantize: affine_param works with the euclidean codebook only (as theirs)")
-            self._codebook.enable_affine(affine_param_batch_decay, affine_param_codebook_decay)
+            self._codebook.enable_affine(affine_param_batch_decay, affine_param_codebook_decay, sync_affine_param)
         self.in_place_codebook_optimizer = (in_place_codebook_optimizer(self._codebook.parameters())
                                             if in_place_codebook_optimizer is not None else None)
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
