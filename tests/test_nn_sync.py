@@ -96,3 +96,33 @@ def test_sync_affine_param_takes_the_batch_statistics_of_every_rank(tmp_path):
     for k, v in single.state_dict().items():
         for state in states:
             torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _local_kmeans(sync):
+    from vqkernels.nn import VectorQuantize
+    torch.manual_seed(0)
+    return VectorQuantize(dim=6, codebook_size=16, kmeans_init=True, kmeans_iters=3, ema_update=False,
+                          rotation_trick=False, sync_codebook=sync, sync_kmeans=False)
+
+
+def _local_kmeans_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        vq = _local_kmeans(sync=True).train()
+        vq(_batches()[0][rank:rank + 1])
+        torch.save(vq.codebook.clone(), os.path.join(out_dir, f"kmeans{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_kmeans_false_initialises_each_rank_from_its_own_rows(tmp_path):
+    """sync_kmeans=False (with sync_codebook): k-means init runs on each rank's rows alone, as one process on
+    that rank's batch, so the ranks' codebooks differ (vector-quantize-pytorch's meaning)."""
+    mp.spawn(_local_kmeans_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    codebooks = [torch.load(tmp_path / f"kmeans{r}.pt") for r in range(WORLD)]
+    assert not torch.equal(codebooks[0], codebooks[1])
+    for rank, codebook in enumerate(codebooks):
+        single = _local_kmeans(sync=False).train()
+        single(_batches()[0][rank:rank + 1])
+        torch.testing.assert_close(codebook, single.codebook)

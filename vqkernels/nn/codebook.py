@@ -61,7 +61,7 @@ class Codebook(nn.Module):
 
     def __init__(self, dim, codebook_size, num_codebooks=1, kmeans_init=False, kmeans_iters=10, decay=0.8,
                  eps=1e-5, threshold_ema_dead_code=0, learnable_codebook=False, ema_update=True,
-                 use_cosine_sim=False, sync=False, frozen=None, manual_ema_update=False):
+                 use_cosine_sim=False, sync=False, frozen=None, manual_ema_update=False, sync_kmeans=True):
         super().__init__()
         if frozen is not None:
             embed = frozen.detach().float().reshape(num_codebooks, codebook_size, dim).clone()
@@ -79,6 +79,9 @@ class Codebook(nn.Module):
         self.affine = False  # see enable_affine
         self._pending = {}  # codebook -> summed (counts [K], sums [K, D]) of accum_ema_update steps
         self.use_cosine_sim, self.sync, self.frozen = use_cosine_sim, sync, frozen is not None
+        # k-means init and dead-code restart from every rank's rows (else each rank's own, vector-quantize-pytorch's
+        # sync_kmeans=False: the codebooks then differ between ranks)
+        self.sync_samples = sync and sync_kmeans
         self.metric = "cosine" if use_cosine_sim else "l2"
         initted = frozen is not None or not kmeans_init
         self.register_buffer("initted", torch.tensor(initted))
@@ -119,9 +122,9 @@ class Codebook(nn.Module):
     def init_embed_(self, rows):
         """k-means init from the rows of each codebook (a list of [M, D] tensors)."""
         for h, samples in enumerate(rows):
-            if self.sync:
+            if self.sync_samples:
                 samples = _dist.gather_rows(samples.detach().float())
-            means, counts = kmeans(samples, self.codebook_size, self.kmeans_iters, self.metric, self.sync)
+            means, counts = kmeans(samples, self.codebook_size, self.kmeans_iters, self.metric, self.sync_samples)
             self.cluster_size[h].copy_(counts)
             self.embed_avg[h].copy_(means * counts.unsqueeze(1))
             # decay 1 with no rows: statistics kept, codebook recomputed from them (smoothed means)
@@ -147,10 +150,15 @@ class Codebook(nn.Module):
         whole step is one fused :func:`vqkernels.ema_update_`."""
         if not self.tracks_statistics or not (ema_update or self.threshold_ema_dead_code > 0):
             return
-        rows = rows.detach().float()
+        rows = local_rows = rows.detach().float()
+        local_valid = valid
         if self.sync:  # every rank updates from the rows of all ranks: identical codebooks
             rows, indices = _dist.gather_rows(rows), _dist.gather_rows(indices)
             valid = None if valid is None else _dist.gather_rows(valid)
+        if not self.sync_samples:  # dead codes restart from this rank's rows (sync_kmeans=False)
+            rows_restart, valid_restart = local_rows, local_valid
+        else:
+            rows_restart, valid_restart = rows, valid
         fused = weight is None and not accumulate and h not in self._pending
         target = torch.empty_like(self.embed_avg[h])
         stats_rows = self.affine_rows(h, rows) if self.affine else rows  # the statistics live in code space
@@ -168,8 +176,8 @@ class Codebook(nn.Module):
             codes = F.normalize(target, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else target
         else:
             codes = self.embed[h].detach()
-        if self.threshold_ema_dead_code > 0 and rows.shape[0] > 0:
-            codes = self._restart_dead_codes(h, rows, codes, valid)
+        if self.threshold_ema_dead_code > 0 and rows_restart.shape[0] > 0:
+            codes = self._restart_dead_codes(h, rows_restart, codes, valid_restart)
         self._set_codes(h, codes)
 
     def enable_affine(self, batch_decay, codebook_decay, sync=False):
@@ -233,7 +241,7 @@ class Codebook(nn.Module):
         if self.frozen or self.threshold_ema_dead_code <= 0 or rows.shape[0] == 0:
             return
         rows = rows.detach().float()
-        if self.sync:
+        if self.sync_samples:
             rows = _dist.gather_rows(rows)
             valid = None if valid is None else _dist.gather_rows(valid)
         self._set_codes(h, self._restart_dead_codes(h, rows, self.embed[h].detach(), valid))
@@ -296,7 +304,7 @@ class Codebook(nn.Module):
         # random permutations (randperm: the same draws eagerly and under torch.compile) as sort keys
         row_keys = torch.randperm(m, device=rows.device).masked_fill(~valid, m)
         code_keys = torch.randperm(k, device=rows.device).masked_fill(~dead, k)
-        if self.sync:
+        if self.sync_samples:
             row_keys, code_keys = _dist.broadcast_from_rank0(row_keys), _dist.broadcast_from_rank0(code_keys)
         order = row_keys.argsort()  # the valid rows first, in random order
         rank = code_keys.argsort().argsort()  # the dead codes first, in random order

@@ -11,13 +11,12 @@ from .. import ops
 from ._layout import Layout
 from ._options import reject_unsupported
 from .implicit_codebook import ImplicitCodebook
-from .vq import _VQ_UNSUPPORTED, VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
+from .vq import VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
 
 _RVQ_UNSUPPORTED = dict(heads=1, beam_score_quantizer_weights=None, separate_codebook_per_head=False)
 DIVEQ_VARIANCE = 5e-3  # the noise variance of DiVeQ's output reparametrisation (vector-quantize-pytorch's default)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
-_LEVEL_KEYWORDS = ((set(inspect.signature(VectorQuantize).parameters) | set(_VQ_UNSUPPORTED))
-                   - {"unsupported"} - set(_RVQ_UNSUPPORTED))
+_LEVEL_KEYWORDS = set(inspect.signature(VectorQuantize).parameters) - set(_RVQ_UNSUPPORTED)
 _VQ_DEFAULTS = {name: p.default for name, p in inspect.signature(VectorQuantize).parameters.items()}
 # The level options the fused residual op honours; any other one set runs the levels one by one.
 _FUSED_LEVEL_KEYWORDS = {"decay", "eps", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "commitment_weight",

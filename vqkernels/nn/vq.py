@@ -9,14 +9,7 @@ from torch import nn
 from .. import ops
 from . import _dist, _scores
 from ._layout import Layout
-from ._options import reject_unsupported
 from .codebook import Codebook
-
-# vector-quantize-pytorch VectorQuantize options not implemented here, with their defaults.
-_VQ_UNSUPPORTED = dict(
-    sync_kmeans=True,
-)
-
 
 # forward(..., return_loss_breakdown=True)'s fourth result, vector-quantize-pytorch's fields: the unweighted
 # commitment and orthogonal-regularisation losses (0 in eval mode); the other two are options not implemented here (0).
@@ -79,28 +72,26 @@ class VectorQuantize(nn.Module):
     head dimension when ``heads > 1``. ``loss`` is ``commitment_weight`` times the commitment
     loss in training and 0 in eval mode.
 
-    Supported options (vector-quantize-pytorch's meaning and defaults): ``codebook_dim``
-    (factorised codes with in/out projections), ``heads``, ``separate_codebook_per_head``,
-    ``decay``, ``eps``, ``freeze_codebook``, ``kmeans_init``, ``kmeans_iters``,
-    ``use_cosine_sim``, ``threshold_ema_dead_code``, ``channel_last``, ``accept_image_fmap``,
-    ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``directional_reparam``
-    (with ``directional_reparam_variance``), ``route_gradients_to_input``, ``sync_codebook``
-    (default: when torch.distributed runs with several ranks), ``ema_update``, ``manual_ema_update``
-    (then :meth:`update_ema` recomputes the codes), ``learnable_codebook``, ``in_place_codebook_optimizer``
-    (with ``manual_in_place_optimizer_update`` and :meth:`update_in_place_optimizer`),
-    ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only`` and
-    ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with
-    both), ``return_zeros_for_masked_padding``, ``stochastic_sample_codes`` with ``sample_codebook_temp`` (in
-    training, codes drawn from softmax(-distance / temperature), theirs' scores and Gumbel noise, in row chunks:
-    :func:`sample_codes`; forward's ``sample_codebook_temp`` overrides the temperature),
-    ``layernorm_after_project_in``, ``vq_bridge`` (a module applied to the codebook before every search, learned
-    with it; also applied by get_codes_from_indices, where theirs returns the raw codes), ``sync_update_v``. Others
-    raise unless given at their default. ``affine_param`` (with its two decays and ``sync_affine_param``: the batch
-    statistics of every rank): codes searched after an affine map onto running batch statistics. ``straight_through`` (the Gumbel one-hot's gradient, which reaches the
-    rows only with ``route_gradients_to_input=False``, as theirs), ``commitment_use_cross_entropy_loss`` and
-    ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature`` read the [N, K] scores theirs
-    builds; here they run in checkpointed row chunks (:mod:`vqkernels.nn._scores`). Forward's ``indices``
-    returns ``(quantized, cross-entropy of the scores to those codes)`` as theirs.
+    Every vector-quantize-pytorch 1.32 keyword is taken, with its meaning and default: ``codebook_dim``
+    (factorised codes with in/out projections, ``layernorm_after_project_in``), ``heads``,
+    ``separate_codebook_per_head``, ``decay``, ``eps``, ``freeze_codebook``, ``kmeans_init``, ``kmeans_iters``,
+    ``use_cosine_sim``, ``threshold_ema_dead_code``, ``channel_last``, ``accept_image_fmap``, ``accept_3d_fmap``,
+    ``commitment_weight``, ``rotation_trick`` (default on for dim > 1, as there), ``directional_reparam`` (with
+    ``directional_reparam_variance``), ``straight_through`` (the Gumbel one-hot's gradient, which reaches the rows
+    only with ``route_gradients_to_input=False``, as theirs), ``route_gradients_to_input``, ``sync_update_v``,
+    ``sync_codebook`` (default: when torch.distributed runs with several ranks; ``sync_kmeans=False`` keeps k-means
+    init and dead-code restart on each rank's own rows), ``ema_update``, ``manual_ema_update`` (then
+    :meth:`update_ema` recomputes the codes), ``learnable_codebook``, ``in_place_codebook_optimizer`` (with
+    ``manual_in_place_optimizer_update`` and :meth:`update_in_place_optimizer`), ``vq_bridge`` (a module applied to
+    the codebook before every search, learned with it; also applied by get_codes_from_indices, where theirs
+    returns the raw codes), ``affine_param`` (with its two decays and ``sync_affine_param``: codes searched after an
+    affine map onto running batch statistics), ``orthogonal_reg_weight`` with ``orthogonal_reg_active_codes_only``
+    and ``orthogonal_reg_max_codes`` (a random subset of that many codes each step, of the active ones with both),
+    ``stochastic_sample_codes`` with ``sample_codebook_temp`` (in training, codes drawn from softmax(-distance /
+    temperature) with theirs' scores and Gumbel noise), ``commitment_use_cross_entropy_loss``,
+    ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature``, ``return_zeros_for_masked_padding``.
+    What theirs reads from the full [N, K] scores (sampling, the cross-entropy commitment, the diversity loss, the
+    Gumbel straight-through gradient) runs here in checkpointed row chunks (:mod:`vqkernels.nn._scores`).
 
     Forward options: ``mask`` [B, N] bool or ``lens`` [B] for padded sequences (padded tokens neither
     update the codebook nor count in the losses; their output is 0, or the input with
@@ -109,7 +100,9 @@ class VectorQuantize(nn.Module):
     ``freeze_codebook``, ``ema_update`` (False: no EMA step this call), ``ema_update_weight`` (a [K] /
     [heads, K] per-code rate factor, or a callable of the step's sums and counts — called per codebook,
     with [1, K, D] and [1, K]), ``accum_ema_update`` (collect this step's statistics for the next
-    update), ``return_loss_breakdown``. :meth:`update_indices` updates the codebook from given codes.
+    update), ``sample_codebook_temp``, ``codebook_transform_fn`` (per-token codebooks the caller's function
+    builds whole, as theirs), ``indices`` (returns ``(quantized, cross-entropy of the scores to those codes)`` as
+    theirs), ``return_loss_breakdown``. :meth:`update_indices` updates the codebook from given codes.
 
     ``frozen_codebook``: a fixed [codebook_size, codebook_dim] table (e.g. a language model's
     word embeddings, LQAE / SPAE / UniCode) that is never updated and not part of the
@@ -128,9 +121,8 @@ class VectorQuantize(nn.Module):
                  sample_codebook_temp=1.0, layernorm_after_project_in=False, vq_bridge=None, sync_update_v=0.0,
                  straight_through=False, commitment_use_cross_entropy_loss=False, codebook_diversity_loss_weight=0.0,
                  codebook_diversity_temperature=100.0, affine_param=False, affine_param_batch_decay=0.99,
-                 affine_param_codebook_decay=0.9, sync_affine_param=False, frozen_codebook=None, **unsupported):
+                 affine_param_codebook_decay=0.9, sync_affine_param=False, sync_kmeans=True, frozen_codebook=None):
         super().__init__()
-        reject_unsupported("VectorQuantize", unsupported, _VQ_UNSUPPORTED)
         if frozen_codebook is not None:
             if frozen_codebook.dim() != 2 or frozen_codebook.shape[0] != codebook_size:
                 raise ValueError(f"VectorQuantize: frozen_codebook must be [codebook_size={codebook_size}, E], "
@@ -211,7 +203,7 @@ class VectorQuantize(nn.Module):
                                   threshold_ema_dead_code=threshold_ema_dead_code,
                                   learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0,
                                   ema_update=ema_update, use_cosine_sim=use_cosine_sim, sync=sync,
-                                  frozen=frozen_codebook, manual_ema_update=manual_ema_update)
+                                  frozen=frozen_codebook, manual_ema_update=manual_ema_update, sync_kmeans=sync_kmeans)
         self._codebook.vq_bridge = vq_bridge  # theirs keeps the bridge in its codebook: _codebook.vq_bridge.*
         if affine_param:
             if use_cosine_sim:
