@@ -414,3 +414,22 @@ def test_wrong_feature_dimension_names_the_layer():
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=16)(torch.randn(2, 3, 7))
     with pytest.raises(ValueError, match="VectorQuantize: expects 8 features"):
         VectorQuantize(dim=8, codebook_size=16, accept_image_fmap=True)(torch.randn(2, 7, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_cast_to_half_precision_trains_as_theirs(dtype):
+    """A layer cast with .to(bfloat16 / float16): its EMA statistics stay in that dtype (as theirs) and are updated
+    through float32; indices equal theirs and outputs and codes agree to the dtype's rounding."""
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=1e-3).to(dtype).train()
+    ours = VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=1e-3).to(dtype).train()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        x = torch.randn(2, 5, 8, dtype=dtype)
+        q_t, i_t, _ = theirs(x)
+        q_o, i_o, _ = ours(x)
+        assert torch.equal(i_o, i_t) and q_o.dtype == dtype
+        torch.testing.assert_close(q_o, q_t)
+    assert ours._codebook.cluster_size.dtype == dtype
+    torch.testing.assert_close(ours.codebook, theirs.codebook)
+    torch.testing.assert_close(ours._codebook.cluster_size, theirs._codebook.cluster_size)

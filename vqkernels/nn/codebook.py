@@ -5,6 +5,8 @@ The buffers carry vector-quantize-pytorch's names and shapes (``initted``, ``clu
 [H, K], ``embed_avg`` [H, K, D], ``embed`` [H, K, D]), so its checkpoints load.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,24 @@ def kmeans(samples, num_clusters, num_iters=10, metric="l2", sync=False):
         new = F.normalize(scratch, dim=-1, eps=COSINE_EPS) if metric == "cosine" else scratch
         means = torch.where((counts > 0).unsqueeze(1), new, means)
     return means, counts
+
+
+def float32_statistics(method):
+    """Runs a Codebook method with its EMA statistics in float32 when the layer was cast to float16 / bfloat16
+    (the EMA kernel keeps them in float32 or float64), writing the results back in the buffers' dtype."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.cluster_size.dtype in (torch.float32, torch.float64):
+            return method(self, *args, **kwargs)
+        low = self.cluster_size, self.embed_avg
+        self.cluster_size, self.embed_avg = low[0].float(), low[1].float()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            low[0].copy_(self.cluster_size)
+            low[1].copy_(self.embed_avg)
+            self.cluster_size, self.embed_avg = low
+    return run
 
 
 def _uniform_init(*shape):
@@ -119,6 +139,7 @@ class Codebook(nn.Module):
         return F.normalize(x, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else x
 
     @torch.no_grad()
+    @float32_statistics
     def init_embed_(self, rows):
         """k-means init from the rows of each codebook (a list of [M, D] tensors)."""
         for h, samples in enumerate(rows):
@@ -137,6 +158,7 @@ class Codebook(nn.Module):
         self._initted = True
 
     @torch.no_grad()
+    @float32_statistics
     def update_(self, h, rows, indices, valid=None, ema_update=True, weight=None, accumulate=False):
         """One training step of codebook ``h`` from its rows [M, D] and their codes [M] (-1: a row
         that counts nowhere, e.g. padding; ``valid`` [M] bool marks the rows dead codes may restart
@@ -235,6 +257,7 @@ class Codebook(nn.Module):
         return (rows - self.batch_mean[h]) * (codebook_std / batch_std) + self.codebook_mean[h]
 
     @torch.no_grad()
+    @float32_statistics
     def expire_(self, h, rows, valid=None):
         """Dead-code restart of codebook h from ``rows`` [M, D] (the ``valid`` ones) alone, statistics unchanged
         otherwise."""
@@ -286,6 +309,7 @@ class Codebook(nn.Module):
         return target
 
     @torch.no_grad()
+    @float32_statistics
     def update_ema(self):
         """Recomputes every codebook from its EMA statistics (``manual_ema_update``'s explicit step)."""
         for h in range(self.num_codebooks):
