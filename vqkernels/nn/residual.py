@@ -13,7 +13,7 @@ from ._options import reject_unsupported
 from .implicit_codebook import ImplicitCodebook
 from .vq import VectorQuantize, directional_reparam, masked_mean, route_gradient, training_losses
 
-_RVQ_UNSUPPORTED = dict(heads=1, beam_score_quantizer_weights=None, separate_codebook_per_head=False)
+_RVQ_UNSUPPORTED = dict(heads=1, separate_codebook_per_head=False)
 DIVEQ_VARIANCE = 5e-3  # the noise variance of DiVeQ's output reparametrisation (vector-quantize-pytorch's default)
 # What else ResidualVQ passes on to each level's VectorQuantize (as vector-quantize-pytorch does).
 _LEVEL_KEYWORDS = set(inspect.signature(VectorQuantize).parameters) - set(_RVQ_UNSUPPORTED)
@@ -174,11 +174,17 @@ class ResidualVQ(ResidualLevels):
     ``stochastic_sample_codes``, ``orthogonal_reg_weight``, ``affine_param``, ``directional_reparam``, the
     in-place optimizer, ... : everything but ``decay, eps, kmeans_init, kmeans_iters, threshold_ema_dead_code,
     commitment_weight, rotation_trick, ema_update, learnable_codebook, freeze_codebook, channel_last,
-    sync_codebook``) run the levels one by one as vector-quantize-pytorch does (tokens [B, N, D] only, no beam
-    search, per-level codebooks: a shared one did not match theirs' updates there, so it is refused): each level's
-    :class:`VectorQuantize` quantizes what the previous levels left, the residual takes ``quant_grad_frac`` of
-    the level's gradient, and ``losses`` are each level's own loss. Forward's ``sample_codebook_temp`` and
-    ``rand_quantize_dropout_fixed_seed`` work on both paths.
+    sync_codebook``) run the levels one by one as vector-quantize-pytorch does (tokens [B, N, D] only): each
+    level's :class:`VectorQuantize` quantizes what the previous levels left, the residual takes
+    ``quant_grad_frac`` of the level's gradient, and ``losses`` are each level's own loss; a shared codebook
+    gathers every level's statistics and is recomputed (and restarts dead codes) at the end of the step.
+    Forward's ``sample_codebook_temp`` and ``rand_quantize_dropout_fixed_seed`` work on both paths.
+
+    Beam search: the fused op keeps the beams of lowest total error. There, or with
+    ``beam_score_quantizer_weights``, it runs as theirs instead: each level's VectorQuantize top-k, a beam's score
+    minus the sum of its levels' per-token losses times the level weights; in training every level then learns
+    from the winning beam's inputs (theirs updates only the first level there: it takes level 0 of its stacked
+    inputs where it means beam 0).
     ``diveq=True`` (DiVeQ) runs there too: learned codes, no EMA or commitment loss, the levels' full gradient,
     and the output reparametrised along the direction to the input with noise (as theirs).
     ``implicit_neural_codebook=True`` (QINCo, with ``mlp_kwargs``: ``dim_hidden``, ``depth``) runs there as well:
@@ -198,7 +204,7 @@ class ResidualVQ(ResidualLevels):
     def __init__(self, *, dim, codebook_size, num_quantizers=None, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
                  accept_image_fmap=False, beam_size=None, eval_beam_size=None, quant_grad_frac=0.0, diveq=False,
-                 implicit_neural_codebook=False, mlp_kwargs=None, **kwargs):
+                 implicit_neural_codebook=False, mlp_kwargs=None, beam_score_quantizer_weights=None, **kwargs):
         super().__init__()
         reject_unsupported("ResidualVQ", {k: kwargs.pop(k) for k in list(kwargs) if k not in _LEVEL_KEYWORDS},
                            _RVQ_UNSUPPORTED)
@@ -230,9 +236,16 @@ class ResidualVQ(ResidualLevels):
                                if k not in _FUSED_LEVEL_KEYWORDS and v is not _VQ_DEFAULTS.get(k) and
                                not (isinstance(v, (bool, int, float)) and v == _VQ_DEFAULTS.get(k)))
         self.by_level = bool(level_options) or quant_grad_frac > 0 or implicit_neural_codebook
-        if self.by_level and (self.channel_first or beam_size is not None):
+        if beam_score_quantizer_weights is not None and len(beam_score_quantizer_weights) != len(sizes):
+            raise ValueError(f"ResidualVQ: beam_score_quantizer_weights needs one weight per level ({len(sizes)})")
+        self.beam_score_weights = beam_score_quantizer_weights
+        # beam search level by level, as theirs (VectorQuantize's topk per level, scores weighted per level)
+        self.level_beam = self.by_level or beam_score_quantizer_weights is not None
+        if (self.by_level and self.channel_first) or (self.level_beam and beam_size is not None and
+                                                      (self.channel_first or implicit_neural_codebook)):
             raise ValueError(f"ResidualVQ: {', '.join(level_options) or 'quant_grad_frac / implicit_neural_codebook'} "
-                             f"run the levels one by one, for tokens [B, N, D] and no beam search")
+                             f"or a level-by-level beam search run for tokens [B, N, D] (a beam search not with "
+                             f"implicit_neural_codebook)")
         if self.by_level and shared_codebook:  # as theirs: statistics per level, the codes and restarts at the end
             kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         self.layers = nn.ModuleList(
@@ -273,9 +286,12 @@ class ResidualVQ(ResidualLevels):
     def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                 freeze_codebook=None, beam_size=None, rand_quantize_dropout_fixed_seed=None):
         reject_unsupported("ResidualVQ.forward", dict(indices=indices), dict(indices=None))
-        if self.by_level:
-            if beam_size is not None:
-                raise ValueError("ResidualVQ: beam search does not run with the levels one by one")
+        beams = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        if self.level_beam and beams is not None and beams > 1:
+            if self.mlps is not None:
+                raise ValueError("ResidualVQ: beam search does not run with implicit_neural_codebook")
+            result = self._forward_beam_by_level(x, freeze_codebook, mask, beams, rand_quantize_dropout_fixed_seed)
+        elif self.by_level:
             result = self._forward_by_level(x, freeze_codebook, mask, sample_codebook_temp, rand_quantize_dropout_fixed_seed)
         else:  # no level samples or reads the temperature on this path
             result = self._forward_fused(x, mask, freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed)
@@ -428,6 +444,62 @@ class ResidualVQ(ResidualLevels):
             so_far = so_far + code
             codes.append(code)
         return torch.stack(codes)
+
+    def _forward_beam_by_level(self, x, freeze_codebook, mask, beam_size, seed):
+        """vector-quantize-pytorch's beam search: each level's VectorQuantize gives every beam's ``beam_size``
+        nearest codes with their per-token losses; a beam's score is minus the sum of its levels' losses times
+        ``beam_score_quantizer_weights``; the best ``beam_size`` beams go on (the best one after the last level).
+        In training the levels' codebooks then learn from the winning beam's inputs and codes."""
+        layout = Layout("ResidualVQ", x, self.dim)  # tokens [B, N, dim], checked
+        token_mask = self._token_mask(mask, layout, x)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        xin = self.project_in(x)
+        b, n, d = xin.shape
+        levels = self._levels_this_step(seed)
+        weights = self.beam_score_weights or [1.0] * self.num_quantizers
+        frac = self.quant_grad_frac
+        residual, out = xin.unsqueeze(2), torch.zeros_like(xin).unsqueeze(2)  # [b, n, beams, d]
+        scores = xin.new_zeros(b, n, 1, dtype=torch.float32)
+        inputs, codes, losses = xin.new_zeros(b, n, 1, 0, d), xin.new_zeros(b, n, 1, 0, dtype=torch.long), \
+            xin.new_zeros(b, n, 1, 0, dtype=torch.float32)
+        for level in range(levels):
+            j = residual.shape[2]
+            inputs = torch.cat([inputs, residual.unsqueeze(3)], dim=3)
+            level_mask = None if token_mask is None else token_mask.repeat_interleave(j, dim=1)
+            q, idx, loss = self.layers[level](residual.reshape(b, n * j, d), topk=beam_size, mask=level_mask,
+                                              freeze_codebook=freeze_codebook)
+            k = idx.shape[-1]
+            q, idx, loss = q.reshape(b, n, j, k, d), idx.reshape(b, n, j, k), loss.reshape(b, n, j, k)
+            scores = (scores.unsqueeze(-1) - loss * weights[level]).reshape(b, n, j * k)
+            step = q * frac + q.detach() * (1 - frac) if frac else q.detach()
+            residual = (residual.unsqueeze(3) - step).reshape(b, n, j * k, d)
+            out = (out.unsqueeze(3) + q).reshape(b, n, j * k, d)
+            codes = torch.cat([codes.unsqueeze(3).expand(b, n, j, k, level), idx.unsqueeze(-1)], -1).reshape(
+                b, n, j * k, level + 1)
+            losses = torch.cat([losses.unsqueeze(3).expand(b, n, j, k, level), loss.unsqueeze(-1)], -1).reshape(
+                b, n, j * k, level + 1)
+            inputs = inputs.unsqueeze(3).expand(b, n, j, k, level + 1, d).reshape(b, n, j * k, level + 1, d)
+            keep = beam_size if level < levels - 1 else 1
+            if scores.shape[-1] > keep:
+                scores, chosen = scores.topk(keep, dim=-1)
+                residual, out, codes, losses = (
+                    t.gather(2, chosen.view(b, n, keep, 1).expand(b, n, keep, t.shape[-1]))
+                    for t in (residual, out, codes, losses))
+                inputs = inputs.gather(2, chosen.view(b, n, keep, 1, 1).expand(b, n, keep, level + 1, d))
+        out, codes, losses, inputs = out[:, :, 0], codes[:, :, 0], losses[:, :, 0], inputs[:, :, 0]
+        if token_mask is None:
+            level_losses = losses.mean((0, 1))
+        else:
+            level_losses = (losses * token_mask.unsqueeze(-1)).sum((0, 1)) / token_mask.sum().clamp(min=1e-4)
+        if self.training and not freeze:
+            for level in range(levels):
+                self.layers[level].update_indices(inputs[:, :, level], codes[..., level], mask=token_mask)
+            if self.shared_codebook:
+                self._finish_shared_step(list(inputs.unbind(2)), token_mask)
+        if levels < self.num_quantizers:
+            codes = torch.cat([codes, codes.new_full((b, n, self.num_quantizers - levels), -1)], dim=-1)
+            level_losses = torch.cat([level_losses, level_losses.new_zeros(self.num_quantizers - levels)])
+        return self._pad_masked(self.project_out(out), x, token_mask), codes, level_losses
 
     def _finish_shared_step(self, inputs, token_mask):
         """The end of a level-by-level step on the shared codebook (vector-quantize-pytorch's order): codes from
