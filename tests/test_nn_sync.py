@@ -14,6 +14,13 @@ STEPS = 5
 ROWS = 48  # per rank and step
 
 
+def _leave():
+    """Every rank reaches the end before either closes its connections (a rank that tears down while its peer
+    still reads aborts the peer under load)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _make(sync):
     from vqkernels.nn import ResidualVQ, VectorQuantize
     torch.manual_seed(0)
@@ -49,7 +56,7 @@ def _worker(rank, init_file, out_dir):
         state = _run(vq, rvq, local)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_two_ranks_match_each_other_and_one_process(tmp_path):
@@ -82,7 +89,7 @@ def _affine_worker(rank, init_file, out_dir):
             vq(x[rank:rank + 1])
         torch.save({k: v.clone() for k, v in vq.state_dict().items()}, os.path.join(out_dir, f"affine{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_sync_affine_param_takes_the_batch_statistics_of_every_rank(tmp_path):
@@ -113,7 +120,7 @@ def _local_kmeans_worker(rank, init_file, out_dir):
         vq(_batches()[0][rank:rank + 1])
         torch.save(vq.codebook.clone(), os.path.join(out_dir, f"kmeans{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_sync_kmeans_false_initialises_each_rank_from_its_own_rows(tmp_path):
