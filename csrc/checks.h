@@ -80,14 +80,13 @@ inline void check_codebooks(const char* op, const at::Tensor& x, const at::Tenso
             shape_str(codebooks));
   check_float(op, "x", x);
   check_float(op, "codebooks", codebooks);
-  VQK_CHECK(x.device() == codebooks.device(), op, "x is on ", x.device(), " but codebooks is on ",
-            codebooks.device());
+  VQK_CHECK(x.device() == codebooks.device(), op, "x is on ", x.device(), " but codebooks is on ", codebooks.device());
   VQK_CHECK(x.size(1) == codebooks.size(-1), op, "x has D=", x.size(1), " (shape ", shape_str(x),
             ") but codebooks has D=", codebooks.size(-1), " (shape ", shape_str(codebooks), ")");
   VQK_CHECK(codebooks.size(-2) > 0, op, "codebooks has no codes (shape ", shape_str(codebooks),
             "); K must be at least 1");
-  VQK_CHECK(codebooks.dim() == 2 || codebooks.size(0) > 0, op, "codebooks has no levels (shape ",
-            shape_str(codebooks), "); L must be at least 1");
+  VQK_CHECK(codebooks.dim() == 2 || codebooks.size(0) > 0, op, "codebooks has no levels (shape ", shape_str(codebooks),
+            "); L must be at least 1");
   VQK_CHECK(codebooks.size(-2) < (int64_t(1) << 31), op, "codebooks has K=", codebooks.size(-2),
             " rows; at most 2**31 - 1 are supported");
 }
@@ -136,8 +135,8 @@ inline int64_t check_residual_backward(const char* op, const at::Tensor& grad_qu
 }
 
 // --- scalar quantizers: FSQ and LFQ (as vqkernels/_checks.py) ---
-constexpr int64_t kFsqMaxLevel = 1000;   // beyond, the bound's 1 + 1e-3 stretch reaches past the outer level
-constexpr int64_t kLfqMaxBits = 63;      // lfq_quantize: int64 indices
+constexpr int64_t kFsqMaxLevel = 1000;      // beyond, the bound's 1 + 1e-3 stretch reaches past the outer level
+constexpr int64_t kLfqMaxBits = 63;         // lfq_quantize: int64 indices
 constexpr int64_t kLfqEntropyMaxBits = 30;  // lfq_entropy: 2**d probabilities
 
 inline std::string list_str(at::IntArrayRef v) {  // as Python prints a list
@@ -149,8 +148,8 @@ inline std::string list_str(at::IntArrayRef v) {  // as Python prints a list
 inline void check_levels(const char* op, at::IntArrayRef levels) {
   VQK_CHECK(!levels.empty(), op, "levels must not be empty");
   for (int64_t lv : levels)
-    VQK_CHECK(lv >= 2 && lv <= kFsqMaxLevel, op, "every level must be in [2, ", kFsqMaxLevel, "], got levels=",
-              list_str(levels));
+    VQK_CHECK(lv >= 2 && lv <= kFsqMaxLevel, op, "every level must be in [2, ", kFsqMaxLevel,
+              "], got levels=", list_str(levels));
   int64_t size = 1;
   for (int64_t lv : levels) {
     VQK_CHECK(size <= std::numeric_limits<int64_t>::max() / lv, op,
@@ -245,15 +244,14 @@ inline void check_rotation(const char* op, const at::Tensor& src, const at::Tens
 inline void check_rotation_backward(const char* op, const at::Tensor& grad, const at::Tensor& src,
                                     const at::Tensor& tgt) {
   check_rotation(op, src, tgt);
-  VQK_CHECK(grad.sizes() == src.sizes(), op, "grad must have src's shape ", shape_str(src), ", got ",
-            shape_str(grad));
+  VQK_CHECK(grad.sizes() == src.sizes(), op, "grad must have src's shape ", shape_str(src), ", got ", shape_str(grad));
   check_float(op, "grad", grad);
 }
 
 // multiscale_quantize_step (VAR's multi-scale residual quantizer): one scale's input checks.
 
-inline Metric check_multiscale(const char* op, const at::Tensor& f_rest, const at::Tensor& codebook,
-                               at::IntArrayRef pn, c10::string_view metric) {
+inline Metric check_multiscale(const char* op, const at::Tensor& f_rest, const at::Tensor& codebook, at::IntArrayRef pn,
+                               c10::string_view metric) {
   VQK_CHECK(f_rest.dim() == 4, op, "f_rest must be 4-D [B, C, H, W], got shape ", shape_str(f_rest));
   VQK_CHECK(codebook.dim() == 2, op, "codebook must be 2-D [K, C], got shape ", shape_str(codebook));
   check_float(op, "f_rest", f_rest);
@@ -302,8 +300,7 @@ inline void check_vq_quantize_backward(const char* op, const at::Tensor& grad_qu
   check_indices(op, indices, x.size(0), x.device());
   VQK_CHECK(grad_quantized.sizes() == x.sizes(), op, "grad_quantized must have x's shape ", shape_str(x), ", got ",
             shape_str(grad_quantized));
-  VQK_CHECK(grad_commit_loss.numel() == 1 && grad_codebook_loss.numel() == 1, op,
-            "the loss gradients must be scalars");
+  VQK_CHECK(grad_commit_loss.numel() == 1 && grad_codebook_loss.numel() == 1, op, "the loss gradients must be scalars");
 }
 
 inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tensor& cluster_size,
@@ -318,8 +315,8 @@ inline void check_ema(const char* op, const at::Tensor& codebook, const at::Tens
   VQK_CHECK((st == at::kFloat || st == at::kDouble) && embed_sum.scalar_type() == st, op,
             "cluster_size and embed_sum must both be float32 or both float64, got ", st, " and ",
             embed_sum.scalar_type());
-  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K, op, "cluster_size must have shape [K=", K,
-            "], got ", shape_str(cluster_size));
+  VQK_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K, op, "cluster_size must have shape [K=", K, "], got ",
+            shape_str(cluster_size));
   VQK_CHECK(embed_sum.dim() == 2 && embed_sum.size(0) == K && embed_sum.size(1) == D, op,
             "embed_sum must have shape [K=", K, ", D=", D, "], got ", shape_str(embed_sum));
   const std::pair<const char*, const at::Tensor*> others[] = {

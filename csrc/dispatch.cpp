@@ -95,8 +95,8 @@ Router* find_router(const std::string& device, const std::string& op) {
 
 // "Float", "Half", "BFloat16", "Double": c10::toString's names of the dtypes a rule may name.
 c10::ScalarType parse_dtype(const std::string& name) {
-  for (c10::ScalarType t : {c10::ScalarType::Float, c10::ScalarType::Half, c10::ScalarType::BFloat16,
-                            c10::ScalarType::Double})
+  for (c10::ScalarType t :
+       {c10::ScalarType::Float, c10::ScalarType::Half, c10::ScalarType::BFloat16, c10::ScalarType::Double})
     if (name == c10::toString(t)) return t;
   TORCH_CHECK(false, "vqkernels: unknown dtype '", name, "' in a route rule");
 }

@@ -20,25 +20,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &vqk::set_isa, "Choose the CPU instruction set: 'auto', 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_has_avx2", &vqk::cpu_has_avx2, "Whether this CPU supports AVX2 and FMA.");
   m.def("cpu_has_avx512", &vqk::cpu_has_avx512, "Whether this CPU supports AVX-512F (and AVX2, FMA).");
-  m.def("fsq_tanh", [](pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast> x) {
-    pybind11::array_t<float> y(x.size());
-    vqk::cpu::fsq_tanh(x.data(), x.size(), y.mutable_data());
-    return y;
-  }, "tanh of float32 values (flattened) as the FSQ kernels compute it under the active CPU ISA.");
+  m.def(
+      "fsq_tanh",
+      [](pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast> x) {
+        pybind11::array_t<float> y(x.size());
+        vqk::cpu::fsq_tanh(x.data(), x.size(), y.mutable_data());
+        return y;
+      },
+      "tanh of float32 values (flattened) as the FSQ kernels compute it under the active CPU ISA.");
   m.def("install_routers", &vqk::dispatch::install_routers,
         "Register the backend router of each named op for the CPU and CUDA keys.");
-  m.def("set_route", [](const std::string& device, const std::string& op,
-                        const std::vector<std::tuple<int64_t, std::string, std::string>>& rules) {
-    std::vector<vqk::dispatch::RuleSpec> specs;
-    for (const auto& [rows, dtype, ns] : rules) specs.push_back({rows, dtype, ns});
-    vqk::dispatch::set_route(device, op, specs);
-  }, "Set the routing rules (max_rows, dtype name or '', namespace) of one op on one device.");
+  m.def(
+      "set_route",
+      [](const std::string& device, const std::string& op,
+         const std::vector<std::tuple<int64_t, std::string, std::string>>& rules) {
+        std::vector<vqk::dispatch::RuleSpec> specs;
+        for (const auto& [rows, dtype, ns] : rules) specs.push_back({rows, dtype, ns});
+        vqk::dispatch::set_route(device, op, specs);
+      },
+      "Set the routing rules (max_rows, dtype name or '', namespace) of one op on one device.");
   m.def("cuda_compiled", [] { return bool(VQK_WITH_CUDA); }, "Whether the CUDA sources were built.");
 #if VQK_WITH_CUDA
   m.def("cuda_runtime_version", &vqk::cuda::runtime_version, "CUDART_VERSION compiled against.");
-  m.def("cuda_selftest", [] {
-    const char* err = vqk::cuda::selftest();
-    return err ? std::string(err) : std::string("ok");
-  }, "Launch the probe kernel on the current CUDA device: 'ok' or what failed.");
+  m.def(
+      "cuda_selftest",
+      [] {
+        const char* err = vqk::cuda::selftest();
+        return err ? std::string(err) : std::string("ok");
+      },
+      "Launch the probe kernel on the current CUDA device: 'ok' or what failed.");
 #endif
 }

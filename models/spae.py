@@ -105,13 +105,13 @@ class SPAE(Tokenizer):
         """SAQ of features [B, 384, g, g]: per layer the words e_l [B, 384, s, s], ids [B, s, s] and
         the commitment loss, and the running average after the last layer [B, 384, g, g]."""
         words, ids, loss = [], [], z.new_zeros(())
-        for l, side in enumerate(self.cfg.pyramid, start=1):
+        for layer, side in enumerate(self.cfg.pyramid, start=1):
             z_l = F.adaptive_avg_pool2d(z, side)
-            target = l * z_l - sum((upsample(e, side) for e in words), torch.zeros_like(z_l))
+            target = layer * z_l - sum((upsample(e, side) for e in words), torch.zeros_like(z_l))
             e, i, commit = self.quantize(target)
             words.append(e)
             ids.append(i)
-            loss = loss + commit / l ** 2
+            loss = loss + commit / layer ** 2
         return words, ids, loss, self._average(words)
 
     def _average(self, words: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -207,7 +207,7 @@ def rq_data(n, d, levels, k, seed, shared=False, x_dtype=torch.float32, cb_dtype
     plus noise far below the last level's code spacing, so every level's nearest code is the
     planted one by a wide margin in float32 and float64 alike."""
     g = gen(seed)
-    scales = torch.tensor([10.0 ** -l for l in range(levels)]).view(levels, 1, 1)
+    scales = torch.tensor([10.0 ** -level for level in range(levels)]).view(levels, 1, 1)
     cbs = (torch.randn(1 if shared else levels, k, d, generator=g) * (1.0 if shared else scales))
     planted = torch.randint(0, k, (n, levels), generator=g)
     x = torch.randn(n, d, generator=g) * 10.0 ** -(levels + 1)

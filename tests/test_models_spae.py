@@ -37,11 +37,11 @@ def encoder_output(m):
 def hand_saq(z, pyramid, table):
     """Streaming average quantization written out: per layer the ids, words and ||t - e||^2 means."""
     words, ids, errors = [], [], []
-    for l, side in enumerate(pyramid, start=1):
+    for layer, side in enumerate(pyramid, start=1):
         z_l = F.adaptive_avg_pool2d(z, side)
         prev = sum(w.repeat_interleave(side // w.shape[-1], 2).repeat_interleave(side // w.shape[-1], 3)
                    for w in words) if words else 0
-        t = l * z_l - prev
+        t = layer * z_l - prev
         rows = t.permute(0, 2, 3, 1).reshape(-1, 384)
         i = torch.cdist(rows, table).argmin(1)
         e = table[i].view(z.shape[0], side, side, 384).permute(0, 3, 1, 2)
@@ -80,7 +80,7 @@ def test_streaming_average_quantization_matches_the_hand_computation():
     # the decoder reads the running average of the three layers (each word copied over its cell)
     average = sum(w.repeat_interleave(4 // w.shape[-1], 2).repeat_interleave(4 // w.shape[-1], 3) for w in words) / 3
     torch.testing.assert_close(out.recon, m.decoder(average), rtol=0, atol=1e-5)
-    commit = sum(0.5 * err / l ** 2 for l, err in enumerate(errors, start=1))
+    commit = sum(0.5 * err / layer ** 2 for layer, err in enumerate(errors, start=1))
     torch.testing.assert_close(out.logs["commit_loss"], commit)
     torch.testing.assert_close(out.loss, F.mse_loss(out.recon, x) + commit)
     # the running average after l layers approximates the pooled features: layer 1's word is the nearest to z_1

@@ -32,8 +32,7 @@ static Isa resolve(const std::string& name) {
     TORCH_CHECK_VALUE(cpu_has_avx512(), "vqkernels: this CPU lacks AVX-512F; use 'avx2', 'portable' or 'auto'");
     return Isa::Avx512;
   }
-  TORCH_CHECK_VALUE(name == "avx2", "vqkernels: unknown CPU ISA '", name,
-                    "'; expected auto, avx512, avx2 or portable");
+  TORCH_CHECK_VALUE(name == "avx2", "vqkernels: unknown CPU ISA '", name, "'; expected auto, avx512, avx2 or portable");
   TORCH_CHECK_VALUE(cpu_has_avx2(), "vqkernels: this CPU lacks AVX2+FMA; use 'portable' or 'auto'");
   return Isa::Avx2;
 }
@@ -50,9 +49,7 @@ static std::atomic<Isa>& isa_state() {
 
 Isa active_isa() { return isa_state().load(std::memory_order_relaxed); }
 
-std::string isa_name(Isa isa) {
-  return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable";
-}
+std::string isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 std::string set_isa(const std::string& name) {
   isa_state().store(resolve(name));

@@ -9,9 +9,9 @@ namespace vqk {
 
 enum class Isa { Portable, Avx2, Avx512 };
 
-bool cpu_has_avx2();             // what the CPU (and OS) support: AVX2 and FMA
-bool cpu_has_avx512();           // AVX-512F, AVX2 and FMA
-Isa active_isa();                // what the kernels use now
+bool cpu_has_avx2();    // what the CPU (and OS) support: AVX2 and FMA
+bool cpu_has_avx512();  // AVX-512F, AVX2 and FMA
+Isa active_isa();       // what the kernels use now
 std::string isa_name(Isa isa);
 // "auto" (the best the CPU has; the start-up default, or VQK_CPU_ISA), "avx512", "avx2" or
 // "portable". Returns the ISA now in force; asking for one the CPU lacks is an error.

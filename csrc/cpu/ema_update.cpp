@@ -19,8 +19,8 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
   const at::Tensor idx = indices.contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
-    VQK_CHECK(ip[r] >= -1 && ip[r] < K, "ema_update_", "indices must be in [-1, K=", K, "), got ", ip[r],
-              " at row ", r);
+    VQK_CHECK(ip[r] >= -1 && ip[r] < K, "ema_update_", "indices must be in [-1, K=", K, "), got ", ip[r], " at row ",
+              r);
   AT_DISPATCH_FLOATING_TYPES(cluster_size.scalar_type(), "ema_update_", [&] {
     using S = scalar_t;  // statistics type
     const at::Tensor xs = x.to(cluster_size.scalar_type()).contiguous();

@@ -154,7 +154,7 @@ void fsq_value(double z, const FsqConstants& k, int64_t j, bool symmetric, bool 
   }
   const double bounded = squash(z + k.shift[j], hard_clamp) * k.half_l[j] - k.offset[j];
   double rounded = std::nearbyint(bounded);  // half to even, as torch.round
-  if (rounded == 0.0) rounded = 0.0;  // +0.0: vector-quantize-pytorch's z + (round(z) - z)
+  if (rounded == 0.0) rounded = 0.0;         // +0.0: vector-quantize-pytorch's z + (round(z) - z)
   level = rounded + static_cast<double>(k.half_width[j]);
   code = rounded / static_cast<double>(k.half_width[j]);
 }
@@ -163,24 +163,27 @@ void quantize_double(const at::Tensor& z, const FsqConstants& k, bool symmetric,
                      int64_t* idx) {
   const int64_t n = z.size(0), d = z.size(1);
   const RowSource<double> src(z);
-  parallel_row_blocks<std::vector<double>>(n, [&](std::vector<double>& buf, int64_t, int64_t r0, int64_t r1) {
-    int64_t ld;
-    const double* zr = src.rows(r0, r1 - r0, buf, ld);
-    for (int64_t r = r0; r < r1; ++r) {
-      const double* zrow = zr + (r - r0) * ld;
-      int64_t index = 0;
-      bool nan = false;
-      for (int64_t j = 0; j < d; ++j) {
-        double level;
-        fsq_value(zrow[j], k, j, symmetric, hard_clamp, level, out[r * d + j]);
-        if (std::isnan(level))
-          nan = true;
-        else
-          index += static_cast<int64_t>(level) * k.basis[j];
-      }
-      idx[r] = nan ? -1 : index;
-    }
-  }, elementwise_grain(n, d));
+  parallel_row_blocks<std::vector<double>>(
+      n,
+      [&](std::vector<double>& buf, int64_t, int64_t r0, int64_t r1) {
+        int64_t ld;
+        const double* zr = src.rows(r0, r1 - r0, buf, ld);
+        for (int64_t r = r0; r < r1; ++r) {
+          const double* zrow = zr + (r - r0) * ld;
+          int64_t index = 0;
+          bool nan = false;
+          for (int64_t j = 0; j < d; ++j) {
+            double level;
+            fsq_value(zrow[j], k, j, symmetric, hard_clamp, level, out[r * d + j]);
+            if (std::isnan(level))
+              nan = true;
+            else
+              index += static_cast<int64_t>(level) * k.basis[j];
+          }
+          idx[r] = nan ? -1 : index;
+        }
+      },
+      elementwise_grain(n, d));
 }
 
 void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const FsqConstants& k, bool symmetric,
@@ -190,23 +193,26 @@ void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const Fs
   struct Scratch {
     std::vector<double> z, g;
   };
-  parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
-    int64_t ldz, ldg;
-    const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
-    const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < d; ++j) {
-        const double zv = zr[(r - r0) * ldz + j], gv = gr[(r - r0) * ldg + j];
-        // the order of torch's autograd through vector-quantize-pytorch's expressions
-        double g;
-        if (symmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
-          g = gv * k.symmetric_scale[j] / 2.0 * static_cast<double>(k.levels_minus_1[j]) *
-              squash_grad(zv, hard_clamp);
-        else  // / half_width, * half_l, squash'
-          g = gv / static_cast<double>(k.half_width[j]) * k.half_l[j] * squash_grad(zv + k.shift[j], hard_clamp);
-        out[r * d + j] = g;
-      }
-  }, elementwise_grain(n, d));
+  parallel_row_blocks<Scratch>(
+      n,
+      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+        int64_t ldz, ldg;
+        const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
+        const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < d; ++j) {
+            const double zv = zr[(r - r0) * ldz + j], gv = gr[(r - r0) * ldg + j];
+            // the order of torch's autograd through vector-quantize-pytorch's expressions
+            double g;
+            if (symmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
+              g = gv * k.symmetric_scale[j] / 2.0 * static_cast<double>(k.levels_minus_1[j]) *
+                  squash_grad(zv, hard_clamp);
+            else  // / half_width, * half_l, squash'
+              g = gv / static_cast<double>(k.half_width[j]) * k.half_l[j] * squash_grad(zv + k.shift[j], hard_clamp);
+            out[r * d + j] = g;
+          }
+      },
+      elementwise_grain(n, d));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -348,12 +354,12 @@ VQK_LANES void forward_lanes(F z, const FsqTables& tb, int64_t c, float* codes, 
     // (* 0.5 rounds as / 2 does)
     const F y = load<F>(&tb.levels_minus_1[c]) * (squash_lanes<kHardClamp>(z) + 1.0f) * 0.5f + 0.5f;
     const F r = round_even(y);
-    level = select(r > y, r - 1.0f, r);  // floor, as y >= 0
+    level = select(r > y, r - 1.0f, r);                     // floor, as y >= 0
     code = load<F>(&tb.symmetric_scale[c]) * level - 1.0f;  // a zero code is +0.0: 1 - 1
   } else {  // round(squash(z + shift) * half_l - offset): + L // 2, / (L // 2)
     const F hw = load<F>(&tb.half_width[c]);
-    const F bounded = squash_lanes<kHardClamp>(z + load<F>(&tb.shift[c])) * load<F>(&tb.half_l[c]) -
-                      load<F>(&tb.offset[c]);
+    const F bounded =
+        squash_lanes<kHardClamp>(z + load<F>(&tb.shift[c])) * load<F>(&tb.half_l[c]) - load<F>(&tb.offset[c]);
     const F rounded = round_even(bounded);  // a zero is +0.0, as vector-quantize-pytorch's z + (round(z) - z)
     level = rounded + hw;
     code = rounded / hw;
@@ -467,8 +473,8 @@ VQK_NO_CONTRACT void forward_portable(bool symmetric, bool hard_clamp, const flo
                                       const FsqTables& tb, float* codes, int32_t* levels) {
   forward_any<float>(symmetric, hard_clamp, z, count, tb, codes, levels);
 }
-VQK_NO_CONTRACT void backward_portable(bool symmetric, bool hard_clamp, const float* g, const float* z,
-                                       int64_t count, const FsqTables& tb, float* out) {
+VQK_NO_CONTRACT void backward_portable(bool symmetric, bool hard_clamp, const float* g, const float* z, int64_t count,
+                                       const FsqTables& tb, float* out) {
   backward_any<float>(symmetric, hard_clamp, g, z, count, tb, out);
 }
 VQK_NO_CONTRACT void tanh_portable(const float* x, int64_t n, float* y) { tanh_run<float>(x, n, y); }
@@ -484,19 +490,15 @@ VQK_TARGET_AVX2 VQK_NO_CONTRACT void backward_avx2(bool symmetric, bool hard_cla
 }
 VQK_TARGET_AVX2 VQK_NO_CONTRACT void tanh_avx2(const float* x, int64_t n, float* y) { tanh_run<f32x8>(x, n, y); }
 
-VQK_TARGET_AVX512 VQK_NO_CONTRACT void forward_avx512(bool symmetric, bool hard_clamp, const float* z,
-                                                      int64_t count, const FsqTables& tb, float* codes,
-                                                      int32_t* levels) {
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void forward_avx512(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                                      const FsqTables& tb, float* codes, int32_t* levels) {
   forward_any<f32x16>(symmetric, hard_clamp, z, count, tb, codes, levels);
 }
-VQK_TARGET_AVX512 VQK_NO_CONTRACT void backward_avx512(bool symmetric, bool hard_clamp, const float* g,
-                                                       const float* z, int64_t count, const FsqTables& tb,
-                                                       float* out) {
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void backward_avx512(bool symmetric, bool hard_clamp, const float* g, const float* z,
+                                                       int64_t count, const FsqTables& tb, float* out) {
   backward_any<f32x16>(symmetric, hard_clamp, g, z, count, tb, out);
 }
-VQK_TARGET_AVX512 VQK_NO_CONTRACT void tanh_avx512(const float* x, int64_t n, float* y) {
-  tanh_run<f32x16>(x, n, y);
-}
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void tanh_avx512(const float* x, int64_t n, float* y) { tanh_run<f32x16>(x, n, y); }
 #endif
 
 // The float32 kernels of the active ISA and their lane count.
@@ -561,25 +563,28 @@ void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, 
   const FsqTables& tb = setup.tables(path.lanes);
   const int64_t* basis = setup.k.basis.data();
   const RowSource<float> src(z);
-  parallel_row_blocks<FloatScratch>(n, [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0;
-    int64_t ld;
-    const float* zr = src.rows(r0, rows, s.z, ld);
-    float* codes = float_target(out + r0 * d, s.out, rows * d);
-    s.levels.resize(rows * d);
-    if (ld == d) {
-      path.forward(symmetric, hard_clamp, zr, rows * d, tb, codes, s.levels.data());
-    } else {
-      for (int64_t i = 0; i < rows; ++i)
-        path.forward(symmetric, hard_clamp, zr + i * ld, d, tb, codes + i * d, s.levels.data() + i * d);
-    }
-    convert_out(codes, rows * d, out + r0 * d);
-    const int32_t* levels = s.levels.data();
-    if (d <= 8)
-      with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx + r0); });
-    else
-      row_indices(levels, rows, d, basis, idx + r0);
-  }, elementwise_grain(n, d));
+  parallel_row_blocks<FloatScratch>(
+      n,
+      [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
+        const int64_t rows = r1 - r0;
+        int64_t ld;
+        const float* zr = src.rows(r0, rows, s.z, ld);
+        float* codes = float_target(out + r0 * d, s.out, rows * d);
+        s.levels.resize(rows * d);
+        if (ld == d) {
+          path.forward(symmetric, hard_clamp, zr, rows * d, tb, codes, s.levels.data());
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            path.forward(symmetric, hard_clamp, zr + i * ld, d, tb, codes + i * d, s.levels.data() + i * d);
+        }
+        convert_out(codes, rows * d, out + r0 * d);
+        const int32_t* levels = s.levels.data();
+        if (d <= 8)
+          with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx + r0); });
+        else
+          row_indices(levels, rows, d, basis, idx + r0);
+      },
+      elementwise_grain(n, d));
 }
 
 template <typename scalar_t>
@@ -589,20 +594,23 @@ void backward_float(const at::Tensor& grad_codes, const at::Tensor& z, const Fsq
   const FloatPath path = float_path();
   const FsqTables& tb = setup.tables(path.lanes);
   const RowSource<float> zsrc(z), gsrc(grad_codes);
-  parallel_row_blocks<FloatScratch>(n, [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0;
-    int64_t ldz, ldg;
-    const float* zr = zsrc.rows(r0, rows, s.z, ldz);
-    const float* gr = gsrc.rows(r0, rows, s.g, ldg);
-    float* grad = float_target(out + r0 * d, s.out, rows * d);
-    if (ldz == d && ldg == d) {
-      path.backward(symmetric, hard_clamp, gr, zr, rows * d, tb, grad);
-    } else {
-      for (int64_t i = 0; i < rows; ++i)
-        path.backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, grad + i * d);
-    }
-    convert_out(grad, rows * d, out + r0 * d);
-  }, elementwise_grain(n, d));
+  parallel_row_blocks<FloatScratch>(
+      n,
+      [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
+        const int64_t rows = r1 - r0;
+        int64_t ldz, ldg;
+        const float* zr = zsrc.rows(r0, rows, s.z, ldz);
+        const float* gr = gsrc.rows(r0, rows, s.g, ldg);
+        float* grad = float_target(out + r0 * d, s.out, rows * d);
+        if (ldz == d && ldg == d) {
+          path.backward(symmetric, hard_clamp, gr, zr, rows * d, tb, grad);
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            path.backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, grad + i * d);
+        }
+        convert_out(grad, rows * d, out + r0 * d);
+      },
+      elementwise_grain(n, d));
 }
 
 std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArrayRef levels, bool symmetric,
@@ -615,10 +623,18 @@ std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArra
   const auto setup = fsq_setup(levels, hard_clamp);
   int64_t* idx = indices.data_ptr<int64_t>();
   switch (z.scalar_type()) {
-    case at::kDouble: quantize_double(z, setup->k, symmetric, hard_clamp, codes.data_ptr<double>(), idx); break;
-    case at::kFloat: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<float>(), idx); break;
-    case at::kHalf: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::Half>(), idx); break;
-    default: quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::BFloat16>(), idx); break;
+    case at::kDouble:
+      quantize_double(z, setup->k, symmetric, hard_clamp, codes.data_ptr<double>(), idx);
+      break;
+    case at::kFloat:
+      quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<float>(), idx);
+      break;
+    case at::kHalf:
+      quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::Half>(), idx);
+      break;
+    default:
+      quantize_float(z, *setup, symmetric, hard_clamp, codes.data_ptr<at::BFloat16>(), idx);
+      break;
   }
   return {codes, indices};
 }
@@ -637,10 +653,18 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
   if (n == 0) return grad;
   const auto setup = fsq_setup(levels, hard_clamp);
   switch (z.scalar_type()) {
-    case at::kDouble: backward_double(grad_codes, z, setup->k, symmetric, hard_clamp, grad.data_ptr<double>()); break;
-    case at::kFloat: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<float>()); break;
-    case at::kHalf: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::Half>()); break;
-    default: backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::BFloat16>()); break;
+    case at::kDouble:
+      backward_double(grad_codes, z, setup->k, symmetric, hard_clamp, grad.data_ptr<double>());
+      break;
+    case at::kFloat:
+      backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<float>());
+      break;
+    case at::kHalf:
+      backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::Half>());
+      break;
+    default:
+      backward_float(grad_codes, z, *setup, symmetric, hard_clamp, grad.data_ptr<at::BFloat16>());
+      break;
   }
   return grad;
 }

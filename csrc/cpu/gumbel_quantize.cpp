@@ -29,7 +29,7 @@ namespace vqk {
 namespace cpu {
 namespace {
 
-constexpr double kKlEps = 1e-10;  // taming-transformers: sum_k q_k log(q_k K + 1e-10)
+constexpr double kKlEps = 1e-10;   // taming-transformers: sum_k q_k log(q_k K + 1e-10)
 constexpr int64_t kRowTile = 512;  // rows per product of the soft codebook gradient
 
 // Codes per task of the soft codebook gradient: small codebooks still give every thread work.
@@ -147,10 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
   return {quantized, indices, at::full({}, total / static_cast<double>(n), logits.options().dtype(ct))};
 }
 
-std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantized,
-                                                            const at::Tensor& grad_kl, const at::Tensor& logits,
-                                                            const at::Tensor& codebook, const at::Tensor& gumbels,
-                                                            const at::Tensor& indices, double tau, bool hard) {
+std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_kl,
+                                                            const at::Tensor& logits, const at::Tensor& codebook,
+                                                            const at::Tensor& gumbels, const at::Tensor& indices,
+                                                            double tau, bool hard) {
   const NoAutocastGuard no_autocast;
   const char* op = "gumbel_quantize_backward";
   check_gumbel_backward(op, grad_quantized, grad_kl, logits, codebook, gumbels, indices, tau);

@@ -30,7 +30,7 @@ namespace vqk {
 namespace cpu {
 namespace {
 
-constexpr double kProbEps = 1e-5;   // vector-quantize-pytorch's clamp inside the log
+constexpr double kProbEps = 1e-5;    // vector-quantize-pytorch's clamp inside the log
 constexpr int64_t kSumBlock = 4096;  // entries per partial sum over the 2**d codes (fixed: deterministic)
 
 // Sums f(i) over [0, n) in double: fixed blocks in parallel, added in block order.
@@ -233,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, 
     using T = decltype(t);
     const RowSource<T> src(x);
     per_sample = factor_rows<T>(src, n, d, static_cast<T>(4.0 * inv_temperature), rw.data<T>(), a.data_ptr<T>(),
-                                b.data_ptr<T>(), true) / rw.total;
+                                b.data_ptr<T>(), true) /
+                 rw.total;
     avg = at::mm(a.t(), b).div_(rw.total).reshape({-1});
     const T* p = avg.const_data_ptr<T>();
     codebook = -deterministic_sum(avg.numel(), [&](int64_t i) {
@@ -309,8 +310,8 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
             const T l = s.bits.l[j];
             s.grad_l[j] = std::isinf(l) ? T(0) : glr * (-l * p1[j] * p0[j]);
           }
-          pattern_probs_backward(gap + r * (int64_t(1) << da), ap + r * (int64_t(1) << da), p0, p1, da,
-                                 s.grad_l.data(), s.s1, s.s0);
+          pattern_probs_backward(gap + r * (int64_t(1) << da), ap + r * (int64_t(1) << da), p0, p1, da, s.grad_l.data(),
+                                 s.s1, s.s0);
           pattern_probs_backward(gbp + r * (int64_t(1) << db), bp + r * (int64_t(1) << db), p0 + da, p1 + da, db,
                                  s.grad_l.data() + da, s.s1, s.s0);
           for (int64_t j = 0; j < d; ++j) out[r * d + j] = static_cast<scalar_t>(s.grad_l[j] * scale);

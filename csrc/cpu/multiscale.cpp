@@ -80,9 +80,8 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
     parallel_row_blocks<Scratch>(n, [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
       s.rows.resize((r1 - r0) * C);
       s.dist.resize(r1 - r0);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f_rest.scalar_type(), "multiscale_area", [&] {
-        area_rows<scalar_t>(f_rest, means, ph, pw, r0, r1, s.rows.data());
-      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f_rest.scalar_type(), "multiscale_area",
+                                      [&] { area_rows<scalar_t>(f_rest, means, ph, pw, r0, r1, s.rows.data()); });
       nearest_rows(pc, s.rows.data(), C, r1 - r0, s.best, s.bidx, idx + r0, s.dist.data());
       // h[b, :, y, x] = codebook[idx[r]], NCHW, in the codebook's dtype (NaN for index -1).
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "multiscale_lookup", [&] {

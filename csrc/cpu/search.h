@@ -50,13 +50,13 @@
 namespace vqk {
 namespace cpu {
 
-constexpr int kLanes = 16;              // codes per panel: two AVX2 registers
-constexpr int kMR = 6;                  // rows per register tile: 12 accumulators + 2 code loads + 1 broadcast
-constexpr int64_t kRowBlock = 96;       // rows per parallel task (fewer for small N)
-constexpr int64_t kChunkBytes = 256 << 10;  // packed codebook bytes swept per pass over a row block
-constexpr int64_t kSmallD = 8;              // D at most this: rows stream the codebook one at a time...
+constexpr int kLanes = 16;                      // codes per panel: two AVX2 registers
+constexpr int kMR = 6;                          // rows per register tile: 12 accumulators + 2 code loads + 1 broadcast
+constexpr int64_t kRowBlock = 96;               // rows per parallel task (fewer for small N)
+constexpr int64_t kChunkBytes = 256 << 10;      // packed codebook bytes swept per pass over a row block
+constexpr int64_t kSmallD = 8;                  // D at most this: rows stream the codebook one at a time...
 constexpr int64_t kSmallChunkBytes = 16 << 10;  // ...so their chunk stays in L1
-constexpr double kNormEps = 1e-12;      // as torch.nn.functional.normalize
+constexpr double kNormEps = 1e-12;              // as torch.nn.functional.normalize
 
 // A 64-byte aligned array: every panel row starts a cache line, so no SIMD load is split.
 template <typename T>
@@ -86,12 +86,12 @@ template <typename T>
 struct PackedCodebook {
   int64_t K = 0, D = 0, P = 0;  // codes, dimension, panels
   Metric metric = Metric::L2;
-  T alpha = T(-2);               // the packed codes are alpha * c (exact: a power of two)
-  AlignedBuffer<T> data;        // [P][D][kLanes], padding codes are zero
-  const T* rows = nullptr;      // [K][D]: the codes as the metric sees them (normalised for cosine):
-  std::vector<T> rows_copy;     // the codebook itself when it already is contiguous T, else this copy
-  AlignedBuffer<T> cterm;       // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
-  std::vector<uint8_t> bad;     // [K]: the code holds a NaN
+  T alpha = T(-2);           // the packed codes are alpha * c (exact: a power of two)
+  AlignedBuffer<T> data;     // [P][D][kLanes], padding codes are zero
+  const T* rows = nullptr;   // [K][D]: the codes as the metric sees them (normalised for cosine):
+  std::vector<T> rows_copy;  // the codebook itself when it already is contiguous T, else this copy
+  AlignedBuffer<T> cterm;    // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
+  std::vector<uint8_t> bad;  // [K]: the code holds a NaN
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
   const T* row(int64_t k) const { return rows + k * D; }
@@ -258,9 +258,12 @@ inline void dispatch_nearest(const float* x, int64_t ldx, const PackedCodebook<f
       Kern::template nearest_rows_small<decltype(dc)::value>(MR, x, ldx, pc, p0, p1, best, bidx);
     });
   switch (pc.D) {
-    case 16: return Kern::template nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
-    case 32: return Kern::template nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
-    default: return Kern::template nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
+    case 16:
+      return Kern::template nearest_d<MR, 16>(x, ldx, pc, p0, p1, best, bidx);
+    case 32:
+      return Kern::template nearest_d<MR, 32>(x, ldx, pc, p0, p1, best, bidx);
+    default:
+      return Kern::template nearest_d<MR, 0>(x, ldx, pc, p0, p1, best, bidx);
   }
 }
 
@@ -325,8 +328,8 @@ struct Avx2Kernel {
   // of the state covers the codes = j (mod 8), visited in increasing order, so the strict
   // '<' still leaves ties to the lower index; the state lives in lanes 0-7 of best/bidx.
   template <int DC>
-  VQK_TARGET_AVX2 static void nearest_row_small(const float* x, const PackedCodebook<float>& pc, int64_t p0,
-                                                int64_t p1, float* best, int32_t* bidx) {
+  VQK_TARGET_AVX2 static void nearest_row_small(const float* x, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
+                                                float* best, int32_t* bidx) {
     __m256 xv[DC];
 #pragma GCC unroll 8
     for (int d = 0; d < DC; ++d) xv[d] = _mm256_set1_ps(x[d]);
@@ -360,8 +363,8 @@ struct Avx2Kernel {
   }
 
   template <int MR>
-  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
-                      float* best, int32_t* bidx) {
+  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1, float* best,
+                      int32_t* bidx) {
     dispatch_nearest<Avx2Kernel, MR>(x, ldx, pc, p0, p1, best, bidx);
   }
 
@@ -382,11 +385,11 @@ struct Avx2Kernel {
 };
 
 // AVX-512: tiles of 12 rows x 32 codes with mask-register updates of a 16-lane running
-// minimum (5-7% faster than the AVX2 tile at D = 16..32, measured here); for small D (<= kSmallD) two rows at a time share each 16-code load, with both
-// rows' coordinates and running minima held in the 32 registers. The top-k scores use the
-// AVX2 tile (every AVX-512 CPU has AVX2).
+// minimum (5-7% faster than the AVX2 tile at D = 16..32, measured here); for small D (<= kSmallD) two rows at a time
+// share each 16-code load, with both rows' coordinates and running minima held in the 32 registers. The top-k scores
+// use the AVX2 tile (every AVX-512 CPU has AVX2).
 struct Avx512Kernel {
-  static constexpr int kRows = 12;  // rows per tile: 24 accumulators (12 rows x 2 panels) of the 32 registers
+  static constexpr int kRows = 12;        // rows per tile: 24 accumulators (12 rows x 2 panels) of the 32 registers
   static constexpr int64_t kLargeD = 48;  // from this D on, the AVX2 tile serves (measured: 3-4% faster at 64, 256)
 
   // MR rows x NP panels (16 codes each) accumulated over D, starting from cterm.
@@ -418,8 +421,8 @@ struct Avx512Kernel {
 
   // Running minimum per row in 16 lanes (lane j: the codes = j mod 16), folded panel by panel.
   template <int MR, int DC, int NP>
-  VQK_TARGET_AVX512 static void nearest_tile(const float* x, int64_t ldx, const PackedCodebook<float>& pc,
-                                             int64_t p, float* best, int32_t* bidx) {
+  VQK_TARGET_AVX512 static void nearest_tile(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p,
+                                             float* best, int32_t* bidx) {
     __m512 acc[MR][NP];
     tile<MR, DC, NP>(x, ldx, pc, p, acc);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -431,8 +434,8 @@ struct Avx512Kernel {
       for (int q = 0; q < NP; ++q) {
         const __mmask16 m = _mm512_cmp_ps_mask(acc[r][q], b, _CMP_LT_OQ);
         b = _mm512_mask_mov_ps(b, m, acc[r][q]);
-        bi = _mm512_mask_mov_epi32(bi, m, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>((p + q) * kLanes)),
-                                                           lane));
+        bi = _mm512_mask_mov_epi32(bi, m,
+                                   _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>((p + q) * kLanes)), lane));
       }
       _mm512_storeu_ps(best + r * kLanes, b);
       _mm512_storeu_si512(bidx + r * kLanes, bi);
@@ -456,8 +459,8 @@ struct Avx512Kernel {
   }
 
   template <int DC, int NR>
-  VQK_TARGET_AVX512 static void nearest_small(const float* x, int64_t ldx, const PackedCodebook<float>& pc,
-                                              int64_t p0, int64_t p1, float* best, int32_t* bidx) {
+  VQK_TARGET_AVX512 static void nearest_small(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0,
+                                              int64_t p1, float* best, int32_t* bidx) {
     __m512 xv[NR][DC], b[NR];
     __m512i bi[NR];
 #pragma GCC unroll 2
@@ -507,8 +510,8 @@ struct Avx512Kernel {
   }
 
   template <int MR>
-  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1,
-                      float* best, int32_t* bidx) {
+  static void nearest(const float* x, int64_t ldx, const PackedCodebook<float>& pc, int64_t p0, int64_t p1, float* best,
+                      int32_t* bidx) {
     dispatch_nearest<Avx512Kernel, MR>(x, ldx, pc, p0, p1, best, bidx);
   }
 

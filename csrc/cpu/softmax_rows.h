@@ -161,8 +161,8 @@ VQK_TARGET_AVX2 inline double exp_row(const float* x, int64_t K, float shift, fl
   }
   if (k < K) {
     const __m256i m = tail_mask(K - k);
-    const __m256 e = _mm256_and_ps(
-        exp_nonpos(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + k, m), sh), sc)), _mm256_castsi256_ps(m));
+    const __m256 e = _mm256_and_ps(exp_nonpos(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + k, m), sh), sc)),
+                                   _mm256_castsi256_ps(m));
     _mm256_maskstore_ps(y + k, m, e);
     acc = _mm256_add_ps(acc, e);
   }

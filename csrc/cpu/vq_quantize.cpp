@@ -8,8 +8,7 @@ namespace vqk {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at::Tensor& x,
-                                                                       const at::Tensor& codebook,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at::Tensor& x, const at::Tensor& codebook,
                                                                        c10::string_view metric_name) {
   const Metric metric = check_search("vq_quantize", x, codebook, metric_name);
   const int64_t n = x.size(0), D = x.size(1);

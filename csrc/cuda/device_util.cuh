@@ -21,19 +21,28 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Calls f(T{}) with T the C++ type of `t`.
 template <typename F>
 cudaError_t dispatch_elem(ElemType t, F&& f) {
   switch (t) {
-    case ElemType::F32: return f(float{});
-    case ElemType::F16: return f(__half{});
-    case ElemType::BF16: return f(__nv_bfloat16{});
+    case ElemType::F32:
+      return f(float{});
+    case ElemType::F16:
+      return f(__half{});
+    case ElemType::BF16:
+      return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

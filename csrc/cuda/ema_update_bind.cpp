@@ -39,10 +39,9 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
   at::Tensor ints = at::zeros({K + 1}, idx.options());  // counts [K], then the bad-index flag
   at::Tensor sums = at::zeros({K, D}, x.options().dtype(at::kFloat));
   int64_t* counts = ints.data_ptr<int64_t>();
-  check_launch(op, scatter_rows_atomic(x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1),
-                                       idx.const_data_ptr<int64_t>(), n, K, D, nullptr,
-                                       deterministic ? nullptr : sums.data_ptr<float>(), D, counts, counts + K,
-                                       stream));
+  check_launch(op, scatter_rows_atomic(
+                       x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1), idx.const_data_ptr<int64_t>(), n, K,
+                       D, nullptr, deterministic ? nullptr : sums.data_ptr<float>(), D, counts, counts + K, stream));
   VQK_CHECK(ints[K].item<int64_t>() == 0, op, "indices must be in [-1, K=", K, "), got values outside it");
   if (deterministic && n > 0) {
     const auto [order, offsets] = sort_by_code(idx, K);

@@ -13,7 +13,7 @@ namespace vqk {
 namespace cuda {
 namespace {
 
-constexpr int kMaxBits = 30;               // lfq_entropy's d limit (csrc/checks.h kLfqEntropyMaxBits)
+constexpr int kMaxBits = 30;                       // lfq_entropy's d limit (csrc/checks.h kLfqEntropyMaxBits)
 constexpr int kMaxHalf = kMaxBits - kMaxBits / 2;  // at most 15 bits per half
 constexpr int kRowThreads = 128;
 constexpr int kRowWarps = kRowThreads / 32;
@@ -178,9 +178,9 @@ __device__ void bit_sums(const float* __restrict__ g, const float* __restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     backward_rows_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t n, int d, float scale,
-                         const float* __restrict__ w, const float* __restrict__ total,
-                         const float* __restrict__ A, const float* __restrict__ gA, const float* __restrict__ B,
-                         const float* __restrict__ gB, const float* __restrict__ gps, T* __restrict__ grad) {
+                         const float* __restrict__ w, const float* __restrict__ total, const float* __restrict__ A,
+                         const float* __restrict__ gA, const float* __restrict__ B, const float* __restrict__ gB,
+                         const float* __restrict__ gps, T* __restrict__ grad) {
   __shared__ float sum1[kMaxBits], sum0[kMaxBits];
   __shared__ float warp_part[kRowWarps][2 * kMaxHalf];
   const int da = d / 2, db = d - da;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kRowThreads)
       const int j = threadIdx.x;
       const float l = to_float(x[r * s0 + j * s1]) * scale;
       const float p1 = sigmoid(l), p0 = sigmoid(-l);
-      const float dh = isinf(l) ? 0.0f : -l * p1 * p0;  // d H(sigmoid(l)) / dl
+      const float dh = isinf(l) ? 0.0f : -l * p1 * p0;               // d H(sigmoid(l)) / dl
       const float g = (p0 * sum1[j] - p1 * sum0[j]) + gl * wr * dh;  // the sums carry wr through A
       grad[r * d + j] = from_float<T>(g * scale);
     }
@@ -223,8 +223,8 @@ cudaError_t lfq_factors(const void* x, ElemType xt, int64_t s0, int64_t s1, int6
   if (d < 1 || d > kMaxBits) return cudaErrorInvalidValue;
   return dispatch_elem(xt, [&](auto tag) {
     using T = decltype(tag);
-    factors_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(static_cast<const T*>(x), s0, s1, n,
-                                                               static_cast<int>(d), scale, w, a, b, row_entropy);
+    factors_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(static_cast<const T*>(x), s0, s1, n, static_cast<int>(d),
+                                                               scale, w, a, b, row_entropy);
     return cudaGetLastError();
   });
 }
@@ -272,9 +272,9 @@ cudaError_t lfq_backward_rows(const void* x, ElemType xt, int64_t s0, int64_t s1
   if (d < 1 || d > kMaxBits) return cudaErrorInvalidValue;
   return dispatch_elem(xt, [&](auto tag) {
     using T = decltype(tag);
-    backward_rows_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(x), s0, s1, n, static_cast<int>(d), scale, w, total, a, ga, b, gb, gps,
-        static_cast<T*>(grad));
+    backward_rows_kernel<T><<<row_grid(n), kRowThreads, 0, stream>>>(static_cast<const T*>(x), s0, s1, n,
+                                                                     static_cast<int>(d), scale, w, total, a, ga, b, gb,
+                                                                     gps, static_cast<T*>(grad));
     return cudaGetLastError();
   });
 }

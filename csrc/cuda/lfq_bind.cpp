@@ -35,8 +35,8 @@ struct RowWeights {
     w = weights->to(at::kFloat).contiguous();
     total = at::empty({}, w.options());
     const at::Tensor scratch = at::empty({lfq_sums_scratch()}, w.options().dtype(at::kDouble));
-    check_launch(op, lfq_weight_total(w.const_data_ptr<float>(), n, scratch.data_ptr<double>(),
-                                      total.data_ptr<float>(), stream));
+    check_launch(op, lfq_weight_total(w.const_data_ptr<float>(), n, scratch.data_ptr<double>(), total.data_ptr<float>(),
+                                      stream));
   }
 
   const float* data() const { return w.defined() ? w.const_data_ptr<float>() : nullptr; }
@@ -107,8 +107,8 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
   check_launch(op, lfq_factors(x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1), n, d, scale, rw.data(),
                                a.data_ptr<float>(), b.data_ptr<float>(), nullptr, stream));
   const at::Tensor ga = at::mm(b, g.t()).contiguous(), gb = at::mm(a, g).contiguous();  // d loss / dA, d loss / dB
-  check_launch(op, lfq_backward_rows(x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1), n, d, scale,
-                                     rw.data(), rw.total_data(), a.const_data_ptr<float>(), ga.const_data_ptr<float>(),
+  check_launch(op, lfq_backward_rows(x.const_data_ptr(), elem_type(x), x.stride(0), x.stride(1), n, d, scale, rw.data(),
+                                     rw.total_data(), a.const_data_ptr<float>(), ga.const_data_ptr<float>(),
                                      b.const_data_ptr<float>(), gb.const_data_ptr<float>(), gps.const_data_ptr<float>(),
                                      grad.data_ptr(), stream));
   return grad;

@@ -45,9 +45,9 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
   const at::Tensor rows = pooled.permute({0, 2, 3, 1}).reshape({n, C}).contiguous();
   const at::Tensor idx =
       call_op("vqkernels_cuda::nearest_code", {rows, codebook, std::string(metric)})[0].toTensor().contiguous();
-  check_launch(op, multiscale_lookup(codebook.const_data_ptr(), elem_type(codebook), codebook.stride(0),
-                                     codebook.stride(1), codebook.size(0), idx.const_data_ptr<int64_t>(), B, C,
-                                     ph * pw, h.data_ptr(), stream));
+  check_launch(op,
+               multiscale_lookup(codebook.const_data_ptr(), elem_type(codebook), codebook.stride(0), codebook.stride(1),
+                                 codebook.size(0), idx.const_data_ptr<int64_t>(), B, C, ph * pw, h.data_ptr(), stream));
   return {idx.view({B, ph, pw}), h};
 }
 

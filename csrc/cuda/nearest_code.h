@@ -11,7 +11,6 @@
 namespace vqk {
 namespace cuda {
 
-
 constexpr int64_t kMaxTopk = 32;  // nearest_code_topk's kernel keeps at most this many per row
 
 // One search: x [n, d] and codebook [k, d], both contiguous and of one element type `dtype`
@@ -39,12 +38,14 @@ cudaError_t search_f32(const SearchArgs& a, int64_t topk, int64_t* indices, floa
 cudaError_t search_f16(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances, cudaStream_t stream);
 cudaError_t search_bf16(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances, cudaStream_t stream);
 
-inline cudaError_t search(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances,
-                          cudaStream_t stream) {
+inline cudaError_t search(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances, cudaStream_t stream) {
   switch (a.dtype) {
-    case ElemType::F16: return search_f16(a, topk, indices, distances, stream);
-    case ElemType::BF16: return search_bf16(a, topk, indices, distances, stream);
-    default: return search_f32(a, topk, indices, distances, stream);
+    case ElemType::F16:
+      return search_f16(a, topk, indices, distances, stream);
+    case ElemType::BF16:
+      return search_bf16(a, topk, indices, distances, stream);
+    default:
+      return search_f32(a, topk, indices, distances, stream);
   }
 }
 

@@ -27,8 +27,7 @@ struct Prepared {
   SearchArgs args;
 };
 
-Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& codebook, Metric metric,
-                 cudaStream_t stream) {
+Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& codebook, Metric metric, cudaStream_t stream) {
   Prepared p;
   const auto dt = x.scalar_type();
   const bool half_pair = dt == codebook.scalar_type() && (dt == at::kHalf || dt == at::kBFloat16);
@@ -38,8 +37,7 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& codebook
   const int64_t k = codebook.size(0);
   p.add = at::empty({padded_codes(k)}, x.options().dtype(at::kFloat));
   p.scale = at::empty({padded_codes(k)}, x.options().dtype(at::kFloat));
-  p.args = SearchArgs{elem_type(p.x),
-                      p.x.const_data_ptr(), p.codebook.const_data_ptr(), x.size(0), k, x.size(1),
+  p.args = SearchArgs{elem_type(p.x),    p.x.const_data_ptr(),    p.codebook.const_data_ptr(), x.size(0), k, x.size(1),
                       metric_id(metric), p.add.data_ptr<float>(), p.scale.data_ptr<float>()};
   check_launch(op, code_terms(p.args, stream));
   return p;

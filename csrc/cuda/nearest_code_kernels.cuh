@@ -93,10 +93,13 @@ __global__ void __launch_bounds__(256, kNearestMinBlocks<T>)
     if (lane == 0) {
       const float add = p.add[k];
       float dist;
-      if constexpr (METRIC == kL2) dist = st.sq;
-      else if constexpr (METRIC == kIP) dist = -st.dot;
-      else dist = add - st.dot * p.scale[k] * rowscale[r];
-      if (best_score[r] == kInf) dist = kInf;  // no finite score: as the reference
+      if constexpr (METRIC == kL2)
+        dist = st.sq;
+      else if constexpr (METRIC == kIP)
+        dist = -st.dot;
+      else
+        dist = add - st.dot * p.scale[k] * rowscale[r];
+      if (best_score[r] == kInf) dist = kInf;            // no finite score: as the reference
       const bool invalid = isnan(st.xx) || add == kInf;  // NaN row, or only NaN codes to choose from
       indices[row] = invalid ? -1 : k;
       distances[row] = invalid ? __int_as_float(0x7fc00000) : dist;
@@ -111,14 +114,14 @@ __global__ void __launch_bounds__(256, kNearestMinBlocks<T>)
 // entry <= them: equal scores stay in index order (the reference's stable sort). NaN scores
 // count as +inf (they still fill a short list, by index, as in the reference).
 template <typename T, int METRIC>
-__global__ void __launch_bounds__(128) topk_kernel(SearchProblem<T> p, int topk, int64_t* __restrict__ indices,
-                                                   float* __restrict__ distances) {
+__global__ void __launch_bounds__(128)
+    topk_kernel(SearchProblem<T> p, int topk, int64_t* __restrict__ indices, float* __restrict__ distances) {
   constexpr int BM = 64;
   using E = typename EngineFor<T, BM>::type;
   constexpr int NT = E::kThreads;
   constexpr int kRowsPerWarp = BM / (NT / 32);
   __shared__ typename E::Smem sm;
-  __shared__ float xx[BM];                    // ||x||^2 per row
+  __shared__ float xx[BM];                  // ||x||^2 per row
   __shared__ float scores[BM][kTileK + 1];  // one tile's scores (+1: spread the banks)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -205,32 +208,34 @@ __global__ void __launch_bounds__(128) topk_kernel(SearchProblem<T> p, int topk,
   }
 }
 
-inline bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, int METRIC>
-void launch_metric(const SearchProblem<T>& p, int64_t topk, int64_t* indices, float* distances,
-                   cudaStream_t stream) {
+void launch_metric(const SearchProblem<T>& p, int64_t topk, int64_t* indices, float* distances, cudaStream_t stream) {
   if (topk == 0)
     nearest_kernel<T, METRIC><<<static_cast<unsigned>((p.n + 127) / 128), 256, 0, stream>>>(p, indices, distances);
   else
-    topk_kernel<T, METRIC><<<static_cast<unsigned>((p.n + 63) / 64), 128, 0, stream>>>(p, static_cast<int>(topk),
-                                                                                        indices, distances);
+    topk_kernel<T, METRIC>
+        <<<static_cast<unsigned>((p.n + 63) / 64), 128, 0, stream>>>(p, static_cast<int>(topk), indices, distances);
 }
 
 template <typename T>
-cudaError_t launch_search(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances,
-                          cudaStream_t stream) {
+cudaError_t launch_search(const SearchArgs& a, int64_t topk, int64_t* indices, float* distances, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
   const T* x = static_cast<const T*>(a.x);
   const T* c = static_cast<const T*>(a.codebook);
   const bool vec_ok = a.d % (16 / sizeof(T)) == 0 && aligned16(x) && aligned16(c);
   const SearchProblem<T> p{x, c, a.n, a.k, a.d, a.add, a.scale, vec_ok};
   switch (a.metric) {
-    case kL2: launch_metric<T, kL2>(p, topk, indices, distances, stream); break;
-    case kIP: launch_metric<T, kIP>(p, topk, indices, distances, stream); break;
-    default: launch_metric<T, kCosine>(p, topk, indices, distances, stream); break;
+    case kL2:
+      launch_metric<T, kL2>(p, topk, indices, distances, stream);
+      break;
+    case kIP:
+      launch_metric<T, kIP>(p, topk, indices, distances, stream);
+      break;
+    default:
+      launch_metric<T, kCosine>(p, topk, indices, distances, stream);
+      break;
   }
   return cudaGetLastError();
 }

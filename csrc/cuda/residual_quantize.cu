@@ -22,9 +22,9 @@ __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 template <typename C, typename Q>
 __global__ void __launch_bounds__(kWarps * 32)
     level_forward_kernel(float* __restrict__ res, float* __restrict__ qsum, int64_t n, int64_t D,
-                         const C* __restrict__ cb, int64_t cb0, int64_t cb1, int64_t K,
-                         const int64_t* __restrict__ idx, int64_t* __restrict__ indices, int64_t L, int64_t level,
-                         double* __restrict__ partial, Q* __restrict__ quantized) {
+                         const C* __restrict__ cb, int64_t cb0, int64_t cb1, int64_t K, const int64_t* __restrict__ idx,
+                         int64_t* __restrict__ indices, int64_t L, int64_t level, double* __restrict__ partial,
+                         Q* __restrict__ quantized) {
   __shared__ double warp_loss[kWarps];
   const int lane = threadIdx.x, warp = threadIdx.y;
   double warp_sum = 0;
@@ -111,8 +111,8 @@ cudaError_t rq_losses(const double* partial, int64_t L, int64_t blocks, double c
   return cudaGetLastError();
 }
 
-cudaError_t rq_level_backward(float* res, float* grad_x, int64_t n, int64_t D, const void* cb, ElemType ct,
-                              int64_t cb0, int64_t cb1, int64_t K, const int64_t* idx, const float* commit_coef,
+cudaError_t rq_level_backward(float* res, float* grad_x, int64_t n, int64_t D, const void* cb, ElemType ct, int64_t cb0,
+                              int64_t cb1, int64_t K, const int64_t* idx, const float* commit_coef,
                               cudaStream_t stream) {
   if (n * D == 0) return cudaSuccess;
   constexpr int kThreads = 256;

@@ -29,8 +29,8 @@ cudaError_t rq_losses(const double* partial, int64_t L, int64_t blocks, double c
                       cudaStream_t stream);
 
 // Backward, one level: with c = codebook row idx[r]: res -= c, then grad_x += (*commit_coef) * res.
-cudaError_t rq_level_backward(float* res, float* grad_x, int64_t n, int64_t D, const void* cb, ElemType ct,
-                              int64_t cb0, int64_t cb1, int64_t K, const int64_t* idx, const float* commit_coef,
+cudaError_t rq_level_backward(float* res, float* grad_x, int64_t n, int64_t D, const void* cb, ElemType ct, int64_t cb0,
+                              int64_t cb1, int64_t K, const int64_t* idx, const float* commit_coef,
                               cudaStream_t stream);
 
 }  // namespace cuda

@@ -108,19 +108,18 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
   for (int64_t l = 0; l < levels; ++l) {
     const at::Tensor cb = level_codebook(codebooks, l);
     const int64_t* il = idx.const_data_ptr<int64_t>() + l * n;
-    check_launch(op, rq_level_backward(res.data_ptr<float>(), gx.data_ptr<float>(), n, D, cb.const_data_ptr(),
-                                       elem_type(cb), cb.stride(0), cb.stride(1), K, il,
-                                       commit_coef.const_data_ptr<float>() + l, stream));
+    check_launch(
+        op, rq_level_backward(res.data_ptr<float>(), gx.data_ptr<float>(), n, D, cb.const_data_ptr(), elem_type(cb),
+                              cb.stride(0), cb.stride(1), K, il, commit_coef.const_data_ptr<float>() + l, stream));
     float* out = gcb.data_ptr<float>() + (codebooks.dim() == 3 ? l * K * D : 0);
     const float* coef = codebook_coef.const_data_ptr<float>() + l;
     if (deterministic) {
-      check_launch(op, scatter_rows_sorted(res.const_data_ptr<float>(), ElemType::F32, D, 1,
-                                           order.const_data_ptr<int64_t>() + l * n,
-                                           offsets.const_data_ptr<int64_t>() + l * (K + 1), K, D, coef, out, D,
-                                           stream));
+      check_launch(op, scatter_rows_sorted(
+                           res.const_data_ptr<float>(), ElemType::F32, D, 1, order.const_data_ptr<int64_t>() + l * n,
+                           offsets.const_data_ptr<int64_t>() + l * (K + 1), K, D, coef, out, D, stream));
     } else {
-      check_launch(op, scatter_rows_atomic(res.const_data_ptr<float>(), ElemType::F32, D, 1, il, n, K, D, coef, out,
-                                           D, nullptr, nullptr, stream));
+      check_launch(op, scatter_rows_atomic(res.const_data_ptr<float>(), ElemType::F32, D, 1, il, n, K, D, coef, out, D,
+                                           nullptr, nullptr, stream));
     }
   }
   return {gx.to(x.scalar_type()), gcb.to(codebooks.scalar_type())};

@@ -6,7 +6,7 @@ namespace vqk {
 namespace cuda {
 namespace {
 
-constexpr int kLanes = 32;   // threads along D
+constexpr int kLanes = 32;        // threads along D
 constexpr int kRowsPerBlock = 8;  // rows (atomic) or codes (sorted) per block
 
 // One warp per row (grid-stride over rows), lanes over the row's D elements.
@@ -23,8 +23,7 @@ __global__ void scatter_atomic_kernel(const T* __restrict__ src, int64_t s0, int
       if (bad && threadIdx.x == 0 && k != -1) *bad = 1;
       continue;
     }
-    if (counts && threadIdx.x == 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(counts + k), 1ull);
+    if (counts && threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(counts + k), 1ull);
     if (out)
       for (int64_t d = threadIdx.x; d < D; d += kLanes)
         atomicAdd(out + k * out_ld + d, s * to_float(src[r * s0 + d * s1]));
@@ -34,8 +33,8 @@ __global__ void scatter_atomic_kernel(const T* __restrict__ src, int64_t s0, int
 // Thread (code k, column d) sums code k's rows in their sorted (= increasing row) order.
 template <typename T>
 __global__ void scatter_sorted_kernel(const T* __restrict__ src, int64_t s0, int64_t s1,
-                                      const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
-                                      int64_t K, int64_t D, const float* __restrict__ scale, float* __restrict__ out,
+                                      const int64_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t K,
+                                      int64_t D, const float* __restrict__ scale, float* __restrict__ out,
                                       int64_t out_ld) {
   const float s = scale ? *scale : 1.0f;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
@@ -51,9 +50,9 @@ __global__ void scatter_sorted_kernel(const T* __restrict__ src, int64_t s0, int
 
 }  // namespace
 
-cudaError_t scatter_rows_atomic(const void* src, ElemType t, int64_t s0, int64_t s1, const int64_t* indices,
-                                int64_t n, int64_t K, int64_t D, const float* scale, float* out, int64_t out_ld,
-                                int64_t* counts, int64_t* bad, cudaStream_t stream) {
+cudaError_t scatter_rows_atomic(const void* src, ElemType t, int64_t s0, int64_t s1, const int64_t* indices, int64_t n,
+                                int64_t K, int64_t D, const float* scale, float* out, int64_t out_ld, int64_t* counts,
+                                int64_t* bad, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   return dispatch_elem(t, [&](auto tag) {
     using T = decltype(tag);

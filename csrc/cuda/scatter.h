@@ -17,9 +17,9 @@ namespace cuda {
 // out: float32, out[k * out_ld + d]. scale: a device float (nullptr: 1). Optional outputs:
 // counts[k] (int64) += 1 per row of code k (counts alone when out is nullptr), and *bad = 1
 // when some index lies outside [-1, K). Float atomics: the summation order varies run to run.
-cudaError_t scatter_rows_atomic(const void* src, ElemType t, int64_t s0, int64_t s1, const int64_t* indices,
-                                int64_t n, int64_t K, int64_t D, const float* scale, float* out, int64_t out_ld,
-                                int64_t* counts, int64_t* bad, cudaStream_t stream);
+cudaError_t scatter_rows_atomic(const void* src, ElemType t, int64_t s0, int64_t s1, const int64_t* indices, int64_t n,
+                                int64_t K, int64_t D, const float* scale, float* out, int64_t out_ld, int64_t* counts,
+                                int64_t* bad, cudaStream_t stream);
 
 // Deterministic: order [*] lists the rows sorted stably by code, offsets [K + 1] the first
 // position in order of each code (offsets[K]: the end). out[k, d] += sum over code k's rows,

@@ -83,8 +83,8 @@ __global__ void code_terms_kernel(const T* __restrict__ c, int64_t k, int64_t kp
 // aligned, so a vector starting inside a row is whole and aligned.
 template <typename T, int ROWS, int BD, int NT>
 struct ChunkLoader {
-  static constexpr int kVec = 16 / sizeof(T);           // elements per vector
-  static constexpr int kPerRow = BD / kVec;              // vectors per chunk row
+  static constexpr int kVec = 16 / sizeof(T);             // elements per vector
+  static constexpr int kPerRow = BD / kVec;               // vectors per chunk row
   static constexpr int kPerThread = ROWS * kPerRow / NT;  // vectors each thread moves
   static_assert(ROWS * kPerRow % NT == 0, "chunk must split evenly over the threads");
   uint4 v[kPerThread];
@@ -92,8 +92,8 @@ struct ChunkLoader {
   __device__ __forceinline__ static int row_of(int i) { return (threadIdx.x + i * NT) / kPerRow; }
   __device__ __forceinline__ static int col_of(int i) { return (threadIdx.x + i * NT) % kPerRow * kVec; }
 
-  __device__ __forceinline__ void fetch(const T* __restrict__ base, int64_t row0, int64_t nrows, int64_t d,
-                                        int64_t d0, bool vec_ok) {
+  __device__ __forceinline__ void fetch(const T* __restrict__ base, int64_t row0, int64_t nrows, int64_t d, int64_t d0,
+                                        bool vec_ok) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int64_t r = row0 + row_of(i), col = d0 + col_of(i);
@@ -102,8 +102,7 @@ struct ChunkLoader {
       } else {
         alignas(16) T e[kVec];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j)
-          e[j] = (r < nrows && col + j < d) ? base[r * d + col + j] : from_float<T>(0.f);
+        for (int j = 0; j < kVec; ++j) e[j] = (r < nrows && col + j < d) ? base[r * d + col + j] : from_float<T>(0.f);
         v[i] = *reinterpret_cast<const uint4*>(e);
       }
     }
@@ -138,18 +137,20 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
                                                          unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Tensor-core tile engine for float16 / bfloat16. BM / 16 warps; warp w owns rows
@@ -283,8 +284,8 @@ struct SearchProblem {
 // chunk's global loads are issued before the current chunk's math (register prefetch); x's
 // chunk is staged once when D fits in one chunk.
 template <typename E, typename T, typename Epilogue>
-__device__ __forceinline__ void search_tiles(const SearchProblem<T>& p, int64_t row0, typename E::Smem& sm,
-                                             E& eng, Epilogue&& epilogue) {
+__device__ __forceinline__ void search_tiles(const SearchProblem<T>& p, int64_t row0, typename E::Smem& sm, E& eng,
+                                             Epilogue&& epilogue) {
   const int64_t nchunk = p.d > 0 ? (p.d + E::BD - 1) / E::BD : 1;  // D = 0: one all-zero chunk
   const int64_t ntile = (p.k + kTileK - 1) / kTileK;
   const int64_t steps = nchunk * ntile;

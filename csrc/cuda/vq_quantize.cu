@@ -23,10 +23,9 @@ __device__ __forceinline__ float code_value(const TC* c, int64_t code, int64_t k
 // Block b handles entries [b * 2048, (b + 1) * 2048): a fixed split, so the partials (and the
 // loss) do not depend on scheduling.
 template <typename TX, typename TC>
-__global__ void __launch_bounds__(kThreads) gather_loss_kernel(const TX* __restrict__ x, const TC* __restrict__ c,
-                                                               const int64_t* __restrict__ idx, int64_t numel,
-                                                               int64_t k, int64_t d, TX* __restrict__ q,
-                                                               float* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads)
+    gather_loss_kernel(const TX* __restrict__ x, const TC* __restrict__ c, const int64_t* __restrict__ idx,
+                       int64_t numel, int64_t k, int64_t d, TX* __restrict__ q, float* __restrict__ partials) {
   __shared__ float warp_sums[kThreads / 32];
   float sum = 0.f;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockEntries;
@@ -52,9 +51,9 @@ __global__ void __launch_bounds__(kThreads) gather_loss_kernel(const TX* __restr
 }
 
 // One block: the partials in a fixed order (strided per thread, then a fixed tree), in float64.
-__global__ void __launch_bounds__(kThreads) loss_final_kernel(const float* __restrict__ partials, int64_t count,
-                                                              double inv_numel, float* commit_loss,
-                                                              float* codebook_loss) {
+__global__ void __launch_bounds__(kThreads)
+    loss_final_kernel(const float* __restrict__ partials, int64_t count, double inv_numel, float* commit_loss,
+                      float* codebook_loss) {
   __shared__ double s[kThreads];
   double v = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += kThreads) v += partials[i];
@@ -73,12 +72,11 @@ __global__ void __launch_bounds__(kThreads) loss_final_kernel(const float* __res
 
 // grad_x (and, when grad_codebook is set, the atomic scatter of grad_codebook), grid-stride.
 template <typename TG, typename TX, typename TC>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const TG* __restrict__ g, const float* gcommit,
-                                                            const float* gcodebook, float scale,
-                                                            const TX* __restrict__ x, const TC* __restrict__ c,
-                                                            const int64_t* __restrict__ idx, int64_t numel, int64_t k,
-                                                            int64_t d, TX* __restrict__ gx, float* grad_codebook) {
-  const float a = __fmul_rn(*gcommit, scale);    // grad_commit_loss * scale
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const TG* __restrict__ g, const float* gcommit, const float* gcodebook, float scale,
+                    const TX* __restrict__ x, const TC* __restrict__ c, const int64_t* __restrict__ idx, int64_t numel,
+                    int64_t k, int64_t d, TX* __restrict__ gx, float* grad_codebook) {
+  const float a = __fmul_rn(*gcommit, scale);     // grad_commit_loss * scale
   const float b = __fmul_rn(-*gcodebook, scale);  // -grad_codebook_loss * scale
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < numel;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -92,10 +90,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const TG* __restrict
 
 // Block (code, y) owns columns y * 256 + t (strided): each sums its code's rows in row order.
 template <typename TX, typename TC>
-__global__ void __launch_bounds__(kThreads) codebook_grad_sorted_kernel(
-    const float* gcodebook, float scale, const TX* __restrict__ x, const TC* __restrict__ c,
-    const int64_t* __restrict__ perm, const int64_t* __restrict__ offsets, int64_t d,
-    float* __restrict__ grad_codebook) {
+__global__ void __launch_bounds__(kThreads)
+    codebook_grad_sorted_kernel(const float* gcodebook, float scale, const TX* __restrict__ x, const TC* __restrict__ c,
+                                const int64_t* __restrict__ perm, const int64_t* __restrict__ offsets, int64_t d,
+                                float* __restrict__ grad_codebook) {
   const int64_t code = blockIdx.x;
   const float b = __fmul_rn(-*gcodebook, scale);
   const int64_t first = offsets[code], last = offsets[code + 1];
@@ -113,9 +111,12 @@ __global__ void __launch_bounds__(kThreads) codebook_grad_sorted_kernel(
 template <typename F>
 cudaError_t with_type(ElemType t, F&& f) {
   switch (t) {
-    case ElemType::F16: return f(__half{});
-    case ElemType::BF16: return f(__nv_bfloat16{});
-    default: return f(float{});
+    case ElemType::F16:
+      return f(__half{});
+    case ElemType::BF16:
+      return f(__nv_bfloat16{});
+    default:
+      return f(float{});
   }
 }
 
@@ -165,8 +166,8 @@ cudaError_t vq_backward(ElemType grad_type, ElemType x_type, ElemType code_type,
         using TG = decltype(tg);
         backward_kernel<TG, TX, TC><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
             static_cast<const TG*>(grad_quantized), grad_commit_loss, grad_codebook_loss, loss_scale(numel),
-            static_cast<const TX*>(x), static_cast<const TC*>(codebook), indices, numel, k, d,
-            static_cast<TX*>(grad_x), atomic_codebook ? grad_codebook : nullptr);
+            static_cast<const TX*>(x), static_cast<const TC*>(codebook), indices, numel, k, d, static_cast<TX*>(grad_x),
+            atomic_codebook ? grad_codebook : nullptr);
         return cudaGetLastError();
       };
       return grad_type == ElemType::F32 ? launch(float{}) : launch(TX{});
@@ -184,9 +185,9 @@ cudaError_t vq_codebook_grad_sorted(ElemType x_type, ElemType code_type, const f
     using TX = decltype(tx);
     return with_type(code_type, [&](auto tc) {
       using TC = decltype(tc);
-      codebook_grad_sorted_kernel<TX, TC><<<grid, kThreads, 0, stream>>>(
-          grad_codebook_loss, loss_scale(n * d), static_cast<const TX*>(x), static_cast<const TC*>(codebook), perm,
-          offsets, d, grad_codebook);
+      codebook_grad_sorted_kernel<TX, TC>
+          <<<grid, kThreads, 0, stream>>>(grad_codebook_loss, loss_scale(n * d), static_cast<const TX*>(x),
+                                          static_cast<const TC*>(codebook), perm, offsets, d, grad_codebook);
       return cudaGetLastError();
     });
   });

@@ -61,8 +61,8 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
   if (compute_dtype(x, codebook) == at::kDouble) {
     static const auto ref = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("vqkernels_ref::vq_quantize_backward", "")
-                                .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+                                .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&)>();
     return ref.call(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices);
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -70,9 +70,8 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
   const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
   const at::Tensor xs = x.contiguous(), cb = codebook.contiguous(), idx = indices.contiguous();
   // grad_quantized in x's type, else float32 (the reference's first step converts it to float32).
-  const at::Tensor g = (grad_quantized.scalar_type() == x.scalar_type() ? grad_quantized
-                                                                        : grad_quantized.to(at::kFloat))
-                           .contiguous();
+  const at::Tensor g =
+      (grad_quantized.scalar_type() == x.scalar_type() ? grad_quantized : grad_quantized.to(at::kFloat)).contiguous();
   const at::Tensor gc = grad_commit_loss.to(x.device(), at::kFloat).contiguous();
   const at::Tensor gb = grad_codebook_loss.to(x.device(), at::kFloat).contiguous();
   at::Tensor grad_x = at::empty({n, d}, x.options());
@@ -87,9 +86,9 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
     // and lies outside every code's [offsets[c], offsets[c + 1]).
     const auto [perm, offsets] = sort_by_code(idx, k);
     check_launch(op, vq_codebook_grad_sorted(elem_type(xs), elem_type(cb), gb.const_data_ptr<float>(),
-                                             xs.const_data_ptr(), cb.const_data_ptr(),
-                                             perm.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), n,
-                                             k, d, grad_codebook.data_ptr<float>(), stream));
+                                             xs.const_data_ptr(), cb.const_data_ptr(), perm.const_data_ptr<int64_t>(),
+                                             offsets.const_data_ptr<int64_t>(), n, k, d,
+                                             grad_codebook.data_ptr<float>(), stream));
   }
   return {grad_x, grad_codebook.to(codebook.scalar_type())};
 }
