@@ -43,16 +43,16 @@ def restore_settings():
 
 
 def cpu_backends():
-    names = ["cpp", "reference"]
+    names = ["cpu", "reference"]
     if _backend.triton_interpreted() and _backend.available("triton", "nearest_code", "cpu"):
         names.append("triton")
     return names
 
 
-def test_default_is_auto_with_cpp_on_cpu():
+def test_default_is_auto_with_the_cpu_kernels_on_cpu():
     for op in SCHEMAS:
         assert vqkernels.get_backend(op, "cpu") == "auto"
-        assert _backend.routes(op, "cpu")[-1][2] == "cpp"
+        assert _backend.routes(op, "cpu")[-1][2] == "cpu"
     args = op_samples()["nearest_code"]
     assert served_by("nearest_code", args) == {"vqkernels_cpu"}
     assert vqkernels.backend("nearest_code", "cpu").startswith("C++")
@@ -69,8 +69,8 @@ def test_use_backend_routes_every_op_it_serves(backend):
         assert served_by(op, args) == {"vqkernels_cpu"}, op
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpp"])
-def test_backend_outputs_match_the_cpp_kernels(backend):
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpu"])
+def test_backend_outputs_match_the_cpu_kernels(backend):
     samples = op_samples()
     want = {op: run_op(op, args) for op, args in samples.items()}
     with vqkernels.use_backend(backend, device="cpu"):
@@ -78,7 +78,7 @@ def test_backend_outputs_match_the_cpp_kernels(backend):
             assert_outputs_close(run_op(op, args), want[op])
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpp"])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpu"])
 def test_opcheck_of_the_public_op_on_each_backend(backend):
     samples = op_samples()
     with vqkernels.use_backend(backend, device="cpu"):
@@ -106,7 +106,7 @@ def test_every_backend_rejects_bad_inputs(backend):
             torch.ops.vqkernels.ema_update_(cb.clone(), cs.clone(), es.clone(), xe, idx + c.shape[0], decay, eps)
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpp"])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "cpu"])
 def test_training_gradients_through_another_backend(backend):
     x = op_samples()["vq_quantize"][0].clone().requires_grad_()
     c = op_samples()["vq_quantize"][1].clone().requires_grad_()
@@ -195,7 +195,7 @@ def test_auto_rules_naming_an_unavailable_backend_are_skipped():
     (lambda: vqkernels.set_backend("reference", ops=["nearest"]), "unknown op"),
     (lambda: vqkernels.set_backend("reference", device="mps"), "device must be one of"),
     (lambda: vqkernels.set_backend("cuda", device="cpu"), "serves CUDA tensors only"),
-    (lambda: vqkernels.set_backend("cpp", device="cuda"), "serves CPU tensors only"),
+    (lambda: vqkernels.set_backend("cpu", device="cuda"), "serves CPU tensors only"),
     (lambda: vqkernels.set_backend("triton", ops=["gumbel_quantize"], device="cpu"), "does not serve gumbel"),
     (lambda: vqkernels.set_auto_table({("cpu", "nearest_code"): [(4, None, "fast")]}), "bad auto rule"),
 ])
@@ -214,7 +214,7 @@ def run_with_env(value, code):
 @pytest.mark.parametrize("value, want", [
     ("reference", {"nearest_code": "reference", "fsq_quantize": "reference"}),
     ("cpu:vq_quantize=reference", {"vq_quantize": "reference", "nearest_code": "auto"}),
-    ("reference, cpu:nearest_code=cpp", {"nearest_code": "cpp", "vq_quantize": "reference"}),
+    ("reference, cpu:nearest_code=cpp", {"nearest_code": "cpu", "vq_quantize": "reference"}),
     ("vq_quantize=reference", {"vq_quantize": "reference", "nearest_code": "auto"}),
 ])
 def test_vqk_backend_values(value, want):
@@ -294,3 +294,20 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible(backend):
         torch.use_deterministic_algorithms(False)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_backend_names_read_as_their_namespaces_and_cpp_is_an_alias(tmp_path):
+    """Backends are named as their namespaces (cpu, cuda, triton, reference); the earlier "cpp" still works
+    everywhere a name is read (set_backend, use_backend, VQK_BACKEND, auto tables) and reads back as "cpu"."""
+    assert {b: _backend.NAMESPACES[b] for b in ("cpu", "cuda", "triton", "reference")} == {
+        b: "vqkernels_ref" if b == "reference" else f"vqkernels_{b}" for b in ("cpu", "cuda", "triton", "reference")}
+    try:
+        with vqkernels.use_backend("cpp", ops="vq_quantize"):
+            assert vqkernels.get_backend("vq_quantize", "cpu") == "cpu"
+        vqkernels.set_auto_table({("cpu", "nearest_code"): [(2 ** 40, None, "cpp")]})
+        assert _backend.routes("nearest_code", "cpu")[0][2] == "cpu"
+        with pytest.raises(ValueError, match="unknown backend 'c\\+\\+'"):
+            vqkernels.set_backend("c++")
+    finally:
+        vqkernels.set_auto_table(None)
+        vqkernels.set_backend("auto")

@@ -2,7 +2,8 @@
 
 Backends (each registers its kernels in its own op namespace, same schemas):
 
-    "cpp"        C++ CPU kernels (csrc/cpu), CPU tensors            vqkernels_cpu
+    "cpu"        C++ CPU kernels (csrc/cpu), CPU tensors            vqkernels_cpu
+                 ("cpp" is accepted as another name for it)
     "cuda"       CUDA C++ kernels (csrc/cuda), CUDA tensors         vqkernels_cuda
     "triton"     Triton kernels (vqkernels/triton), CUDA tensors    vqkernels_triton
                  (and CPU tensors when TRITON_INTERPRET=1: slow, for tests)
@@ -10,7 +11,7 @@ Backends (each registers its kernels in its own op namespace, same schemas):
     "auto"       per op, device, dtype and row count: the fastest measured backend
                  (vqkernels.set_auto_table), else the first available of
                  cuda > triton > reference (CUDA tensors; only GPU kernels that have passed
-                 their tests on a GPU, GPU_VERIFIED) and cpp > reference (CPU tensors)
+                 their tests on a GPU, GPU_VERIFIED) and cpu > reference (CPU tensors)
 
 ``torch.ops.vqkernels.<op>`` on CPU and CUDA tensors runs a router kernel (csrc/dispatch.cpp)
 that forwards each call to the backend chosen here; the choice is made inside the op at run
@@ -45,11 +46,12 @@ for _name in SCHEMAS:
     for _ns in ("vqkernels", "vqkernels_ref"):
         torch.library.impl(f"{_ns}::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
 
-BACKENDS = ("auto", "cuda", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cuda", "cpu", "triton", "reference")
+ALIASES = {"cpp": "cpu"}  # earlier names of backends, still accepted
 DEVICES = ("cpu", "cuda")
-NAMESPACES = {"cpp": "vqkernels_cpu", "cuda": "vqkernels_cuda", "triton": "vqkernels_triton",
+NAMESPACES = {"cpu": "vqkernels_cpu", "cuda": "vqkernels_cuda", "triton": "vqkernels_triton",
               "reference": "vqkernels_ref"}
-_AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_AUTO_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 # (backend, op) pairs whose GPU kernels have passed the GPU tests on real hardware
 # (benchmarks/gpu.sh). Without a measured auto table, "auto" serves CUDA tensors only with
 # these (else the reference): kernels never run on a GPU serve only when chosen explicitly.
@@ -58,6 +60,14 @@ _AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "ref
 GPU_VERIFIED = frozenset()
 _DTYPE_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}
 _ALL_ROWS = 2 ** 63 - 1
+
+
+def canonical(backend):
+    """A backend's name as it reads now ("cpp" -> "cpu"); ValueError for an unknown one."""
+    backend = ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
 
 
 def compiled():
@@ -109,7 +119,7 @@ def available(backend, op, device):
         return True
     if _C is None:
         return False
-    if backend == "cpp":
+    if backend == "cpu":
         return device == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cpu::{op}", "CPU")
     if backend == "cuda":
         return device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")
@@ -169,25 +179,24 @@ def _devices_for(backend, device):
     if device is not None:
         if device not in DEVICES:
             raise ValueError(f"vqkernels: device must be one of {DEVICES}, got {device!r}")
-        if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu")):
-            raise ValueError(f"vqkernels: backend {backend!r} serves {'CPU' if backend == 'cpp' else 'CUDA'} "
+        if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
+            raise ValueError(f"vqkernels: backend {backend!r} serves {'CPU' if backend == 'cpu' else 'CUDA'} "
                              f"tensors only, not {device}")
         return [device]
-    return {"cpp": ["cpu"], "cuda": ["cuda"], "triton": ["cuda", "cpu"] if triton_interpreted() else ["cuda"]}.get(
+    return {"cpu": ["cpu"], "cuda": ["cuda"], "triton": ["cuda", "cpu"] if triton_interpreted() else ["cuda"]}.get(
         backend, list(DEVICES))
 
 
 def set_backend(backend, ops=None, device=None):
     """Choose the backend serving ``ops`` (default: every op it implements) on ``device``.
 
-    ``backend``: "auto", "cuda", "cpp", "triton" or "reference" (see the module docstring).
+    ``backend``: "auto", "cuda", "cpu" ("cpp" too), "triton" or "reference" (see the module docstring).
     ``device``: "cpu" or "cuda"; default: the devices the backend serves ("triton": CUDA, and
     the CPU too under TRITON_INTERPRET=1; "reference" and "auto": both). With ``ops=None`` the
     ops the backend does not implement keep their setting; naming such an op raises ValueError.
     Process-wide; :func:`use_backend` restores the previous settings on exit.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
+    backend = canonical(backend)
     explicit = ops is not None
     ops = _check_ops(ops)
     devices = _devices_for(backend, device)
@@ -217,7 +226,7 @@ def _why_unavailable(backend, device):
             return " (Triton runs CPU tensors only under TRITON_INTERPRET=1)"
         if "error" in _triton_state:
             return f" ({_triton_state['error']})"
-    if backend == "cpp" and _C is None:
+    if backend == "cpu" and _C is None:
         return " (the compiled extension is not loaded)"
     return ""
 
@@ -254,7 +263,7 @@ def set_auto_table(table):
             dt = getattr(torch, e["dtype"]) if e.get("dtype") else None
             parsed.setdefault((e["device"], e["op"]), []).append((int(e["max_rows"]), dt, e["backend"]))
         table = parsed
-    table = dict(table or {})
+    table = {key: [(rows, dt, ALIASES.get(b, b)) for rows, dt, b in rules] for key, rules in (table or {}).items()}
     for (device, op), rules in table.items():
         _check_ops(op)
         _devices_for("auto", device)
@@ -276,7 +285,7 @@ def backend(op, device_type):
         return _NAMES["reference"]
 
     def name(b):
-        return f"C++ ({cpu_isa()})" if b == "cpp" else _NAMES[b]
+        return f"C++ ({cpu_isa()})" if b == "cpu" else _NAMES[b]
     text = ", ".join(name(b) if rows == _ALL_ROWS and dt is None else
                      f"{name(b)} (rows <= {rows}{', ' + str(dt).replace('torch.', '') if dt else ''})"
                      for rows, dt, b in routes(op, device_type))
