@@ -6,11 +6,15 @@ from . import _checks
 from .schemas import ALL_NAMESPACES
 
 
+FAKES = {}  # op name -> its fake kernel (vqkernels.triton registers the same ones for its namespace)
+
+
 def _fake(name):
     """Registers the decorated function as the fake kernel of ``name`` in every namespace that defines it."""
     def register(fn):
         for ns in ALL_NAMESPACES:
             torch.library.register_fake(f"{ns}::{name}")(fn)
+        FAKES[name] = fn
         return fn
     return register
 
@@ -41,6 +45,8 @@ def _vq_quantize_fake(x, codebook, metric="l2"):
 
 @_fake("vq_quantize_backward")
 def _vq_quantize_backward_fake(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
+    _checks.check_vq_quantize_backward("vq_quantize_backward", grad_quantized, grad_commit_loss, grad_codebook_loss,
+                                       x, codebook, indices)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(codebook, memory_format=torch.contiguous_format))
 

@@ -4,9 +4,10 @@
 ImportError saying so when Triton is missing. The kernels run on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (set before this package is imported; slow, for tests).
 
-Each launcher ``vqkernels.triton.<op>(...)`` has the signature of ``vqkernels.<op>`` and is
-registered as the opaque custom op ``torch.ops.vqkernels_triton.<op>`` (with a fake kernel; no
-autograd of its own). As a backend of ``torch.ops.vqkernels.<op>`` (``vqkernels.set_backend(
+Each launcher ``vqkernels.triton.<op>(...)`` has the signature of ``vqkernels.<op>`` and is the
+opaque kernel of ``torch.ops.vqkernels_triton.<op>``, defined with the op's one schema
+(vqkernels/schemas.py) and its one fake kernel (vqkernels/fake.py) by ``_common.triton_op``; no
+autograd of its own. As a backend of ``torch.ops.vqkernels.<op>`` (``vqkernels.set_backend(
 "triton")``) the public op's autograd applies, its backward ops served by Triton too where
 they exist. float64 inputs, and cases a kernel does not cover, go to the reference.
 """

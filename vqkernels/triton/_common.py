@@ -1,5 +1,6 @@
-"""What every Triton launcher of vqkernels shares: the device rule (CUDA tensors, or CPU tensors
-under TRITON_INTERPRET=1), the launch-on-device guard, and block sizing."""
+"""What every Triton launcher of vqkernels shares: its op definition (the one schema of schemas.py, the
+one fake of fake.py), the device rule (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), the
+launch-on-device guard, and block sizing."""
 
 import contextlib
 import os
@@ -7,9 +8,26 @@ import os
 import torch
 import triton
 
-from .. import _checks
+from .. import _checks, fake
+from ..schemas import SCHEMAS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import time too
+NAMESPACE = "vqkernels_triton"
+_LIB = torch.library.Library(NAMESPACE, "DEF")  # kept for the life of the process (it holds the definitions)
+
+
+def triton_op(name):
+    """Defines ``vqkernels_triton::<name>`` with the op's schema from schemas.py and its fake from fake.py, and
+    registers the decorated launcher as its kernel for CUDA tensors and for CPU tensors (the interpreter, under
+    TRITON_INTERPRET=1). The kernel is opaque to torch.compile, as a torch.library.custom_op's is (Triton's
+    own triton_op fails fake-tensor checks in the interpreter). Returns the op."""
+    def register(launcher):
+        _LIB.define(SCHEMAS[name])
+        for key in ("CUDA", "CPU"):
+            _LIB.impl(name, launcher, key)
+        torch.library.register_fake(f"{NAMESPACE}::{name}")(fake.FAKES[name])
+        return getattr(torch.ops.vqkernels_triton, name)
+    return register
 
 
 def check_device(op, t):

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from ._common import check_device, on_device
+from ._common import check_device, on_device, triton_op
 from .scatter import code_segments, segment_sum
 
 OP = "triton.ema_update_"
@@ -76,7 +76,7 @@ def _ema_finalize_kernel(cb_ptr, cs_ptr, es_ptr, sums_ptr, total_ptr, K, D, scbk
     tl.store(cb_ptr + k64 * scbk + dd[None, :] * scbd, es / smoothed[:, None], mask=m)
 
 
-@torch.library.custom_op("vqkernels_triton::ema_update_", mutates_args=("codebook", "cluster_size", "embed_sum"))
+@triton_op("ema_update_")
 def _ema_update_op(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Tensor, indices: Tensor,
                    decay: float, eps: float) -> None:
     _checks.check_ema(OP, codebook, cluster_size, embed_sum, x, indices, decay, eps)
@@ -110,11 +110,6 @@ def _ema_update_op(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x:
             _ema_finalize_kernel[grid](codebook, cluster_size, embed_sum, sums, total, k, d, *codebook.stride(),
                                        cluster_size.stride(0), *embed_sum.stride(), decay, 1.0 - decay, eps, k * eps,
                                        BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D)
-
-
-@_ema_update_op.register_fake
-def _(codebook, cluster_size, embed_sum, x, indices, decay, eps):
-    _checks.check_ema(OP, codebook, cluster_size, embed_sum, x, indices, decay, eps)
 
 
 def ema_update_(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x: Tensor, indices: Tensor,

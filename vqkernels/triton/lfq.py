@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, fake, reference
-from ._common import block, check_device, on_device
+from .. import _checks, reference
+from ._common import block, check_device, on_device, triton_op
 
 OP = "triton.lfq_entropy"
 OP_BACKWARD = "triton.lfq_entropy_backward"
@@ -201,7 +201,7 @@ def _matmul(a, b):
     return c[0] if splits == 1 else c.sum(0)
 
 
-@torch.library.custom_op("vqkernels_triton::lfq_entropy", mutates_args=())
+@triton_op("lfq_entropy")
 def _lfq_entropy_op(x: Tensor, inv_temperature: float,
                     weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     _checks.check_lfq_entropy(OP, x, inv_temperature, weights)
@@ -221,12 +221,7 @@ def _lfq_entropy_op(x: Tensor, inv_temperature: float,
     return per_sample, codebook, avg_probs
 
 
-@_lfq_entropy_op.register_fake
-def _(x, inv_temperature, weights=None):
-    return fake._lfq_entropy_fake(x, inv_temperature, weights)
-
-
-@torch.library.custom_op("vqkernels_triton::lfq_entropy_backward", mutates_args=())
+@triton_op("lfq_entropy_backward")
 def _lfq_entropy_backward_op(grad_per_sample_entropy: Tensor, grad_codebook_entropy: Tensor,
                              grad_avg_probs: Tensor, x: Tensor, avg_probs: Tensor, inv_temperature: float,
                              weights: Optional[Tensor] = None) -> Tensor:
@@ -253,12 +248,6 @@ def _lfq_entropy_backward_op(grad_per_sample_entropy: Tensor, grad_codebook_entr
                                                                 *x.stride(), s, BLOCK_N=BLOCK_N, BLOCK_A=block_a,
                                                                 KB=MAX_HALF_BITS, HAS_W=w is not None)
     return grad.to(x.dtype)
-
-
-@_lfq_entropy_backward_op.register_fake
-def _(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x, avg_probs, inv_temperature, weights=None):
-    return fake._lfq_entropy_backward_fake(grad_per_sample_entropy, grad_codebook_entropy, grad_avg_probs, x,
-                                           avg_probs, inv_temperature, weights)
 
 
 def lfq_entropy(x: Tensor, inv_temperature: float = 100.0,

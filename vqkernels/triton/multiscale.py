@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, fake, reference
-from ._common import INTERPRET, block, check_device, on_device
+from .. import _checks, reference
+from ._common import INTERPRET, block, check_device, on_device, triton_op
 from .scatter import scatter_add_rows_
 from .nearest_code import _nearest_code_op
 
@@ -97,7 +97,7 @@ def _area_downsample(f_rest, ph, pw):
     return out.to(torch.bfloat16) if via_float else out
 
 
-@torch.library.custom_op("vqkernels_triton::multiscale_quantize_step", mutates_args=())
+@triton_op("multiscale_quantize_step")
 def _multiscale_quantize_step_op(f_rest: Tensor, codebook: Tensor, pn: List[int],
                                  metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_multiscale(OP, f_rest, codebook, pn, metric)
@@ -119,12 +119,7 @@ def _multiscale_quantize_step_op(f_rest: Tensor, codebook: Tensor, pn: List[int]
     return indices.view(b, ph, pw), h
 
 
-@_multiscale_quantize_step_op.register_fake
-def _(f_rest, codebook, pn, metric="l2"):
-    return fake._multiscale_quantize_step_fake(f_rest, codebook, pn, metric)
-
-
-@torch.library.custom_op("vqkernels_triton::multiscale_quantize_step_backward", mutates_args=())
+@triton_op("multiscale_quantize_step_backward")
 def _multiscale_quantize_step_backward_op(grad_h: Tensor, codebook: Tensor, indices: Tensor) -> Tensor:
     _checks.check_multiscale_backward(OP_BACKWARD, grad_h, codebook, indices)
     if _checks.compute_dtype(grad_h, codebook) == torch.float64:
@@ -132,11 +127,6 @@ def _multiscale_quantize_step_backward_op(grad_h: Tensor, codebook: Tensor, indi
     grad = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
     scatter_add_rows_(grad, indices.reshape(-1), grad_h)
     return grad.to(codebook.dtype)
-
-
-@_multiscale_quantize_step_backward_op.register_fake
-def _(grad_h, codebook, indices):
-    return fake._multiscale_quantize_step_backward_fake(grad_h, codebook, indices)
 
 
 def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[int, int],

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from ._common import INTERPRET, check_device, on_device
+from ._common import INTERPRET, check_device, on_device, triton_op
 
 NORM_EPS = reference.NORM_EPS
 _METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
@@ -199,8 +199,8 @@ def launch_kwargs(x, metric):
                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, EPS=NORM_EPS)
 
 
-@torch.library.custom_op("vqkernels_triton::nearest_code", mutates_args=())
-def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor]:
+@triton_op("nearest_code")
+def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_search(OP, x, codebook, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64:
         return tuple(t.clone() for t in reference.nearest_code(x, codebook, metric))
@@ -217,14 +217,6 @@ def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, 
                                    n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
                                    **launch_kwargs(x, metric))
     return indices, distances
-
-
-@_nearest_code_op.register_fake
-def _(x, codebook, metric):
-    _checks.check_search(OP, x, codebook, metric)
-    n = x.shape[0]
-    dt = _checks.compute_dtype(x, codebook)
-    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=dt)
 
 
 def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from ._common import INTERPRET, check_device, on_device
+from ._common import INTERPRET, check_device, on_device, triton_op
 from .nearest_code import _code_distance, _row_block, _tile_scores, launch_kwargs, search_operands
 
 OP = "triton.nearest_code_topk"
@@ -105,8 +105,8 @@ def _topk_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
         tl.store(dist_ptr + out + j, tl.where(nan_row, float("nan"), dist), mask=rmask)
 
 
-@torch.library.custom_op("vqkernels_triton::nearest_code_topk", mutates_args=())
-def _nearest_code_topk_op(x: Tensor, codebook: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+@triton_op("nearest_code_topk")
+def _nearest_code_topk_op(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_topk(OP, x, codebook, k, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64 or k > MAX_K:
         return tuple(t.clone() for t in reference.nearest_code_topk(x, codebook, k, metric))
@@ -123,14 +123,6 @@ def _nearest_code_topk_op(x: Tensor, codebook: Tensor, k: int, metric: str) -> T
                            n, num_codes, d, k, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
                            KP=triton.next_power_of_2(k), **launch_kwargs(x, metric))
     return indices, distances
-
-
-@_nearest_code_topk_op.register_fake
-def _(x, codebook, k, metric):
-    _checks.check_topk(OP, x, codebook, k, metric)
-    n = x.shape[0]
-    dt = _checks.compute_dtype(x, codebook)
-    return x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, k, dtype=dt)
 
 
 def nearest_code_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> Tuple[Tensor, Tensor]:

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, fake, reference
-from ._common import block, check_device, on_device
+from .. import _checks, reference
+from ._common import block, check_device, on_device, triton_op
 from .scatter import scatter_add_rows_
 from .nearest_code import _nearest_code_op
 
@@ -89,7 +89,7 @@ def _float32_codebooks(codebooks):
     return codebooks.to(torch.float32).contiguous()
 
 
-@torch.library.custom_op("vqkernels_triton::residual_quantize", mutates_args=())
+@triton_op("residual_quantize")
 def _residual_quantize_op(x: Tensor, codebooks: Tensor, num_levels: int = -1,
                           beam_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     levels = _checks.check_residual(OP, x, codebooks, num_levels, beam_size)
@@ -115,12 +115,7 @@ def _residual_quantize_op(x: Tensor, codebooks: Tensor, num_levels: int = -1,
     return quant.to(x.dtype), indices, losses, losses.clone()
 
 
-@_residual_quantize_op.register_fake
-def _(x, codebooks, num_levels=-1, beam_size=1):
-    return fake._residual_quantize_fake(x, codebooks, num_levels, beam_size)
-
-
-@torch.library.custom_op("vqkernels_triton::residual_quantize_backward", mutates_args=())
+@triton_op("residual_quantize_backward")
 def _residual_quantize_backward_op(grad_quantized: Tensor, grad_commit_losses: Tensor, grad_codebook_losses: Tensor,
                                    x: Tensor, codebooks: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
     args = (grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices)
@@ -147,12 +142,6 @@ def _residual_quantize_backward_op(grad_quantized: Tensor, grad_commit_losses: T
                     n, cbs.shape[-2], d, cbs.stride(-2), BLOCK_N=BLOCK_N, BLOCK_D=block_d, enable_fp_fusion=False)
                 scatter_add_rows_(reference._level_codebook(grad_cbs, level), idx, contrib)
     return gx.to(x.dtype), grad_cbs.to(codebooks.dtype)
-
-
-@_residual_quantize_backward_op.register_fake
-def _(grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices):
-    return fake._residual_quantize_backward_fake(grad_quantized, grad_commit_losses, grad_codebook_losses, x,
-                                                 codebooks, indices)
 
 
 def residual_quantize(x: Tensor, codebooks: Tensor, num_levels: int = -1,

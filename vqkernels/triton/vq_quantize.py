@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from ._common import check_device, on_device
+from ._common import check_device, on_device, triton_op
 from .nearest_code import _configs, _nearest, _row_block, launch_kwargs, search_operands
 from .scatter import code_segments, segment_sum
 
@@ -68,8 +68,8 @@ def _vq_quantize_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, q_ptr, idx_ptr, err_pt
     tl.store(err_ptr + rows, err, mask=rmask)
 
 
-@torch.library.custom_op("vqkernels_triton::vq_quantize", mutates_args=())
-def _vq_quantize_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@triton_op("vq_quantize")
+def _vq_quantize_op(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.check_search(OP, x, codebook, metric)
     if _checks.compute_dtype(x, codebook) == torch.float64:
         return tuple(t.clone() for t in reference.vq_quantize(x, codebook, metric))
@@ -90,14 +90,6 @@ def _vq_quantize_op(x: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, T
     else:
         loss = (errors.sum(dtype=torch.float64) / (n * d)).to(torch.float32)
     return quantized, indices, loss, loss.clone()
-
-
-@_vq_quantize_op.register_fake
-def _(x, codebook, metric):
-    _checks.check_search(OP, x, codebook, metric)
-    dt = _checks.compute_dtype(x, codebook)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], dtype=torch.int64),
-            x.new_empty((), dtype=dt), x.new_empty((), dtype=dt))
 
 
 def vq_quantize(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -135,7 +127,7 @@ def _vq_backward_kernel(gq_ptr, x_ptr, c_ptr, idx_ptr, coef_ptr, gx_ptr, gc_ptr,
         tl.atomic_add(gc_ptr + code[:, None] * D + dd[None, :], tl.load(coef_ptr + 1) * diff, mask=m & valid)
 
 
-@torch.library.custom_op("vqkernels_triton::vq_quantize_backward", mutates_args=())
+@triton_op("vq_quantize_backward")
 def _vq_quantize_backward_op(grad_quantized: Tensor, grad_commit_loss: Tensor, grad_codebook_loss: Tensor,
                              x: Tensor, codebook: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
     _checks.check_vq_quantize_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x,
@@ -162,14 +154,6 @@ def _vq_quantize_backward_op(grad_quantized: Tensor, grad_commit_loss: Tensor, g
         order, starts = code_segments(indices, k)
         segment_sum(x, order, starts, grad_codebook, sub=codebook, coef=coef[1:])
     return grad_x, grad_codebook.to(codebook.dtype)
-
-
-@_vq_quantize_backward_op.register_fake
-def _(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices):
-    _checks.check_vq_quantize_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x,
-                                       codebook, indices)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(codebook, memory_format=torch.contiguous_format))
 
 
 def vq_quantize_backward(grad_quantized: Tensor, grad_commit_loss: Tensor, grad_codebook_loss: Tensor, x: Tensor,
