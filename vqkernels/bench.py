@@ -319,6 +319,22 @@ def _ema_pair(x, codebook):
             lambda: reference.ema_update_(*states[1], x, indices, 0.99, 1e-5))
 
 
+def _scalar_pairs(op, width, *args):
+    """A scalar quantizer op on the first ``width`` features of x, and the reference (plain PyTorch) form."""
+    def factory(x, codebook):
+        z = x[:, :width].contiguous()
+        return (lambda: getattr(vqkernels, op)(z, *args), lambda: getattr(reference, op)(z, *args))
+    return factory
+
+
+def _rotation_pair(x, codebook):
+    """The rotation trick's gradient (its backward op) and the reference's, for x and its nearest codes."""
+    q = codebook[vqkernels.nearest_code(x, codebook)[0]]
+    grad = torch.randn_like(x)
+    return (lambda: torch.ops.vqkernels.rotation_trick_backward(grad, x, q),
+            lambda: reference.rotation_trick_backward(grad, x, q))
+
+
 # The other ops, each beside the plain PyTorch it replaces: (op, baseline, factory giving (ours, baseline)).
 OTHER_OPS = (
     ("nearest_code_topk, k=8", "cdist().topk(8)",
@@ -326,6 +342,10 @@ OTHER_OPS = (
     ("vq_quantize forward", "addmm argmin + gather + mse",
      lambda x, c: (lambda: vqkernels.vq_quantize(x, c), lambda: _naive_vq(x, c))),
     ("ema_update_", "bincount + index_add_ (reference)", _ema_pair),
+    ("fsq_quantize, levels 8,8,8,5,5,5", "bound + round + index (reference)",
+     _scalar_pairs("fsq_quantize", 6, [8, 8, 8, 5, 5, 5])),
+    ("lfq_quantize, 16 bits", "sign + index + mse (reference)", _scalar_pairs("lfq_quantize", 16)),
+    ("rotation_trick backward", "the rotation's gradient (reference)", _rotation_pair),
 )
 
 
