@@ -22,7 +22,7 @@ T="-q -p no:cacheprovider -W ignore::DeprecationWarning"
 # GPU backend serving (auto takes only kernels listed in vqkernels._backend.GPU_VERIFIED).
 "$PY" -m pytest tests/test_cuda_*.py tests/test_triton_*.py tests/test_backends.py tests/test_build.py $T \
   || echo "GPU KERNEL TESTS FAILED (the rest follows anyway)"
-for b in cuda triton; do
+for b in $("$PY" -c "from vqkernels._backend import GPU_BACKENDS; print(*GPU_BACKENDS)"); do
   VQK_BACKEND=cuda:$b "$PY" -m pytest tests/test_cuda.py $T || echo "tests/test_cuda.py FAILED with $b"
 done
 VQK_BACKEND=cuda:cuda "$PY" -m vqkernels.bench_layers --device cuda

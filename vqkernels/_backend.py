@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -46,12 +47,38 @@ for _name in SCHEMAS:
     for _ns in ("vqkernels", "vqkernels_ref"):
         torch.library.impl(f"{_ns}::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
 
-BACKENDS = ("auto", "cuda", "cpu", "triton", "reference")
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name (as its op namespace reads), namespace, the devices whose tensors it serves
+    (``devices()``: Triton also serves CPU tensors under TRITON_INTERPRET=1), the devices where "auto" may pick
+    it, whether its kernels are GPU kernels (those serve "auto" only once verified on a GPU, GPU_VERIFIED) and
+    the name ``python -m vqkernels.info`` prints."""
+    name: str
+    namespace: str
+    serves: tuple
+    auto: tuple
+    gpu: bool
+    title: str
+
+    def devices(self):
+        return self.serves + (("cpu",) if self.name == "triton" and triton_interpreted() else ())
+
+
+# Every backend, in "auto"'s order of preference on each device. Everything else that lists backends (the
+# router settings, info, bench_gpu, the build test, benchmarks/gpu.sh) reads this table.
+REGISTRY = {b.name: b for b in (
+    Backend("cpu", "vqkernels_cpu", ("cpu",), ("cpu",), False, "C++"),
+    Backend("cuda", "vqkernels_cuda", ("cuda",), ("cuda",), True, "CUDA C++"),
+    Backend("triton", "vqkernels_triton", ("cuda",), ("cuda",), True, "Triton"),
+    Backend("reference", "vqkernels_ref", ("cpu", "cuda"), ("cpu", "cuda"), False, "reference (pure PyTorch)"),
+)}
+BACKENDS = ("auto", *REGISTRY)
 ALIASES = {"cpp": "cpu"}  # earlier names of backends, still accepted
 DEVICES = ("cpu", "cuda")
-NAMESPACES = {"cpu": "vqkernels_cpu", "cuda": "vqkernels_cuda", "triton": "vqkernels_triton",
-              "reference": "vqkernels_ref"}
-_AUTO_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+NAMESPACES = {name: b.namespace for name, b in REGISTRY.items()}
+GPU_BACKENDS = tuple(name for name, b in REGISTRY.items() if b.gpu)
+_AUTO_PREFERENCE = {dev: tuple(name for name, b in REGISTRY.items() if dev in b.auto) for dev in DEVICES}
 # (backend, op) pairs whose GPU kernels have passed the GPU tests on real hardware
 # (benchmarks/gpu.sh). Without a measured auto table, "auto" serves CUDA tensors only with
 # these (else the reference): kernels never run on a GPU serve only when chosen explicitly.
@@ -115,19 +142,15 @@ def _triton_ops():
 
 def available(backend, op, device):
     """Whether ``backend`` can serve ``op`` on ``device`` ('cpu' or 'cuda') in this process."""
+    if backend not in REGISTRY:
+        raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "reference":
         return True
-    if _C is None:
+    if _C is None or device not in REGISTRY[backend].devices():
         return False
-    if backend == "cpu":
-        return device == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cpu::{op}", "CPU")
-    if backend == "cuda":
-        return device == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA")
     if backend == "triton":
-        if device == "cpu" and not triton_interpreted():
-            return False
         return op in _triton_ops()
-    raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{REGISTRY[backend].namespace}::{op}", device.upper())
 
 
 # (device, op) -> the configured backend name; "auto" until set otherwise.
@@ -179,12 +202,11 @@ def _devices_for(backend, device):
     if device is not None:
         if device not in DEVICES:
             raise ValueError(f"vqkernels: device must be one of {DEVICES}, got {device!r}")
-        if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
-            raise ValueError(f"vqkernels: backend {backend!r} serves {'CPU' if backend == 'cpu' else 'CUDA'} "
-                             f"tensors only, not {device}")
+        if backend in REGISTRY and device not in REGISTRY[backend].devices() and backend != "triton":
+            raise ValueError(f"vqkernels: backend {backend!r} serves "
+                             f"{' and '.join(d.upper() for d in REGISTRY[backend].devices())} tensors only, not {device}")
         return [device]
-    return {"cpu": ["cpu"], "cuda": ["cuda"], "triton": ["cuda", "cpu"] if triton_interpreted() else ["cuda"]}.get(
-        backend, list(DEVICES))
+    return list(REGISTRY[backend].devices()) if backend in REGISTRY else list(DEVICES)
 
 
 def set_backend(backend, ops=None, device=None):
@@ -275,17 +297,16 @@ def set_auto_table(table):
     _push(list(_settings))
 
 
-_NAMES = {"cuda": "CUDA C++", "triton": "Triton", "reference": "reference (pure PyTorch)"}
 
 
 def backend(op, device_type):
     """Which implementation serves ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...) now:
     the rules in force, "[auto]" when chosen automatically (``python -m vqkernels.info``)."""
     if device_type not in DEVICES:
-        return _NAMES["reference"]
+        return REGISTRY["reference"].title
 
     def name(b):
-        return f"C++ ({cpu_isa()})" if b == "cpu" else _NAMES[b]
+        return f"{REGISTRY[b].title} ({cpu_isa()})" if b == "cpu" else REGISTRY[b].title
     text = ", ".join(name(b) if rows == _ALL_ROWS and dt is None else
                      f"{name(b)} (rows <= {rows}{', ' + str(dt).replace('torch.', '') if dt else ''})"
                      for rows, dt, b in routes(op, device_type))

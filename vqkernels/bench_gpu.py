@@ -37,7 +37,7 @@ DTYPES = [torch.bfloat16, torch.float32]
 MAX_BYTES = 16 << 30
 OPS_PER_DISTANCE = 4  # CUDA-core instructions per (row, code): score FMA, NaN guard, compare, select
 FP32_LANES_PER_SM = 128
-GPU_BACKENDS = ("cuda", "triton")
+GPU_BACKENDS = _backend.GPU_BACKENDS
 
 
 class Timer:

@@ -49,10 +49,10 @@ def report():
                   __import__("triton").__version__ + (" (interpreter: CPU tensors)" if _backend.triton_interpreted()
                                                       else "")))
     facts.append(("VQK_BACKEND", os.environ.get("VQK_BACKEND") or "unset (auto)"))
-    devices = ["cpu", "cuda"]
+    devices = list(_backend.DEVICES)
     columns = devices + ["GPU kernels available"]
     table = [(op, [_backend.backend(op, dev) for dev in devices]
-              + [", ".join(b + ("" if (b, op) in _backend.GPU_VERIFIED else "*") for b in ("cuda", "triton")
+              + [", ".join(b + ("" if (b, op) in _backend.GPU_VERIFIED else "*") for b in _backend.GPU_BACKENDS
                            if _backend.available(b, op, "cuda")) or "none"])
              for op in SCHEMAS]
     return facts, columns, table
