@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
+from .. import _checks
 from ._common import check_device, on_device, triton_op
 from .scatter import code_segments, segment_sum
 
@@ -83,9 +83,6 @@ def _ema_update_op(codebook: Tensor, cluster_size: Tensor, embed_sum: Tensor, x:
     k, d = codebook.shape
     if bool(((indices < -1) | (indices >= k)).any()):
         _checks._fail(OP, f"indices must be in [-1, K={k}), got values outside it")
-    if cluster_size.dtype == torch.float64:
-        reference.ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps)
-        return
     n = x.shape[0]
     dev = x.device
     if torch.are_deterministic_algorithms_enabled():

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
+from .. import _checks
 from ._common import INTERPRET, block, check_device, on_device, triton_op
 from .scatter import scatter_add_rows_
 from .nearest_code import _nearest_code_op
@@ -101,8 +101,6 @@ def _area_downsample(f_rest, ph, pw):
 def _multiscale_quantize_step_op(f_rest: Tensor, codebook: Tensor, pn: List[int],
                                  metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_multiscale(OP, f_rest, codebook, pn, metric)
-    if _checks.compute_dtype(f_rest, codebook) == torch.float64:
-        return tuple(t.clone() for t in reference.multiscale_quantize_step(f_rest, codebook, pn, metric))
     b, c = f_rest.shape[0], f_rest.shape[1]
     ph, pw = pn
     n = b * ph * pw
@@ -122,8 +120,6 @@ def _multiscale_quantize_step_op(f_rest: Tensor, codebook: Tensor, pn: List[int]
 @triton_op("multiscale_quantize_step_backward")
 def _multiscale_quantize_step_backward_op(grad_h: Tensor, codebook: Tensor, indices: Tensor) -> Tensor:
     _checks.check_multiscale_backward(OP_BACKWARD, grad_h, codebook, indices)
-    if _checks.compute_dtype(grad_h, codebook) == torch.float64:
-        return reference.multiscale_quantize_step_backward(grad_h, codebook, indices).clone()
     grad = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
     scatter_add_rows_(grad, indices.reshape(-1), grad_h)
     return grad.to(codebook.dtype)

@@ -202,8 +202,6 @@ def launch_kwargs(x, metric):
 @triton_op("nearest_code")
 def _nearest_code_op(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_search(OP, x, codebook, metric)
-    if _checks.compute_dtype(x, codebook) == torch.float64:
-        return tuple(t.clone() for t in reference.nearest_code(x, codebook, metric))
     n, d = x.shape
     k = codebook.shape[0]
     indices = torch.empty(n, dtype=torch.int64, device=x.device)

@@ -108,7 +108,7 @@ def _topk_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, idx_ptr, dist_ptr,
 @triton_op("nearest_code_topk")
 def _nearest_code_topk_op(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> Tuple[Tensor, Tensor]:
     _checks.check_topk(OP, x, codebook, k, metric)
-    if _checks.compute_dtype(x, codebook) == torch.float64 or k > MAX_K:
+    if k > MAX_K:
         return tuple(t.clone() for t in reference.nearest_code_topk(x, codebook, k, metric))
     n, d = x.shape
     num_codes = codebook.shape[0]

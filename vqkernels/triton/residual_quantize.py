@@ -94,7 +94,7 @@ def _residual_quantize_op(x: Tensor, codebooks: Tensor, num_levels: int = -1,
                           beam_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     levels = _checks.check_residual(OP, x, codebooks, num_levels, beam_size)
     n, d = x.shape
-    if beam_size > 1 or d == 0 or _checks.compute_dtype(x, codebooks) == torch.float64:
+    if beam_size > 1 or d == 0:
         return tuple(t.clone() for t in reference.residual_quantize(x, codebooks, num_levels, beam_size))
     indices = torch.empty(n, levels, dtype=torch.int64, device=x.device)
     sq = torch.zeros(levels, n, dtype=torch.float64, device=x.device)
@@ -121,7 +121,7 @@ def _residual_quantize_backward_op(grad_quantized: Tensor, grad_commit_losses: T
     args = (grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices)
     levels = _checks.check_residual_backward(OP_BACKWARD, *args)
     n, d = x.shape
-    if d == 0 or _checks.compute_dtype(x, codebooks) == torch.float64:
+    if d == 0:
         return tuple(t.clone() for t in reference.residual_quantize_backward(*args))
     scale = 2.0 / max(x.numel(), 1)
     # The reference's coefficients, rounded as it rounds them (float32 tensor * Python float).

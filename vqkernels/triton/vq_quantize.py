@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
+from .. import _checks
 from ._common import check_device, on_device, triton_op
 from .nearest_code import _configs, _nearest, _row_block, launch_kwargs, search_operands
 from .scatter import code_segments, segment_sum
@@ -71,8 +71,6 @@ def _vq_quantize_kernel(x_ptr, c_ptr, add_ptr, scale_ptr, q_ptr, idx_ptr, err_pt
 @triton_op("vq_quantize")
 def _vq_quantize_op(x: Tensor, codebook: Tensor, metric: str = "l2") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.check_search(OP, x, codebook, metric)
-    if _checks.compute_dtype(x, codebook) == torch.float64:
-        return tuple(t.clone() for t in reference.vq_quantize(x, codebook, metric))
     n, d = x.shape
     k = codebook.shape[0]
     quantized = torch.empty(n, d, dtype=x.dtype, device=x.device)
@@ -133,9 +131,6 @@ def _vq_quantize_backward_op(grad_quantized: Tensor, grad_commit_loss: Tensor, g
     _checks.check_vq_quantize_backward(OP_BACKWARD, grad_quantized, grad_commit_loss, grad_codebook_loss, x,
                                        codebook, indices)
     dt = _checks.compute_dtype(x, codebook)
-    if dt == torch.float64:
-        return reference.vq_quantize_backward(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook,
-                                              indices)
     n, d = x.shape
     k = codebook.shape[0]
     scale = 2.0 / max(n * d, 1)
