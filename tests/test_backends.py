@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vq_helpers import assert_outputs_close, op_samples, run_op, vqkernels
+from vq_helpers import assert_outputs_close, op_samples, opcheck, run_op, vqkernels
 
 from vqkernels import _backend
 from vqkernels.schemas import SCHEMAS
@@ -86,7 +86,7 @@ def test_opcheck_of_the_public_op_on_each_backend(backend):
             if not _backend.available(backend, op, "cpu"):
                 continue
             args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            torch.library.opcheck(getattr(torch.ops.vqkernels, op), args)
+            opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -267,8 +267,7 @@ def test_gpu_backend_matches_the_reference(backend, dtype):
             want = run_op(op, tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
             with vqkernels.use_backend("reference", ops=[op], device="cpu"):
                 assert_outputs_close(run_op(op, args), want, **tol)
-            torch.library.opcheck(getattr(torch.ops.vqkernels, op),
-                                  tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+            opcheck(op, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")

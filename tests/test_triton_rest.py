@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import assert_bitwise_equal, bits, gen, hyp_settings, reference, require_triton, with_layout
+from vq_helpers import assert_bitwise_equal, bits, gen, hyp_settings, opcheck, reference, require_triton, with_layout
 
 vqt = require_triton()
 from vqkernels.triton import multiscale as triton_multiscale  # noqa: E402
@@ -47,12 +47,6 @@ def deterministic(flag):
         yield
     finally:
         torch.use_deterministic_algorithms(old)
-
-
-def check_opcheck(op, args):
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    result = torch.library.opcheck(op, args, test_utils=utils)
-    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def level_cb(codebooks, level):
@@ -283,14 +277,14 @@ def residual_opcheck_samples():
 
 @pytest.mark.parametrize("x, cbs, levels, beam", residual_opcheck_samples())
 def test_residual_opcheck(x, cbs, levels, beam):
-    check_opcheck(torch.ops.vqkernels_triton.residual_quantize.default, (x.to(DEV), cbs.to(DEV), levels, beam))
+    opcheck(torch.ops.vqkernels_triton.residual_quantize.default, (x.to(DEV), cbs.to(DEV), levels, beam))
 
 
 def test_residual_backward_opcheck():
     x, cbs = randn(9, 5, seed=26), randn(2, 6, 5, seed=27)
     idx = torch.randint(0, 6, (9, 2), generator=gen(28)).to(DEV)  # no -1: NaN outputs never compare equal
     with deterministic(True):
-        check_opcheck(torch.ops.vqkernels_triton.residual_quantize_backward.default,
+        opcheck(torch.ops.vqkernels_triton.residual_quantize_backward.default,
                       (randn(9, 5, seed=29), randn(2, seed=30), randn(2, seed=31), x, cbs, idx))
 
 
@@ -452,11 +446,11 @@ def test_multiscale_deterministic_bitwise():
 
 def test_multiscale_opcheck():
     f, cb = randn(2, 3, 5, 4, seed=50), randn(6, 3, seed=51)
-    check_opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step.default, (f, cb, [2, 3], "l2"))
-    check_opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step.default, (f.half(), cb, [1, 1], "cosine"))
+    opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step.default, (f, cb, [2, 3], "l2"))
+    opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step.default, (f.half(), cb, [1, 1], "cosine"))
     idx = torch.randint(-1, 6, (2, 2, 3), generator=gen(52)).to(DEV)  # -1 adds nothing (no NaN here)
     with deterministic(True):
-        check_opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step_backward.default,
+        opcheck(torch.ops.vqkernels_triton.multiscale_quantize_step_backward.default,
                       (randn(2, 3, 2, 3, seed=53), cb, idx))
 
 
@@ -636,15 +630,15 @@ def test_lfq_entropy_strided_and_repeatable():
 
 def test_lfq_opcheck():
     x = randn(9, 5, seed=70, scale=0.1)
-    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x, 10.0))
-    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x.bfloat16(), 3.0))
+    opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x, 10.0))
+    opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x.bfloat16(), 3.0))
     avg = vqt.lfq_entropy(x, 10.0)[2]
-    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
+    opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
                   (randn((), seed=71), randn((), seed=72), randn(32, seed=73), x, avg, 10.0))
     w = lfq_weights(9, seed=76)
-    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x, 10.0, w))
+    opcheck(torch.ops.vqkernels_triton.lfq_entropy.default, (x, 10.0, w))
     avg = vqt.lfq_entropy(x, 10.0, w)[2]
-    check_opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
+    opcheck(torch.ops.vqkernels_triton.lfq_entropy_backward.default,
                   (randn((), seed=71), randn((), seed=72), randn(32, seed=73), x, avg, 10.0, w.half()))
 
 

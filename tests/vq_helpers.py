@@ -479,9 +479,18 @@ INT_FIRST_OUTPUT = ("nearest_code", "nearest_code_topk")
 DEFAULT_TEST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def opcheck(name, args):
-    op = getattr(torch.ops.vqkernels, name).default
-    utils = DEFAULT_TEST_UTILS
+# A backend namespace's op (vqkernels_cpu, _cuda, _triton, _ref) has no autograd of its own: the public op owns it.
+BACKEND_TEST_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck(op, args):
+    """torch.library.opcheck of ``op``: a name of the public ``vqkernels::`` op, or any namespace's op overload
+    (``torch.ops.vqkernels_triton.nearest_code.default``), whose autograd registration is not checked. The one
+    opcheck wrapper of the test suite."""
+    if isinstance(op, str):
+        op = getattr(torch.ops.vqkernels, op).default
+    utils = DEFAULT_TEST_UTILS if op.namespace == "vqkernels" else BACKEND_TEST_UTILS
+    name = op.name().split("::")[-1]
     if name in INT_FIRST_OUTPUT and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         utils = tuple(u for u in utils if u != "test_aot_dispatch_dynamic")
     result = torch.library.opcheck(op, args, test_utils=utils)
