@@ -12,11 +12,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vq_helpers import LFQ_PROB_EPS as PROB_EPS
 from vq_helpers import (peak_memory_kib, DTYPES, LAYOUTS, assert_deterministic, bits, compute_dtype, fail_rows, gen, hyp_settings,
                         opcheck, reference, unit_roundoff, vqkernels, with_layout)
 
 ERRORS = (ValueError, RuntimeError)
-PROB_EPS = 1e-5  # vector-quantize-pytorch's clamp inside the log
 QUANTIZE = {"op": vqkernels.lfq_quantize, "reference": reference.lfq_quantize}
 ENTROPY = {"op": vqkernels.lfq_entropy, "reference": reference.lfq_entropy}
 ENTROPY_BACKWARD = {"op": torch.ops.vqkernels.lfq_entropy_backward, "reference": reference.lfq_entropy_backward}

@@ -7,11 +7,11 @@ import pytest
 import torch
 import vector_quantize_pytorch as vqp
 
+from vq_helpers import LFQ_PROB_EPS as PROB_EPS
 from vq_helpers import bits, gen, peak_memory_kib
 from vqkernels.nn.fsq import FSQ
 from vqkernels.nn.lfq import LFQ, LossBreakdown, Return
 
-PROB_EPS = 1e-5
 
 
 def pair(theirs_cls, ours_cls, kwargs, seed=0):

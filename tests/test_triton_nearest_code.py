@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
+from vq_helpers import TRITON_DEV as DEV
 from vq_helpers import TIE_POSITIONS, gen, opcheck, require_triton, tie_problem, vqkernels, with_layout
 
 vqt = require_triton()
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METRICS = ("l2", "ip", "cosine")

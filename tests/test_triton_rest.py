@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vq_helpers import TRITON_DEV as DEV
+from vq_helpers import LFQ_PROB_EPS as PROB_EPS
 from vq_helpers import assert_bitwise_equal, bits, gen, hyp_settings, opcheck, reference, require_triton, with_layout
 
 vqt = require_triton()
 from vqkernels.triton import multiscale as triton_multiscale  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -476,7 +477,6 @@ def test_multiscale_bad_inputs(make, match):
 # ---------------------------------------------------------------------------------------
 # lfq_entropy
 
-PROB_EPS = 1e-5  # vector-quantize-pytorch's clamp inside the codebook entropy's log
 
 
 def lfq_truth(x, inv_temperature, weights=None):

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
+from vq_helpers import TRITON_DEV as DEV
 from vq_helpers import (TIE_POSITIONS, assert_bitwise_equal, bits, check_nearest, check_topk, clustered, opcheck,
                         gen, reference, require_triton, tie_problem, with_layout)
 
 vqt = require_triton()
 from test_ema_update import assert_state_close, ema_state, sonnet_update  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("l2", "ip", "cosine")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -467,6 +467,12 @@ def assert_separated(x, codebook, metric, targets, indices):
 
 
 # ---------------------------------------------------------------------------------------
+# vector-quantize-pytorch's LFQ clamps probabilities at this inside its logs (the truths of the LFQ tests use it)
+LFQ_PROB_EPS = 1e-5
+# where the Triton tests run: the GPU, else CPU tensors through the interpreter
+TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # opcheck
 
 # nearest_code and nearest_code_topk return int64 indices first. torch's
