@@ -53,6 +53,15 @@ def directional_reparam(src, tgt, variance):
     return src + direction * error.norm(dim=-1, keepdim=True)
 
 
+def quantize_to(r, codes, idx):
+    """vq_quantize's four results for rows r and codes chosen elsewhere (sampled, or from per-row codebooks):
+    the straight-through output, the indices, the commitment and the codebook mse terms."""
+    q = r + (codes - r).detach()
+    commit = (r.float() - codes.detach().float()).square().mean()
+    codebook_loss = (codes.float() - r.detach().float()).square().mean()
+    return q, idx, commit, codebook_loss
+
+
 def masked_mean(values, weights):
     """Mean of ``values`` [M, ...] over the rows of weight 1 (``weights`` [M], 0 / 1); 0 when no row
     counts. Nothing is read back."""
@@ -462,20 +471,13 @@ class VectorQuantize(nn.Module):
         else:
             idx = (-F.pairwise_distance(r.unsqueeze(1), codes)).argmax(-1)
         chosen = codes.gather(1, idx.view(-1, 1, 1).expand(-1, 1, codes.shape[-1])).squeeze(1)
-        q = r + (chosen - r).detach()
-        commit = (r.float() - chosen.detach().float()).square().mean()
-        codebook_loss = (chosen.float() - r.detach().float()).square().mean()
-        return q, idx, commit, codebook_loss, chosen
+        return (*quantize_to(r, chosen, idx), chosen)
 
     def _sampled_quantize(self, r, embed, temperature):
         """vq_quantize's four results with sampled codes (:func:`sample_codes`) instead of the nearest:
         straight-through output, the commitment and codebook mse terms."""
         idx = _scores.sample_codes(r.detach(), embed.detach(), self._codebook.metric, temperature)
-        codes = embed.index_select(0, idx)
-        q = r + (codes - r).detach()
-        commit = (r.float() - codes.detach().float()).square().mean()
-        codebook_loss = (codes.float() - r.detach().float()).square().mean()
-        return q, idx, commit, codebook_loss
+        return quantize_to(r, embed.index_select(0, idx), idx)
 
     def _pad_masked(self, out, tokens, token_mask):
         """Outputs [B, N, ..., dim] of padded tokens: 0, or the input with return_zeros_for_masked_padding=False."""
