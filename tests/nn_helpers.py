@@ -2,6 +2,8 @@
 
 import torch
 
+from vq_helpers import bits
+
 
 def _scalar(out):
     """A scalar training objective from a layer's forward output (tensors, tuples of them)."""
@@ -54,3 +56,19 @@ def run_residual_pair(theirs, ours, x):
     got_t, got_o = theirs(xa, return_all_codes=True), ours(xb, return_all_codes=True)
     assert torch.equal(got_o[1], got_t[1])
     return xa, xb, got_t, got_o
+
+
+def pair_with_theirs(theirs_cls, ours_cls, kwargs, seed=0):
+    """vector-quantize-pytorch's module (seeded init) and ours with its state_dict loaded (strict, same keys)."""
+    torch.manual_seed(seed)
+    theirs = theirs_cls(**kwargs)
+    ours = ours_cls(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    return theirs, ours
+
+
+def assert_same(a, b, what):
+    """Same dtype, shape and bits."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(bits(a), bits(b)), f"{what} differs"

@@ -8,8 +8,8 @@ import torch
 import vector_quantize_pytorch as vqp
 from vector_quantize_pytorch.finite_scalar_perturbation import VectorNorm as TheirVectorNorm
 
-from nn_helpers import assert_compiled_training_matches_eager
-from vq_helpers import bits, gen
+from nn_helpers import assert_compiled_training_matches_eager, assert_same, pair_with_theirs
+from vq_helpers import gen
 from vqkernels.nn import FSP
 from vqkernels.nn.fsp import VECTOR_NORM_PRESETS, VectorNorm
 
@@ -34,18 +34,7 @@ DTYPES = {"float64": torch.float64}
 
 
 def pair(kw, seed=0):
-    """Theirs (seeded init) and ours with its state_dict loaded, strictly, with the same keys."""
-    torch.manual_seed(seed)
-    theirs = vqp.FSP(**kw)
-    ours = FSP(**kw)
-    ours.load_state_dict(theirs.state_dict())
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    return theirs, ours
-
-
-def assert_same(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    assert torch.equal(bits(a), bits(b)), f"{what} differs"
+    return pair_with_theirs(vqp.FSP, FSP, kw, seed)
 
 
 def run(module, x, seed):

@@ -7,26 +7,12 @@ import pytest
 import torch
 import vector_quantize_pytorch as vqp
 
+from nn_helpers import assert_same
+from nn_helpers import pair_with_theirs as pair
 from vq_helpers import LFQ_PROB_EPS as PROB_EPS
-from vq_helpers import bits, gen, peak_memory_kib
+from vq_helpers import gen, peak_memory_kib
 from vqkernels.nn.fsq import FSQ
 from vqkernels.nn.lfq import LFQ, LossBreakdown, Return
-
-
-
-def pair(theirs_cls, ours_cls, kwargs, seed=0):
-    """vector-quantize-pytorch's module (seeded init) and ours with its state_dict loaded (strict)."""
-    torch.manual_seed(seed)
-    theirs = theirs_cls(**kwargs)
-    ours = ours_cls(**kwargs)
-    ours.load_state_dict(theirs.state_dict())
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    return theirs, ours
-
-
-def assert_same(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    assert torch.equal(bits(a), bits(b)), f"{what} differs"
 
 
 # ---------------------------------------------------------------------------------------
