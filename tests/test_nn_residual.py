@@ -599,3 +599,10 @@ def test_level_by_level_beam_search_matches_vector_quantize_pytorch(kw, forward_
     for level, layer in enumerate(reference.layers):
         layer.train().update_indices(inputs[level], i_o[..., level], mask=forward_kw.get("mask"))
         torch.testing.assert_close(ours.layers[level].codebook, layer.codebook, rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_neural_codebook_keeps_the_input_dtype():
+    """A float16 input to a float32 QINCo layer comes back float16, as the plain levels' outputs do."""
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True).train()
+    q, idx, losses = rvq(torch.randn(2, 5, 8).half())
+    assert q.dtype == torch.float16 and idx.shape == (2, 5, 2) and torch.isfinite(losses).all()

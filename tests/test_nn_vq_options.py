@@ -454,3 +454,13 @@ def test_codebook_transform_fn_matches_vector_quantize_pytorch(kw):
             assert (p_t.grad is None) == (p_o.grad is None)
             if p_t.grad is not None:
                 torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_sequences_without_tokens():
+    """A masked batch of empty sequences: empty outputs and indices, zero losses (the masked mean of no row)."""
+    from vqkernels.nn import ResidualVQ
+    empty, no_tokens = torch.randn(2, 0, 16), torch.ones(2, 0, dtype=torch.bool)
+    q, idx, loss = VectorQuantize(**BASE).train()(empty, mask=no_tokens)
+    assert q.shape == (2, 0, 16) and idx.shape == (2, 0) and float(loss) == 0.0
+    q, idx, losses = ResidualVQ(dim=16, num_quantizers=2, codebook_size=8).train()(empty, mask=no_tokens)
+    assert q.shape == (2, 0, 16) and idx.shape == (2, 0, 2) and torch.all(losses == 0)

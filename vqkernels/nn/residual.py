@@ -425,7 +425,7 @@ class ResidualVQ(ResidualLevels):
             q = layer._route(rows, rows + (codes - rows).detach(), codes)
             if cb.tracks_statistics and not freeze:
                 cb.update_(0, rows, idx, valid=row_mask)
-        q = q.reshape(residual.shape)
+        q = q.reshape(residual.shape).to(residual.dtype)  # as the other levels: the residual's dtype
         if mask is not None:
             q = q.masked_fill(~mask.unsqueeze(-1), 0.0) if layer.return_zeros_for_masked_padding else \
                 torch.where(mask.unsqueeze(-1), q, residual)

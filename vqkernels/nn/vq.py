@@ -65,7 +65,7 @@ def quantize_to(r, codes, idx):
 def masked_mean(values, weights):
     """Mean of ``values`` [M, ...] over the rows of weight 1 (``weights`` [M], 0 / 1); 0 when no row
     counts. Nothing is read back."""
-    per_row = values.reshape(values.shape[0], -1)
+    per_row = values.flatten(1) if values.dim() > 1 else values.unsqueeze(1)  # [M, ...] -> [M, elements], M may be 0
     total = weights.sum() * per_row.shape[1]
     kept = torch.where(weights > 0, per_row.sum(-1) * weights, 0.0)  # a NaN in a padded row stays out
     return kept.sum() / total.clamp(min=1)
