@@ -6,7 +6,10 @@
 // pure-PyTorch reference). The public op vqkernels::<op> gets, for the CPU and the CUDA key, a
 // router kernel that forwards the call, boxed and unchanged, to one of them. Which one is a list of
 // rules set from Python (vqkernels/_backend.py: VQK_BACKEND, set_backend, use_backend, auto): the
-// first rule whose row bound and dtype match the call's first tensor argument wins.
+// first rule whose row bound and dtype match the call's first tensor argument wins. A call with any
+// float64 tensor argument whose chosen backend has no float64 kernels (the GPU backends: they
+// compute in float32) goes to the reference instead; this is the one place that rule lives, and the
+// backends' own ops refuse float64.
 //
 // The choice is made at run time inside the op, so it holds under torch.compile too (the op is
 // opaque to the compiler; its fake kernel gives shapes).
@@ -28,7 +31,23 @@ struct Rule {
   int64_t max_rows;
   c10::ScalarType dtype;  // Undefined: any dtype
   c10::OperatorHandle target;
+  bool float64;                   // whether the target has float64 kernels
+  c10::OperatorHandle reference;  // serves the float64 calls when it has not
 };
+
+bool is_double(const c10::IValue& v) { return v.isTensor() && v.toTensor().scalar_type() == c10::ScalarType::Double; }
+
+// Whether any tensor argument (a list's elements too) of the call on `stack` is float64.
+bool any_double_argument(const torch::jit::Stack& stack, size_t first) {
+  for (size_t i = first; i < stack.size(); ++i) {
+    const c10::IValue& v = stack[i];
+    if (is_double(v)) return true;
+    if (v.isTensorList())
+      for (const at::Tensor& t : v.toTensorList().vec())
+        if (t.scalar_type() == c10::ScalarType::Double) return true;
+  }
+  return false;
+}
 using Rules = std::vector<Rule>;
 
 class Router final : public c10::OperatorKernel {
@@ -37,10 +56,10 @@ class Router final : public c10::OperatorKernel {
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
     std::shared_ptr<const Rules> rules = std::atomic_load(&rules_);
-    const size_t nargs = op.schema().arguments().size();
+    const size_t first = stack->size() - op.schema().arguments().size();
     int64_t rows = 0;
     c10::ScalarType dtype = c10::ScalarType::Undefined;
-    for (size_t i = stack->size() - nargs; i < stack->size(); ++i) {
+    for (size_t i = first; i < stack->size(); ++i) {
       const c10::IValue& v = (*stack)[i];
       if (v.isTensor()) {
         const at::Tensor& t = v.toTensor();
@@ -52,7 +71,8 @@ class Router final : public c10::OperatorKernel {
     if (rules) {
       for (const Rule& r : *rules) {
         if (rows <= r.max_rows && (r.dtype == c10::ScalarType::Undefined || r.dtype == dtype)) {
-          r.target.callBoxed(stack);
+          const bool to_reference = !r.float64 && any_double_argument(*stack, first);
+          (to_reference ? r.reference : r.target).callBoxed(stack);
           return;
         }
       }
@@ -118,15 +138,20 @@ void install_routers(const std::vector<std::string>& ops) {
   }
 }
 
+c10::OperatorHandle find_op(const std::string& ns, const std::string& op) {
+  const std::string name = ns + "::" + op;
+  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(handle.has_value(), "vqkernels: no operator ", name, " is registered");
+  return *handle;
+}
+
 void set_route(const std::string& device, const std::string& op, const std::vector<RuleSpec>& specs) {
   TORCH_CHECK(!specs.empty(), "vqkernels: a route needs at least one rule");
+  const c10::OperatorHandle reference = find_op("vqkernels_ref", op);
   auto rules = std::make_shared<Rules>();
   for (const RuleSpec& s : specs) {
-    const std::string name = s.ns + "::" + op;
-    auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
-    TORCH_CHECK(handle.has_value(), "vqkernels: no operator ", name, " is registered");
     const c10::ScalarType dtype = s.dtype.empty() ? c10::ScalarType::Undefined : parse_dtype(s.dtype);
-    rules->push_back(Rule{s.max_rows, dtype, *handle});
+    rules->push_back(Rule{s.max_rows, dtype, find_op(s.ns, op), s.float64, reference});
   }
   find_router(device, op)->set_rules(std::move(rules));
 }

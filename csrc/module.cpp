@@ -33,12 +33,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_route",
       [](const std::string& device, const std::string& op,
-         const std::vector<std::tuple<int64_t, std::string, std::string>>& rules) {
+         const std::vector<std::tuple<int64_t, std::string, std::string, bool>>& rules) {
         std::vector<vqk::dispatch::RuleSpec> specs;
-        for (const auto& [rows, dtype, ns] : rules) specs.push_back({rows, dtype, ns});
+        for (const auto& [rows, dtype, ns, float64] : rules) specs.push_back({rows, dtype, ns, float64});
         vqk::dispatch::set_route(device, op, specs);
       },
-      "Set the routing rules (max_rows, dtype name or '', namespace) of one op on one device.");
+      "Set the routing rules (max_rows, dtype name or '', namespace, has float64 kernels) of one op on one device.");
   m.def("cuda_compiled", [] { return bool(VQK_WITH_CUDA); }, "Whether the CUDA sources were built.");
 #if VQK_WITH_CUDA
   m.def("cuda_runtime_version", &vqk::cuda::runtime_version, "CUDART_VERSION compiled against.");

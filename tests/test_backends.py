@@ -123,6 +123,43 @@ def test_training_gradients_through_another_backend(backend):
         assert_outputs_close(grads(), want)
 
 
+def float32_backends():
+    """The backends without float64 kernels that can serve CPU tensors here, as (name, device)."""
+    return [(b, "cpu") for b in cpu_backends() if torch.float64 not in _backend.REGISTRY[b].dtypes]
+
+
+def gpu_float32_backends():
+    return [(b, "cuda") for b in _backend.GPU_BACKENDS if GPU and _backend.available(b, "nearest_code", "cuda")]
+
+
+@pytest.mark.parametrize("backend, device", float32_backends() + gpu_float32_backends())
+def test_float64_calls_go_to_the_reference_and_the_backend_op_refuses_them(backend, device):
+    """The router sends a call with any float64 tensor argument (not only the first) to the reference when the
+    chosen backend has no float64 kernels; the backend's own op refuses float64 with a clear error."""
+    x, c, _ = op_samples(device)["nearest_code"]
+    samples = dict(op_samples(device, torch.float64), mixed_nearest_code=(x, c.double(), "l2"))
+    with vqkernels.use_backend(backend, device=device):
+        for name, args in samples.items():
+            op = name.removeprefix("mixed_")
+            if not _backend.available(backend, op, device):
+                continue
+            assert served_by(op, args) == {"vqkernels_ref"}, name
+            with vqkernels.use_backend("reference", ops=op, device=device):
+                want = run_op(op, args)
+            assert_outputs_close(run_op(op, args), want)
+            with pytest.raises(ValueError, match="no float64 kernel"):
+                getattr(getattr(torch.ops, _backend.NAMESPACES[backend]), op)(*_fresh(args))
+
+
+def test_float64_calls_stay_on_a_backend_with_float64_kernels():
+    assert torch.float64 in _backend.REGISTRY["cpu"].dtypes
+    assert served_by("nearest_code", op_samples("cpu", torch.float64)["nearest_code"]) == {"vqkernels_cpu"}
+
+
+def _fresh(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def test_use_backend_restores_after_an_exception():
     with pytest.raises(RuntimeError, match="boom"):
         with vqkernels.use_backend("reference"):

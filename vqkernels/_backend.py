@@ -48,29 +48,56 @@ for _name in SCHEMAS:
         torch.library.impl(f"{_ns}::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
 
 
+_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend: its name (as its op namespace reads), namespace, the devices whose tensors it serves
     (``devices()``: Triton also serves CPU tensors under TRITON_INTERPRET=1), the devices where "auto" may pick
-    it, whether its kernels are GPU kernels (those serve "auto" only once verified on a GPU, GPU_VERIFIED) and
-    the name ``python -m vqkernels.info`` prints."""
+    it, whether its kernels are GPU kernels (those serve "auto" only once verified on a GPU, GPU_VERIFIED), the
+    name ``python -m vqkernels.info`` prints, and the floating dtypes its kernels compute in. A call with a
+    float64 tensor argument, routed to a backend without float64 kernels, is served by the reference instead (the
+    router does this, csrc/dispatch.cpp; the backend's own ops refuse float64)."""
     name: str
     namespace: str
     serves: tuple
     auto: tuple
     gpu: bool
     title: str
+    dtypes: tuple = _HALF_AND_SINGLE + (torch.float64,)
 
     def devices(self):
         return self.serves + (("cpu",) if self.name == "triton" and triton_interpreted() else ())
+
+    def why_not(self, op, device):
+        """Why this backend cannot serve ``op`` on ``device`` tensors in this process, or None when it can."""
+        if self.name == "reference":
+            return None
+        if _C is None:
+            return "the compiled extension is not loaded"
+        if device not in self.devices():
+            if self.name == "triton" and device == "cpu":
+                return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+            return f"it serves {' and '.join(d.upper() for d in self.devices())} tensors only"
+        if self.name == "cuda" and not cuda_compiled():
+            return "the extension was built without its CUDA sources"
+        if self.name == "triton":
+            ops = _triton_ops()
+            if op not in ops:
+                return _triton_state.get("error") or f"vqkernels.triton has no kernel for {op}"
+            return None
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{self.namespace}::{op}", device.upper()):
+            return f"{self.namespace} has no {device.upper()} kernel for {op}"
+        return None
 
 
 # Every backend, in "auto"'s order of preference on each device. Everything else that lists backends (the
 # router settings, info, bench_gpu, the build test, benchmarks/gpu.sh) reads this table.
 REGISTRY = {b.name: b for b in (
     Backend("cpu", "vqkernels_cpu", ("cpu",), ("cpu",), False, "C++"),
-    Backend("cuda", "vqkernels_cuda", ("cuda",), ("cuda",), True, "CUDA C++"),
-    Backend("triton", "vqkernels_triton", ("cuda",), ("cuda",), True, "Triton"),
+    Backend("cuda", "vqkernels_cuda", ("cuda",), ("cuda",), True, "CUDA C++", _HALF_AND_SINGLE),
+    Backend("triton", "vqkernels_triton", ("cuda",), ("cuda",), True, "Triton", _HALF_AND_SINGLE),
     Backend("reference", "vqkernels_ref", ("cpu", "cuda"), ("cpu", "cuda"), False, "reference (pure PyTorch)"),
 )}
 BACKENDS = ("auto", *REGISTRY)
@@ -144,13 +171,7 @@ def available(backend, op, device):
     """Whether ``backend`` can serve ``op`` on ``device`` ('cpu' or 'cuda') in this process."""
     if backend not in REGISTRY:
         raise ValueError(f"vqkernels: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "reference":
-        return True
-    if _C is None or device not in REGISTRY[backend].devices():
-        return False
-    if backend == "triton":
-        return op in _triton_ops()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{REGISTRY[backend].namespace}::{op}", device.upper())
+    return REGISTRY[backend].why_not(op, device) is None
 
 
 # (device, op) -> the configured backend name; "auto" until set otherwise.
@@ -184,7 +205,8 @@ def _push(keys):
     if _C is None:
         return
     for device, op in keys:
-        rules = [(rows, _DTYPE_NAMES[dt] if dt is not None else "", NAMESPACES[b]) for rows, dt, b in routes(op, device)]
+        rules = [(rows, _DTYPE_NAMES[dt] if dt is not None else "", NAMESPACES[b], torch.float64 in REGISTRY[b].dtypes)
+                 for rows, dt, b in routes(op, device)]
         _C.set_route(device, op, rules)
 
 
@@ -231,26 +253,18 @@ def set_backend(backend, ops=None, device=None):
                 chosen.append((dev, op))
             elif explicit:
                 raise ValueError(f"vqkernels: backend {backend!r} does not serve {op} on {dev} tensors here"
-                                 + _why_unavailable(backend, dev))
+                                 + _why_unavailable(backend, op, dev))
     if not chosen:
         raise ValueError(f"vqkernels: backend {backend!r} serves no op on {devices} here"
-                         + _why_unavailable(backend, devices[0]))
+                         + _why_unavailable(backend, ops[0], devices[0]))
     for key in chosen:
         _settings[key] = backend
     _push(chosen)
 
 
-def _why_unavailable(backend, device):
-    if backend == "cuda" and not cuda_compiled():
-        return " (the extension was built without its CUDA sources)"
-    if backend == "triton":
-        if device == "cpu" and not triton_interpreted():
-            return " (Triton runs CPU tensors only under TRITON_INTERPRET=1)"
-        if "error" in _triton_state:
-            return f" ({_triton_state['error']})"
-    if backend == "cpu" and _C is None:
-        return " (the compiled extension is not loaded)"
-    return ""
+def _why_unavailable(backend, op, device):
+    why = REGISTRY[backend].why_not(op, device)
+    return f" ({why})" if why else ""
 
 
 def get_backend(op, device):

@@ -22,11 +22,13 @@ inline ElemType elem_type(const at::Tensor& t) {
   return st == at::kFloat ? ElemType::F32 : (st == at::kHalf ? ElemType::F16 : ElemType::BF16);
 }
 
-// Whether any of the tensors is float64: such calls are served by the reference op.
-inline bool any_double(std::initializer_list<const at::Tensor*> ts) {
+// The CUDA kernels compute in float32: a call with a float64 tensor is refused here. Through the
+// public op torch.ops.vqkernels.<op>, the router (csrc/dispatch.cpp) serves such calls with the reference.
+inline void check_no_float64(const char* op, std::initializer_list<const at::Tensor*> ts) {
   for (const at::Tensor* t : ts)
-    if (t->scalar_type() == at::kDouble) return true;
-  return false;
+    TORCH_CHECK_VALUE(t->scalar_type() != at::kDouble, "vqkernels.", op,
+                      " (CUDA): no float64 kernel (the CUDA kernels compute in float32); torch.ops.vqkernels.", op,
+                      " serves float64 with the reference");
 }
 
 inline void check_launch(const char* op, cudaError_t err) {

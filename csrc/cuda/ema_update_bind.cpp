@@ -27,10 +27,7 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size, con
                  const at::Tensor& x, const at::Tensor& indices, double decay, double eps) {
   const char* op = "ema_update_";
   check_ema(op, codebook, cluster_size, embed_sum, x, indices, decay, eps);
-  if (any_double({&codebook, &cluster_size, &x})) {
-    call_op("vqkernels_ref::ema_update_", {codebook, cluster_size, embed_sum, x, indices, decay, eps});
-    return;
-  }
+  check_no_float64(op, {&codebook, &cluster_size, &embed_sum, &x});
   const c10::cuda::CUDAGuard guard(codebook.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t K = codebook.size(0), D = codebook.size(1), n = x.size(0);

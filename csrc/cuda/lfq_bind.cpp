@@ -47,10 +47,8 @@ Tensor3 lfq_entropy(const at::Tensor& x, double inv_temperature, const std::opti
   const NoAutocastGuard no_autocast;
   const char* op = "lfq_entropy";
   check_lfq_entropy(op, x, inv_temperature, weights);
-  if (x.scalar_type() == at::kDouble) {
-    const auto out = call_op("vqkernels_ref::lfq_entropy", {x, inv_temperature, weights});
-    return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor()};
-  }
+  check_no_float64(op, {&x});
+  if (weights) check_no_float64(op, {&*weights});
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da;
@@ -83,11 +81,8 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_per_sample, const at::Ten
   const char* op = "lfq_entropy_backward";
   check_lfq_entropy_backward(op, grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature,
                              weights);
-  if (x.scalar_type() == at::kDouble) {
-    return call_op("vqkernels_ref::lfq_entropy_backward",
-                   {grad_per_sample, grad_codebook, grad_avg_probs, x, avg_probs, inv_temperature, weights})[0]
-        .toTensor();
-  }
+  check_no_float64(op, {&grad_per_sample, &grad_codebook, &grad_avg_probs, &x, &avg_probs});
+  if (weights) check_no_float64(op, {&*weights});
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = x.size(0), d = x.size(1), da = d / 2, db = d - da;

@@ -29,11 +29,7 @@ std::tuple<at::Tensor, at::Tensor> multiscale_quantize_step(const at::Tensor& f_
                                                             at::IntArrayRef pn, c10::string_view metric) {
   const char* op = "multiscale_quantize_step";
   check_multiscale(op, f_rest, codebook, pn, metric);
-  if (any_double({&f_rest, &codebook})) {
-    const auto out =
-        call_op("vqkernels_ref::multiscale_quantize_step", {f_rest, codebook, pn.vec(), std::string(metric)});
-    return {out[0].toTensor(), out[1].toTensor()};
-  }
+  check_no_float64(op, {&f_rest, &codebook});
   const c10::cuda::CUDAGuard guard(f_rest.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = f_rest.size(0), C = f_rest.size(1), ph = pn[0], pw = pn[1], n = B * ph * pw;
@@ -55,9 +51,7 @@ at::Tensor multiscale_quantize_step_backward(const at::Tensor& grad_h, const at:
                                              const at::Tensor& indices) {
   const char* op = "multiscale_quantize_step_backward";
   check_multiscale_backward(op, grad_h, codebook, indices);
-  if (any_double({&grad_h, &codebook})) {
-    return call_op("vqkernels_ref::multiscale_quantize_step_backward", {grad_h, codebook, indices})[0].toTensor();
-  }
+  check_no_float64(op, {&grad_h, &codebook});
   const c10::cuda::CUDAGuard guard(codebook.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t K = codebook.size(0), C = codebook.size(1), n = indices.numel();

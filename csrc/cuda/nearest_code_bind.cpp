@@ -58,12 +58,7 @@ Pair search_outputs(const char* op, const at::Tensor& x, const at::Tensor& codeb
 
 Pair nearest_code(const at::Tensor& x, const at::Tensor& codebook, c10::string_view metric_name) {
   const Metric metric = check_search("nearest_code", x, codebook, metric_name);
-  if (compute_dtype(x, codebook) == at::kDouble) {  // no float64 kernel: the reference serves it
-    static const auto ref = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("vqkernels_ref::nearest_code", "")
-                                .typed<Pair(const at::Tensor&, const at::Tensor&, c10::string_view)>();
-    return ref.call(x, codebook, metric_name);
-  }
+  check_no_float64("nearest_code", {&x, &codebook});
   return search_outputs("nearest_code", x, codebook, metric, 0, {x.size(0)});
 }
 
@@ -71,7 +66,8 @@ Pair nearest_code_topk(const at::Tensor& x, const at::Tensor& codebook, int64_t 
   const Metric metric = check_search("nearest_code_topk", x, codebook, metric_name);
   VQK_CHECK(k >= 1 && k <= codebook.size(0), "nearest_code_topk", "k must be in [1, K=", codebook.size(0),
             "], got k=", k);
-  if (compute_dtype(x, codebook) == at::kDouble || k > kMaxTopk) {  // served by the reference
+  check_no_float64("nearest_code_topk", {&x, &codebook});
+  if (k > kMaxTopk) {  // past the kernel's register list: the reference serves it
     static const auto ref = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("vqkernels_ref::nearest_code_topk", "")
                                 .typed<Pair(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view)>();

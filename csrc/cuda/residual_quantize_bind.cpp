@@ -36,7 +36,8 @@ at::Tensor level_codebook(const at::Tensor& codebooks, int64_t l) {
 Tensor4 residual_quantize(const at::Tensor& x, const at::Tensor& codebooks, int64_t num_levels, int64_t beam_size) {
   const char* op = "residual_quantize";
   const int64_t levels = check_residual(op, x, codebooks, num_levels, beam_size);
-  if (beam_size > 1 || any_double({&x, &codebooks})) {
+  check_no_float64(op, {&x, &codebooks});
+  if (beam_size > 1) {  // beam search: the reference serves it
     const auto out = call_op("vqkernels_ref::residual_quantize", {x, codebooks, num_levels, beam_size});
     return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor(), out[3].toTensor()};
   }
@@ -79,11 +80,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
   const char* op = "residual_quantize_backward";
   const int64_t levels =
       check_residual_backward(op, grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices);
-  if (any_double({&grad_quantized, &x, &codebooks})) {
-    const auto out = call_op("vqkernels_ref::residual_quantize_backward",
-                             {grad_quantized, grad_commit_losses, grad_codebook_losses, x, codebooks, indices});
-    return {out[0].toTensor(), out[1].toTensor()};
-  }
+  check_no_float64(op, {&grad_quantized, &grad_commit_losses, &grad_codebook_losses, &x, &codebooks});
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = x.size(0), D = x.size(1), K = codebooks.size(-2);

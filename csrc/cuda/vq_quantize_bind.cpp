@@ -23,12 +23,7 @@ using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 Quad vq_quantize(const at::Tensor& x, const at::Tensor& codebook, c10::string_view metric) {
   const char* op = "vq_quantize";
   check_search(op, x, codebook, metric);
-  if (compute_dtype(x, codebook) == at::kDouble) {  // no float64 kernel: the reference serves it
-    static const auto ref = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("vqkernels_ref::vq_quantize", "")
-                                .typed<Quad(const at::Tensor&, const at::Tensor&, c10::string_view)>();
-    return ref.call(x, codebook, metric);
-  }
+  check_no_float64(op, {&x, &codebook});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
   const auto loss_opts = x.options().dtype(at::kFloat);
@@ -58,13 +53,7 @@ Pair vq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& gr
                           const at::Tensor& indices) {
   const char* op = "vq_quantize_backward";
   check_vq_quantize_backward(op, grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices);
-  if (compute_dtype(x, codebook) == at::kDouble) {
-    static const auto ref = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("vqkernels_ref::vq_quantize_backward", "")
-                                .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&)>();
-    return ref.call(grad_quantized, grad_commit_loss, grad_codebook_loss, x, codebook, indices);
-  }
+  check_no_float64(op, {&grad_quantized, &grad_commit_loss, &grad_codebook_loss, &x, &codebook});
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);

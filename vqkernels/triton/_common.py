@@ -8,7 +8,7 @@ import os
 import torch
 import triton
 
-from .. import _checks, fake, reference
+from .. import _checks, fake
 from ..schemas import SCHEMAS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import time too
@@ -16,23 +16,18 @@ NAMESPACE = "vqkernels_triton"
 _LIB = torch.library.Library(NAMESPACE, "DEF")  # kept for the life of the process (it holds the definitions)
 
 
-def _own(result):
-    """The reference's results as new tensors (an op's outputs must not alias its inputs)."""
-    if isinstance(result, tuple):
-        return tuple(t.clone() for t in result)
-    return None if result is None else result.clone()
-
-
 def triton_op(name):
     """Defines ``vqkernels_triton::<name>`` with the op's schema from schemas.py and its fake from fake.py, and
     registers the decorated launcher as its kernel for CUDA tensors and for CPU tensors (the interpreter, under
-    TRITON_INTERPRET=1). A call with any float64 tensor goes to the reference here, the one place (the kernels
-    compute in float32). The kernel is opaque to torch.compile, as a torch.library.custom_op's is (Triton's
-    own triton_op fails fake-tensor checks in the interpreter). Returns the op."""
+    TRITON_INTERPRET=1). The kernels compute in float32: a call with a float64 tensor is refused (through
+    ``torch.ops.vqkernels.<name>`` the router serves it with the reference). The kernel is opaque to
+    torch.compile, as a torch.library.custom_op's is (Triton's own triton_op fails fake-tensor checks in the
+    interpreter). Returns the op."""
     def register(launcher):
         def kernel(*args):
             if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
-                return _own(getattr(reference, name)(*args))
+                _checks._fail(f"{name} (Triton)", "no float64 kernel (the Triton kernels compute in float32); "
+                                                  f"torch.ops.vqkernels.{name} serves float64 with the reference")
             return launcher(*args)
 
         _LIB.define(SCHEMAS[name])
