@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/fma_peak.h"
 #include "cpu/fsq.h"
 #include "dispatch.h"
 #if VQK_WITH_CUDA
@@ -20,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &vqk::set_isa, "Choose the CPU instruction set: 'auto', 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_has_avx2", &vqk::cpu_has_avx2, "Whether this CPU supports AVX2 and FMA.");
   m.def("cpu_has_avx512", &vqk::cpu_has_avx512, "Whether this CPU supports AVX-512F (and AVX2, FMA).");
+  m.def("fma_peak_gflops", &vqk::cpu::fma_peak_gflops, pybind11::arg("isa"), pybind11::arg("threads"),
+        pybind11::arg("seconds") = 0.2,
+        "Measured fp32 FMA GFLOP/s of `threads` threads with the ISA's widest vectors.");
   m.def(
       "fsq_tanh",
       [](pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast> x) {
