@@ -25,5 +25,5 @@ T="-q -p no:cacheprovider -W ignore::DeprecationWarning"
 for b in $("$PY" -c "from vqkernels._backend import GPU_BACKENDS; print(*GPU_BACKENDS)"); do
   VQK_BACKEND=cuda:$b "$PY" -m pytest tests/test_cuda.py $T || echo "tests/test_cuda.py FAILED with $b"
 done
-VQK_BACKEND=cuda:cuda "$PY" -m vqkernels.bench_layers --device cuda
-"$PY" -m vqkernels.bench_gpu --output benchmarks/gpu_results.md --save-auto benchmarks/auto_rules.json
+VQK_BACKEND=cuda:cuda "$PY" -m vqkernels.bench.layers --device cuda
+"$PY" -m vqkernels.bench.gpu --output benchmarks/gpu_results.md --save-auto benchmarks/auto_rules.json

@@ -18,7 +18,7 @@ model's state. The baselines (:data:`KINDS`):
   (LQAE's and SPAE's word tables) becomes its ``freeze_codebook=True``, and its ResidualVQ gets image
   feature maps as token sequences (its own ``accept_image_fmap`` fails in version 1.32);
 * ``vqkernels.nn.VectorQuantizer``, ``GumbelQuantize``, ``MultiScaleVQ`` and the op
-  ``vqkernels.gumbel_quantize`` -> the originals' code in plain PyTorch (:mod:`vqkernels.bench_plain`:
+  ``vqkernels.gumbel_quantize`` -> the originals' code in plain PyTorch (:mod:`vqkernels.bench.plain`:
   taming's ``VectorQuantizer2`` and ``GumbelQuantize``, VAR's per-scale loop, DALL-E's Gumbel
   arithmetic on the caller's noise).
 
@@ -77,9 +77,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqkernels
-from vqkernels import bench as vq_bench
 from vqkernels import info as vq_info
-from vqkernels.bench_plain import (PlainGumbelQuantize, PlainMultiScaleVQ, PlainVectorQuantizer,
+from vqkernels.bench.harness import THREADS, version
+from vqkernels.bench.plain import (PlainGumbelQuantize, PlainMultiScaleVQ, PlainVectorQuantizer,
                                    plain_gumbel_quantize)
 from vqkernels.nn import GumbelQuantize, MultiScaleVQ, ResidualVQ, VectorQuantize, VectorQuantizer
 
@@ -597,7 +597,7 @@ def machine_facts(batch_size: int, repeats: int, warmup: int, device: str, cpu_t
     facts = dict(vq_info.report()[0])
     keep = ("torch", "CPU", "CPU AVX2+FMA / AVX-512F", "CPU kernels ISA", "CUDA device")
     lines = [f"- {k}: {facts[k]}" for k in keep if k in facts]
-    return lines + [f"- vector-quantize-pytorch: {vq_bench._version('vector-quantize-pytorch')}",
+    return lines + [f"- vector-quantize-pytorch: {version('vector-quantize-pytorch')}",
                     f"- device {device}, batch {batch_size}, {warmup} warm-up + {repeats} timed steps per model, "
                     f"{'process CPU' if cpu_time else 'wall-clock'} time, "
                     f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"]
@@ -635,7 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help=f"timed steps per model (default {REPEATS})")
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps per model first (default {WARMUP})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--threads", type=int, default=vq_bench.THREADS, help="torch threads (CPU)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads (CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpu-time", action="store_true",
                    help="time by the process's CPU time (time.process_time), which time spent descheduled does not "

@@ -1,4 +1,4 @@
-"""vqkernels.bench_gpu runs end to end (its --smoke mode: tiny shapes on the CPU, Triton interpreted)
+"""vqkernels.bench.gpu runs end to end (its --smoke mode: tiny shapes on the CPU, Triton interpreted)
 and the auto rule file it writes loads into vqkernels.set_auto_table. The GPU numbers themselves
 come from benchmarks/gpu.sh on a GPU machine."""
 
@@ -8,12 +8,13 @@ import torch
 
 from vq_helpers import vqkernels
 
-from vqkernels import _backend, bench_gpu
+from vqkernels import _backend
+from vqkernels.bench import gpu
 
 
 def test_smoke_run_writes_report_and_auto_rules(tmp_path, capsys):
     report, auto = tmp_path / "gpu.md", tmp_path / "auto.json"
-    bench_gpu.main(["--smoke", "--output", str(report), "--save-auto", str(auto)])
+    gpu.main(["--smoke", "--output", str(report), "--save-auto", str(auto)])
     text = report.read_text()
     assert "| 64 | 8 | 32 | bfloat16 |" in text and "| ema_update_ baseline |" in text
     for op in ("vq_quantize", "ema_update_", "residual_quantize", "multiscale_quantize_step", "lfq_entropy"):

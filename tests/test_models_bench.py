@@ -12,7 +12,7 @@ from torch import nn
 
 import vector_quantize_pytorch as vqp
 import vqkernels
-from vqkernels import bench_plain
+from vqkernels.bench import plain
 from vqkernels.nn import GumbelQuantize, VectorQuantize
 
 from models import bench
@@ -91,7 +91,7 @@ CASES = {
     "VectorQuantize": (lambda: VQVAE(VQVAEConfig(resolution=16, hidden=16, res_channels=8, num_res_blocks=1,
                                                  embed_dim=4, codebook_size=64, ema=True)), vqp.VectorQuantize),
     "VectorQuantizer": (lambda: VQVAE(VQVAEConfig(resolution=16, hidden=16, res_channels=8, num_res_blocks=1,
-                                                  embed_dim=4, codebook_size=64)), bench_plain.PlainVectorQuantizer),
+                                                  embed_dim=4, codebook_size=64)), plain.PlainVectorQuantizer),
     "ResidualVQ": (lambda: RQVAE(RQVAEConfig(resolution=16, ch=16, ch_mult=(1, 2, 2), z_channels=8, embed_dim=8,
                                              codebook_size=64, depth=2, threshold_ema_dead_code=0.0)),
                    vqp.ResidualVQ),
@@ -99,8 +99,8 @@ CASES = {
                                                 vocab_size=64)), None),
     "MultiScaleVQ": (lambda: VarVQVAE(VarVQVAEConfig(resolution=16, vocab_size=64, z_channels=8, ch=16,
                                                      ch_mult=(1, 2, 2), v_patch_nums=(1, 2, 4))),
-                     bench_plain.PlainMultiScaleVQ),
-    "GumbelQuantize": (ToyGumbel, bench_plain.PlainGumbelQuantize),
+                     plain.PlainMultiScaleVQ),
+    "GumbelQuantize": (ToyGumbel, plain.PlainGumbelQuantize),
 }
 
 
@@ -148,7 +148,7 @@ def test_kernels_left_in_the_baseline_are_caught():
                                            "vq_quantize, vq_quantize_backward")
 
 
-class WrongGumbel(bench_plain.PlainGumbelQuantize):
+class WrongGumbel(plain.PlainGumbelQuantize):
     def forward(self, z, temp=None, return_logits=False):
         z_q, diff, ind = super().forward(z, temp, return_logits)
         return 1.5 * z_q, diff, ind

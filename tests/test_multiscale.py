@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vq_helpers import (DTYPES, METRICS, assert_deterministic, bits, check_nearest, fail_rows, gen,
                         hyp_settings, num_threads, opcheck, reference, vqkernels)
-from vqkernels.bench_var import plain_var_quantize
+from vqkernels.bench.plain import plain_var_quantize
 from vqkernels.nn.multiscale import MultiScaleVQ, Phi, upsample_bicubic
 
 step = vqkernels.multiscale_quantize_step
@@ -372,7 +372,7 @@ def test_backward_rejects(impl, case):
 
 
 # ---------------------------------------------------------------------------------------
-# MultiScaleVQ against VAR's loop (vqkernels.bench_var.plain_var_quantize)
+# MultiScaleVQ against VAR's loop (vqkernels.bench.plain.plain_var_quantize)
 
 PNS = (1, 2, 3, 5, 8)
 

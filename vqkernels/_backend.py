@@ -93,7 +93,7 @@ class Backend:
 
 
 # Every backend, in "auto"'s order of preference on each device. Everything else that lists backends (the
-# router settings, info, bench_gpu, the build test, benchmarks/gpu.sh) reads this table.
+# router settings, info, bench.gpu, the build test, benchmarks/gpu.sh) reads this table.
 REGISTRY = {b.name: b for b in (
     Backend("cpu", "vqkernels_cpu", ("cpu",), ("cpu",), False, "C++"),
     Backend("cuda", "vqkernels_cuda", ("cuda",), ("cuda",), True, "CUDA C++", _HALF_AND_SINGLE),
@@ -289,7 +289,7 @@ def use_backend(backend, ops=None, device=None):
 def set_auto_table(table):
     """Install measured auto rules: ``{(device, op): [(max_rows, dtype or None, backend), ...]}``
     or the path of a JSON file holding ``[{"device", "op", "max_rows", "dtype", "backend"}, ...]``
-    (``python -m vqkernels.bench_gpu --save-auto FILE`` writes one). Replaces the previous table;
+    (``python -m vqkernels.bench.gpu --save-auto FILE`` writes one). Replaces the previous table;
     ``None`` clears it. Rules naming a backend unavailable here are skipped."""
     if isinstance(table, (str, os.PathLike)):
         with open(table) as f:

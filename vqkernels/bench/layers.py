@@ -1,14 +1,23 @@
-"""Benchmarks of the vqkernels.nn quantizer layers: one training step (forward, backward,
-codebook update) of ours against vector-quantize-pytorch's layer of the same configuration,
-started from the same state on the same input, in one process. Part of ``python -m vqkernels.bench``.
+"""The layer suite: one training step (forward, backward, codebook update) of each vqkernels.nn
+quantizer layer against vector-quantize-pytorch's layer of the same configuration, started from the
+same state on the same input, in one process. Part of ``python -m vqkernels.bench``; on its own:
+
+    python -m vqkernels.bench.layers [--quick] [--device cuda] [--repeats 20] [--budget 2]
+
+Timing: :func:`vqkernels.bench.harness.time_calls`; memory: peak RSS growth of one step on the CPU,
+the CUDA allocator's peak growth on a GPU.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import bench
+from ..nn import (FSP, FSQ, LFQ, BinaryMapper, EvoLFQ, HierarchicalVQ, LatentQuantize, ResidualFSQ, ResidualLFQ,
+                  ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize)
+from . import report
+from .harness import THREADS, log, peak_mib, require, time_calls
 
 LFQ_MEMORY_LIMIT = 6 << 30  # bytes: vector-quantize-pytorch's LFQ is not run when it would need more
 
@@ -27,7 +36,7 @@ def _tokens(b, n, d, seed=0):
 
 
 def _pair(ours_cls, theirs_name, **kw):
-    vqp = bench._import("vector_quantize_pytorch")
+    vqp = require("vector_quantize_pytorch")
     theirs = getattr(vqp, theirs_name)(**kw)
     ours = ours_cls(**kw)
     ours.load_state_dict(theirs.state_dict())
@@ -35,7 +44,6 @@ def _pair(ours_cls, theirs_name, **kw):
 
 
 def _vq(quick):
-    from .nn import VectorQuantize
     ours, theirs = _pair(VectorQuantize, "VectorQuantize", dim=64, codebook_size=1024, decay=0.99,
                          commitment_weight=0.25)
     return ours, theirs, _tokens(4 if quick else 16, 256, 64)
@@ -43,7 +51,6 @@ def _vq(quick):
 
 def _rvq(shared):
     def make(quick):
-        from .nn import ResidualVQ
         ours, theirs = _pair(ResidualVQ, "ResidualVQ", dim=128, num_quantizers=8, codebook_size=1024,
                              shared_codebook=shared, decay=0.99, commitment_weight=0.25)
         return ours, theirs, _tokens(2 if quick else 8, 512, 128)
@@ -51,14 +58,12 @@ def _rvq(shared):
 
 
 def _fsq(quick):
-    from .nn import FSQ
     ours, theirs = _pair(FSQ, "FSQ", levels=[8, 8, 8, 5, 5, 5])
     return ours, theirs, _tokens(4 if quick else 16, 1024, 6)
 
 
 def _lfq(bits):
     def make(quick):
-        from .nn import LFQ
         n = 256 if quick else 1024
         kw = dict(dim=bits, codebook_size=2 ** bits, entropy_loss_weight=0.1, diversity_gamma=1.0)
         if n * 2 ** bits * 4 * 6 > LFQ_MEMORY_LIMIT:
@@ -70,20 +75,17 @@ def _lfq(bits):
 
 
 def _residual_fsq(quick):
-    from .nn import ResidualFSQ
     ours, theirs = _pair(ResidualFSQ, "ResidualFSQ", levels=[8, 5, 5, 5], num_quantizers=4, dim=64)
     return ours, theirs, _tokens(4 if quick else 16, 256, 64)
 
 
 def _residual_lfq(quick):
-    from .nn import ResidualLFQ
     ours, theirs = _pair(ResidualLFQ, "ResidualLFQ", dim=64, num_quantizers=4, codebook_size=2 ** 10)
     return ours, theirs, _tokens(4 if quick else 16, 256, 64)
 
 
 def _sim_vq(residual):
     def make(quick):
-        from .nn import ResidualSimVQ, SimVQ
         kw = dict(dim=64, codebook_size=1024)
         ours, theirs = (_pair(ResidualSimVQ, "ResidualSimVQ", num_quantizers=4, **kw) if residual
                         else _pair(SimVQ, "SimVQ", **kw))
@@ -94,7 +96,6 @@ def _sim_vq(residual):
 def _vq_option(forward=None, **options):
     """VectorQuantize with constructor ``options`` and forward keywords ``forward(tokens)``."""
     def make(quick):
-        from .nn import VectorQuantize
         ours, theirs = _pair(VectorQuantize, "VectorQuantize", dim=64, codebook_size=1024, decay=0.99,
                              commitment_weight=0.25, **options)
         x = _tokens(4 if quick else 16, 256, 64)
@@ -110,42 +111,34 @@ def _half_padded(x):
 
 
 def _qinco(quick):
-    from .nn import ResidualVQ
     ours, theirs = _pair(ResidualVQ, "ResidualVQ", dim=32, num_quantizers=3, codebook_size=256,
                          implicit_neural_codebook=True)
     return ours, theirs, _tokens(1 if quick else 2, 256, 32)
 
 
 def _latent_quantize(quick):
-    from .nn import LatentQuantize
     ours, theirs = _pair(LatentQuantize, "LatentQuantize", levels=[8, 5, 5, 5], dim=64)
     return ours, theirs, _tokens(4 if quick else 16, 64, 1024)  # channel-first: [b, dim, n]
 
 
 def _hierarchical_vq(quick):
-    from .nn import HierarchicalVQ
     ours, theirs = _pair(HierarchicalVQ, "HierarchicalVQ", dim=64, codebook_size=1024, scales=(1, 2, 4, 8, 16),
                          accept_image_fmap=True)
     return ours, theirs, torch.randn(4 if quick else 8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def _fsp(quick):
-    from .nn import FSP
     ours, theirs = _pair(FSP, "FSP", levels=[8, 5, 5, 5])
     return ours, theirs, _tokens(4 if quick else 16, 1024, 4)
 
 
 def _binary_mapper(quick):
-    from .nn import BinaryMapper
     ours, theirs = _pair(BinaryMapper, "BinaryMapper", bits=8)
     return ours, theirs, _tokens(4 if quick else 16, 256, 8)
 
 
 def _evo_lfq(quick):
-    import copy
-
-    from .nn import EvoLFQ
-    vqp = bench._import("vector_quantize_pytorch")
+    vqp = require("vector_quantize_pytorch")
     coder = dict(encoder=torch.nn.Linear(32, 10), decoder=torch.nn.Linear(10, 32))
     theirs = vqp.EvoLFQ(**coder, dim=10, codebook_size=2 ** 10)
     ours = EvoLFQ(**copy.deepcopy(coder), dim=10, codebook_size=2 ** 10)
@@ -208,77 +201,80 @@ def _step(module, x0, device, forward):
     return step
 
 
-def _peak_mib(fn, device):
-    """Peak extra memory of one call: RSS growth on the CPU, allocator peak growth on CUDA."""
-    if device == "cpu":
-        return bench.peak_extra_mib(fn)[0]
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+def _theirs(timed, mib, t_ours):
+    """(their seconds, speedup, their MiB, why not) from time_calls' entry "theirs" (None: not run)."""
+    theirs = timed.get("theirs")
+    if theirs is None:
+        return None, None, None, "not run (needs > 6 GiB)"
+    if isinstance(theirs, Exception):
+        return None, None, None, f"failed: {type(theirs).__name__}"
+    return theirs[0], theirs[0] / t_ours, mib.get("theirs"), ""
 
 
-def run(repeats, budget, quick=False, log=print, device="cpu"):
-    """Rows [layer, shape, ours ms, theirs ms, speedup, ours MiB, theirs MiB] and the target rows."""
-    rows, targets = [], []
+def _targets(case, detail, speedup, note, mib, their_mib):
+    """The case's target records: its speedup target, LFQ 2^16's memory target (``note``: why theirs did not run)."""
+    out = []
+    if case.target:
+        out.append(report.target(f"{case.name} training step vs vector-quantize-pytorch", detail, case.target,
+                                 speedup, note))
+    if case.name == "LFQ 2^16":
+        frac = mib["ours"] / their_mib if their_mib else None
+        out.append(report.target("LFQ 2^16 peak memory vs vector-quantize-pytorch", detail, 0.10, frac, note,
+                                 unit="%", compare="<"))
+    return out
+
+
+def run_case(case, repeats, budget, quick=False, device="cpu"):
+    """One case: (its result {name, detail, ours_s, theirs_s, theirs_note, ours_mib, theirs_mib}, its targets)."""
+    ours, theirs, x, *forward = case.make(quick)
+    forward = forward[0] if forward else {}
+    detail = f"{case.detail}, {x.shape[0]} x {x[0, 0].numel() if case.channel_first else x.shape[1]} tokens"
+    fns = {"ours": _step(ours, x, device, forward)}
+    if theirs is not None:
+        fns["theirs"] = _step(theirs, x, device, forward)
+    timed = time_calls(fns, repeats, budget)
+    mib = {name: peak_mib(fn, device) for name, fn in fns.items()}
+    if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
+        raise timed["ours"]
+    t_ours = timed["ours"][0]
+    their_s, speedup, their_mib, note = _theirs(timed, mib, t_ours)
+    result = dict(name=case.name, detail=detail, ours_s=t_ours, theirs_s=their_s, theirs_note=note,
+                  ours_mib=mib["ours"], theirs_mib=their_mib)
+    return result, _targets(case, detail, speedup, note, mib, their_mib)
+
+
+def run(repeats, budget, quick=False, log=log, device="cpu"):
+    """Every case: (results, target records); see :func:`run_case`."""
+    results, targets = [], []
     for case in CASES:
-        ours, theirs, x, *forward = case.make(quick)
-        forward = forward[0] if forward else {}
-        detail = f"{case.detail}, {x.shape[0]} x {x[0, 0].numel() if case.channel_first else x.shape[1]} tokens"
-        fns = {"ours": _step(ours, x, device, forward)}
-        if theirs is not None:
-            fns["theirs"] = _step(theirs, x, device, forward)
-        timed = bench.time_calls(fns, repeats, budget)
-        mib = {name: _peak_mib(fn, device) for name, fn in fns.items()}
-        if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
-            raise timed["ours"]
-        t_ours = timed["ours"][0]
-        theirs_t = timed.get("theirs")
-        if theirs_t is None:
-            their_ms, speedup, their_mib = "not run (needs > 6 GiB)", None, None
-        elif isinstance(theirs_t, Exception):
-            their_ms, speedup, their_mib = f"failed: {type(theirs_t).__name__}", None, None
-        else:
-            their_ms, speedup, their_mib = f"{theirs_t[0] * 1e3:.1f}", theirs_t[0] / t_ours, mib.get("theirs")
-        rows.append([case.name, detail, f"{t_ours * 1e3:.1f}", their_ms, bench._ratio(speedup),
-                     _fmt_mib(mib["ours"]), _fmt_mib(their_mib)])
-        log(f"  {case.name}: ours {t_ours * 1e3:.1f} ms, vector-quantize-pytorch {their_ms} ms")
-        if case.target:
-            targets.append([f"{case.name} training step vs vector-quantize-pytorch", detail,
-                            f">= {case.target:g}x", bench._ratio(speedup),
-                            "n/a" if speedup is None else ("PASS" if speedup >= case.target else "FAIL")])
-        if case.name == "LFQ 2^16":
-            frac = mib["ours"] / their_mib if their_mib else None
-            targets.append(["LFQ 2^16 peak memory vs vector-quantize-pytorch", detail, "< 10%",
-                            "n/a" if frac is None else f"{100 * frac:.1f}%",
-                            "n/a" if frac is None else ("PASS" if frac < 0.10 else "FAIL")])
-    return rows, targets
-
-
-def _fmt_mib(v):
-    return "-" if v is None else f"{v:.1f}"
+        result, case_targets = run_case(case, repeats, budget, quick, device)
+        results.append(result)
+        targets += case_targets
+        their_ms = result["theirs_note"] or f"{result['theirs_s'] * 1e3:.1f}"
+        log(f"  {case.name}: ours {result['ours_s'] * 1e3:.1f} ms, vector-quantize-pytorch {their_ms} ms")
+    return results, targets
 
 
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m vqkernels.bench_layers", description=__doc__.split("\n\n")[0])
+    import vqkernels
+
+    p = argparse.ArgumentParser(prog="python -m vqkernels.bench.layers", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="smaller batches")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per method")
     args = p.parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(bench.THREADS)
-    rows, targets = run(args.repeats, args.budget, quick=args.quick, device=args.device)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {bench.THREADS} threads"
+        torch.set_num_threads(THREADS)
+    results, targets = run(args.repeats, args.budget, quick=args.quick, device=args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {THREADS} threads"
     print(f"\nQuantizer layers, one training step, median ms ({where}; vqkernels serves this device with: "
-          f"{bench.vqkernels.backend('vq_quantize', args.device.split(':')[0])}):\n")
-    print(bench.md_table(["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup", "ours MiB",
-                          "vector-quantize-pytorch MiB"], rows))
+          f"{vqkernels.backend('vq_quantize', args.device.split(':')[0])}):\n")
+    print(report.layers_table(results))
     print()
-    print(bench.md_table(["target", "configuration", "needed", "measured", "result"], targets))
+    print(report.targets_table(targets, "configuration"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The originals' quantizers in plain PyTorch: the baselines ``python -m models.bench`` swaps into
-the model suite's tokenizers in place of our layers (VAR's own loop is
-:func:`vqkernels.bench_var.plain_var_quantize`).
+the model suite's tokenizers in place of our layers, and ``python -m vqkernels.bench.var`` times
+against ours.
 
+* :func:`plain_var_quantize`: VAR's per-scale ``VectorQuantizer2`` loop (the tests' reference
+  re-implementation of VAR too);
 * :class:`PlainVectorQuantizer`: taming-transformers' ``VectorQuantizer2`` forward;
 * :class:`PlainGumbelQuantize`: taming's ``GumbelQuantize`` forward (``F.gumbel_softmax``, the
   product with the codebook, the KL term);
@@ -13,12 +15,57 @@ Each keeps the constructor and state of the layer it stands in for, so it loads 
 none calls a ``torch.ops.vqkernels`` op.
 """
 
+from typing import List, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .bench_var import plain_var_quantize
-from .nn import GumbelQuantize, MultiScaleVQ, VectorQuantizer
-from .reference import GUMBEL_KL_EPS
+from ..nn import GumbelQuantize, MultiScaleVQ, VectorQuantizer
+from ..reference import GUMBEL_KL_EPS
+
+
+def plain_var_quantize(f_BChw: torch.Tensor, embedding: nn.Embedding, quant_resi, v_patch_nums: Sequence[int],
+                       beta: float = 0.25, using_znorm: bool = False
+                       ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """VAR's per-scale quantizer loop in plain PyTorch, with VAR's arithmetic.
+
+    ``quant_resi`` is indexed like VAR's, by the scale's position si / (SN - 1). Works in the
+    embedding's dtype (VAR: float32). A side may be a pair (ph, pw), as in VAR's
+    f_to_idxBl_or_fhat; the last must be (H, W). Returns ``(f_hat, mean_vq_loss, idx_Bl, hits)``: the
+    straight-through f_hat, the loss, per scale the indices [B, pn * pn] and the code counts.
+    """
+    f = f_BChw.to(embedding.weight.dtype)
+    B, C, H, W = f.shape
+    f_no_grad = f.detach()
+    f_rest = f_no_grad.clone()
+    f_hat = torch.zeros_like(f_rest)
+    mean_vq_loss = 0.0
+    sn = len(v_patch_nums)
+    idx_Bl, hits = [], []
+    codes = embedding.weight.data
+    for si, pn in enumerate(v_patch_nums):
+        ph, pw = (pn, pn) if isinstance(pn, int) else pn
+        rest = F.interpolate(f_rest, size=(ph, pw), mode="area") if si != sn - 1 else f_rest
+        rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
+        if using_znorm:
+            idx_N = torch.argmax(F.normalize(rest_NC, dim=-1) @ F.normalize(codes.T, dim=0), dim=1)
+        else:
+            d_no_grad = torch.sum(rest_NC.square(), dim=1, keepdim=True) + torch.sum(codes.square(), dim=1)
+            d_no_grad.addmm_(rest_NC, codes.T, alpha=-2, beta=1)
+            idx_N = torch.argmin(d_no_grad, dim=1)
+        hits.append(idx_N.bincount(minlength=codes.shape[0]).float())
+        idx_Bl.append(idx_N.view(B, ph * pw))
+        h = embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
+        if si != sn - 1:
+            h = F.interpolate(h, size=(H, W), mode="bicubic")
+        h = quant_resi[si / (sn - 1)](h.contiguous())
+        f_hat = f_hat + h
+        f_rest -= h
+        mean_vq_loss += F.mse_loss(f_hat.detach(), f).mul_(beta) + F.mse_loss(f_hat, f_no_grad)
+    mean_vq_loss *= 1.0 / sn
+    f_hat = (f_hat.detach() - f_no_grad).add_(f)
+    return f_hat, mean_vq_loss, idx_Bl, hits
 
 
 class PlainVectorQuantizer(VectorQuantizer):
@@ -78,7 +125,7 @@ def plain_gumbel_quantize(logits, codebook, gumbels, tau=1.0, hard=False):
 
 class PlainMultiScaleVQ(MultiScaleVQ):
     """VAR's ``VectorQuantizer2`` training forward, its per-scale loop in plain PyTorch
-    (:func:`vqkernels.bench_var.plain_var_quantize`), with VAR's code-hit EMA (which VAR keeps under
+    (:func:`plain_var_quantize`), with VAR's code-hit EMA (which VAR keeps under
     torch.distributed and :class:`MultiScaleVQ` in every training step). ``f_to_idxBl_or_fhat`` gives
     the indices by the same loop; its other uses are not part of a training step."""
 

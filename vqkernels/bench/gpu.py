@@ -1,7 +1,7 @@
 """GPU benchmark of the vqkernels backends (CUDA C++, Triton) against the usual PyTorch forms.
 
-    python -m vqkernels.bench_gpu [--output FILE.md] [--save-auto FILE.json]
-    python -m vqkernels.bench_gpu --smoke      # tiny shapes on the CPU (Triton interpreted): checks the script
+    python -m vqkernels.bench.gpu [--output FILE.md] [--save-auto FILE.json]
+    python -m vqkernels.bench.gpu --smoke      # tiny shapes on the CPU (Triton interpreted): checks the script
 
 Part 1, nearest_code (l2) for each shape (N, D, K) and dtype (bfloat16, float32): the CUDA and
 Triton kernels (``torch.ops.vqkernels_cuda/_triton.nearest_code``); ``torch.cdist(x, c).argmin(1)``;
@@ -15,21 +15,21 @@ Part 2, the other GPU ops on one training-sized problem each, every backend serv
 the pure-PyTorch reference on the same device; ``ema_update_`` also against ``index_add_ +
 bincount`` (the issue's baseline) and in deterministic mode.
 
-Timing: CUDA events, warm-up first, median of repeats, all in one process on the same inputs;
-ratios are against baselines measured in the same run. ``--save-auto`` writes the winner of each
+Timing (:class:`vqkernels.bench.harness.Timer`): CUDA events, warm-up first, median of repeats,
+all in one process on the same inputs; ratios are against baselines measured in the same run. ``--save-auto`` writes the winner of each
 (op, dtype) as an auto rule file for :func:`vqkernels.set_auto_table`. The short table prints last.
 """
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import vqkernels
 from vqkernels import _backend
+
+from .harness import Timer
 
 SHAPES = [(65536, 32, 16384), (65536, 8, 16384), (16384, 256, 1024), (262144, 32, 4096)]  # (N, D, K)
 SMOKE_SHAPES = [(64, 8, 32), (40, 20, 16)]
@@ -38,31 +38,6 @@ MAX_BYTES = 16 << 30
 OPS_PER_DISTANCE = 4  # CUDA-core instructions per (row, code): score FMA, NaN guard, compare, select
 FP32_LANES_PER_SM = 128
 GPU_BACKENDS = _backend.GPU_BACKENDS
-
-
-class Timer:
-    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter on the CPU (smoke runs)."""
-
-    def __init__(self, device, warmup, repeats):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-
-    def __call__(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 
 def expanded(x, c):
@@ -256,7 +231,7 @@ def main(argv=None):
     elif torch.cuda.is_available():
         device, shapes, timer = "cuda", SHAPES, Timer("cuda", 3, 10)
     else:
-        sys.exit("vqkernels.bench_gpu needs a CUDA device (or --smoke)")
+        sys.exit("vqkernels.bench.gpu needs a CUDA device (or --smoke)")
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke run)"
     winners = {}
     lines = [f"## GPU backends on {card}", "", f"torch {torch.__version__}; "

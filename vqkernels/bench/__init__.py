@@ -1,0 +1,16 @@
+"""vqkernels' benchmarks (``python -m vqkernels.bench`` runs the full CPU report).
+
+* :mod:`~vqkernels.bench.harness`: the one timing harness (warm-up, median of repeats, budget;
+  peak memory; the machine's description); torch and the standard library only;
+* :mod:`~vqkernels.bench.ops`: the ops against PyTorch, faiss and vector-quantize-pytorch;
+* :mod:`~vqkernels.bench.layers`: the ``vqkernels.nn`` layers' training steps against
+  vector-quantize-pytorch (``python -m vqkernels.bench.layers``);
+* :mod:`~vqkernels.bench.var`: ``MultiScaleVQ`` against VAR's per-scale loop (``python -m vqkernels.bench.var``);
+* :mod:`~vqkernels.bench.gpu`: the GPU backends (``python -m vqkernels.bench.gpu``);
+* :mod:`~vqkernels.bench.plain`: the originals' quantizers in plain PyTorch (the baselines of
+  ``var`` and of ``python -m models.bench``);
+* :mod:`~vqkernels.bench.report`: benchmarks/RESULTS.md and README's measured tables from the JSON
+  results (``python -m vqkernels.bench.report``); the standard library only.
+
+Imports go one way: the suites use the harness and the report, which import none of them.
+"""

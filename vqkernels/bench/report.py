@@ -1,0 +1,543 @@
+"""The benchmark report: benchmarks/RESULTS.md and README's measured tables, generated from the JSON
+results that ``python -m vqkernels.bench`` writes (benchmarks/results.json).
+
+    python -m vqkernels.bench.report                  # RESULTS.md and README's blocks from results.json
+    python -m vqkernels.bench.report --no-readme      # RESULTS.md only
+    python -m vqkernels.bench.report --check          # exit 1 if either differs from what the JSON gives
+    python -m vqkernels.bench.report --json /tmp/q.json --output /tmp/q.md --no-readme
+
+Nothing is measured here, and every number comes from the JSON (the standard library only;
+matplotlib for the plot). The results hold raw numbers (seconds, MiB, fractions); every rounding,
+ratio and PASS / FAIL is decided here. README.md's generated blocks sit between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->`` lines; the text around them is written by hand. RESULTS.md's section from
+"## On a GPU" on is written by hand too (from benchmarks/gpu.sh on a lent GPU machine) and is carried
+over when the file is rewritten.
+"""
+
+import argparse
+import json
+import operator
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+GIB_MIB = 1024
+_REPO = Path(__file__).resolve().parents[2]
+_BASE = _REPO if (_REPO / "benchmarks").is_dir() else Path.cwd()
+DEFAULT_JSON = _BASE / "benchmarks" / "results.json"
+DEFAULT_OUTPUT = _BASE / "benchmarks" / "RESULTS.md"
+DEFAULT_README = _BASE / "README.md"
+PLOT_NAME = "nearest_code.png"
+GPU_HEADING = "## On a GPU"
+COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def shape_str(shape):
+    return "x".join(str(v) for v in shape)
+
+
+def ratio(v):
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def _ms(r):
+    return f"{r['seconds'] * 1e3:.2f}" if r.get("seconds") is not None else r.get("note", "")
+
+
+def _mib(r):
+    return f"{r['mib']:.1f}" if r.get("mib") is not None else ("n/a" if r.get("seconds") is not None else "-")
+
+
+def _agree(r):
+    return f"{100 * r['agree']:.2f}" if r.get("agree") is not None else "-"
+
+
+def _fmt(v):
+    return f"{v:.1f}" if v else "-"
+
+
+def _pct(v, of):
+    return f"{100 * v / of:.0f}%" if v and of else "-"
+
+
+def _fmt_mib(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def md_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def speedup(section, run, name, table="nearest"):
+    """t(baseline ``name``) / t(ours at the baseline's metric) in one shape's ``run``, or None."""
+    methods = section["methods" if table == "nearest" else "train_methods"]
+    metric = next(m["metric"] for m in methods if m["name"] == name)
+    ours = next(m["name"] for m in methods if m["ours"] and m["metric"] == metric)
+    base, own = run[table].get(name), run[table].get(ours)
+    if base is None or own is None or base["seconds"] is None or own["seconds"] is None:
+        return None
+    return base["seconds"] / own["seconds"]
+
+
+def gflops(run, name="ours"):
+    """Equivalent GFLOP/s 2 N K D / t of method ``name`` in one shape's ``run``, or None."""
+    n, d, k = run["shape"]
+    r = run["nearest"].get(name)
+    return None if r is None or r["seconds"] is None else 2.0 * n * k * d / r["seconds"] / 1e9
+
+
+# ----------------------------------------------------------------------------- targets
+
+def target(name, where, need, value, why="", unit="x", compare=">="):
+    """A target record: ``value`` (None: not measured, ``why``) against ``need``; unit "x" (a ratio),
+    "%" (a fraction shown in percent) or "MiB"; compare ">=", "<=" or "<"."""
+    return dict(target=name, where=where, need=need, value=value, why=why, unit=unit, compare=compare)
+
+
+def _in_unit(v, unit):
+    if unit == "%":
+        return f"{100 * v:.0f}%" if 100 * v >= 10 else f"{100 * v:.1f}%"
+    return f"{v:.1f} MiB" if unit == "MiB" else ratio(v)
+
+
+def target_row(t):
+    """[target, where, needed, measured, PASS / FAIL / n/a] of a target record."""
+    needed = f"{t['compare']} {_in_unit(t['need'], t['unit'])}"
+    if t["value"] is None:
+        return [t["target"], t["where"], needed, t["why"] or "not measured", "n/a"]
+    passed = COMPARE[t["compare"]](t["value"], t["need"])
+    return [t["target"], t["where"], needed, _in_unit(t["value"], t["unit"]), "PASS" if passed else "FAIL"]
+
+
+def targets_table(records, where="N x D x K"):
+    return md_table(["target", where, "needed", "measured", "result"], [target_row(t) for t in records])
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+def _per_shape(section, names, cell, table="nearest"):
+    """A shapes x methods table of the runs that have ``table``; cell(run, name) gives one entry."""
+    rows = [[shape_str(r["shape"])] + [cell(r, n) for n in names] for r in section["runs"] if r[table]]
+    return md_table(["N x D x K"] + list(names), rows)
+
+
+def baselines(section):
+    return [m["name"] for m in section["methods"] if not m["ours"]]
+
+
+def _header(results):
+    s, nc = results["settings"], results["nearest_code"]
+    return (f"Generated by `{results['command']}` in {results['elapsed_s']:.0f} s. float32, one process, same "
+            f"inputs (randn), torch.set_num_threads({s['threads']}). Per shape every method gets {s['warmup']} "
+            "warm-up calls, then its timed calls back to back (methods one after another, with a pause between "
+            "them so that one library's idle OpenMP threads do not slow the next); each reports the median of up "
+            f"to {s['repeats']} calls (fewer once it has spent {s['budget_s']:g} s, never fewer than "
+            f"{s['min_repeats']}). Absolute times drift on a shared machine: compare ratios within one run. "
+            f"Baselines that would hold an N x K float32 matrix over {nc['matrix_limit'] >> 30} GiB are skipped.")
+
+
+def machine_rows(m):
+    isa = m["cpu_isa"] or "none (extension not built: pure-PyTorch reference)"
+    return [["CPU", m["cpu"]],
+            ["cores (os.cpu_count) / torch threads", f"{m['cores']} / {m['torch_threads']}"],
+            ["CPU SIMD flags", m["simd"]],
+            ["vqkernels kernels", m["kernels"]],
+            ["vqkernels.cpu_isa()", isa],
+            ["python / torch", f"{m['python']} / {m['torch']}"],
+            [" / ".join(m["packages"]), " / ".join(m["packages"].values())],
+            ["date", m["date"]]]
+
+
+def _throughput(nc):
+    sq = nc["square"]
+    rows = [[shape_str(r["shape"]), _fmt(gflops(r)), _fmt(gflops(r, "ours ip")), _fmt(r["ceiling_gflops"]),
+             r["ceiling_rows"], _pct(gflops(r), r["ceiling_gflops"]), _fmt(r["square_gflops"]),
+             _pct(gflops(r), r["square_gflops"])] for r in nc["runs"]]
+    return md_table(["N x D x K", "ours GFLOP/s", "ours ip GFLOP/s", "matmul GFLOP/s", "rows", "ours % of matmul",
+                     f"{sq}^3 matmul GFLOP/s", f"ours % of {sq}^3"], rows)
+
+
+def _train_cell(nc):
+    def cell(r, col):
+        if col == "speedup":
+            return ratio(speedup(nc, r, "vector-quantize-pytorch", "train"))
+        if col.endswith(" MiB"):
+            return _mib(r["train"][col[:-4]])
+        return _ms(r["train"][col])
+    return cell
+
+
+def nearest_sections(nc):
+    """The nearest_code and training-step sections of RESULTS.md."""
+    names, base = [m["name"] for m in nc["methods"]], baselines(nc)
+    train = [m["name"] for m in nc["train_methods"]]
+    return [
+        "## nearest_code: median ms",
+        _per_shape(nc, names, lambda r, n: _ms(r["nearest"][n])),
+        "## nearest_code: speedup of ours over each baseline (baseline time / our time; ip baselines vs ours ip)",
+        _per_shape(nc, base, lambda r, n: ratio(speedup(nc, r, n))),
+        "## nearest_code: throughput vs the fp32 matmul ceiling",
+        "Equivalent GFLOP/s = 2·N·K·D / t. Two fp32 matmuls measured in the same run: torch.mm(x, C^T, out=...) "
+        "at the same D and K, with `rows` rows of x (fewer than N when N x K is over the limit), which at small D "
+        f"is bound by writing its N x K output, and the compute-bound {nc['square']}^3 torch.mm. The target uses "
+        "the faster of the two.",
+        _throughput(nc),
+        "## nearest_code: peak extra memory of one call (MiB, growth of peak RSS; includes the outputs)",
+        _per_shape(nc, names, lambda r, n: _mib(r["nearest"][n])),
+        "## nearest_code: rows whose index equals ours (%)",
+        _per_shape(nc, base, lambda r, n: _agree(r["nearest"][n])),
+        "## Training step: median ms",
+        "ours: vq_quantize forward, backward of quantized.mean() + 0.25 * commit_loss, ema_update_(decay=0.99). "
+        "vector-quantize-pytorch: VectorQuantize(dim=D, codebook_size=K, decay=0.99, commitment_weight=0.25) "
+        "in train mode, forward (its EMA update included) and backward of quantized.mean() + loss.",
+        _per_shape(nc, train + ["speedup", "ours MiB", "vector-quantize-pytorch MiB"], _train_cell(nc), "train"),
+    ]
+
+
+def other_ops_section(other):
+    rows = [[r["op"], f"{r['ours_s'] * 1e3:.2f}", r["baseline"], f"{r['baseline_s'] * 1e3:.2f}",
+             ratio(r["baseline_s"] / r["ours_s"])] for r in other["rows"]]
+    return [f"## Other ops at {shape_str(other['shape'])}: median ms",
+            md_table(["op", "ours", "plain PyTorch", "its ms", "speedup"], rows)]
+
+
+def layer_row(r):
+    """[layer, configuration, ours ms, theirs ms (or why not), speedup, ours MiB, theirs MiB] of a layer result."""
+    theirs = r["theirs_note"] if r["theirs_s"] is None else f"{r['theirs_s'] * 1e3:.1f}"
+    faster = None if r["theirs_s"] is None else r["theirs_s"] / r["ours_s"]
+    return [r["name"], r["detail"], f"{r['ours_s'] * 1e3:.1f}", theirs, ratio(faster), _fmt_mib(r["ours_mib"]),
+            _fmt_mib(r["theirs_mib"])]
+
+
+def _var_sides(r):
+    return f"{min(r['patch_nums'])}..{max(r['patch_nums'])}"
+
+
+def var_row(r):
+    """The layers table's row of a VAR timing (vqkernels.bench.var.run)."""
+    threads = f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+    return [f"MultiScaleVQ ({threads}, {r['clock']} time)",
+            f"VAR: B={r['B']}, Cvae {r['Cvae']}, vocab {r['vocab']}, patch sides {_var_sides(r)}; baseline VAR's "
+            "plain loop", f"{r['ours_ms']:.1f}", f"{r['plain_ms']:.1f} (plain loop)", ratio(r["plain_ms"] / r["ours_ms"]),
+            "-", "-"]
+
+
+LAYER_HEADERS = ["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup", "ours MiB",
+                 "vector-quantize-pytorch MiB"]
+
+
+def layers_table(layers, var=()):
+    return md_table(LAYER_HEADERS, [layer_row(r) for r in layers] + [var_row(r) for r in var])
+
+
+def layers_section(results):
+    return ["## Quantizer layers: one training step, median ms",
+            "Forward (codebook update included), backward of quantized.mean() plus the layer's losses; "
+            "ours (vqkernels.nn) against vector-quantize-pytorch's layer of the same keywords (defaults "
+            "otherwise, rotation trick included), ours loading its state_dict; same input. Memory: peak RSS "
+            "growth of one step. MultiScaleVQ rows: against VAR's VectorQuantizer2 loop in plain PyTorch "
+            "(vqkernels/bench/var.py), forward and backward of mean_vq_loss + f_hat.sum(), the median of "
+            "alternating steps; the one-thread row counts process CPU time.",
+            layers_table(results["layers"], results.get("var", ()))]
+
+
+def render(results):
+    """RESULTS.md (up to its hand-written GPU section) from the results."""
+    layers = "layers" in results
+    parts = ["# vqkernels benchmarks", _header(results),
+             "## Machine", md_table(["", ""], machine_rows(results["machine"])),
+             "## Targets", targets_table(results["targets"])]
+    if layers:
+        parts += ["## Targets of the quantizer layers", targets_table(results["layer_targets"], "configuration")]
+    parts += nearest_sections(results["nearest_code"])
+    if results.get("other_ops"):
+        parts += other_ops_section(results["other_ops"])
+    if layers:
+        parts += layers_section(results)
+    if results.get("plot"):
+        parts += ["## Plot", f"![speedup of nearest_code over each baseline]({results['plot']})"]
+    return "\n\n".join(parts) + "\n"
+
+
+def kept_gpu_section(path):
+    """The hand-written GPU section of the markdown at ``path`` ("" if none), carried over on rewrites."""
+    try:
+        old = Path(path).read_text()
+    except OSError:
+        return ""
+    at = old.find("\n" + GPU_HEADING)
+    return "" if at < 0 else old[at:]
+
+
+# ----------------------------------------------------------------------------- README's blocks
+
+def _short(v):
+    """2 decimals under 1, 1 decimal under 100, none above: README's times and ratios."""
+    return f"{v:.2f}" if v < 1 else (f"{v:.1f}" if v < 100 else f"{v:.0f}")
+
+
+def _time(seconds):
+    return f"{_short(seconds * 1e3)} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _size(mib):
+    if mib < 100:
+        return f"{mib:.1f} MiB"
+    return f"{mib:.0f} MiB" if mib < GIB_MIB else f"{mib / GIB_MIB:.1f} GiB"
+
+
+def _times(v):
+    return "-" if v is None else f"{_short(v)}x"
+
+
+# (row of the results' layers, README's layer cell, its configuration cell: None for the measured one,
+# "{tokens}" standing for the measured batch, e.g. "16 x 256 tokens"; whether the time cells also give the
+# memory). Rows not listed follow, as measured.
+README_LAYERS = (
+    ("VectorQuantize", "`VectorQuantize`", None, False),
+    ("VectorQuantize masked", "`VectorQuantize` masked", "same, `lens` (half the sequences half padded)", False),
+    ("VectorQuantize top-4", "`VectorQuantize` top-4", "same, `topk=4`", False),
+    ("VectorQuantize sampled", "`VectorQuantize` sampled", "same, `stochastic_sample_codes`", False),
+    ("ResidualVQ separate", "`ResidualVQ`", None, False),
+    ("ResidualVQ shared", "`ResidualVQ` shared codebook", "same", False),
+    ("ResidualVQ QINCo", "`ResidualVQ` QINCo",
+     "`implicit_neural_codebook`, 3 levels x 256 codes, dim 32, {tokens}", True),
+    ("LFQ 2^14", "`LFQ` 2^14 codes", "{tokens}", True),
+    ("LFQ 2^16", "`LFQ` 2^16 codes", "{tokens}", True),
+    ("FSQ", "`FSQ`", "levels 8,8,8,5,5,5, {tokens}", False),
+    ("ResidualFSQ", "`ResidualFSQ`", None, False),
+    ("ResidualLFQ", "`ResidualLFQ`", None, False),
+    ("SimVQ", "`SimVQ`", None, False),
+    ("ResidualSimVQ", "`ResidualSimVQ`", None, False),
+    ("HierarchicalVQ", "`HierarchicalVQ`", "5 scales 1..16, 1024 codes, dim 64, 16 x 16 maps, {tokens}", False),
+    ("LatentQuantize", "`LatentQuantize`", "levels 8,5,5,5, dim 64, {tokens}", False),
+    ("FSP", "`FSP`", None, False),
+    ("BinaryMapper", "`BinaryMapper`", "8 bits, {tokens}", False),
+    ("EvoLFQ", "`EvoLFQ`", "linear coder 32 <-> 10, 2^10 codes, {tokens}", False),
+)
+
+
+def _time_cell(seconds, mib, memory):
+    return _time(seconds) + (f", {_size(mib)}" if memory and mib is not None else "")
+
+
+def _readme_layer(r, label, config, memory):
+    config = (config or r["detail"]).replace("{tokens}", r["detail"].rsplit(", ", 1)[-1])
+    ours = _time_cell(r["ours_s"], r["ours_mib"], memory)
+    if r["theirs_s"] is None:
+        return [label, config, ours, r["theirs_note"], "-"]
+    theirs = _time_cell(r["theirs_s"], r["theirs_mib"], memory)
+    return [label, config, ours, theirs, _times(r["theirs_s"] / r["ours_s"])]
+
+
+def readme_layers(results):
+    """README's layer table: README_LAYERS' rows, the other measured layers, VAR's wall-clock row."""
+    by_name = {r["name"]: r for r in results["layers"]}
+    spec = [s for s in README_LAYERS if s[0] in by_name]
+    spec += [(name, name, None, False) for name in by_name if name not in {s[0] for s in README_LAYERS}]
+    rows = [_readme_layer(by_name[name], *rest) for name, *rest in spec]
+    for r in results.get("var", ())[:1]:  # the first: two threads, wall clock
+        rows.append(["`MultiScaleVQ` (VAR)", f"B={r['B']}, Cvae {r['Cvae']}, vocab {r['vocab']}, sides {_var_sides(r)}",
+                     _time(r["ours_ms"] / 1e3), f"VAR's plain loop: {_time(r['plain_ms'] / 1e3)}",
+                     _times(r["plain_ms"] / r["ours_ms"])])
+    return _readme_table(["layer", "configuration", "ours", "vector-quantize-pytorch", "speedup"], rows)
+
+
+def _readme_table(headers, rows):
+    """A table in README's style: "| --- |" separators."""
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _vs(nc, r, name, fmt=_times):
+    """A README cell: our speedup over ``name``, or why it did not run ("(needs 4 GiB)")."""
+    v = speedup(nc, r, name)
+    return fmt(v) if v is not None else r["nearest"][name]["note"].removeprefix("skipped ") or "-"
+
+
+def readme_nearest(results):
+    nc = results["nearest_code"]
+    rows = [[shape_str(r["shape"]), _time(r["nearest"]["ours"]["seconds"]), _vs(nc, r, "cdist().argmin"),
+             _vs(nc, r, "faiss IndexFlatL2", ratio), _vs(nc, r, "vector-quantize-pytorch"),
+             f"{gflops(r):.0f} ({r['square_gflops']:.0f})"] for r in nc["runs"]]
+    return _readme_table(["N x D x K", "ours", "vs `cdist().argmin`", "vs faiss `IndexFlatL2`",
+                          "vs vector-quantize-pytorch", f"GFLOP/s ({nc['square']}³ fp32 matmul)"], rows)
+
+
+# Each other op's words in README's bullet ({} is its speedup); order as measured.
+README_OTHER_OPS = {
+    "nearest_code_topk, k=8": "`nearest_code_topk` (k = 8) {} `cdist().topk`",
+    "vq_quantize forward": "`vq_quantize` forward {} the addmm argmin + gather + mse it replaces",
+    "ema_update_": "`ema_update_` {} bincount + index_add_",
+    "fsq_quantize, levels 8,8,8,5,5,5": "`fsq_quantize` (x's first 6 columns) {} its PyTorch reference",
+    "lfq_quantize, 16 bits": "`lfq_quantize` (first 16 columns) {} its PyTorch reference",
+    "rotation_trick backward": "the rotation trick's backward {}",
+}
+
+
+def _bullet(text):
+    return textwrap.fill(text, width=100, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False)
+
+
+def _run_at(nc, key):
+    return next((r for r in nc["runs"] if r["shape"] == nc[key]), None)
+
+
+def _memory_note(nc):
+    big = _run_at(nc, "largest")
+    if big is None or big["nearest"]["ours"]["mib"] is None:
+        return None
+    n, _, k = big["shape"]
+    return (f"Extra memory of `nearest_code` at {shape_str(big['shape'])}: {big['nearest']['ours']['mib']:.1f} MiB "
+            f"(the N x K form needs {n * k * 4 / 2 ** 30:.0f} GiB).")
+
+
+def _train_note(nc):
+    head = _run_at(nc, "headline")
+    theirs = head["train"].get("vector-quantize-pytorch") if head else None
+    if theirs is None or theirs["seconds"] is None:
+        return None
+    return (f"Training step (`vq_quantize` forward + backward + `ema_update_`) at {shape_str(head['shape'])}: "
+            f"{_time(head['train']['ours']['seconds'])}, {_times(speedup(nc, head, 'vector-quantize-pytorch', 'train'))} "
+            f"vector-quantize-pytorch's `VectorQuantize` training forward + backward ({_time(theirs['seconds'])}, "
+            f"{_size(theirs['mib'])}).")
+
+
+def _other_note(other):
+    if not other:
+        return None
+    words = [README_OTHER_OPS.get(r["op"], r["op"] + " {} " + r["baseline"]).replace(
+        "{}", _times(r["baseline_s"] / r["ours_s"])) for r in other["rows"]]
+    return f"At {shape_str(other['shape'])}: " + ", ".join(words) + "."
+
+
+def readme_notes(results):
+    """README's bullets under the nearest_code table: memory at the largest shape, the training step and
+    the other ops at the headline shape (each only when measured)."""
+    nc = results["nearest_code"]
+    notes = [_memory_note(nc), _train_note(nc), _other_note(results.get("other_ops"))]
+    return "\n".join(_bullet(t) for t in notes if t)
+
+
+def readme_blocks(results):
+    """name -> the text of README's ``<!-- bench:name -->`` block."""
+    blocks = {"nearest_code": readme_nearest(results), "nearest_code_notes": readme_notes(results)}
+    if "layers" in results:
+        blocks["layers"] = readme_layers(results)
+    return blocks
+
+
+def update_readme(text, blocks):
+    """``text`` with each named block's lines replaced; ValueError if a block's markers are missing."""
+    for name, body in blocks.items():
+        pattern = re.compile(rf"(^<!-- bench:{re.escape(name)} -->\n).*?(^<!-- /bench:{re.escape(name)} -->$)",
+                             re.S | re.M)
+        if not pattern.search(text):
+            raise ValueError(f"README: no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot(results, path):
+    """Grouped bars: speedup of ours over each baseline per shape, log scale. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    nc = results["nearest_code"]
+    names, runs = baselines(nc), nc["runs"]
+    metric = {m["name"]: m["metric"] for m in nc["methods"]}
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, r in enumerate(runs):
+            pos, s = j + (i - (len(names) - 1) / 2) * width, speedup(nc, r, name)
+            if s:
+                xs.append(pos)
+                ys.append(s)
+            else:  # skipped, not installed or failed
+                ax.text(pos, 1.0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
+        ax.bar(xs, ys, width, label=name + (" (vs ours ip)" if metric[name] == "ip" else ""))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(runs)), [shape_str(r["shape"]) for r in runs])
+    ax.set_xlabel("N x D x K (float32)")
+    ax.set_ylabel("speedup of vqkernels.nearest_code (x)")
+    ax.set_title(f"nearest_code vs baselines, {results['settings']['threads']} threads "
+                 f"({results['machine']['kernels']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- files and CLI
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def save(results, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def markdown_for(json_path):
+    """The markdown that goes with a results file: RESULTS.md for the default one, else X.md for X.json."""
+    return DEFAULT_OUTPUT if Path(json_path) == DEFAULT_JSON else Path(json_path).with_suffix(".md")
+
+
+def outputs(results, output=None, readme=None):
+    """path -> new text: given ``output``, the markdown (its GPU section kept); given ``readme``, the README."""
+    out = {} if output is None else {Path(output): render(results) + kept_gpu_section(output)}
+    if readme is not None:
+        out[Path(readme)] = update_readme(Path(readme).read_text(), readme_blocks(results))
+    return out
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m vqkernels.bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results to read (default {DEFAULT_JSON})")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"markdown to write (default {DEFAULT_OUTPUT} for the default results, else X.md for X.json)")
+    p.add_argument("--readme", type=Path, default=DEFAULT_README, help=f"README to update (default {DEFAULT_README})")
+    p.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    p.add_argument("--plot", action="store_true", help="also redraw the plot the results name (needs matplotlib)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs from the JSON's")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if not args.json.exists():
+        sys.exit(f"{args.json}: no results yet (python -m vqkernels.bench writes them)")
+    results = load(args.json)
+    output = args.output or markdown_for(args.json)
+    files = outputs(results, output, None if args.no_readme else args.readme)
+    stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path}: differs from what {args.json} gives", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(files[path])
+        print(f"wrote {path}", file=sys.stderr)
+    if args.plot and results.get("plot") and not plot(results, output.parent / results["plot"]):
+        print("plot skipped: matplotlib not installed", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
