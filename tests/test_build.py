@@ -36,6 +36,22 @@ def test_extension_loaded():
         vqkernels.set_cpu_isa("auto")
 
 
+@pytest.mark.skipif(not vqkernels.compiled(), reason="needs the compiled extension")
+def test_fma_peak_probe_counts_the_vector_width():
+    """The FMA probe the benchmark holds nearest_code to: positive, and a path with wider vectors measures more
+    (the same FMA count per instruction, twice or more the lanes; a loose factor: the machine may be shared)."""
+    from vqkernels import _backend
+    c = _backend._C
+    scalar = max(c.fma_peak_gflops("portable", 1, 0.02) for _ in range(3))
+    assert scalar > 0
+    if c.cpu_has_avx2():
+        assert max(c.fma_peak_gflops("avx2", 1, 0.02) for _ in range(3)) > 2 * scalar
+    with pytest.raises(ValueError, match="unknown ISA"):
+        c.fma_peak_gflops("sse9", 1, 0.01)
+    with pytest.raises(ValueError, match="threads"):
+        c.fma_peak_gflops("portable", 0, 0.01)
+
+
 def test_cuda_sources_built_for_arch_list():
     if not vqkernels.compiled() or torch.version.cuda is None or not _toolkit_present():
         pytest.skip("no CUDA torch or no CUDA toolkit here: the CUDA sources are not expected")

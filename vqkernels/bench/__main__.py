@@ -104,6 +104,8 @@ def measure(args):
     shapes, train_shapes = _shapes(args)
     start = time.perf_counter()
     nc = ops.run(shapes, train_shapes, args.repeats, args.budget, args.quick)
+    log("nearest_code on each SIMD path, against faiss at the same level")
+    isa = ops.run_isa_paths(shapes, args.repeats, args.budget)
     other_shape = shapes[0] if args.quick or ops.HEADLINE not in shapes else ops.HEADLINE
     log(f"other ops at {report.shape_str(other_shape)}")
     other = ops.run_other_ops(other_shape, args.repeats, args.budget)
@@ -116,7 +118,8 @@ def measure(args):
         machine=machine_info(packages=("faiss-cpu", "vector-quantize-pytorch"),
                              kernels=vqkernels.backend("nearest_code", "cpu"),
                              cpu_isa=vqkernels.cpu_isa() if vqkernels.compiled() else None),
-        targets=ops.targets(nc), layer_targets=layer_targets, nearest_code=nc, other_ops=other,
+        targets=ops.targets(nc) + ops.isa_targets(isa), layer_targets=layer_targets, nearest_code=nc,
+        isa_paths=isa, other_ops=other,
         layers=layer_results, var=var_rows, plot=None)
 
 

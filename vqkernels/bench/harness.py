@@ -180,19 +180,24 @@ def version(dist):
 
 
 def _cpuinfo():
-    """(the first "model name", the first "flags" set) of /proc/cpuinfo; (None, empty) without it."""
-    model, flags = None, set()
+    """(the first processor's "model name" with its family / model / stepping numbers, its "flags" set) of
+    /proc/cpuinfo; (None, empty) without it. The numbers tell CPU generations apart where the name does not
+    (a VM may show only "AMD EPYC")."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if not line.strip():
+                    break  # the first processor only
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model is None:
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return model, flags
+        return None, set()
+    model = fields.get("model name")
+    numbers = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    if model and numbers:
+        model = f"{model} ({numbers})"
+    return model, set(fields.get("flags", "").split())
 
 
 def machine_info(packages=(), **facts):

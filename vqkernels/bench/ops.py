@@ -15,6 +15,7 @@ any baseline whose package is not installed; the tables say which and why.
 numbers (seconds, MiB, fractions); :mod:`vqkernels.bench.report` turns them into tables.
 """
 
+import contextlib
 import gc
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -345,6 +346,85 @@ def run(shapes, train_shapes, repeats, budget, quick=False):
                 largest=list(LARGEST), square=SQUARE, matrix_limit=MATRIX_LIMIT, runs=runs)
 
 
+# ----------------------------------------------------------------------------- ISA paths
+
+FAISS_LEVELS = {"avx512": "AVX512", "avx2": "AVX2"}  # our ISA path -> faiss.SIMDLevel_<name>
+FMA_PEAK_TRIES = (5, 0.1)  # the best of 5 windows of 0.1 s: a window shared with another process reads low
+
+
+def isa_paths():
+    """The SIMD paths of our CPU kernels this machine runs, widest first ("avx512", "avx2")."""
+    if not vqkernels.compiled():
+        return []
+    c = vqkernels._backend._C
+    return [isa for isa, has in (("avx512", c.cpu_has_avx512()), ("avx2", c.cpu_has_avx2())) if has]
+
+
+@contextlib.contextmanager
+def _isa(isa, faiss):
+    """Our kernels on ``isa`` and faiss (when it can switch: its SIMDConfig, faiss >= 1.11 dynamic dispatch) on the
+    same SIMD level for the block; yields faiss's level name, or why it could not be matched."""
+    before = vqkernels.cpu_isa()
+    vqkernels.set_cpu_isa(isa)
+    config = getattr(faiss, "SIMDConfig", None) if faiss else None
+    old = config.get_level() if config and config.has_dynamic_dispatch() else None
+    try:
+        if old is None:
+            yield "faiss cannot switch its SIMD level (no dynamic dispatch)" if faiss else "faiss not installed"
+        else:
+            config.set_level(getattr(faiss, f"SIMDLevel_{FAISS_LEVELS[isa]}"))
+            yield config.get_level_name()
+    finally:
+        vqkernels.set_cpu_isa(before)
+        if old is not None:
+            config.set_level(old)
+
+
+def _faiss_module():
+    try:
+        return require("faiss")
+    except Skip:
+        return None
+
+
+def _isa_shape(shape, faiss, repeats, budget):
+    x, codebook = make_inputs(*shape)
+    fns = {"ours": _ours("l2")(x, codebook)}
+    if faiss is not None:
+        fns["faiss"] = _faiss("IndexFlatL2")(x, codebook)
+    with torch.no_grad():
+        timed = time_calls(fns, repeats, budget)
+    if isinstance(timed["ours"], Exception):
+        raise timed["ours"]
+    faiss_t = timed.get("faiss")
+    row = dict(shape=list(shape), ours_s=timed["ours"][0], faiss_s=None, faiss_note="faiss not installed")
+    if isinstance(faiss_t, tuple):
+        row.update(faiss_s=faiss_t[0], faiss_note="")
+    elif faiss_t is not None:
+        row["faiss_note"] = f"failed: {type(faiss_t).__name__}"
+    return row
+
+
+def run_isa_paths(shapes, repeats, budget):
+    """Per SIMD path of our kernels (``isa_paths``): the machine's measured fp32 FMA peak on that path
+    (``_C.fma_peak_gflops``, THREADS threads) and, per shape, nearest_code (l2) forced onto the path against
+    faiss's IndexFlatL2 on the same SIMD level, timed side by side in this process."""
+    torch.set_num_threads(THREADS)
+    faiss = _faiss_module()
+    paths = []
+    for isa in isa_paths():
+        tries, seconds = FMA_PEAK_TRIES
+        peak = max(vqkernels._backend._C.fma_peak_gflops(isa, THREADS, seconds) for _ in range(tries))
+        log(f"ISA path {isa}: measured FMA peak {peak:.0f} GFLOP/s on {THREADS} threads")
+        with _isa(isa, faiss) as level:
+            rows = [_isa_shape(shape, faiss, repeats, budget) for shape in shapes]
+        for r in rows:
+            log(f"  {report.shape_str(r['shape'])} {isa}: ours {r['ours_s'] * 1e3:.2f} ms, faiss ({level}) "
+                + (f"{r['faiss_s'] * 1e3:.2f} ms" if r["faiss_s"] is not None else r["faiss_note"]))
+        paths.append(dict(isa=isa, fma_peak_gflops=peak, faiss_level=level, rows=rows))
+    return dict(threads=THREADS, paths=paths)
+
+
 # ----------------------------------------------------------------------------- targets
 
 def _matmul_fraction(sr):
@@ -367,12 +447,33 @@ def targets(section):
     def vs(name, table="nearest"):
         return lambda sr: (report.speedup(section, sr, name, table), sr[table].get(name, {}).get("note", ""))
 
-    rows = [at("nearest_code vs faiss IndexFlatL2", s, 1.3 if s[1] >= 32 else 1.0, vs("faiss IndexFlatL2"))
-            for s in SHAPES]
-    rows.append(at("nearest_code vs cdist().argmin", HEADLINE, 5.0, vs("cdist().argmin")))
+    rows = [at("nearest_code vs cdist().argmin", HEADLINE, 5.0, vs("cdist().argmin"))]
     rows += [at("nearest_code % of fp32 matmul GFLOP/s", s, 0.75, lambda sr: (_matmul_fraction(sr), ""), unit="%")
              for s in SHAPES if s[1] >= 32]
     rows.append(at("nearest_code peak extra memory", LARGEST, 64.0, lambda sr: (sr["nearest"]["ours"]["mib"], ""),
                    unit="MiB", compare="<="))
     rows.append(at("training step vs vector-quantize-pytorch", HEADLINE, 10.0, vs("vector-quantize-pytorch", "train")))
+    return rows
+
+
+FAISS_NEED = (16, 1.2, 1.3)  # vs faiss: >= 1.2x at D <= 16, >= 1.3x above
+PEAK_NEED = (32, 0.85)  # >= 85% of the measured FMA peak at D >= 32
+
+
+def isa_targets(section):
+    """Target records of a :func:`run_isa_paths` section: per path and shape, the speedup over faiss at the same
+    SIMD level, and (D >= 32) the fraction of the path's measured FMA peak."""
+    rows = []
+    for path in section["paths"]:
+        isa = path["isa"]
+        for r in path["rows"]:
+            shape, d = tuple(r["shape"]), r["shape"][1]
+            where = f"{report.shape_str(shape)} ({isa})"
+            need = FAISS_NEED[1] if d <= FAISS_NEED[0] else FAISS_NEED[2]
+            faster = r["faiss_s"] / r["ours_s"] if r["faiss_s"] is not None else None
+            rows.append(report.target("nearest_code vs faiss IndexFlatL2, same SIMD level", where, need, faster,
+                                      r["faiss_note"]))
+            if d >= PEAK_NEED[0]:
+                rows.append(report.target("nearest_code % of the measured FMA peak", where, PEAK_NEED[1],
+                                          report.isa_gflops(r) / path["fma_peak_gflops"], unit="%"))
     return rows
