@@ -776,7 +776,8 @@ TRUTH_CASES = {
               partial(rq_problem, n, d, levels, k, n + d, x_dtype=xdt, cb_dtype=cdt),
               partial(check_rq, exact=xdt == torch.float32))
              for xdt in KERNEL_DTYPES for cdt in KERNEL_DTYPES
-             for n, d, levels, k in [(1, 1, 1, 1), (7, 5, 3, 9), (300, 16, 3, 64), (2049, 33, 2, 100)]],
+             for n, d, levels, k in [(1, 1, 1, 1), (7, 5, 3, 9), (300, 16, 3, 64), (2049, 33, 2, 100)]]
+    + [("60x8x3x16-seed-15", partial(rq_problem, 60, 8, 3, 16, 15), check_rq)],  # the data of the beam test below
 }
 
 
