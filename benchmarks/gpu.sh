@@ -18,10 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -m pip install --no-build-isolation --no-deps -q -e .
 "$PY" -m vqkernels.info
 T="-q -p no:cacheprovider -W ignore::DeprecationWarning"
-# The kernels' own tests, then every op and layer on CUDA vs the CPU (tests/test_cuda.py) with each
-# GPU backend serving (auto takes only kernels listed in vqkernels._backend.GPU_VERIFIED).
-"$PY" -m pytest tests/test_cuda_*.py tests/test_triton_*.py tests/test_backends.py tests/test_build.py $T \
-  || echo "GPU KERNEL TESTS FAILED (the rest follows anyway)"
+# The kernels' own tests (those the `backend` fixture runs with the cuda or the triton backend, in each op's
+# tests/test_<op>.py: marked gpu_backend), the router and the build, then every op and layer on CUDA vs the
+# CPU (tests/test_cuda.py) with each GPU backend serving (auto takes only kernels listed in
+# vqkernels._backend.GPU_VERIFIED).
+"$PY" -m pytest tests -m gpu_backend $T || echo "GPU KERNEL TESTS FAILED (the rest follows anyway)"
+"$PY" -m pytest tests/test_backends.py tests/test_build.py $T || echo "ROUTER / BUILD TESTS FAILED (the rest follows anyway)"
 for b in $("$PY" -c "from vqkernels._backend import GPU_BACKENDS; print(*GPU_BACKENDS)"); do
   VQK_BACKEND=cuda:$b "$PY" -m pytest tests/test_cuda.py $T || echo "tests/test_cuda.py FAILED with $b"
 done

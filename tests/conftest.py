@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from vq_helpers import vqkernels  # noqa: E402
+from vq_helpers import BACKEND_DEVICES, GPU, Backend, backend_params, require_triton, vqkernels  # noqa: E402
 
 # With the extension loaded, the CPU kernels run with either instruction set; without
 # it the reference serves the CPU and there is a single, do-nothing parameter.
@@ -38,6 +38,25 @@ def isa(request):
         yield wanted
     finally:
         vqkernels.set_cpu_isa("auto")
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """Runs the test with one backend serving every op it implements on its device (vqkernels.use_backend),
+    then restores the settings; gives the test a vq_helpers.Backend (name, device). Parametrised with
+    vq_helpers.DEFAULT_BACKENDS, or what the test names (vq_helpers.on_backends, per_backend)."""
+    name = request.param
+    device = BACKEND_DEVICES[name]
+    if device == "cuda" and not GPU:
+        pytest.skip("needs a CUDA device")
+    if name == "cuda" and not vqkernels.cuda_compiled():
+        pytest.skip("the extension was built without its CUDA sources")
+    if name == "triton":
+        require_triton()
+    if name != "reference" and not vqkernels.compiled():
+        pytest.skip(f"backend {name!r} needs the compiled extension (and its router), which is not loaded")
+    with vqkernels.use_backend(name, device=device):
+        yield Backend(name, device)
 
 
 # ---------------------------------------------------------------- the model suite's generator tests

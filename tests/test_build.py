@@ -147,3 +147,157 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# the Triton kernels: imported only on demand, one schema with the public ops, compiled for sm_90
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _child_env(interpret):
+    """This process's environment for a child Python that imports this checkout's vqkernels (without
+    TRITON_INTERPRET unless ``interpret``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or interpret}
+    env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+@needs_triton
+def test_import_vqkernels_does_not_import_triton():
+    code = "import sys, vqkernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_child_env(True))
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(GPU_OPS))
+def test_triton_op_schema_matches_vqkernels(name):
+    """The vqkernels_triton op takes exactly the vqkernels op's arguments (names, types, defaults) and returns
+    as many tensors: a boxed call can be forwarded unchanged."""
+    import vqkernels.triton as vqt
+    mine = getattr(torch.ops.vqkernels_triton, name).default._schema
+    spec = getattr(torch.ops.vqkernels, name).default._schema
+    assert [(a.name, str(a.type), a.default_value) for a in mine.arguments] == \
+        [(a.name, str(a.type), a.default_value) for a in spec.arguments]
+    assert len(mine.returns) == len(spec.returns)
+    assert callable(getattr(vqt, name)) and name in vqt.__all__
+
+
+# One script, one interpreter (each takes seconds to import triton): the kernels of every op family.
+TRITON_AOT_COMPILE = '''
+# nearest_code
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vqkernels.triton
+fn = sys.modules["vqkernels.triton.nearest_code"]._nearest_code_kernel.fn
+ints = ("N", "K", "D", "sxn", "sxd", "scn", "scd")
+for dtype, metric in (("fp32", 0), ("bf16", 2)):
+    sig = dict(x_ptr="*" + dtype, c_ptr="*" + dtype, add_ptr="*fp32", scale_ptr="*fp32", idx_ptr="*i64",
+               dist_ptr="*fp32", **{a: "i32" for a in ints})
+    const = dict(METRIC=metric, IEEE=dtype == "fp32", UPCAST=False, EPS=1e-12, BLOCK_N=128, BLOCK_K=128, BLOCK_D=32)
+    sig.update({a: "constexpr" for a in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    assert ("wgmma" in ptx) == (dtype == "bf16"), dtype  # bf16 on tensor cores; fp32 IEEE never on TF32 ones
+
+# nearest_code_topk, vq_quantize (+ backward), the scatters, ema_update_
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vqkernels.triton  # noqa: F401
+mods = {m: sys.modules["vqkernels.triton." + m] for m in ("nearest_code_topk", "vq_quantize", "scatter", "ema_update")}
+
+
+def ptx_of(kernel, types, const, num_warps=4):
+    """PTX of kernel for sm_90: pointer/float argument types from types, other arguments i32."""
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    sig = {a: types.get(a, "i32") for a in fn.arg_names}
+    sig.update({a: "constexpr" for a in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
+    options = dict(num_warps=num_warps, num_stages=2)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def search(dt, **more):
+    return dict(x_ptr="*" + dt, c_ptr="*" + dt, add_ptr="*fp32", scale_ptr="*fp32", idx_ptr="*i64", **more)
+
+
+for dt, metric in (("fp32", 0), ("bf16", 2)):
+    const = dict(METRIC=metric, IEEE=dt == "fp32", UPCAST=False, EPS=1e-12, KP=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32)
+    ptx = ptx_of(mods["nearest_code_topk"]._topk_kernel, search(dt, dist_ptr="*fp32"), const)
+    assert ("wgmma" in ptx) == (dt == "bf16"), dt
+const = dict(METRIC=1, IEEE=True, UPCAST=False, EPS=1e-12, BLOCK_N=128, BLOCK_K=128, BLOCK_D=32)
+ptx = ptx_of(mods["vq_quantize"]._vq_quantize_kernel, search("fp32", q_ptr="*fp16", err_ptr="*fp32"), const, 8)
+assert "mma" not in ptx
+for atomic in (False, True):
+    types = dict(gq_ptr="*bf16", x_ptr="*fp16", c_ptr="*fp32", idx_ptr="*i64", coef_ptr="*fp32", gx_ptr="*fp16",
+                 gc_ptr="*fp32")
+    ptx = ptx_of(mods["vq_quantize"]._vq_backward_kernel, types, dict(ATOMIC=atomic, BLOCK_N=32, BLOCK_D=64))
+    assert ("atom" in ptx) == atomic
+types = dict(src_ptr="*fp16", order_ptr="*i64", starts_ptr="*i64", sub_ptr="*fp32", coef_ptr="*fp32", out_ptr="*fp32")
+ptx = ptx_of(mods["scatter"]._segment_sum_kernel, types, dict(HAS_SUB=True, HAS_COEF=True, BLOCK_R=16, BLOCK_D=64))
+assert "atom" not in ptx
+e = mods["ema_update"]
+types = dict(x_ptr="*bf16", idx_ptr="*i64", counts_ptr="*i32", sums_ptr="*fp32")
+assert "atom" in ptx_of(e._ema_accumulate_kernel, types, dict(BLOCK_N=32, BLOCK_D=64))
+types = dict(cs_ptr="*fp32", counts_ptr="*i64", total_ptr="*fp32", decay="fp32", one_minus_decay="fp32")
+ptx_of(e._ema_stats_kernel, types, dict(BLOCK=1024))
+types = dict(cb_ptr="*bf16", cs_ptr="*fp32", es_ptr="*fp32", sums_ptr="*fp32", total_ptr="*fp32", decay="fp32",
+             one_minus_decay="fp32", eps="fp32", k_eps="fp32")
+ptx_of(e._ema_finalize_kernel, types, dict(BLOCK_K=32, BLOCK_D=64))
+
+# residual_quantize, multiscale_quantize_step, lfq_entropy (+ backwards)
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vqkernels.triton
+m = sys.modules
+common, rq = m["vqkernels.triton.scatter"], m["vqkernels.triton.residual_quantize"]
+ms, lf = m["vqkernels.triton.multiscale"], m["vqkernels.triton.lfq"]
+I, F = "i32", "fp32"
+KERNELS = [
+    (common._scatter_atomic_kernel, ["*fp32", "*i64", "*bf16"] + [I] * 10, dict(BLOCK_N=32, BLOCK_D=64), True),
+    (common._scatter_sorted_kernel, ["*fp32", "*i64", "*i64", "*fp16"] + [I] * 8, dict(BLOCK_D=64), True),
+    (rq._residual_step_kernel, ["*fp32"] * 3 + ["*i64", "*fp64"] + [I] * 3, dict(BLOCK_N=32, BLOCK_D=64), False),
+    (rq._residual_grad_kernel, ["*fp32"] * 4 + ["*i64"] + ["*fp32"] * 2 + [I] * 4, dict(BLOCK_N=32, BLOCK_D=64), False),
+    (ms._area_kernel, ["*bf16", "*bf16"] + [I] * 12, dict(BLOCK_R=32, BLOCK_C=64), True),
+    (ms._gather_nchw_kernel, ["*fp16", "*i64", "*fp16"] + [I] * 5, dict(BLOCK_R=32, BLOCK_C=64), True),
+    (lf._code_probs_kernel, ["*fp16", "*fp32", "*fp32"] + [I] * 5 + [F],
+     dict(BLOCK_N=32, BLOCK_A=64, HAS_W=False, SCALE=False), True),
+    (lf._code_probs_kernel, ["*fp16", "*fp32", "*fp32"] + [I] * 5 + [F],
+     dict(BLOCK_N=32, BLOCK_A=64, HAS_W=True, SCALE=True), True),
+    (lf._entropy_rows_kernel, ["*bf16", "*fp32", "*fp32"] + [I] * 4 + [F], dict(BLOCK_N=32, BLOCK_D=32, HAS_W=False),
+     True),
+    (lf._entropy_rows_kernel, ["*bf16", "*fp32", "*fp32"] + [I] * 4 + [F], dict(BLOCK_N=32, BLOCK_D=32, HAS_W=True),
+     True),
+    (lf._matmul_kernel, ["*fp32"] * 3 + [I] * 11, dict(BLOCK_M=64, BLOCK_NC=64, BLOCK_K=32), True),
+    (lf._logit_grad_kernel, ["*fp32"] * 6 + [I] * 6 + [F], dict(BLOCK_N=32, BLOCK_A=64, KB=16, HAS_W=False), True),
+    (lf._logit_grad_kernel, ["*fp32"] * 6 + [I] * 6 + [F], dict(BLOCK_N=32, BLOCK_A=64, KB=16, HAS_W=True), True),
+]
+for fn, types, const, fusion in KERNELS:
+    names = [a for a in fn.arg_names if a not in const]
+    assert len(names) == len(types), (fn.__name__, names)
+    sig = dict(zip(names, types), **{a: "constexpr" for a in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=4, num_stages=2, enable_fp_fusion=fusion)).asm["ptx"]
+    assert "mma" not in ptx, fn.__name__  # float32 GEMMs in IEEE float32, never on TF32 tensor cores
+    if not fusion:
+        assert "fma.rn.f32" not in ptx, fn.__name__  # rounded as the reference: no fused multiply-add
+'''
+
+
+@needs_triton
+def test_triton_kernels_compile_for_sm90():
+    """Every Triton kernel compiles (not interpreted) for an H100/H200 without a GPU, catching errors the
+    interpreter lets through: float32 searches and GEMMs never on TF32 tensor cores, bf16 searches on wgmma,
+    float atomics only in the fast scatter paths, no FMA where the reference rounds."""
+    r = subprocess.run([sys.executable, "-c", TRITON_AOT_COMPILE], env=_child_env(False), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -3,9 +3,13 @@
 lfq_entropy is judged against a brute-force float64 computation through the full N x 2**d
 probability matrix (small d), which it must never form itself (memory test at d = 16). As in
 test_fsq.py, both the op as served and the pure-PyTorch reference called directly are tested.
+
+The GPU kernels' tests of lfq_entropy (CUDA, Triton) come last, run by the `backend` fixture
+(tests/conftest.py).
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,8 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vq_helpers import LFQ_PROB_EPS as PROB_EPS
-from vq_helpers import (peak_memory_kib, DTYPES, LAYOUTS, assert_deterministic, bits, compute_dtype, fail_rows, gen, hyp_settings,
-                        opcheck, reference, unit_roundoff, vqkernels, with_layout)
+from vq_helpers import (DTYPES, KERNEL_DTYPES, KERNEL_TOL, LAYOUTS, assert_bitwise_equal, assert_deterministic,
+                        assert_float64_is_the_reference, assert_kernel_rejects, assert_rejects_cpu_tensors, bits,
+                        close_to_f64, compute_dtype, f64, fail_rows, gen, hyp_settings, kernel_opcheck, on_backends,
+                        opcheck, peak_memory_kib, per_backend, reference, seeded_randn, unit_roundoff, vqkernels,
+                        with_layout)
 
 ERRORS = (ValueError, RuntimeError)
 QUANTIZE = {"op": vqkernels.lfq_quantize, "reference": reference.lfq_quantize}
@@ -722,3 +729,397 @@ def test_peak_memory_d16():
     assert brute_kib >= 4096 * 2 ** 10 * 4 // 1024, f"the measurement missed the 16 MiB matrix ({brute_kib} KiB)"
     assert op_kib <= 64 * 1024, f"lfq_entropy (op) used {op_kib / 1024:.1f} MiB"
     assert reference_kib <= 64 * 1024, f"lfq_entropy (reference) used {reference_kib / 1024:.1f} MiB"
+
+
+
+# ---------------------------------------------------------------------------------------
+# lfq_entropy's GPU kernels (CUDA, Triton; the `backend` fixture): the Triton interpreter's shapes tiny. The
+# Triton tests judge against brute_force, the CUDA tests against the reference on float64 copies.
+
+entropy_backward = torch.ops.vqkernels.lfq_entropy_backward
+
+
+def lfq_weights(n, seed, device="cpu"):
+    """[n] float32 row weights in [0, 3), about a third of them exactly 0."""
+    g = gen(seed)
+    return (torch.rand(n, generator=g) * 3 * (torch.rand(n, generator=g) < 0.67)).to(device)
+
+
+def check_brute_force(x, inv_t, out, grads, grad, weights=None):
+    """Forward outputs within 2e-5 relative of brute_force (float32); the backward's (the incoming gradients
+    ``grads``) within 1e-5 of the largest (float32; 1e-2 for half types)."""
+    xc = x.cpu().double()
+    wc = None if weights is None else weights.cpu()
+    exact, _, cb, avg = brute_force(xc, inv_t, wc)
+    for got, want in zip(out, (exact, cb, avg)):
+        torch.testing.assert_close(got.cpu().double(), want.detach(), rtol=2e-5, atol=1e-7)
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    want = truth_grad(xc, inv_t, float(grads[0]), float(grads[1]), grads[2].cpu().double(), wc)
+    keep = torch.ones(x.shape[0], dtype=torch.bool) if wc is None else wc != 0
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.cpu()[keep].double(), want[keep], rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (33, 5), (20, 9)], ids=lambda s: "x".join(map(str, s)))
+@on_backends("triton")
+def test_kernel_vs_brute_force(backend, shape, dtype):
+    n, d = shape
+    dev = backend.device
+    x = seeded_randn(n, d, seed=n * d, dtype=dtype, device=dev, scale=0.05)
+    out = vqkernels.lfq_entropy(x, 10.0)
+    assert all(t.dtype == torch.float32 for t in out) and out[2].shape == (2 ** d,)
+    grads = seeded_randn((), seed=60, device=dev), seeded_randn((), seed=61, device=dev), seeded_randn(2 ** d, seed=62,
+                                                                                                          device=dev)
+    check_brute_force(x, 10.0, out, grads, entropy_backward(*grads, x, out[2], 10.0))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 2), (33, 5), (20, 9)], ids=lambda s: "x".join(map(str, s)))
+@on_backends("triton")
+def test_kernel_weighted_vs_brute_force(backend, shape, dtype):
+    """Row weights: the weighted truth over the rows of non-zero weight; those of weight 0 hold NaN and
+    infinities and get a zero gradient."""
+    n, d = shape
+    dev = backend.device
+    w = lfq_weights(n, seed=n + d, device=dev)
+    w[0] = 0.0
+    x = seeded_randn(n, d, seed=n * d + 1, dtype=dtype, device=dev, scale=0.05)
+    x[w == 0] = float("nan")
+    x[0, 0] = float("inf")
+    out = vqkernels.lfq_entropy(x, 10.0, w)
+    grads = seeded_randn((), seed=63, device=dev), seeded_randn((), seed=64, device=dev), seeded_randn(2 ** d, seed=65,
+                                                                                                          device=dev)
+    grad = entropy_backward(*grads, x, out[2], 10.0, w)
+    assert bool((grad[w == 0] == 0).all())
+    check_brute_force(x, 10.0, out, grads, grad, w)
+
+
+def lfq_x(n, d, seed, dtype=torch.float32, scale=0.3):
+    return (torch.randn(n, d, generator=gen(seed)) * scale).to(dtype)
+
+
+def check_lfq(x, inv_t, device):
+    """The op on device against the reference on float64 copies."""
+    ps, cbe, avg = vqkernels.lfq_entropy(x.to(device), inv_t)
+    rps, rcbe, ravg = reference.lfq_entropy(f64(x), inv_t)
+    assert ps.dtype == cbe.dtype == avg.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert ps.shape == () and cbe.shape == () and avg.shape == (2 ** x.shape[1],)
+    close_to_f64(avg, ravg, rtol=1e-4, atol=1e-7)
+    close_to_f64(ps, rps, rtol=1e-4, atol=1e-6)
+    close_to_f64(cbe, rcbe, rtol=1e-4, atol=1e-6)
+    return ps, cbe, avg
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("inv_t", [1.0, 10.0])
+@per_backend("n, d", {"cuda": [(0, 4), (1, 1), (7, 2), (7, 5), (300, 12), (2000, 17)]})
+def test_kernel_matches_reference(backend, n, d, inv_t, dtype):
+    check_lfq(lfq_x(n, d, seed=n + d, dtype=dtype), inv_t, backend.device)
+
+
+@on_backends("cuda")
+def test_kernel_strided_and_special_values(backend):
+    x = lfq_x(50, 6, seed=24)
+    x[3, 1] = float("inf")
+    x[4, 2] = -float("inf")
+    check_lfq(x.t().contiguous().t(), 2.0, backend.device)
+    x[9, 0] = float("nan")  # a NaN row: every code's average and both entropies NaN, as the reference
+    ps, cbe, avg = check_lfq(x, 2.0, backend.device)
+    assert torch.isnan(avg).all() and torch.isnan(ps) and torch.isnan(cbe)
+
+
+def lfq_backward_args(n, d, seed, dtype=torch.float32, inv_t=3.0):
+    g = gen(seed)
+    x = lfq_x(n, d, seed, dtype)
+    _, _, avg = reference.lfq_entropy(f64(x), inv_t)
+    return (torch.randn((), generator=g), torch.randn((), generator=g), torch.randn(2 ** d, generator=g) * 0.1, x,
+            avg.float(), inv_t)
+
+
+def on(device, args):
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)
+
+
+def check_lfq_backward(args, device):
+    grad = entropy_backward(*on(device, args))
+    rgrad = reference.lfq_entropy_backward(*(f64(t) if isinstance(t, torch.Tensor) else t for t in args))
+    assert grad.dtype == args[3].dtype and grad.shape == args[3].shape and grad.is_contiguous()
+    scale = max(rgrad.abs().max().item(), 1e-6) if rgrad.numel() else 1.0
+    close_to_f64(grad, rgrad, rtol=max(KERNEL_TOL[grad.dtype]["rtol"], 1e-3),
+                 atol=max(KERNEL_TOL[grad.dtype]["atol"], 1e-4) * scale)
+    return grad
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@per_backend("n, d", {"cuda": [(0, 3), (1, 1), (7, 2), (7, 5), (300, 12), (1000, 16)]})
+def test_kernel_backward_matches_reference(backend, n, d, dtype):
+    check_lfq_backward(lfq_backward_args(n, d, seed=n * d + 1, dtype=dtype), backend.device)
+
+
+@on_backends("cuda")
+def test_kernel_backward_infinite_logits(backend):
+    args = list(lfq_backward_args(20, 6, seed=25))
+    args[3][2, 3] = float("inf")  # sigmoid saturates: the per-sample term adds 0, no NaN
+    grad = check_lfq_backward(tuple(args), backend.device)
+    assert not torch.isnan(grad).any()
+
+
+def weighted_lfq_args(n, d, seed, dtype=torch.float32, inv_t=3.0):
+    """Backward arguments with row weights (lfq_backward_args + weights); the rows of weight 0 hold NaN."""
+    args = list(lfq_backward_args(n, d, seed, dtype, inv_t))
+    w = lfq_weights(n, seed + 1000)
+    args[3][w == 0] = float("nan")
+    args[4] = reference.lfq_entropy(f64(args[3]), inv_t, w)[2].float()
+    return tuple(args) + (w,)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@per_backend("n, d", {"cuda": [(1, 1), (7, 2), (7, 5), (300, 12), (2000, 17)]})
+def test_kernel_weighted_matches_reference(backend, n, d, dtype):
+    """Row weights: the reference's weighted outputs and gradient; the rows of weight 0 (NaN here) count
+    nowhere and get a zero gradient."""
+    args = weighted_lfq_args(n, d, seed=n * d + 3, dtype=dtype)
+    x, w = args[3], args[6]
+    ps, cbe, avg = vqkernels.lfq_entropy(x.to(backend.device), 3.0, w.to(backend.device))
+    rps, rcbe, ravg = reference.lfq_entropy(f64(x), 3.0, w)
+    assert ps.dtype == cbe.dtype == avg.dtype == torch.float32
+    close_to_f64(avg, ravg, rtol=1e-4, atol=1e-7)
+    close_to_f64(ps, rps, rtol=1e-4, atol=1e-6)
+    close_to_f64(cbe, rcbe, rtol=1e-4, atol=1e-6)
+    grad = check_lfq_backward(args, backend.device)
+    assert bool((grad.cpu()[w == 0] == 0).all())
+
+
+@per_backend("make, inv_t, mask_seed", {"cpu, triton": [(lambda: seeded_randn(40, 6, seed=66, scale=0.2), 3.0, 67)],
+                                        "cuda": [(lambda: lfq_x(500, 9, seed=32), 2.0, 33)]})
+def test_kernel_weights_mask_and_none_kept(backend, make, inv_t, mask_seed):
+    """A 0/1 mask gives the kept rows' results (float32 rounding apart); all-zero weights give zeros and a zero
+    gradient."""
+    x = make().to(backend.device)
+    n, d = x.shape
+    w = (torch.rand(n, generator=gen(mask_seed)) < 0.5).float().to(backend.device)
+    keep = w != 0
+    for a, b in zip(vqkernels.lfq_entropy(x, inv_t, w), vqkernels.lfq_entropy(x[keep], inv_t)):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+    zero = torch.zeros(n, device=backend.device)
+    none = vqkernels.lfq_entropy(x, inv_t, zero)
+    assert [t.tolist() for t in none] == [0.0, 0.0, [0.0] * 2 ** d]
+    grads = (seeded_randn((), seed=0, device=backend.device), seeded_randn((), seed=1, device=backend.device),
+             seeded_randn(2 ** d, seed=2, device=backend.device))
+    assert bool((entropy_backward(*grads, x, none[2], inv_t, zero) == 0).all())
+
+
+@per_backend("make", {
+    "triton": [lambda: (seeded_randn(40, 6, seed=66, scale=0.2, dtype=torch.float64), 2.0,
+                        (torch.rand(40, generator=gen(67)) < 0.5).float()),
+               lambda: (seeded_randn(6, 3, seed=68, dtype=torch.float64), 2.0, None)],
+    "cuda": [lambda: (lfq_x(40, 6, seed=27, dtype=torch.float64), 2.0, None),
+             lambda: (lfq_x(40, 6, seed=34, dtype=torch.float64), 2.0, lfq_weights(40, seed=35).double())]})
+def test_kernel_float64_is_the_reference(backend, make):
+    x, inv_t, w = on(backend.device, make())
+    args = (x, inv_t) if w is None else (x, inv_t, w)
+    assert_float64_is_the_reference(vqkernels.lfq_entropy(*args), reference.lfq_entropy(*args),
+                                    reference.lfq_entropy(*on("cpu", args)), rtol=1e-4, atol=1e-6)
+
+
+@on_backends("cuda")
+def test_kernel_backward_float64_is_the_reference(backend):
+    args = on(backend.device, lfq_backward_args(40, 6, seed=27, dtype=torch.float64))
+    assert_float64_is_the_reference((entropy_backward(*args),), (reference.lfq_entropy_backward(*args),),
+                                    (reference.lfq_entropy_backward(*on("cpu", args)),), **KERNEL_TOL[torch.float64])
+
+
+@on_backends("triton")
+def test_kernel_split_reduction(backend, monkeypatch):
+    """The split-K GEMM (slices of K summed in slice order; slices of 64 rows here, so that a small N splits):
+    still the truth, and bitwise repeatable."""
+    from vqkernels.triton import lfq
+    monkeypatch.setattr(lfq, "SPLIT_MIN_K", 64)
+    x = seeded_randn(300, 3, seed=75, scale=0.1, device=backend.device)
+    got = vqkernels.lfq_entropy(x, 4.0)
+    exact, _, cb, avg = brute_force(x.cpu().double(), 4.0)
+    for a, want in zip(got, (exact, cb, avg)):
+        torch.testing.assert_close(a.cpu().double(), want, rtol=2e-5, atol=1e-7)
+    for a, b in zip(got, vqkernels.lfq_entropy(x, 4.0)):
+        assert_bitwise_equal(a, b)
+
+
+@on_backends("triton")
+def test_kernel_matches_reference_and_saturated_bits(backend):
+    dev = backend.device
+    x = seeded_randn(25, 7, seed=63, scale=0.3, device=dev)
+    x[3, 2] = float("inf")
+    x[4, :] = 50.0  # every bit certain: entropy 0, no NaN
+    got = vqkernels.lfq_entropy(x, 100.0)
+    for a, b in zip(got, reference.lfq_entropy(x.cpu(), 100.0)):
+        assert bool(a.isfinite().all())
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-7)
+    args = (seeded_randn((), seed=64, device=dev), seeded_randn((), seed=65, device=dev),
+            seeded_randn(128, seed=66, device=dev), x, got[2], 100.0)
+    g = entropy_backward(*args)
+    r = reference.lfq_entropy_backward(*on("cpu", args))
+    assert bool(g.isfinite().all())
+    torch.testing.assert_close(g.cpu(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+@on_backends("triton")
+def test_kernel_nan_and_empty(backend):
+    dev = backend.device
+    grads = (seeded_randn((), seed=0, device=dev), seeded_randn((), seed=1, device=dev),
+             seeded_randn(16, seed=2, device=dev))
+    x = seeded_randn(6, 4, seed=67, device=dev)
+    x[2, 1] = float("nan")
+    out = vqkernels.lfq_entropy(x, 1.0)
+    assert all(bool(t.isnan().all()) for t in out)
+    assert bool(entropy_backward(*grads, x, out[2], 1.0).isnan().all())
+    empty = vqkernels.lfq_entropy(x[:0], 1.0)
+    assert [t.tolist() for t in empty] == [0.0, 0.0, [0.0] * 16]
+    assert entropy_backward(*grads, x[:0], empty[2], 1.0).shape == (0, 4)
+
+
+@on_backends("triton")
+def test_kernel_strided_and_repeatable(backend):
+    dev = backend.device
+    x = with_layout(seeded_randn(19, 6, seed=69, scale=0.1, device=dev), "strided")
+    a = vqkernels.lfq_entropy(x, 5.0)
+    b = vqkernels.lfq_entropy(x.contiguous(), 5.0)
+    for u, v in zip(a, b):
+        assert torch.equal(bits(u), bits(v))
+    grads = (seeded_randn((), seed=0, device=dev), seeded_randn((), seed=1, device=dev),
+             seeded_randn(64, seed=2, device=dev))
+    assert torch.equal(bits(entropy_backward(*grads, x, a[2], 5.0)),
+                       bits(entropy_backward(*grads, x.contiguous(), a[2], 5.0)))
+
+
+@per_backend("weighted", {"cuda": [False, True]})
+def test_kernel_deterministic_bitwise(backend, weighted):
+    args = on(backend.device, weighted_lfq_args(5000, 14, seed=36) if weighted else lfq_backward_args(5000, 14,
+                                                                                                      seed=26))
+    if not weighted:
+        x = lfq_x(5000, 14, seed=26).to(backend.device)
+        for a, b in zip(vqkernels.lfq_entropy(x, 5.0), vqkernels.lfq_entropy(x, 5.0)):
+            assert_bitwise_equal(a, b)
+    else:
+        x, w = args[3], args[6]
+        for a, b in zip(vqkernels.lfq_entropy(x, 3.0, w), vqkernels.lfq_entropy(x, 3.0, w)):
+            assert_bitwise_equal(a, b)
+    assert_bitwise_equal(entropy_backward(*args), entropy_backward(*args))
+
+
+@on_backends("cuda")
+def test_cuda_autocast(backend):
+    """The CUDA kernel under autocast: float32 outputs, the reference's values."""
+    x = lfq_x(64, 10, seed=28).to(backend.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = backend.ops.lfq_entropy(x, 4.0)
+    for a, b in zip(out, reference.lfq_entropy(f64(x), 4.0)):
+        assert a.dtype == torch.float32
+        close_to_f64(a, b, rtol=1e-4, atol=1e-6)
+
+
+@on_backends("cuda")
+def test_cuda_weighted_no_host_sync(backend):
+    """Forward and backward with weights never synchronise with the host (the weights' total stays on the
+    device)."""
+    args = on(backend.device, weighted_lfq_args(300, 10, seed=37))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.ops.lfq_entropy(args[3], 3.0, args[6])
+        backend.ops.lfq_entropy_backward(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@per_backend("make", {
+    "triton": [lambda: (seeded_randn(9, 5, seed=70, scale=0.1), 10.0),
+               lambda: (seeded_randn(9, 5, seed=70, scale=0.1).bfloat16(), 3.0),
+               lambda: (seeded_randn(9, 5, seed=70, scale=0.1), 10.0, lfq_weights(9, seed=76))],
+    "cuda": [lambda: (lfq_x(30, 7, seed=30, dtype=torch.bfloat16), 3.0),
+             lambda: (lambda a: (a[3].nan_to_num(0.5).bfloat16(), 3.0, a[6].half()))(
+                 weighted_lfq_args(30, 7, seed=38))]})
+def test_kernel_opcheck(backend, make):
+    kernel_opcheck(backend, "lfq_entropy", on(backend.device, make()))
+
+
+def _triton_backward_sample(weighted):
+    x = seeded_randn(9, 5, seed=70, scale=0.1)
+    w = lfq_weights(9, seed=76) if weighted else None
+    avg = reference.lfq_entropy(x, 10.0, w)[2]
+    args = (seeded_randn((), seed=71), seeded_randn((), seed=72), seeded_randn(32, seed=73), x, avg, 10.0)
+    return args + ((w.half(),) if weighted else ())
+
+
+@per_backend("make", {"triton": [partial(_triton_backward_sample, False), partial(_triton_backward_sample, True)],
+                      "cuda": [partial(lfq_backward_args, 30, 7, seed=31), partial(weighted_lfq_args, 30, 7, seed=38)]})
+def test_kernel_backward_opcheck(backend, make):
+    kernel_opcheck(backend, "lfq_entropy_backward", on(backend.device, make()))
+
+
+def _bad_x(device):
+    return seeded_randn(4, 5, seed=74, device=device)
+
+
+KERNEL_BAD = {
+    "triton": [(lambda x: ("lfq_entropy", (x[0], 1.0)), "x must be 2-D"),
+               (lambda x: ("lfq_entropy", (seeded_randn(2, 31, seed=0, device=x.device), 1.0)), r"d in \[1, 30\]"),
+               (lambda x: ("lfq_entropy", (x[:, :0], 1.0)), r"d in \[1, 30\]"),
+               (lambda x: ("lfq_entropy", (x, float("inf"))), "inv_temperature must be finite"),
+               (lambda x: ("lfq_entropy_backward", (x[0, 0], x[0, 1], seeded_randn(32, seed=2, device=x.device), x,
+                                                    seeded_randn(16, seed=3, device=x.device), 1.0)),
+                r"avg_probs must have shape \[2\*\*d"),
+               (lambda x: ("lfq_entropy", (x, 1.0, seeded_randn(3, seed=0, device=x.device))),
+                r"weights must have shape \[N=4\], got \(3,\)"),
+               (lambda x: ("lfq_entropy_backward", (x[0, 0], x[0, 1], seeded_randn(32, seed=2, device=x.device), x,
+                                                    seeded_randn(32, seed=3, device=x.device), 1.0,
+                                                    seeded_randn(3, seed=0, device=x.device))),
+                r"weights must have shape \[N=4\], got \(3,\)"),
+               (lambda x: ("lfq_entropy", (x, 1.0, seeded_randn(4, seed=0, device=x.device).long())),
+                r"weights must be float32, float16, bfloat16 or float64"),
+               (lambda x: ("lfq_entropy_backward", (x[0, 0], x[0, 1], seeded_randn(32, seed=2, device=x.device), x,
+                                                    seeded_randn(32, seed=3, device=x.device), 1.0,
+                                                    seeded_randn(4, seed=0, device=x.device).long())),
+                r"weights must be float32, float16, bfloat16 or float64")],
+    "cuda": [(lambda x: ("lfq_entropy", (torch.zeros(2, 31, device=x.device), 1.0)),
+              r"x must have d in \[1, 30\] columns"),
+             (lambda x: ("lfq_entropy", (torch.zeros(2, 3, device=x.device), float("inf"))),
+              "inv_temperature must be finite"),
+             (lambda x: ("lfq_entropy", (torch.zeros(2, 3, device=x.device, dtype=torch.int32), 1.0)),
+              "x must be float32, float16, bfloat16 or float64"),
+             (lambda x: ("lfq_entropy_backward", (lambda a: a[:2] + (a[2][:4],) + a[3:])(
+                 on(x.device, lfq_backward_args(5, 3, seed=29)))), r"grad_avg_probs must have shape \[2\*\*d=8\]"),
+             (lambda x: ("lfq_entropy", (torch.zeros(4, 3, device=x.device), 1.0, torch.ones(4))),
+              r"weights is on cpu but x is on cuda"),
+             (lambda x: ("lfq_entropy", (torch.zeros(4, 3, device=x.device), 1.0, torch.ones(5, device=x.device))),
+              r"weights must have shape \[N=4\], got \(5,\)"),
+             (lambda x: ("lfq_entropy", (torch.zeros(4, 3, device=x.device), 1.0,
+                                         torch.ones(4, device=x.device, dtype=torch.bool))),
+              r"weights must be float32, float16, bfloat16 or float64")],
+}
+
+
+@per_backend("make, match", KERNEL_BAD)
+def test_kernel_bad_inputs(backend, make, match):
+    assert_kernel_rejects(backend, *make(_bad_x(backend.device)), match)
+
+
+@on_backends("triton", gpu=True)
+def test_kernel_large(backend):
+    dev = backend.device
+    x = seeded_randn(16384, 18, seed=88, device=dev, scale=0.05)
+    args = tuple(seeded_randn(shape, seed=seed, device=dev) for shape, seed in (((), 89), ((), 90), ((2 ** 18,), 91)))
+    w = lfq_weights(16384, seed=94, device=dev)
+    for weights in ((), (w,)):
+        got = vqkernels.lfq_entropy(x, 10.0, *weights)
+        want = reference.lfq_entropy(x.double(), 10.0, *weights)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-9)
+        g = entropy_backward(*args, x, got[2], 10.0, *weights)
+        r = reference.lfq_entropy_backward(*(a.double() for a in args), x.double(), want[2], 10.0, *weights)
+        torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3 * r.abs().max().item())
+
+
+@on_backends("triton", gpu=True)
+def test_triton_cpu_tensors_rejected(backend):
+    assert_rejects_cpu_tensors(backend, "lfq_entropy", seeded_randn(4, 5, seed=92), 1.0)

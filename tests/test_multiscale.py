@@ -1,5 +1,9 @@
 """vqkernels.multiscale_quantize_step (one scale of VAR's multi-scale residual quantizer) and
-vqkernels.nn.MultiScaleVQ (VAR's VectorQuantizer2), against float64 truth and VAR's own loop."""
+vqkernels.nn.MultiScaleVQ (VAR's VectorQuantizer2), against float64 truth and VAR's own loop.
+
+The GPU kernels' tests (CUDA, Triton) come before the module's, run by the `backend` fixture
+(tests/conftest.py).
+"""
 
 import numpy as np
 import pytest
@@ -8,8 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, METRICS, assert_deterministic, bits, check_nearest, fail_rows, gen,
-                        hyp_settings, num_threads, opcheck, reference, vqkernels)
+from vq_helpers import (DTYPES, KERNEL_DTYPES, KERNEL_TOL, METRICS, assert_bitwise_equal, assert_deterministic,
+                        assert_float64_is_the_reference, assert_kernel_rejects, assert_rejects_cpu_tensors, bits,
+                        check_nearest, close_to_f64, deterministic, f64, fail_rows, gen, hyp_settings, kernel_opcheck,
+                        nan_equal, num_threads, on_backends, opcheck, per_backend, reference, seeded_randn, vqkernels)
 from vqkernels.bench.plain import plain_var_quantize
 from vqkernels.nn.multiscale import MultiScaleVQ, Phi, upsample_bicubic
 
@@ -369,6 +375,350 @@ def test_backward_rejects(impl, case):
             else reference.multiscale_quantize_step_backward)
     with pytest.raises(ERRORS, match=pattern):
         call(grad_h, codebook, indices)
+
+
+# ---------------------------------------------------------------------------------------
+# the GPU kernels (CUDA, Triton; the `backend` fixture): the Triton interpreter's shapes tiny. The Triton tests
+# check the area pooling bit for bit and the search against float64 truth, the CUDA tests against the
+# reference on float64 copies (check_ms).
+
+# (B, C, H, W, (ph, pw)): divisible, non-divisible, upsampling, 1 x 1 (PyTorch's mean), identity
+TRITON_SHAPES = [(2, 6, 16, 16, (4, 4)), (2, 5, 7, 5, (3, 2)), (1, 3, 13, 11, (4, 3)), (2, 4, 3, 4, (5, 7)),
+                 (2, 6, 5, 9, (1, 1)), (1, 7, 6, 6, (6, 6))]
+
+
+def triton_area(f, ph, pw):
+    """The Triton kernel's area downsampling of f [B, C, H, W] to (ph, pw): rows [B * ph * pw, C]."""
+    from vqkernels.triton import multiscale
+    return multiscale._area_downsample(f, ph, pw)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-{s[4][0]}x{s[4][1]}")
+@on_backends("triton")
+def test_kernel_area_bitwise_and_search(backend, shape, dtype):
+    b, c, hh, ww, (ph, pw) = shape
+    f = seeded_randn(b, c, hh, ww, seed=hh * ww, dtype=dtype, device=backend.device)
+    cb = seeded_randn(11, c, seed=c, dtype=dtype, device=backend.device)
+    rest = triton_area(f, ph, pw)
+    assert_bitwise_equal(rest, rows_of(F.interpolate(f, size=(ph, pw), mode="area")), "area downsampling")
+    torch.testing.assert_close(rest.double().cpu(), rows_of(area_truth(f.cpu(), ph, pw)),
+                               rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    indices, h = step(f, cb, (ph, pw))
+    assert indices.shape == (b, ph, pw) and h.shape == (b, c, ph, pw) and h.dtype == dtype and h.is_contiguous()
+    # nearest code of every cell (of the rounded pooled values), and h its code, NCHW
+    cells = rest.double()
+    dist = ((cells.unsqueeze(1) - cb.double().unsqueeze(0)) ** 2).sum(-1)
+    chosen = dist.gather(1, indices.reshape(-1, 1)).squeeze(1)
+    assert bool((chosen - dist.min(1).values <= 1e-5 * (1 + dist.min(1).values)).all())
+    assert torch.equal(h, cb[indices].permute(0, 3, 1, 2))
+    ri, rh = reference.multiscale_quantize_step(f.cpu(), cb.cpu(), [ph, pw])
+    assert torch.equal(indices.cpu(), ri) and torch.equal(h.cpu(), rh)
+
+
+@on_backends("triton")
+@hyp_settings(10)
+@given(b=st.integers(1, 2), c=st.integers(1, 5), h=st.integers(1, 13), w=st.integers(1, 13), ph=st.integers(1, 14),
+       pw=st.integers(1, 14), dtype=st.sampled_from(KERNEL_DTYPES), channels_last=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_kernel_area_random_sizes(backend, b, c, h, w, ph, pw, dtype, channels_last, seed):
+    """Any (H, W) -> (ph, pw), down or up, divisible or not: bit for bit F.interpolate(mode='area')."""
+    f = seeded_randn(b, c, h, w, seed=seed, dtype=dtype, device=backend.device)
+    if channels_last:
+        f = f.contiguous(memory_format=torch.channels_last)
+    want = rows_of(F.interpolate(f.contiguous(), size=(ph, pw), mode="area"))
+    assert_bitwise_equal(triton_area(f, ph, pw), want, f"{(h, w)} -> {(ph, pw)}")
+
+
+@on_backends("triton")
+def test_kernel_layouts_mixed_dtypes_and_metrics(backend):
+    f = seeded_randn(2, 5, 9, 7, seed=40, device=backend.device).contiguous(memory_format=torch.channels_last)
+    cb = seeded_randn(13, 5, seed=41, device=backend.device)
+    cases = ((f, cb.half(), "cosine"), (f.half(), cb, "ip"), (f[:, :, 1:, ::2], cb.t().contiguous().t(), "l2"))
+    for ff, cc, metric in cases:
+        got = step(ff, cc, 3, metric)
+        ref = reference.multiscale_quantize_step(ff.cpu(), cc.cpu(), [3, 3], metric)
+        assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+
+
+@on_backends("triton")
+def test_kernel_nans_and_edges(backend):
+    dev = backend.device
+    f = seeded_randn(2, 4, 6, 6, seed=42, device=dev)
+    cb = seeded_randn(9, 4, seed=43, device=dev)
+    f[0, 1, 0, 0] = float("nan")  # poisons cell (0, 0, 0) of the 3 x 3 output
+    i0 = step(f, cb, 3)[0]
+    cb[i0[1, 1, 1], 2] = float("nan")  # a code that was chosen: never chosen any more
+    indices, h = step(f, cb, 3)
+    assert indices[0, 0, 0] == -1 and bool(h[0, :, 0, 0].isnan().all())
+    assert indices[1, 1, 1] != i0[1, 1, 1] and not bool(h[1].isnan().any())
+    ri, rh = reference.multiscale_quantize_step(f.cpu(), cb.cpu(), [3, 3])
+    assert torch.equal(indices.cpu(), ri) and nan_equal(h.cpu(), rh)
+    got = step(f[:0], cb, (2, 3))  # B = 0
+    assert got[0].shape == (0, 2, 3) and got[1].shape == (0, 4, 2, 3)
+    # C = 0: every code at distance 0, the first wins (as the CPU kernel; the reference's reshape(-1, 0) fails
+    # there)
+    got = step(f[:, :0], cb[:, :0], (2, 3))
+    assert torch.equal(got[0].cpu(), torch.zeros(2, 2, 3, dtype=torch.int64)) and got[1].shape == (2, 0, 2, 3)
+
+
+def ms_data(b, c, h, w, k, seed, f_dtype=torch.float32, cb_dtype=torch.float32):
+    g = gen(seed)
+    return torch.randn(b, c, h, w, generator=g).to(f_dtype), torch.randn(k, c, generator=g).to(cb_dtype)
+
+
+def check_ms(f_rest, codebook, pn, metric, device):
+    """The op on device against the reference on float64 copies: indices -1 where the reference's are, else a
+    nearest code of the float64 area-pooled cell up to the rounding of the pooling in f_rest's dtype; h the
+    chosen codes (NCHW, NaN for -1); float32 indices mostly the reference's."""
+    idx, h = step(f_rest.to(device), codebook.to(device), list(pn), metric)
+    ridx, rh = reference.multiscale_quantize_step(f64(f_rest), f64(codebook), list(pn), metric)
+    b, c = f_rest.shape[:2]
+    assert idx.dtype == torch.int64 and idx.shape == (b, *pn)
+    assert h.dtype == codebook.dtype and h.shape == (b, c, *pn) and h.is_contiguous()
+    idx, h = idx.cpu(), h.cpu()
+    expected_h = reference.lookup(codebook, idx.reshape(-1)).view(b, *pn, c).permute(0, 3, 1, 2)
+    assert torch.equal(h.nan_to_num(7.0), expected_h.nan_to_num(7.0))
+    assert torch.equal(idx < 0, ridx < 0)
+    pooled = F.interpolate(f64(f_rest), size=tuple(pn), mode="area").permute(0, 2, 3, 1).reshape(-1, c)
+    cb = f64(codebook)
+    if metric == "cosine":
+        pooled, cb = F.normalize(pooled, dim=1), F.normalize(cb, dim=1)
+    valid = ridx.reshape(-1) >= 0
+    dist = torch.cdist(pooled[valid], cb).square() if metric != "ip" else -(pooled[valid] @ cb.t())
+    chosen = dist.gather(1, idx.reshape(-1)[valid].unsqueeze(1)).squeeze(1)
+    best = dist.min(1).values
+    # The kernel pools in f_rest's dtype (as the reference does on such inputs), the float64 truth does not:
+    # distances may differ by ~3 u (|p|^2 + |c|^2), u the unit roundoff of that dtype.
+    rel = {torch.float32: 1e-4, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2, torch.float64: 1e-10}[f_rest.dtype]
+    slack = rel * (pooled[valid].square().sum(1) + cb.square().sum(1).max())
+    assert (chosen <= best + slack).all()
+    if f_rest.dtype == torch.float32 and idx.numel():
+        agree = (idx == ridx).float().mean().item()
+        assert agree > 0.95, f"only {agree:.3f} of the indices agree with the reference"
+
+
+@pytest.mark.parametrize("f_dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("cb_dtype", KERNEL_DTYPES, ids=str)
+@per_backend("shape, pn", {"cuda": [((2, 4, 7, 5), (3, 2)), ((1, 3, 4, 4), (1, 1)), ((2, 5, 3, 3), (5, 4)),
+                                    ((4, 32, 16, 16), (16, 16)), ((3, 16, 16, 16), (6, 6))]})
+def test_kernel_matches_reference(backend, f_dtype, cb_dtype, shape, pn):
+    check_ms(*ms_data(*shape, k=37, seed=sum(shape), f_dtype=f_dtype, cb_dtype=cb_dtype), pn, "l2", backend.device)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+@on_backends("cuda")
+def test_kernel_metrics(backend, metric):
+    check_ms(*ms_data(2, 8, 9, 9, k=20, seed=32), (4, 4), metric, backend.device)
+
+
+@on_backends("cuda")
+def test_kernel_empty_nan_and_layouts(backend):
+    dev = backend.device
+    check_ms(*ms_data(0, 4, 5, 5, k=6, seed=33), (2, 2), "l2", dev)
+    idx, h = step(torch.zeros(2, 0, 3, 3, device=dev), torch.zeros(4, 0, device=dev), [2, 2], "l2")
+    assert torch.equal(idx.cpu(), torch.zeros(2, 2, 2, dtype=torch.int64)) and h.shape == (2, 0, 2, 2)
+    f_rest, cb = ms_data(2, 6, 8, 8, k=10, seed=34)
+    f_rest[1, 2, 5, 6] = float("nan")  # poisons the pooled cells whose windows cover it
+    check_ms(f_rest, cb, (4, 4), "l2", dev)
+    check_ms(f_rest.contiguous(memory_format=torch.channels_last), cb.t().contiguous().t(), (3, 3), "l2", dev)
+
+
+def with_nans(f, cb):
+    f[0, 1, 0, 0] = float("nan")  # a NaN cell
+    cb[3, 2] = float("nan")  # a code never chosen
+    return f, cb
+
+
+@per_backend("make, pn", {
+    "triton": [(lambda: with_nans(seeded_randn(2, 4, 6, 6, seed=42, dtype=torch.float64),
+                                  seeded_randn(9, 4, seed=43, dtype=torch.float64)), (2, 2))],
+    "cuda": [(lambda: ms_data(2, 4, 6, 6, k=9, seed=35, f_dtype=torch.float64, cb_dtype=torch.float64), (3, 3))]})
+def test_kernel_float64_is_the_reference(backend, make, pn):
+    f, cb = (t.to(backend.device) for t in make())
+    assert_float64_is_the_reference(step(f, cb, pn), reference.multiscale_quantize_step(f, cb, list(pn)),
+                                    reference.multiscale_quantize_step(f.cpu(), cb.cpu(), list(pn)),
+                                    **KERNEL_TOL[torch.float64])
+
+
+def channels_last_offset(t):
+    """The same values as t [B, C, H, W] in channels-last memory with a storage offset."""
+    big = torch.full((t.shape[0] + 1,) + t.shape[1:], float("nan"), dtype=t.dtype, device=t.device)
+    view = big.contiguous(memory_format=torch.channels_last)[1:]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + (torch.float64,), ids=str)
+@on_backends("triton")
+def test_kernel_backward(backend, dtype):
+    """Against the sum written out here (both modes; float64 is the reference's); deterministic from a
+    channels-last view: bit for bit the reference."""
+    b, c, ph, pw, k = 2, 5, 3, 4, 4
+    dev = backend.device
+    grad_h = seeded_randn(b, c, ph, pw, seed=44, dtype=dtype, device=dev)
+    cb = seeded_randn(k, c, seed=45, dtype=dtype, device=dev)
+    indices = torch.randint(-1, k, (b, ph, pw), generator=gen(46)).to(dev)
+    truth = torch.zeros(k, c, dtype=torch.float64, device=dev)
+    for bb in range(b):
+        for y in range(ph):
+            for x in range(pw):
+                if indices[bb, y, x] >= 0:
+                    truth[indices[bb, y, x]] += grad_h[bb, :, y, x].double()
+    backward = torch.ops.vqkernels.multiscale_quantize_step_backward
+    half = dtype in (torch.float16, torch.bfloat16)
+    for det in (False, True):
+        with deterministic(det):
+            got = backward(grad_h, cb, indices)
+        assert got.dtype == dtype and got.shape == (k, c)
+        torch.testing.assert_close(got.double(), truth, rtol=1e-2 if half else 1e-6, atol=1e-2 if half else 1e-6)
+    with deterministic(True):
+        got = backward(channels_last_offset(grad_h), cb, indices)
+    assert_bitwise_equal(got.cpu(), reference.multiscale_quantize_step_backward(grad_h.cpu(), cb.cpu(), indices.cpu()))
+
+
+def ms_backward_args(b, c, ph, pw, k, seed, g_dtype=torch.float32, cb_dtype=torch.float32):
+    g = gen(seed)
+    grad_h = torch.randn(b, c, ph, pw, generator=g).to(g_dtype)
+    codebook = torch.randn(k, c, generator=g).to(cb_dtype)
+    indices = torch.randint(-1, k, (b, ph, pw), generator=g)
+    return grad_h, codebook, indices
+
+
+def check_ms_backward(args, device):
+    grad = torch.ops.vqkernels.multiscale_quantize_step_backward(*(t.to(device) for t in args))
+    rgrad = reference.multiscale_quantize_step_backward(*(f64(t) for t in args))
+    assert grad.dtype == args[1].dtype and grad.shape == args[1].shape
+    close_to_f64(grad, rgrad, atol=KERNEL_TOL[grad.dtype]["atol"] + 1e-5)
+    return grad
+
+
+@pytest.mark.parametrize("g_dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("cb_dtype", KERNEL_DTYPES, ids=str)
+@per_backend("b, c, ph, pw, k", {"cuda": [(0, 3, 2, 2, 4), (1, 1, 1, 1, 1), (2, 5, 3, 4, 7), (8, 64, 16, 16, 300)]})
+def test_kernel_backward_matches_reference(backend, g_dtype, cb_dtype, b, c, ph, pw, k):
+    check_ms_backward(ms_backward_args(b, c, ph, pw, k, seed=b + c + k, g_dtype=g_dtype, cb_dtype=cb_dtype),
+                      backend.device)
+
+
+@on_backends("cuda")
+def test_kernel_backward_layouts_and_float64(backend):
+    grad_h, cb, idx = ms_backward_args(3, 6, 5, 4, 9, seed=37)
+    check_ms_backward((grad_h.contiguous(memory_format=torch.channels_last), cb, idx), backend.device)
+    check_ms_backward((grad_h[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3), cb, idx), backend.device)
+    check_ms_backward(ms_backward_args(3, 6, 5, 4, 9, seed=38, g_dtype=torch.float64, cb_dtype=torch.float64),
+                      backend.device)
+
+
+@per_backend("shape, seed, as_reference", {"cpu, triton": [((4, 6, 8, 8, 3), 47, False)],
+                                           "cuda": [((16, 32, 16, 16, 8), 39, True)]})  # few codes: long segments
+def test_kernel_backward_deterministic_bitwise(backend, shape, seed, as_reference):
+    args = [t.to(backend.device) for t in ms_backward_args(*shape, seed=seed)]
+    backward = torch.ops.vqkernels.multiscale_quantize_step_backward
+    with deterministic(True):
+        first = backward(*args)
+        again = backward(*args)
+    assert_bitwise_equal(first, again)
+    if as_reference:
+        close_to_f64(first, reference.multiscale_quantize_step_backward(*(f64(t) for t in args)), atol=1e-4)
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@on_backends("triton")
+def test_kernel_backward_out_of_range_indices_count_as_minus_one(backend, det):
+    """Not range-checked by the Triton kernel (no GPU sync), but memory-safe: an index >= K or < -1 acts as -1."""
+    dev = backend.device
+    cb = seeded_randn(2, 5, 4, seed=37, device=dev)[0]
+    idx = torch.randint(0, 5, (10, 2), generator=gen(38)).to(dev)
+    bad, minus = idx.clone(), idx.clone()
+    bad[[1, 6], 1], bad[3, 1] = 5, -7
+    minus[[1, 6, 3], 1] = -1
+    grad_h = seeded_randn(2, 4, 1, 5, seed=42, device=dev)
+    backward = torch.ops.vqkernels.multiscale_quantize_step_backward
+    with deterministic(det):
+        assert_bitwise_equal(backward(grad_h, cb, bad.view(2, 1, 10)[:, :, :5]),
+                             backward(grad_h, cb, minus.view(2, 1, 10)[:, :, :5]))
+
+
+@per_backend("make", {
+    "triton": [lambda: (seeded_randn(2, 3, 5, 4, seed=50), seeded_randn(6, 3, seed=51), [2, 3], "l2"),
+               lambda: (seeded_randn(2, 3, 5, 4, seed=50).half(), seeded_randn(6, 3, seed=51), [1, 1], "cosine")],
+    "cuda": [lambda: (*ms_data(2, 4, 7, 5, k=9, seed=40, f_dtype=torch.float16), [3, 2], "l2")]})
+def test_kernel_opcheck(backend, make):
+    args = make()
+    kernel_opcheck(backend, "multiscale_quantize_step", (args[0].to(backend.device), args[1].to(backend.device),
+                                                        *args[2:]))
+
+
+@per_backend("make", {
+    # -1 adds nothing (no NaN here)
+    "triton": [lambda: (seeded_randn(2, 3, 2, 3, seed=53), seeded_randn(6, 3, seed=51),
+                        torch.randint(-1, 6, (2, 2, 3), generator=gen(52)))],
+    "cuda": [lambda: ms_backward_args(2, 4, 3, 2, 9, seed=41)]})
+def test_kernel_backward_opcheck(backend, make):
+    with deterministic(backend.name == "triton"):
+        kernel_opcheck(backend, "multiscale_quantize_step_backward", tuple(t.to(backend.device) for t in make()))
+
+
+KERNEL_BAD = {
+    "triton": [(lambda f, c: ("multiscale_quantize_step", (f[0], c, [2, 2], "l2")), "f_rest must be 4-D"),
+               (lambda f, c: ("multiscale_quantize_step", (f, c[:, :2], [2, 2], "l2")), "has C=3"),
+               (lambda f, c: ("multiscale_quantize_step", (f, c[:0], [2, 2], "l2")), "codebook is empty"),
+               (lambda f, c: ("multiscale_quantize_step", (f, c, [0, 2], "l2")), "pn must be"),
+               (lambda f, c: ("multiscale_quantize_step", (f, c, [2, 2], "hamming")), "unknown metric"),
+               (lambda f, c: ("multiscale_quantize_step_backward",
+                              (seeded_randn(1, 3, 2, 2, seed=0, device=f.device), c,
+                               torch.zeros(1, 2, 3, dtype=torch.int64, device=f.device))), "indices must have")],
+    "cuda": [(lambda f, c: ("multiscale_quantize_step", (f, c[:, :3], [2, 2], "l2")), "f_rest has C=4"),
+             (lambda f, c: ("multiscale_quantize_step", (f, c, [0, 2], "l2")),
+              "pn must be a size >= 1 or a pair of them"),
+             (lambda f, c: ("multiscale_quantize_step", (f, c, [2, 2], "l1")), "unknown metric 'l1'"),
+             (lambda f, c: ("multiscale_quantize_step_backward",
+                            (torch.zeros(2, 4, 2, 2, device=f.device), c,
+                             torch.zeros(2, 2, 2, dtype=torch.int32, device=f.device))), "indices must be int64")],
+}
+KERNEL_BAD_INPUTS = {"triton": lambda: (seeded_randn(1, 3, 4, 4, seed=54), seeded_randn(5, 3, seed=55)),
+                     "cuda": lambda: ms_data(2, 4, 6, 6, k=9, seed=36)}
+
+
+@per_backend("make, match", KERNEL_BAD)
+def test_kernel_bad_inputs(backend, make, match):
+    assert_kernel_rejects(backend, *make(*(t.to(backend.device) for t in KERNEL_BAD_INPUTS[backend.name]())), match)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@on_backends("triton", gpu=True)
+def test_kernel_var_scales(backend, dtype):
+    """VAR's scales on a 16 x 16 map, 4096 codes: pooling bit for bit F.interpolate (the CPU's for every scale
+    but 1 x 1, which is PyTorch's own CUDA mean), indices and h as the reference's."""
+    dev = backend.device
+    f = seeded_randn(8, 32, 16, 16, seed=85, dtype=dtype, device=dev)
+    cb = seeded_randn(4096, 32, seed=86, dtype=dtype, device=dev)
+    backward = torch.ops.vqkernels.multiscale_quantize_step_backward
+    for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16):
+        rest = triton_area(f, p, p)
+        want = F.interpolate(f if p == 1 else f.cpu(), size=(p, p), mode="area")
+        assert_bitwise_equal(rest.cpu(), rows_of(want).cpu(), f"pn={p}")
+        indices, h = step(f, cb, p)
+        ri, rh = reference.multiscale_quantize_step(f, cb, [p, p])
+        assert (indices != ri).float().mean() < 1e-2
+        same = indices == ri
+        assert torch.equal(h.permute(0, 2, 3, 1)[same], rh.permute(0, 2, 3, 1)[same])
+        grad_h = seeded_randn(8, 32, p, p, seed=87, dtype=dtype, device=dev)
+        with deterministic(True):
+            a = backward(grad_h, cb, indices)
+            b = backward(grad_h, cb, indices)
+        assert_bitwise_equal(a, b)
+        want = reference.multiscale_quantize_step_backward(grad_h.cpu(), cb.cpu(), indices.cpu())
+        assert_bitwise_equal(a.cpu(), want)
+        fast = backward(grad_h, cb, indices)
+        torch.testing.assert_close(fast.float(), a.float(), rtol=1e-2, atol=1e-2)
+
+
+@on_backends("triton", gpu=True)
+def test_triton_cpu_tensors_rejected(backend):
+    assert_rejects_cpu_tensors(backend, "multiscale_quantize_step", seeded_randn(1, 5, 2, 2, seed=92),
+                               seeded_randn(6, 5, seed=93), [1, 1], "l2")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""vqkernels.nearest_code against float64 ground truth."""
+"""vqkernels.nearest_code against float64 ground truth.
+
+The GPU kernels' tests (CUDA, Triton) come last, run by the `backend` fixture (tests/conftest.py).
+"""
 
 
 import pytest
 import torch
 from hypothesis import given
 
-from vq_helpers import (peak_memory_kib, DTYPES, METRICS, TIE_POSITIONS, assert_deterministic, assert_separated, bits, build_case,
-                        check_nearest, clustered, compute_dtype, distance_tolerance, duplicates_xfail, fail_rows,
-                        hyp_settings, opcheck, reference, search_cases, search_opcheck_samples, separated,
-                        separated_cases, tie_problem, vqkernels)
+from vq_helpers import (DTYPES, KERNEL_DTYPES, KERNEL_SEARCH_SAMPLES, METRICS, TIE_POSITIONS, assert_deterministic,
+                        assert_float64_is_the_reference, assert_kernel_rejects, assert_rejects_cpu_tensors,
+                        assert_separated, bits, build_case, check_nearest, check_nearest_f32, clustered, compute_dtype,
+                        distance_tolerance, duplicates_xfail, fail_rows, gen, hyp_settings, integer_problem,
+                        kernel_opcheck, nan_search_problem, on_backends, opcheck, peak_memory_kib, per_backend,
+                        randn_problem, reference, search_cases, search_opcheck_samples, separated, separated_cases,
+                        tie_problem, true_distances, vqkernels, with_layout)
 
 nearest_code = vqkernels.nearest_code
 
@@ -233,3 +239,190 @@ def test_peak_memory_stays_small():
     (extra_kib,) = peak_memory_kib(MEMORY_SCRIPT)
     extra_mib = extra_kib / 1024
     assert extra_mib <= 64, f"nearest_code used {extra_mib:.1f} MiB beyond its inputs"
+
+
+# ---------------------------------------------------------------------------------------
+# the GPU kernels (CUDA, Triton; the `backend` fixture): float32 tolerance, the Triton interpreter's shapes tiny
+
+# (N, K, D): one and several tiles of rows and codes, D not a multiple of the block, N = 0
+TINY_SHAPES = [(1, 1, 1), (1, 80, 40), (100, 33, 7), (37, 80, 17), (64, 64, 32), (0, 5, 3)]
+CUDA_SHAPES = [(1, 1, 1), (1, 5, 1), (7, 1, 3), (1, 80, 40), (100, 33, 7), (37, 130, 17), (300, 129, 16),
+               (129, 257, 200), (64, 64, 32), (0, 5, 3)]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@per_backend("shape", {"triton": TINY_SHAPES, "cuda": CUDA_SHAPES})
+def test_kernel_vs_float64_truth(backend, shape, dtype, metric):
+    x, c = randn_problem(*shape, dtype, seed=sum(shape), device=backend.device)
+    check_nearest_f32(x, c, metric, *nearest_code(x, c, metric))
+
+
+# the rows judged (all, or the first 500 and last 300: keeps the CPU truth fast)
+ROWS = {"all": [slice(None)], "head-tail": [slice(0, 500), slice(-300, None)]}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@per_backend("shape, seed, rows", {"triton": [((4099, 37, 1031), 11, "all"), ((3001, 1000, 8), 11, "all")],
+                                   "cuda": [((4099, 1000, 37), 1, "head-tail"), ((2000, 300, 1031), 1, "head-tail"),
+                                            ((3001, 16384, 8), 1, "head-tail")]}, gpu=True)
+def test_kernel_large_vs_float64_truth(backend, shape, seed, rows, dtype, metric):
+    x, c = randn_problem(*shape, dtype, seed=seed, device=backend.device)
+    idx, dist = nearest_code(x, c, metric)
+    for r in ROWS[rows]:
+        check_nearest_f32(x[r], c, metric, idx[r], dist[r])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@per_backend("k", {"cpu, triton": [50], "cuda": [150]})
+def test_kernel_mixed_dtypes_and_layouts(backend, k, metric):
+    x, c = randn_problem(45, k, 19, torch.float32, seed=3, device=backend.device)
+    idx, dist = nearest_code(with_layout(x.half(), "strided"), with_layout(c.bfloat16(), "transposed"), metric)
+    check_nearest_f32(x.half(), c.bfloat16(), metric, idx, dist)
+    idx, dist = nearest_code(with_layout(x, "offset"), c.half(), metric)
+    check_nearest_f32(x, c.half(), metric, idx, dist)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@on_backends("triton", "cuda")
+def test_kernel_float64_is_the_reference(backend, metric):
+    """float64 goes to the reference (the kernels compute in float32): its values on the same tensors, within
+    1e-12 of the reference's on CPU copies."""
+    x, c = randn_problem(20, 30, 6, torch.float64, seed=4, device=backend.device)
+    got = nearest_code(x, c, metric)
+    assert got[1].dtype == torch.float64
+    assert_float64_is_the_reference(got, reference.nearest_code(x, c, metric),
+                                    reference.nearest_code(x.cpu(), c.cpu(), metric))
+
+
+@on_backends("triton")
+def test_triton_matches_the_cpu_kernel(backend):
+    """Where the float64 gap to the second nearest code is clear: exactly the C++ kernel's indices."""
+    x, c = randn_problem(90, 70, 24, torch.float32, seed=5, device=backend.device)
+    for metric in METRICS:
+        idx, dist = nearest_code(x, c, metric)
+        ridx, rdist = torch.ops.vqkernels_cpu.nearest_code(x.cpu(), c.cpu(), metric)
+        t = true_distances(x.cpu(), c.cpu(), metric).sort(1).values
+        separated = (t[:, 1] - t[:, 0]) > 1e-3
+        assert separated.float().mean() > 0.9
+        assert torch.equal(idx.cpu()[separated], ridx[separated])
+        torch.testing.assert_close(dist.cpu(), rdist, rtol=1e-4, atol=1e-4)
+
+
+# tied codes (vq_helpers.tie_problem) in the panels and lanes of K = 70, and of K = 300 across the CUDA tiles
+CUDA_TIES = list(TIE_POSITIONS) + [[200, 129, 257], [127, 128, 255, 256]]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@per_backend("positions, k", {"cpu, triton": [(p, 70) for p in TIE_POSITIONS], "cuda": [(p, 300) for p in CUDA_TIES]})
+def test_kernel_ties_lowest_index(backend, positions, k, dtype, metric):
+    x, c = tie_problem(positions, 9, k)
+    idx, _ = nearest_code(x.to(dtype).to(backend.device), c.to(dtype).to(backend.device), metric)
+    assert idx.tolist() == [min(positions)] * 4
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@per_backend("k, copies, dtype", {"cpu, triton": [(70, [40, 64, 65], torch.float32)],
+                                  "cuda": [(400, [40, 130, 200, 390], dtype) for dtype in KERNEL_DTYPES]})
+def test_kernel_duplicate_codes_lowest_index(backend, k, copies, dtype, metric):
+    x, c = randn_problem(30, k, 11, torch.float32, seed=6)
+    c[3] *= 10.0  # the largest code, so also the inner-product winner
+    c[copies] = c[3].clone()  # code 3 duplicated in later tiles
+    x[:10] = c[3] * 1.5
+    idx, _ = nearest_code(x.to(dtype).to(backend.device), c.to(dtype).to(backend.device), metric)
+    assert idx[:10].tolist() == [3] * 10
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@per_backend("k, dtype, as_reference", {"cpu, triton": [(50, torch.float32, True)],
+                                        "cuda": [(150, dtype, False) for dtype in KERNEL_DTYPES]})
+def test_kernel_nan_rows_and_codes(backend, k, dtype, metric, as_reference):
+    """NaN rows: -1 and NaN; NaN codes never chosen (one would be nearest to row 3); the other rows as the
+    problem without them (and, where as_reference, the reference's indices)."""
+    x, c, keep, good = nan_search_problem(k, dtype, backend.device)
+    idx, dist = (t.cpu() for t in nearest_code(x, c, metric))
+    assert idx[~keep].tolist() == [-1, -1, -1] and bool(dist[~keep].isnan().all())
+    sub_idx, sub_dist = nearest_code(x[keep.to(backend.device)], c[good.to(backend.device)], metric)
+    assert torch.equal(idx[keep], good.nonzero().squeeze(1)[sub_idx.cpu()])
+    assert torch.equal(dist[keep], sub_dist.cpu())
+    if as_reference:
+        assert torch.equal(idx, reference.nearest_code(x.cpu(), c.cpu(), metric)[0])
+
+
+@pytest.mark.parametrize("metric", ("l2", "ip"))
+@on_backends()
+def test_kernel_nan_exactly_as_the_reference(backend, metric):
+    """Exact data with NaN rows and codes: every index and distance as the reference's on float64 copies."""
+    x, c = integer_problem(60, 140, 10, torch.float32, seed=8, device=backend.device)
+    x[[2, 30], [1, 9]] = float("nan")
+    c[[0, 77, 139], [3, 0, 9]] = float("nan")
+    idx, dist = nearest_code(x, c, metric)
+    ridx, rdist = reference.nearest_code(x.cpu().double(), c.cpu().double(), metric)
+    assert torch.equal(idx.cpu(), ridx)
+    torch.testing.assert_close(dist.cpu().double(), rdist, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@on_backends("cpu", "reference", "triton", "cuda")
+def test_kernel_all_codes_nan(backend, metric):
+    x, c = randn_problem(5, 4, 3, torch.float32, seed=10, device=backend.device)
+    c[:, 1] = float("nan")
+    idx, dist = nearest_code(x, c, metric)
+    assert idx.tolist() == [-1] * 5 and bool(dist.isnan().all())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@per_backend("sample", {"triton": ["f32", "f16-bf16", "bf16", "strided", "empty"], "cuda": list(KERNEL_SEARCH_SAMPLES)})
+def test_kernel_opcheck(backend, sample, metric):
+    kernel_opcheck(backend, "nearest_code", (*KERNEL_SEARCH_SAMPLES[sample](backend.device), metric))
+
+
+KERNEL_BAD = {  # what the backend's own op says of bad inputs
+    "triton": [(lambda x, c: (x[0], c, "l2"), "x must be 2-D"), (lambda x, c: (x, c[0], "l2"), "codebook must be 2-D"),
+               (lambda x, c: (x.int(), c, "l2"), "x must be float32"), (lambda x, c: (x, c[:, :3], "l2"), "has D=5"),
+               (lambda x, c: (x, c[:0], "l2"), "codebook is empty"),
+               (lambda x, c: (x, c, "hamming"), "unknown metric")],
+    "cuda": [(lambda x, c: (x[0], c, "l2"), "x must be 2-D"), (lambda x, c: (x, c[:, :3], "l2"), "x has D=5"),
+             (lambda x, c: (x, c[:0], "l2"), "codebook is empty"),
+             (lambda x, c: (x.int(), c, "l2"), "x must be float32")],
+}
+
+
+@per_backend("make, match", KERNEL_BAD)
+def test_kernel_bad_inputs(backend, make, match):
+    x, c = randn_problem(4, 6, 5, torch.float32, seed=10, device=backend.device)
+    assert_kernel_rejects(backend, "nearest_code", make(x, c), match)
+
+
+@on_backends("triton", gpu=True)
+def test_triton_cpu_tensors_rejected(backend):
+    assert_rejects_cpu_tensors(backend, "nearest_code", *randn_problem(4, 6, 5, torch.float32, seed=14))
+
+
+@on_backends("triton", gpu=True)
+def test_triton_big_codebook_agrees_with_the_cpu_kernel(backend):
+    """(65536, 32, 16384) float32: the indices of a 4096-row subset agree with the C++ kernel's, except at
+    float32 near-ties."""
+    x, c = randn_problem(65536, 16384, 32, torch.float32, seed=12, device=backend.device)
+    idx, dist = nearest_code(x, c)
+    rows = torch.randperm(65536, generator=gen(13))[:4096].to(backend.device)
+    xs, cs = x[rows].cpu(), c.cpu()
+    ridx, rdist = torch.ops.vqkernels_cpu.nearest_code(xs, cs, "l2")
+    got = idx[rows].cpu()
+    differ = got != ridx
+    assert differ.float().mean() < 1e-3
+    t = true_distances(xs[differ], cs, "l2")
+    gap = (t.gather(1, got[differ].unsqueeze(1)) - t.gather(1, ridx[differ].unsqueeze(1))).abs()
+    assert bool((gap <= 1e-3).all()), gap.max()
+    torch.testing.assert_close(dist[rows].cpu(), rdist, rtol=1e-4, atol=1e-3)
+
+
+@on_backends("triton", gpu=True)
+def test_triton_torch_compile_fullgraph(backend):
+    x, c = randn_problem(300, 200, 24, torch.bfloat16, seed=15, device=backend.device)
+    compiled = torch.compile(lambda a, b: nearest_code(a, b, "cosine"), fullgraph=True)
+    idx, dist = compiled(x, c)
+    eidx, edist = nearest_code(x, c, "cosine")
+    assert torch.equal(idx, eidx) and torch.equal(dist, edist)

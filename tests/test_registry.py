@@ -43,9 +43,40 @@ def test_every_forward_op_has_a_wrapper_autograd_and_a_benchmark_row(op):
     assert _mentions(_sources("vqkernels/bench/*.py"), op), f"{op}: no benchmark row (vqkernels/bench/*.py)"
 
 
+def _backend_tests():
+    """{backend: the source of every test function that runs with it}: the tests taking the `backend` fixture
+    (vq_helpers.on_backends, per_backend) in the test modules that use it."""
+    import importlib
+    import inspect
+
+    from vq_helpers import backend_names
+    found = {}
+    for path in sorted(ROOT.glob("tests/test_*.py")):
+        if path.name == "test_registry.py" or "backend" not in path.read_text():
+            continue
+        module = importlib.import_module(path.stem)
+        for name, fn in vars(module).items():
+            if name.startswith("test_") and callable(fn):
+                for backend in backend_names(fn):
+                    found.setdefault(backend, []).append(inspect.getsource(fn))
+    return found
+
+
+BACKEND_TESTS = {}
+
+
+def _tested_on(backend, op):
+    """Whether a test running with `backend` (the `backend` fixture) names `op`."""
+    if not BACKEND_TESTS:
+        BACKEND_TESTS.update(_backend_tests())
+    return any(_mentions(source, op) for source in BACKEND_TESTS.get(backend, ()))
+
+
 @pytest.mark.parametrize("op", list(SCHEMAS))
 def test_every_gpu_kernel_has_tests(op):
+    """A CUDA or Triton kernel of `op` is run by a test taking the `backend` fixture with that backend (in the
+    op's tests/test_<op family>.py) and naming the op."""
     if _backend.cuda_compiled() and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_cuda::{op}", "CUDA"):
-        assert _mentions(_sources("tests/test_cuda*.py"), op), f"{op}: a CUDA kernel without tests/test_cuda*.py"
+        assert _tested_on("cuda", op), f"{op}: a CUDA kernel without a test run with backend 'cuda'"
     if op in _backend._triton_ops():
-        assert _mentions(_sources("tests/test_triton*.py"), op), f"{op}: a Triton kernel without tests"
+        assert _tested_on("triton", op), f"{op}: a Triton kernel without a test run with backend 'triton'"

@@ -6,16 +6,23 @@ by level (float64 difference rounded to the compute dtype, which is what one cor
 rounded subtraction in that dtype gives), greedy choices are judged per level against
 float64 distances with vq_helpers' tolerance, and beam search is a brute force over every
 code of every kept path with the documented tie rule.
+
+The GPU kernels' tests (CUDA, Triton) come last, run by the `backend` fixture (tests/conftest.py).
 """
+
+from functools import partial
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, LAYOUTS, LOSS_THREADS_BUG, as_input, assert_deterministic, bits, check_nearest,
-                        compute_dtype, fail_rows, gen, hyp_settings, opcheck, reference, reference_serves,
-                        reference_xfail, unit_roundoff, vqkernels)
+from vq_helpers import (DTYPES, KERNEL_DTYPES, KERNEL_TOL, LAYOUTS, LOSS_THREADS_BUG, as_input, assert_bitwise_equal,
+                        assert_deterministic, assert_float64_is_the_reference, assert_kernel_rejects,
+                        assert_rejects_cpu_tensors, bits, case_id, check_nearest, close_to_f64, compute_dtype,
+                        deterministic, f64, fail_rows, gen, hyp_settings, kernel_opcheck, nan_equal, on_backends,
+                        opcheck, per_backend, reference, reference_serves, reference_xfail, seeded_randn, unit_roundoff,
+                        vqkernels, with_layout)
 
 residual_quantize = vqkernels.residual_quantize
 # "op": through the dispatcher (the compiled kernel when built, with the op's autograd);
@@ -626,3 +633,541 @@ def test_backward_kernel_rejects_indices_out_of_range(bad):
     with pytest.raises(ValueError, match=r"indices must be in \[-1, K=5\), got values outside it"):
         torch.ops.vqkernels.residual_quantize_backward(**backward_args(indices=indices))
     assert torch.ops.vqkernels.residual_quantize_backward(**backward_args())[1].shape == CBS.shape
+
+
+# ---------------------------------------------------------------------------------------
+# the GPU kernels (CUDA, Triton; the `backend` fixture): the Triton interpreter's shapes tiny. The Triton tests
+# judge against the float32 code path written here (float32_path_truth) on normal values, the CUDA tests
+# against the reference on float64 copies (check_rq) on hierarchical data (rq_data).
+
+
+def float32_path_truth(x, codebooks, indices):
+    """Walks the kernel's code path: checks every level's index is the nearest code of the float32 residual
+    (float64 distances, tolerance of float32 rounding) and returns the float32 running sum quantized and the
+    float64 losses, both computed here."""
+    n, d = x.shape
+    r = x.float()
+    quant = torch.zeros(n, d, dtype=torch.float32, device=x.device)
+    losses = []
+    for level in range(indices.shape[1]):
+        cb, r64 = level_codebook(codebooks, level).double(), r.double()
+        dist = ((r64 * r64).sum(1, keepdim=True) - 2.0 * r64 @ cb.t() + (cb * cb).sum(1)).clamp_min(0.0)
+        idx = indices[:, level]
+        ok = idx >= 0
+        chosen = dist[ok].gather(1, idx[ok].unsqueeze(1)).squeeze(1)
+        tol = 1e-5 * (1.0 + (r.double()[ok] ** 2).sum(1) + (cb ** 2).sum(1).max())
+        assert bool((chosen - dist[ok].min(1).values <= tol).all()), f"level {level}: not the nearest code"
+        q = torch.where(ok.unsqueeze(1), level_codebook(codebooks, level).float()[idx.clamp_min(0)], float("nan"))
+        losses.append(((r.double() - q.double()) ** 2).sum() / max(n * d, 1))
+        r = r - q
+        quant = quant + q
+    return quant, torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def normal_problem(n, d, k, levels, shared, dtype, device):
+    """(x, codebooks, num_levels): normal values, per-level codebooks at half scale."""
+    x = seeded_randn(n, d, seed=n + d, dtype=dtype, device=device)
+    cbs = (seeded_randn(k, d, seed=k, dtype=dtype, device=device) if shared
+           else seeded_randn(levels, k, d, seed=k, dtype=dtype, device=device, scale=0.5))
+    return x, cbs, levels if shared else -1
+
+
+def check_float32_path(x, cbs, num_levels, out):
+    quantized, indices, commit, codebook = out
+    n, levels = x.shape[0], indices.shape[1]
+    assert quantized.dtype == x.dtype and indices.shape == (n, levels) and indices.dtype == torch.int64
+    assert commit.dtype == codebook.dtype == torch.float32 and commit.shape == (levels,)
+    assert bool(((indices >= 0) & (indices < cbs.shape[-2])).all())
+    quant, losses = float32_path_truth(x, cbs, indices)
+    assert_bitwise_equal(quantized, quant.to(x.dtype), "quantized")
+    torch.testing.assert_close(commit.double(), losses, rtol=1e-6, atol=0.0)
+    assert_bitwise_equal(commit, codebook, "codebook_losses")
+    assert commit.data_ptr() != codebook.data_ptr()
+
+
+def rq_data(n, d, levels, k, seed, shared=False, x_dtype=torch.float32, cb_dtype=torch.float32):
+    """Hierarchical data: level l's codes scaled by 10**-l and x = a sum of one code per level plus noise far
+    below the last level's code spacing, so every level's nearest code is the planted one by a wide margin in
+    float32 and float64 alike."""
+    g = gen(seed)
+    scales = torch.tensor([10.0 ** -level for level in range(levels)]).view(levels, 1, 1)
+    cbs = (torch.randn(1 if shared else levels, k, d, generator=g) * (1.0 if shared else scales))
+    planted = torch.randint(0, k, (n, levels), generator=g)
+    x = torch.randn(n, d, generator=g) * 10.0 ** -(levels + 1)
+    if not shared:
+        for level in range(levels):
+            x += cbs[level][planted[:, level]]
+    else:  # one codebook: only level 0's code is planted, the rest is whatever is nearest
+        x += cbs[0][planted[:, 0]]
+    codebooks = cbs[0] if shared else cbs
+    return x.to(x_dtype), codebooks.to(cb_dtype)
+
+
+def rq_path_truth(x, codebooks, idx):
+    """quantized [N, D] and the per-level losses of the code path idx [N, L], in float64, written out
+    independently of reference.py (NaN rows from an index -1 on)."""
+    res = f64(x)
+    n, d = res.shape
+    qsum = torch.zeros_like(res)
+    losses = []
+    for level in range(idx.shape[1]):
+        k = idx[:, level]
+        q = f64(level_codebook(codebooks, level))[k.clamp_min(0)]
+        q[k < 0] = float("nan")
+        losses.append((res - q).square().sum() / max(n * d, 1))
+        res, qsum = res - q, qsum + q
+    return qsum, torch.stack(losses)
+
+
+def check_nearest_path(x, codebooks, idx):
+    """Greedy: each level's index is a nearest code of that level's float64 residual up to float32 rounding (the
+    slack), and -1 exactly for the rows whose residual holds a NaN."""
+    res = f64(x)
+    for level in range(idx.shape[1]):
+        cb = f64(level_codebook(codebooks, level))
+        k = idx[:, level]
+        nan_row = torch.isnan(res).any(1)
+        assert torch.equal(k < 0, nan_row), f"level {level}: -1 must mark exactly the NaN rows"
+        ok = ~nan_row
+        d2 = (res[ok].unsqueeze(1) - cb.unsqueeze(0)).square().sum(-1)
+        chosen = d2.gather(1, k[ok].unsqueeze(1)).squeeze(1)
+        slack = 1e-5 * (res[ok].square().sum(1) + cb.square().sum(1).max())
+        assert (chosen <= d2.min(1).values + slack).all(), f"level {level}: a chosen code is not a nearest one"
+        res = res - cb[k.clamp_min(0)]
+
+
+def check_rq(x, codebooks, num_levels, out, beam=1, exact=True, greedy=True):
+    """out: the op's on x and codebooks, against the reference on float64 copies. exact: the indices must equal
+    the reference's (data without near-ties); else they are checked along their own path."""
+    ref = reference.residual_quantize(f64(x), f64(codebooks), num_levels, beam)
+    q, idx, commit, cbl = out
+    rq, ridx, rcommit, rcbl = ref
+    assert q.dtype == x.dtype and idx.dtype == torch.int64
+    loss_dtype = torch.float64 if torch.float64 in (x.dtype, codebooks.dtype) else torch.float32
+    assert commit.dtype == cbl.dtype == loss_dtype
+    idx = idx.cpu()
+    if greedy:
+        check_nearest_path(x, codebooks, idx)
+    if exact:
+        assert torch.equal(idx, ridx)
+    tq, tlosses = rq_path_truth(x, codebooks, idx)
+    # the float32 residuals carry absolute errors ~1e-7 against losses ~noise**2: a few 1e-3 relative
+    loss_tol = dict(rtol=5e-3, atol=1e-12)
+    for got, want in ((q, tq), (commit, tlosses), (cbl, tlosses)):
+        close_to_f64(got, want, **(loss_tol if got.dim() == 1 else dict(atol=KERNEL_TOL[x.dtype]["atol"])))
+    if torch.equal(idx, ridx):
+        close_to_f64(q, rq, atol=KERNEL_TOL[x.dtype]["atol"])
+        close_to_f64(commit, rcommit, **loss_tol)
+        close_to_f64(cbl, rcbl, **loss_tol)
+
+
+def rq_problem(n, d, levels, k, seed, device, **kw):
+    x, cbs = rq_data(n, d, levels, k, seed, **kw)
+    return x.to(device), cbs.to(device), -1
+
+
+TRUTH_CASES = {
+    "triton": [(f"{n}x{d}x{k}x{levels}-{case_id(dt)}-{'shared' if shared else 'per-level'}",
+                partial(normal_problem, n, d, k, levels, shared, dt), check_float32_path)
+               for n, d, k, levels in [(1, 1, 1, 1), (37, 11, 20, 3), (6, 20, 40, 2), (0, 5, 4, 2)]
+               for dt in KERNEL_DTYPES for shared in (False, True)],
+    # half inputs: rounding noise of the size of the last level's codes, so ties are possible there
+    "cuda": [(f"{n}x{d}x{levels}x{k}-x={case_id(xdt)}-cb={case_id(cdt)}",
+              partial(rq_problem, n, d, levels, k, n + d, x_dtype=xdt, cb_dtype=cdt),
+              partial(check_rq, exact=xdt == torch.float32))
+             for xdt in KERNEL_DTYPES for cdt in KERNEL_DTYPES
+             for n, d, levels, k in [(1, 1, 1, 1), (7, 5, 3, 9), (300, 16, 3, 64), (2049, 33, 2, 100)]]
+    + [("60x8x3x16-seed-15", partial(rq_problem, 60, 8, 3, 16, 15), check_rq)],  # the data of the beam test below
+}
+
+
+@per_backend("name, make, check", TRUTH_CASES)
+def test_kernel_vs_float64_truth(backend, name, make, check):
+    x, cbs, num_levels = make(device=backend.device)
+    check(x, cbs, num_levels, residual_quantize(x, cbs, num_levels))
+
+
+@on_backends("triton")
+def test_kernel_nan_rows_and_codes_as_the_reference(backend):
+    """NaN rows -> index -1 and NaN from there; NaN codes never chosen; the rest bit for bit the reference
+    (well-separated data: no float32 near-ties)."""
+    x = seeded_randn(40, 13, seed=1, device=backend.device)
+    cbs = seeded_randn(3, 25, 13, seed=2, device=backend.device)
+    x[[0, 17], [5, 0]] = float("nan")
+    cbs[0, 4, 1] = float("nan")
+    cbs[1, :, 2] = float("nan")  # level 1 has no usable code: -1 for every row from there
+    out = residual_quantize(x, cbs)
+    assert (out[1][:, 1:] == -1).all() and bool(out[0].isnan().all()) and bool(out[2][1:].isnan().all())
+    cbs[1, :, 2] = 0.5
+    out = residual_quantize(x, cbs)
+    ref = reference.residual_quantize(x.cpu(), cbs.cpu())
+    assert out[1][[0, 17]].eq(-1).all() and not (out[1][:, 0] == 4).any()
+    assert torch.equal(out[1].cpu(), ref[1]) and nan_equal(out[0].cpu(), ref[0])
+    assert bool(out[2].isnan().all())  # NaN rows make every level's loss NaN
+    keep = torch.ones(40, dtype=torch.bool, device=backend.device)
+    keep[[0, 17]] = False
+    out = residual_quantize(x[keep], cbs)
+    ref = reference.residual_quantize(x[keep].cpu(), cbs.cpu())
+    assert torch.equal(out[1].cpu(), ref[1]) and torch.equal(out[0].cpu(), ref[0])
+    torch.testing.assert_close(out[2].cpu(), ref[2], rtol=1e-6, atol=0.0)
+
+
+@on_backends("cpu", "reference", "triton", "cuda")
+def test_kernel_nan_row(backend):
+    x, cbs = rq_data(40, 8, 3, 16, seed=13)
+    x[5, 3] = float("nan")
+    out = residual_quantize(x.to(backend.device), cbs.to(backend.device))
+    check_rq(x, cbs, -1, out)
+    assert (out[1][5] == -1).all() and torch.isnan(out[0][5]).all() and torch.isnan(out[2]).all()
+
+
+@on_backends("triton")
+@hyp_settings(5)
+@given(n=st.integers(0, 20), d=st.integers(1, 9), k=st.integers(1, 12), levels=st.integers(1, 3),
+       shared=st.booleans(), dtype=st.sampled_from(KERNEL_DTYPES), seed=st.integers(0, 2 ** 31 - 1))
+def test_kernel_random_shapes(backend, n, d, k, levels, shared, dtype, seed):
+    x = seeded_randn(n, d, seed=seed, dtype=dtype, device=backend.device)
+    cbs = (seeded_randn(k, d, seed=seed + 1, dtype=dtype, device=backend.device) if shared
+           else seeded_randn(levels, k, d, seed=seed + 1, dtype=dtype, device=backend.device))
+    quantized, indices, commit, _ = residual_quantize(x, cbs, levels if shared else -1)
+    quant, losses = float32_path_truth(x, cbs, indices)
+    assert_bitwise_equal(quantized, quant.to(dtype), "quantized")
+    torch.testing.assert_close(commit.double(), losses, rtol=1e-6, atol=0.0)
+
+
+@on_backends("triton")
+def test_kernel_mixed_dtypes_layouts(backend):
+    x = seeded_randn(21, 9, seed=3, device=backend.device)
+    cbs = seeded_randn(2, 17, 9, seed=4, device=backend.device)
+    xs = with_layout(x.half(), "strided")
+    cb_t = cbs.bfloat16().transpose(1, 2).contiguous().transpose(1, 2)
+    out = residual_quantize(xs, cb_t)
+    ref = reference.residual_quantize(xs.cpu(), cb_t.cpu())
+    assert torch.equal(out[1].cpu(), ref[1]) and torch.equal(out[0].cpu(), ref[0])
+
+
+@on_backends()
+def test_kernel_strided_inputs(backend):
+    x, cbs = rq_data(100, 8, 2, 16, seed=14)
+    xs = x.to(backend.device).t().contiguous().t()
+    cbs_s = cbs.to(backend.device).transpose(1, 2).contiguous().transpose(1, 2)
+    check_rq(xs, cbs_s, -1, residual_quantize(xs, cbs_s))
+
+
+@on_backends()
+def test_kernel_shared_codebook(backend):
+    x, cb = rq_data(500, 12, 1, 40, seed=11, shared=True)
+    out = residual_quantize(x.to(backend.device), cb.to(backend.device), 3)
+    ref = reference.residual_quantize(f64(x), f64(cb), 3)
+    assert torch.equal(out[1][:, 0].cpu(), ref[1][:, 0])  # the planted level; later ones search noise
+    check_rq(x, cb, 3, out, exact=False)
+
+
+@on_backends("cpu", "reference", "triton", "cuda")
+def test_kernel_empty_and_zero_d(backend):
+    x, cbs = rq_data(0, 6, 2, 5, seed=12)
+    check_rq(x, cbs, -1, residual_quantize(x.to(backend.device), cbs.to(backend.device)))
+    q, idx, commit, cbl = residual_quantize(torch.empty(4, 0, device=backend.device),
+                                            torch.empty(2, 3, 0, device=backend.device), -1, 1)
+    assert q.shape == (4, 0) and torch.equal(idx.cpu(), torch.zeros(4, 2, dtype=torch.int64))
+    assert torch.equal(commit.cpu(), torch.zeros(2)) and torch.equal(cbl.cpu(), torch.zeros(2))
+
+
+def normal_delegated(case, device):
+    d = 0 if case == "D=0" else 6
+    x = seeded_randn(12, d, seed=5, dtype=torch.float64 if case == "float64" else torch.float32, device=device)
+    return x, seeded_randn(3, 8, d, seed=6, dtype=x.dtype, device=device), 3 if case == "beam" else 1
+
+
+def rq_delegated(dtype, beam, device):
+    x, cbs = rq_data(60, 8, 3, 16, seed=15, x_dtype=dtype, cb_dtype=dtype)
+    return x.to(device), cbs.to(device), beam
+
+
+@per_backend("name, make", {
+    "triton": [(case, partial(normal_delegated, case)) for case in ("beam", "float64", "D=0")],
+    "cuda": [("beam", partial(rq_delegated, torch.float32, 3)),
+             ("beam-float64", partial(rq_delegated, torch.float64, 3)),
+             ("float64", partial(rq_delegated, torch.float64, 1))]})
+def test_kernel_beam_float64_and_zero_d_are_the_reference(backend, name, make):
+    """Beam search, float64 and D = 0 are served by the reference: its results bit for bit (distinct loss
+    tensors), and those of the reference on float64 copies (check_rq) for the CUDA tests' data."""
+    x, cbs, beam = make(backend.device)
+    out = residual_quantize(x, cbs, -1, beam)
+    for a, b in zip(out, reference.residual_quantize(x, cbs, -1, beam)):
+        assert_bitwise_equal(a, b, name)
+    assert out[2].data_ptr() != out[3].data_ptr()
+    if backend.name == "cuda":
+        check_rq(x, cbs, -1, out, beam=beam, greedy=beam == 1)
+
+
+@on_backends("triton")
+def test_kernel_deterministic_bitwise(backend):
+    n, d, k = 60, 12, 3  # few codes: long per-code segments, many atomic collisions
+    x = seeded_randn(n, d, seed=20, device=backend.device)
+    cbs = seeded_randn(k, d, seed=21, device=backend.device)
+    grads = seeded_randn(3, seed=22, device=backend.device), seeded_randn(3, seed=23, device=backend.device)
+    with deterministic(True):
+        fwd = [residual_quantize(x, cbs, 3) for _ in range(2)]
+        bwd = [torch.ops.vqkernels.residual_quantize_backward(x, *grads, x, cbs, fwd[0][1]) for _ in range(2)]
+    for a, b in zip(fwd[0] + bwd[0], fwd[1] + bwd[1]):
+        assert_bitwise_equal(a, b)
+
+
+@on_backends("cuda")
+def test_kernel_forward_repeats_bitwise(backend):
+    x, cbs = rq_data(3000, 16, 3, 64, seed=16)
+    x, cbs = x.to(backend.device), cbs.to(backend.device)
+    first, again = residual_quantize(x, cbs, -1, 1), residual_quantize(x, cbs, -1, 1)
+    for a, b in zip(first, again):
+        assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@on_backends("triton", gpu=True)
+def test_kernel_large(backend, dtype):
+    n, d, k, levels = 8192, 96, 1024, 4
+    dev = backend.device
+    x = seeded_randn(n, d, seed=80, dtype=dtype, device=dev)
+    cbs = seeded_randn(levels, k, d, seed=81, dtype=dtype, device=dev, scale=0.5)
+    quantized, indices, commit, _ = residual_quantize(x, cbs)
+    quant, losses = float32_path_truth(x, cbs, indices)
+    assert_bitwise_equal(quantized, quant.to(dtype))
+    torch.testing.assert_close(commit.double(), losses, rtol=1e-6, atol=0.0)
+    ref = reference.residual_quantize(x.cpu(), cbs.cpu())
+    assert (indices.cpu() != ref[1]).float().mean() < 1e-3  # float32 near-ties only
+    gq, gc, gb = (seeded_randn(n, d, seed=82, device=dev), seeded_randn(levels, seed=83, device=dev),
+                  seeded_randn(levels, seed=84, device=dev))
+    backward = torch.ops.vqkernels.residual_quantize_backward
+    fast = backward(gq, gc, gb, x, cbs, indices)
+    with deterministic(True):
+        det = [backward(gq, gc, gb, x, cbs, indices) for _ in range(2)]
+    ref = reference.residual_quantize_backward(gq.cpu(), gc.cpu(), gb.cpu(), x.cpu(), cbs.cpu(), indices.cpu())
+    for a, b, r in zip(det[0], det[1], ref):
+        assert_bitwise_equal(a, b)
+        assert_bitwise_equal(a.cpu(), r)
+    for a, r in zip(fast, ref):
+        torch.testing.assert_close(a.cpu().float(), r.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-6)
+
+
+# --- residual_quantize_backward
+
+
+def float32_path_backward_truth(gq, gc, gb, x, cbs, indices):
+    """float64 gradients, written from the spec: grad_x = gq + sum_l gc_l 2/(ND) r_{l+1}, codebook row i_l of
+    level l gets -gb_l 2/(ND) r_{l+1} (float32 residuals, as the forward)."""
+    n, d = x.shape
+    scale = 2.0 / max(n * d, 1)
+    gx = gq.double()
+    gcb = torch.zeros(cbs.shape, dtype=torch.float64, device=x.device)
+    r = x.float()
+    for level in range(indices.shape[1]):
+        idx = indices[:, level]
+        q = torch.where((idx >= 0).unsqueeze(1), level_codebook(cbs, level).float()[idx.clamp_min(0)], float("nan"))
+        r = r - q
+        gx = gx + gc[level].double() * scale * r.double()
+        for row in range(n):
+            if idx[row] >= 0:
+                level_codebook(gcb, level)[idx[row]] -= gb[level].double() * scale * r[row].double()
+    return gx, gcb
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-level", "shared"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@on_backends("triton")
+def test_kernel_backward_vs_truth_and_reference(backend, dtype, shared):
+    n, d, k, levels = 23, 10, 6, 3
+    dev = backend.device
+    x = seeded_randn(n, d, seed=7, dtype=dtype, device=dev)
+    cbs = (seeded_randn(k, d, seed=8, dtype=dtype, device=dev) if shared
+           else seeded_randn(levels, k, d, seed=8, dtype=dtype, device=dev))
+    indices = torch.randint(0, k, (n, levels), generator=gen(9)).to(dev)
+    indices[::4, -1] = -1  # no usable code at the last level: NaN grad_x rows, nothing to the codebook
+    gq = seeded_randn(n, d, seed=10, dtype=dtype, device=dev)
+    gc, gb = seeded_randn(levels, seed=11, device=dev), seeded_randn(levels, seed=12, device=dev)
+    gx_truth, gcb_truth = float32_path_backward_truth(gq, gc, gb, x, cbs, indices)
+    backward = torch.ops.vqkernels.residual_quantize_backward
+    for det in (False, True):
+        with deterministic(det):
+            gx, gcb = backward(gq, gc, gb, x, cbs, indices)
+        assert gx.dtype == dtype and gcb.dtype == dtype and gcb.shape == cbs.shape
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
+        finite = ~gx_truth.isnan()
+        torch.testing.assert_close(gx.double()[finite], gx_truth[finite], **tol)
+        assert bool(gx.isnan()[~finite].all())
+        torch.testing.assert_close(gcb.double(), gcb_truth, **tol)
+    # The deterministic path: bit for bit the reference's sequential index_add_.
+    with deterministic(True):
+        got = backward(gq, gc, gb, x, cbs, indices)
+    ref = reference.residual_quantize_backward(gq.cpu(), gc.cpu(), gb.cpu(), x.cpu(), cbs.cpu(), indices.cpu())
+    for a, b in zip(got, ref):
+        assert nan_equal(a.cpu(), b)
+
+
+def rq_backward_args(n, d, levels, k, seed, shared=False, x_dtype=torch.float32, cb_dtype=torch.float32,
+                     with_missing=True):
+    g = gen(seed)
+    x = torch.randn(n, d, generator=g).to(x_dtype)
+    codebooks = torch.randn(*((k, d) if shared else (levels, k, d)), generator=g).to(cb_dtype)
+    indices = torch.randint(-1 if with_missing else 0, k, (n, levels), generator=g)
+    grad_q = torch.randn(n, d, generator=g).to(x_dtype)
+    loss_dtype = torch.float64 if torch.float64 in (x_dtype, cb_dtype) else torch.float32
+    gc = torch.randn(levels, generator=g).to(loss_dtype)
+    gb = torch.randn(levels, generator=g).to(loss_dtype)
+    return grad_q, gc, gb, x, codebooks, indices
+
+
+def check_rq_backward(args, device):
+    gx, gcb = torch.ops.vqkernels.residual_quantize_backward(*(t.to(device) for t in args))
+    rgx, rgcb = reference.residual_quantize_backward(*(f64(t) for t in args))
+    assert gx.dtype == args[3].dtype and gcb.dtype == args[4].dtype
+    assert gx.shape == args[3].shape and gcb.shape == args[4].shape
+    close_to_f64(gx, rgx, atol=KERNEL_TOL[gx.dtype]["atol"] + 1e-5)
+    close_to_f64(gcb, rgcb, atol=KERNEL_TOL[gcb.dtype]["atol"] + 1e-5)
+    return gx, gcb
+
+
+@pytest.mark.parametrize("x_dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("cb_dtype", KERNEL_DTYPES, ids=str)
+@per_backend("n, d, levels, k, shared", {"cuda": [(1, 1, 1, 1, False), (7, 5, 3, 4, False), (7, 5, 3, 4, True),
+                                                  (1000, 24, 4, 50, False), (1000, 24, 4, 50, True)]})
+def test_kernel_backward_matches_reference(backend, x_dtype, cb_dtype, n, d, levels, k, shared):
+    args = rq_backward_args(n, d, levels, k, seed=n + levels, shared=shared, x_dtype=x_dtype, cb_dtype=cb_dtype)
+    gx, _ = check_rq_backward(args, backend.device)
+    missing = (args[5] < 0).any(1).to(backend.device)  # r_{l+1} is NaN from a -1 on: grad_x NaN there
+    assert torch.isnan(gx[missing]).all()
+    assert not torch.isnan(gx[~missing]).any()
+
+
+@per_backend("make", {
+    "triton": [lambda: (seeded_randn(8, 4, seed=16, dtype=torch.float64), seeded_randn(2, seed=17),
+                        seeded_randn(2, seed=18), seeded_randn(8, 4, seed=13, dtype=torch.float64),
+                        seeded_randn(2, 5, 4, seed=14, dtype=torch.float64),
+                        torch.randint(0, 5, (8, 2), generator=gen(15)))],
+    "cuda": [partial(rq_backward_args, 20, 5, 2, 3, seed=19, x_dtype=torch.float64, cb_dtype=torch.float64)]})
+def test_kernel_backward_float64_is_the_reference(backend, make):
+    args = tuple(t.to(backend.device) for t in make())
+    assert_float64_is_the_reference(torch.ops.vqkernels.residual_quantize_backward(*args),
+                                    reference.residual_quantize_backward(*args),
+                                    reference.residual_quantize_backward(*(t.cpu() for t in args)), rtol=1e-10,
+                                    atol=1e-5)
+
+
+@on_backends()
+def test_kernel_backward_empty(backend):
+    dev = backend.device
+    x0, cbs = seeded_randn(0, 4, seed=19, device=dev), seeded_randn(2, 5, 4, seed=14, device=dev)
+    gx, gcb = torch.ops.vqkernels.residual_quantize_backward(x0, seeded_randn(2, seed=17, device=dev),
+                                                             seeded_randn(2, seed=18, device=dev), x0, cbs,
+                                                             torch.zeros(0, 2, dtype=torch.int64, device=dev))
+    assert gx.shape == (0, 4) and torch.equal(gcb, torch.zeros_like(gcb))
+    check_rq_backward(rq_backward_args(0, 5, 2, 3, seed=18), dev)
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@on_backends("triton")
+def test_kernel_backward_out_of_range_indices_count_as_minus_one(backend, det):
+    """Not range-checked by the Triton kernel (no GPU sync), but memory-safe: an index >= K or < -1 acts as -1."""
+    dev = backend.device
+    x, cbs = seeded_randn(10, 4, seed=36, device=dev), seeded_randn(2, 5, 4, seed=37, device=dev)
+    idx = torch.randint(0, 5, (10, 2), generator=gen(38)).to(dev)
+    bad, minus = idx.clone(), idx.clone()
+    bad[[1, 6], 1], bad[3, 1] = 5, -7
+    minus[[1, 6, 3], 1] = -1
+    grads = (seeded_randn(10, 4, seed=39, device=dev), seeded_randn(2, seed=40, device=dev),
+             seeded_randn(2, seed=41, device=dev))
+    with deterministic(det):
+        for a, b in zip(torch.ops.vqkernels.residual_quantize_backward(*grads, x, cbs, bad),
+                        torch.ops.vqkernels.residual_quantize_backward(*grads, x, cbs, minus)):
+            assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [16, -2])
+@on_backends("cuda")
+def test_kernel_backward_bad_index_raises(backend, bad):
+    """The CUDA kernel range-checks the indices."""
+    args = [t.to(backend.device) for t in rq_backward_args(10, 4, 2, 16, seed=21)]
+    args[5][3, 1] = bad
+    with pytest.raises(ValueError, match=r"residual_quantize_backward: indices must be in \[-1, K=16\)"):
+        backend.ops.residual_quantize_backward(*args)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@on_backends("cuda")
+def test_kernel_backward_deterministic_bitwise(backend, shared):
+    # no index -1: a row's -1 makes its later residuals NaN, and with one shared codebook those NaNs reach every
+    # code, which would leave nothing of grad_codebooks to compare
+    args = [t.to(backend.device) for t in rq_backward_args(4000, 32, 3, 16, seed=20, shared=shared,
+                                                            with_missing=False)]
+    with deterministic():
+        first = torch.ops.vqkernels.residual_quantize_backward(*args)
+        again = torch.ops.vqkernels.residual_quantize_backward(*args)
+    assert not torch.isnan(first[1]).any()
+    for a, b in zip(first, again):
+        assert_bitwise_equal(a, b)
+    rgx, rgcb = reference.residual_quantize_backward(*(f64(t) for t in args))
+    close_to_f64(first[0], rgx, atol=1e-5)
+    close_to_f64(first[1], rgcb, atol=1e-5)
+
+
+# --- opcheck and the backends' own input checks
+
+def kernel_forward_samples():
+    x, cbs = seeded_randn(9, 5, seed=24), seeded_randn(2, 6, 5, seed=25)
+    xh, cbs_h = rq_data(30, 8, 3, 16, seed=22, x_dtype=torch.float16)
+    return {"f32": (x, cbs, -1, 1), "shared-f16": (x.half(), cbs[0].bfloat16(), 2, 1), "beam": (x, cbs, 2, 2),
+            "empty": (x[:0], cbs, -1, 1), "f16": (xh, cbs_h, -1, 1)}
+
+
+@per_backend("sample", {"triton": ["f32", "shared-f16", "beam", "empty"], "cuda": ["f16"]})
+def test_kernel_opcheck(backend, sample):
+    args = kernel_forward_samples()[sample]
+    kernel_opcheck(backend, "residual_quantize", tuple(a.to(backend.device) if torch.is_tensor(a) else a for a in args))
+
+
+@per_backend("make", {
+    # no index -1: NaN outputs never compare equal
+    "triton": [lambda: (seeded_randn(9, 5, seed=29), seeded_randn(2, seed=30), seeded_randn(2, seed=31),
+                        seeded_randn(9, 5, seed=26), seeded_randn(2, 6, 5, seed=27),
+                        torch.randint(0, 6, (9, 2), generator=gen(28)))],
+    "cuda": [partial(rq_backward_args, 30, 8, 3, 16, seed=23, cb_dtype=torch.bfloat16, with_missing=False)]})
+def test_kernel_backward_opcheck(backend, make):
+    with deterministic(backend.name == "triton"):
+        kernel_opcheck(backend, "residual_quantize_backward", tuple(t.to(backend.device) for t in make()))
+
+
+KERNEL_BAD = {
+    "triton": [(lambda x, c: (x[0], c, -1, 1), "x must be 2-D"),
+               (lambda x, c: (x, c[0, 0], -1, 1), "codebooks must be"),
+               (lambda x, c: (x.int(), c, -1, 1), "x must be float32"),
+               (lambda x, c: (x, c[:, :, :3], -1, 1), "has D=5"),
+               (lambda x, c: (x, c, 3, 1), "num_levels=3 does not match"),
+               (lambda x, c: (x, c[0], 0, 1), "needs num_levels >= 1"),
+               (lambda x, c: (x, c, -1, 7), "beam_size must be in")],
+    "cuda": [(lambda x, c: (x, c, 2, 1), "num_levels=2 does not match codebooks' L=3"),
+             (lambda x, c: (x, c, -1, 17), r"beam_size must be in \[1, K=16\]"),
+             (lambda x, c: (x[:, :7], c, -1, 1), "x has D=7")],
+}
+KERNEL_BAD_INPUTS = {"triton": lambda: (seeded_randn(4, 5, seed=32), seeded_randn(2, 6, 5, seed=33)),
+                     "cuda": lambda: rq_data(10, 8, 3, 16, seed=17)}
+
+
+@per_backend("make, match", KERNEL_BAD)
+def test_kernel_bad_inputs(backend, make, match):
+    x, cbs = (t.to(backend.device) for t in KERNEL_BAD_INPUTS[backend.name]())
+    assert_kernel_rejects(backend, "residual_quantize", make(x, cbs), match)
+
+
+@on_backends("triton")
+def test_kernel_backward_bad_inputs(backend):
+    x, cbs = seeded_randn(4, 5, seed=34, device=backend.device), seeded_randn(2, 6, 5, seed=35, device=backend.device)
+    idx = torch.zeros(4, 3, dtype=torch.int64, device=backend.device)
+    grads = seeded_randn(3, seed=0, device=backend.device)
+    assert_kernel_rejects(backend, "residual_quantize_backward", (x, grads, grads, x, cbs, idx), "indices has L=3")
+
+
+@on_backends("triton", gpu=True)
+def test_triton_cpu_tensors_rejected(backend):
+    assert_rejects_cpu_tensors(backend, "residual_quantize", seeded_randn(4, 5, seed=92),
+                               seeded_randn(2, 6, 5, seed=93))

@@ -8,6 +8,7 @@ distances, hand-written normalisation), so the tests can judge the reference too
 import contextlib
 import os
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -289,14 +290,8 @@ def assert_bitwise_equal(a, b, what=""):
     assert torch.equal(bits(a), bits(b)), f"{what}: results differ bitwise"
 
 
-@contextlib.contextmanager
 def num_threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return _temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
 def assert_deterministic(fn):
@@ -471,6 +466,297 @@ def assert_separated(x, codebook, metric, targets, indices):
 LFQ_PROB_EPS = 1e-5
 # where the Triton tests run: the GPU, else CPU tensors through the interpreter
 TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# backends: the `backend` fixture (tests/conftest.py) runs a test with one backend serving the ops
+#
+# A test taking `backend` runs once per backend of DEFAULT_BACKENDS, or with the ones it names through
+# on_backends(...) / per_backend(...) (per-backend cases: the Triton interpreter is ~1000x slower, so its
+# shapes stay tiny). The fixture skips what cannot run here (CUDA without a GPU, Triton not installed) and,
+# for the test, routes every op the backend implements on its device to it (vqkernels.use_backend): the
+# public ops, torch.ops.vqkernels.<op> and vqkernels.<op>, then run that backend's kernels. Its own namespace
+# (Backend.ops) is for what only the backend's kernel says (its input checks); float64 calls go through the
+# public op, whose router hands them to the reference.
+
+GPU = torch.cuda.is_available()
+# the devices the backends' tests put their tensors on
+BACKEND_DEVICES = {"cpu": "cpu", "reference": "cpu", "triton": TRITON_DEV, "cuda": "cuda"}
+# the backends a test taking `backend` runs with unless it names others: the compiled kernels
+DEFAULT_BACKENDS = ("cpu", "triton", "cuda")
+# the dtypes the kernels compute in float32 (float64 goes to the reference)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Backend(NamedTuple):
+    """What the `backend` fixture gives a test: the backend serving the ops now and its tensors' device."""
+    name: str
+    device: str
+
+    @property
+    def ops(self):
+        """The backend's own op namespace (torch.ops.vqkernels_triton, ...): its kernels called directly."""
+        return getattr(torch.ops, vqkernels._backend.NAMESPACES[self.name])
+
+
+def backend_marks(name, gpu=False):
+    """The marks of a `backend` parameter: `gpu_backend` for the GPU backends' (the tests benchmarks/gpu.sh
+    runs); `cuda` and a skip without a GPU for the CUDA backend, and for any with gpu=True (real sizes)."""
+    if name not in BACKEND_DEVICES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {tuple(BACKEND_DEVICES)}")
+    marks = [pytest.mark.gpu_backend] if name in vqkernels._backend.GPU_BACKENDS else []
+    if gpu or name == "cuda":
+        marks += [pytest.mark.cuda, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]
+    if name == "cuda":
+        marks.append(pytest.mark.skipif(not vqkernels.cuda_compiled(),
+                                        reason="the extension was built without its CUDA sources"))
+    return marks
+
+
+def backend_params(*names, gpu=False):
+    """pytest parameters of the `backend` fixture (indirect): the named backends, DEFAULT_BACKENDS if none."""
+    return [pytest.param(name, marks=backend_marks(name, gpu), id=name) for name in names or DEFAULT_BACKENDS]
+
+
+def on_backends(*names, gpu=False):
+    """Decorator: the test runs with each named backend (gpu=True: only on a GPU, marked `cuda`)."""
+    return pytest.mark.parametrize("backend", backend_params(*names, gpu=gpu), indirect=True)
+
+
+def case_id(value):
+    """A parameter's part of a test id: shapes as 2x3x4, dtypes without "torch.", builders left out (None)."""
+    if callable(value):  # a builder: the other values name the case
+        return None
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    return str(value)
+
+
+def per_backend(argnames, cases, gpu=False):
+    """Decorator: @pytest.mark.parametrize("backend, <argnames>") with each backend's own cases.
+
+    ``cases`` maps a backend name (or several, comma-separated) to its list of values of ``argnames`` (a tuple
+    per case when argnames names several), e.g. per_backend("shape", {"cpu, triton": TINY, "cuda": REAL_SHAPES});
+    gpu=True as on_backends.
+    """
+    names = [a.strip() for a in argnames.split(",")]
+    params = []
+    for key, values in cases.items():
+        for name, value in ((n.strip(), v) for n in key.split(",") for v in values):
+            value = tuple(value) if len(names) > 1 else (value,)
+            assert len(value) == len(names), (argnames, value)
+            params.append(pytest.param(name, *value, marks=backend_marks(name, gpu),
+                                       id="-".join([name] + [i for i in map(case_id, value) if i is not None])))
+    return pytest.mark.parametrize(["backend"] + names, params, indirect=["backend"])
+
+
+def backend_names(fn):
+    """The backends a test function runs with, from its parametrize marks (tests/test_registry.py)."""
+    import inspect
+    names = set()
+    marked = False
+    for mark in getattr(fn, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        argnames = mark.args[0]
+        argnames = [a.strip() for a in argnames.split(",")] if isinstance(argnames, str) else list(argnames)
+        if "backend" not in argnames:
+            continue
+        marked = True
+        indirect = mark.kwargs.get("indirect", False)
+        if not (indirect is True or "backend" in (indirect or ())):
+            continue  # not the fixture's parameters (test_backends.py names its own argument `backend`)
+        i = argnames.index("backend")
+        for value in mark.args[1]:
+            values = value.values if hasattr(value, "values") else value if len(argnames) > 1 else (value,)
+            names.add(values[i])
+    if not marked and "backend" in inspect.signature(fn).parameters:
+        names.update(DEFAULT_BACKENDS)
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# the GPU kernels' search checks: data, and a float32-accumulation tolerance
+
+
+def randn_problem(n, k, d, dtype, seed=0, device="cpu"):
+    """(x [n, d], codebook [k, d]): standard normal values (drawn in float32) in dtype, on device."""
+    g = gen(seed)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    c = torch.randn(k, d, generator=g).to(dtype)
+    return x.to(device), c.to(device)
+
+
+def near_codes_problem(n, k, d, dtype, seed=0, device="cpu"):
+    """(x, codebook) in dtype on device: rows of x near codes (vq_helpers.clustered, noise 0.3), so that the
+    k nearest codes are spread out and not all ties."""
+    x, c, _ = clustered(n, k, d, seed, noise=0.3)
+    return x.to(dtype).to(device), c.to(dtype).to(device)
+
+
+def assert_float64_is_the_reference(got, same_device, cpu, rtol=1e-12, atol=1e-12):
+    """float64 calls go to the reference: ``got`` is exactly its outputs on the same tensors (``same_device``),
+    and close to its outputs on CPU copies (``cpu``)."""
+    assert len(got) == len(same_device) == len(cpu)
+    for g, s, c in zip(got, same_device, cpu):
+        assert_bitwise_equal(g, s, "float64")
+        torch.testing.assert_close(g.cpu(), c, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def integer_problem(n, k, d, dtype, seed=0, device="cpu"):
+    """(x, codebook) with entries in {-3..3}: every l2 / ip distance is exact in float32, in any summation order."""
+    g = gen(seed)
+    x = torch.randint(-3, 4, (n, d), generator=g).to(dtype)
+    c = torch.randint(-3, 4, (k, d), generator=g).to(dtype)
+    return x.to(device), c.to(device)
+
+
+def f32_tolerance(x, codebook, metric):
+    """Per-row tolerance [N] (float64, CPU) of a float32-accumulated distance: 1e-5 sqrt(D) for cosine, else
+    2e-6 sqrt(D) (1 + |x|^2 + max_k |c_k|^2) (the GPU kernels' tests; distance_tolerance is the rigorous one)."""
+    x, c = x.detach().double().cpu(), codebook.detach().double().cpu()
+    d = max(x.shape[1], 1)
+    if metric == "cosine":
+        return torch.full((x.shape[0],), 1e-5 * d ** 0.5, dtype=torch.float64)
+    return 2e-6 * d ** 0.5 * (1.0 + (x * x).sum(1) + (c * c).sum(1).max())
+
+
+def check_nearest_f32(x, codebook, metric, indices, distances):
+    """A float32 kernel's nearest_code outputs on finite data, on x's device: indices of a nearest code within
+    f32_tolerance of the float64 truth, float32 distances those of the chosen codes within it."""
+    n = x.shape[0]
+    assert indices.shape == (n,) and indices.dtype == torch.int64 and indices.device == x.device
+    assert distances.shape == (n,) and distances.dtype == torch.float32 and distances.device == x.device
+    if n == 0:
+        return
+    idx = indices.cpu()
+    assert bool(((idx >= 0) & (idx < codebook.shape[0])).all()), idx
+    truth, tol = true_distances(x.cpu(), codebook.cpu(), metric), f32_tolerance(x, codebook, metric)
+    chosen = truth.gather(1, idx.unsqueeze(1)).squeeze(1)
+    gap = chosen - truth.min(1).values
+    assert bool((gap <= tol).all()), f"not nearest: gap {gap.max().item()} > tol"
+    err = (distances.cpu().double() - chosen).abs()
+    assert bool((err <= tol).all()), f"distance error {err.max().item()}"
+
+
+def check_topk_f32(x, codebook, metric, k, indices, distances):
+    """A float32 kernel's nearest_code_topk outputs on finite data: k distinct codes, each within f32_tolerance
+    of the k nearest, distances sorted and within it of the chosen codes'."""
+    n = x.shape[0]
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert distances.shape == (n, k) and distances.dtype == torch.float32
+    if n == 0:
+        return
+    idx, dist = indices.cpu(), distances.cpu().double()
+    assert bool(((idx >= 0) & (idx < codebook.shape[0])).all()), idx
+    assert all(len(set(row)) == k for row in idx.tolist()), "repeated code in a row"
+    truth, tol = true_distances(x.cpu(), codebook.cpu(), metric), f32_tolerance(x, codebook, metric).unsqueeze(1)
+    chosen = truth.gather(1, idx)
+    kth = truth.sort(1).values[:, k - 1:k]
+    assert bool((chosen <= kth + tol).all()), "a chosen code is not among the k nearest"
+    assert bool(((dist - chosen).abs() <= tol).all()), f"distance error {(dist - chosen).abs().max().item()}"
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "distances not sorted"
+
+
+def _search_sample(xdt, cdt, layout="contiguous", n=9):
+    def build(device):
+        x, c = randn_problem(9, 6, 5, torch.float32, seed=13)
+        code_layout = "transposed" if layout == "strided" else "contiguous"
+        return with_layout(x[:n].to(xdt), layout).to(device), with_layout(c.to(cdt), code_layout).to(device)
+    return build
+
+
+# opcheck samples of the search kernels: name -> a builder of (x [9, 5], codebook [6, 5]) on a device (called in
+# the tests, so that collecting them needs no GPU)
+KERNEL_SEARCH_SAMPLES = {
+    "f32": _search_sample(torch.float32, torch.float32), "f16-bf16": _search_sample(torch.float16, torch.bfloat16),
+    "bf16": _search_sample(torch.bfloat16, torch.bfloat16), "f16": _search_sample(torch.float16, torch.float16),
+    "f64": _search_sample(torch.float64, torch.float64),
+    "strided": _search_sample(torch.float32, torch.float32, "strided"),
+    "empty": _search_sample(torch.float32, torch.float32, n=0),
+}
+
+
+def kernel_opcheck(backend, op, args):
+    """opcheck of the backend's own op, or of the public op (served by the backend) for a call with a float64
+    tensor: the router hands those to the reference, and the GPU backends' ops refuse them."""
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+        opcheck(op, args)
+    else:
+        opcheck(getattr(backend.ops, op).default, args)
+
+
+def seeded_randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
+    """Standard normal values (drawn in float64) times scale, in dtype on device."""
+    return (torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def nan_equal(a, b):
+    """Equal values (NaN == NaN), same dtype and shape."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+# tolerance of a float32-computed result stored in dtype, against the float64 truth (the CUDA kernels' tests)
+KERNEL_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+              torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def f64(t):
+    """A CPU float64 copy of a floating tensor (other tensors: a CPU copy)."""
+    return t.detach().cpu().double() if t.is_floating_point() else t.detach().cpu()
+
+
+def close_to_f64(actual, expected, dtype=None, **kw):
+    """actual (any device and dtype) against expected (CPU float64) within KERNEL_TOL of ``dtype`` (default:
+    actual's; ``kw`` overrides), NaNs in the same places."""
+    opts = dict(KERNEL_TOL[dtype or actual.dtype], **kw)
+    torch.testing.assert_close(actual.cpu().double(), expected.double(), equal_nan=True, check_dtype=False, **opts)
+
+
+def nan_search_problem(k, dtype, device):
+    """(x [40, 13], codebook [k, 13], keep, usable) in dtype on device: rows 0, 17 and 39 of x hold a NaN, codes 1
+    and k - 5 too (code k - 5 would be nearest to row 3); keep [40] and usable [k] mark the others (CPU)."""
+    x, c = randn_problem(40, k, 13, torch.float32, seed=7)
+    x[[0, 17, 39], [5, 0, 12]] = float("nan")
+    c[k - 5] = x[3]
+    c[k - 5, 2] = float("nan")
+    c[1, 0] = float("nan")
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[0, 17, 39]] = False
+    usable = torch.ones(k, dtype=torch.bool)
+    usable[[k - 5, 1]] = False
+    return x.to(dtype).to(device), c.to(dtype).to(device), keep, usable
+
+
+def assert_kernel_rejects(backend, op, args, match):
+    """The backend's own op refuses ``args`` with a ValueError naming the op: "vqkernels.triton.<op>: ... <match>"
+    (the Triton launchers' checks) or "vqkernels.<op>: <match>" (the CUDA kernels', csrc/checks.h)."""
+    prefix = rf"vqkernels\.triton\.{op}: .*" if backend.name == "triton" else rf"vqkernels\.{op}: "
+    with pytest.raises(ValueError, match=prefix + match):
+        getattr(backend.ops, op)(*args)
+
+
+def assert_rejects_cpu_tensors(backend, op, *args):
+    """The Triton kernel on a GPU refuses CPU tensors."""
+    assert_kernel_rejects(backend, op, args, "inputs are on cpu; the Triton kernel needs CUDA")
+
+
+@contextlib.contextmanager
+def _temporarily(get, set_, value):
+    old = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(old)
+
+
+def deterministic(flag=True):
+    """torch.use_deterministic_algorithms(flag) inside, the previous setting restored afterwards."""
+    return _temporarily(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, flag)
 
 
 # opcheck
