@@ -4,6 +4,7 @@ harness and the report import nothing of vqkernels, and the benchmark modules im
 
 import ast
 import copy
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -61,7 +62,33 @@ def _results():
                      ours_mib=1.0, theirs_mib=2.0)],
         var=[dict(name="MultiScaleVQ train step", B=8, Cvae=32, vocab=4096, patch_nums=[1, 2, 16], H=16, threads=2,
                   clock="wall", repeats=15, ours_ms=14.2, plain_ms=34.9, ratio=14.2 / 34.9)],
-        plot="nearest_code.png")
+        layer_sweep=_sweep(), overhead=_overhead(), plot="nearest_code.png")
+
+
+def _sweep():
+    """A token sweep as vqkernels.bench.layers.run_sweep returns it: FSQ at both sizes, LFQ 2^16 without theirs
+    at the larger one, VectorQuantize at the smaller one only."""
+    def run(name, detail, seq, tokens, ours_ms, theirs_ms, note=""):
+        return dict(name=name, detail=detail, seq=seq, tokens=tokens, batch=tokens // seq, ours_s=ours_ms / 1e3,
+                    theirs_s=None if theirs_ms is None else theirs_ms / 1e3, theirs_note=note)
+    return dict(tokens=[1024, 16384], target=5.0, runs=[
+        run("FSQ", "levels 8,8,8,5,5,5", 1024, 1024, 0.08, 0.17),
+        run("FSQ", "levels 8,8,8,5,5,5", 1024, 16384, 0.5, 3.0),
+        run("LFQ 2^16", "16 bits", 256, 1024, 4.0, 400.0),
+        run("LFQ 2^16", "16 bits", 256, 16384, 60.0, None, "not run (needs > 6 GiB)"),
+        run("VectorQuantize", "dim 64, 1024 codes", 256, 1024, 1.2, 12.0)])
+
+
+def _overhead():
+    """An overhead profile as vqkernels.bench.overhead.run returns it (seconds)."""
+    step = dict(name="FSQ", detail="levels 8,8,8,5,5,5, 1 x 1024 tokens", threads=2, wall_s=80e-6, theirs_s=170e-6,
+                profiled_s=150e-6, kernels_s=12e-6, router_s=9e-6, aten_s=30e-6, other_s=36e-6, events=60,
+                allocations=8)
+    micro = [dict(key="backend", what="backend op", threads=2, seconds=2.25e-6, vs=None),
+             dict(key="router", what="router op", threads=2, seconds=4.75e-6, vs="backend"),
+             dict(key="empty", what="torch.empty([1024, 64]) float32", threads=2, seconds=0.5e-6, vs=None)]
+    return dict(tokens=1024, threads=2, profiled_steps=20, steps=[step, dict(step, threads=1, wall_s=70e-6)],
+                micro=micro)
 
 
 def test_the_markdown_comes_from_the_json_alone_and_the_same_every_time():
@@ -88,6 +115,83 @@ def test_the_markdown_comes_from_the_json_alone_and_the_same_every_time():
         "![speedup of nearest_code over each baseline](nearest_code.png)",
     ]:
         assert line in text.splitlines(), line
+
+
+def test_the_token_sweep_and_the_overhead_profile_render_from_the_json():
+    lines = report.render(_results()).splitlines()
+    for line in [
+        "## Quantizer layers at 1024 and 16 x 1024 tokens",
+        "| layer | configuration | ours (1024) | vector-quantize-pytorch (1024) | speedup (1024) | >= 5x (1024) "
+        "| ours (16 x 1024) | vector-quantize-pytorch (16 x 1024) | speedup (16 x 1024) | >= 5x (16 x 1024) |",
+        "| FSQ | levels 8,8,8,5,5,5; 1024 tokens a sample | 0.08 | 0.17 | 2.12x | no | 0.50 | 3.00 | 6.00x | yes |",
+        "| LFQ 2^16 | 16 bits; 256 tokens a sample | 4.00 | 400.00 | 100.00x | yes | 60.00 | not run (needs > 6 GiB) "
+        "| - | - |",
+        "| VectorQuantize | dim 64, 1024 codes; 256 tokens a sample | 1.20 | 12.00 | 10.00x | yes | - | - | - | - |",
+        "## Per-call overhead at 1024 tokens",
+        "|  | FSQ, 2 threads (us) | FSQ, 1 thread (us) |",
+        "| step, wall time (no profiler) | 80.0 | 70.0 |",
+        "| our kernels: self time of vqkernels_cpu:: ops in the profiled step (% of the step) | 12.0 (15%) "
+        "| 12.0 (17%) |",
+        "| the profiler's own cost: profiled minus unprofiled step | 70.0 | 80.0 |",
+        "| profiled: the rest (the layer's Python, the autograd engine, much of the profiler's cost) | 63.0 (42%) "
+        "| 63.0 (42%) |",
+        "| allocations a step (aten::empty, aten::empty_strided); ~ us at the cost of torch.empty([1024, 64]) float32 "
+        "| 8 (~4 us) | 8 (~4 us) |",
+        "| 2 | router op | 2 | 4.75 | +2.50 (vs 1) |",
+    ]:
+        assert line in lines, line
+    quick = _results()
+    quick["layer_sweep"]["tokens"] = [1024]
+    text = report.render(quick)
+    assert "## Quantizer layers at 1024 tokens" in text and "(16 x 1024)" not in text
+    old = _results()
+    del old["layer_sweep"], old["overhead"]  # results written before the sweep: no such sections
+    assert "tokens a sample" not in report.render(old) and "Per-call overhead" not in report.render(old)
+
+
+def test_the_sweep_times_each_case_at_each_size():
+    pytest.importorskip("vector_quantize_pytorch")
+    from vqkernels.bench import layers
+    fsq = dataclasses.replace(next(c for c in layers.CASES if c.name == "FSQ"), seq=32)
+    sweep = layers.run_sweep(1, 0.0, cases=[fsq], tokens=(64, 128), log=lambda msg: None)
+    assert sweep["tokens"] == [64, 128] and sweep["target"] == layers.SWEEP_TARGET
+    assert [(r["tokens"], r["batch"], r["seq"]) for r in sweep["runs"]] == [(64, 2, 32), (128, 4, 32)]
+    assert all(r["ours_s"] > 0 and r["theirs_s"] > 0 and r["theirs_note"] == "" for r in sweep["runs"])
+    assert layers.run_sweep(1, 0.0, quick=True, cases=[fsq], tokens=(64, 128), log=lambda msg: None)["tokens"] == [64]
+    assert "| FSQ |" in report.sweep_table(sweep)
+
+
+def test_the_layer_table_measures_the_batches_it_did():
+    from vqkernels.bench import layers
+    full = {c.name: (c.batch, c.seq) for c in layers.CASES}
+    assert full["VectorQuantize"] == (16, 256) and full["ResidualVQ separate"] == (8, 512)
+    assert full["LFQ 2^16"] == (4, 256) and full["HierarchicalVQ"] == (8, 256) and full["LatentQuantize"] == (16, 1024)
+    assert full["ResidualVQ QINCo"] == (2, 256) and full["FSQ"] == (16, 1024)
+    assert all(1024 % c.seq == 0 for c in layers.CASES)  # every size of the sweep is a whole batch
+    assert {c.name: c.batch_for(True) for c in layers.CASES}["ResidualVQ QINCo"] == 1
+
+
+def test_the_overhead_profile_splits_a_step_by_event_names():
+    import vqkernels
+    if not vqkernels.compiled():
+        pytest.skip("the compiled extension is not loaded")
+    import torch
+
+    from vqkernels.bench import overhead
+    x, c = torch.randn(8, 8, requires_grad=True), torch.randn(16, 8)
+
+    def step():
+        torch.ops.vqkernels.nearest_code(x, c, "l2")[1].sum().backward()
+
+    step()
+    wall, (profiled, split, events, allocations) = overhead._alternating(step, 3)
+    assert wall > 0 and profiled > 0 and split["kernels_s"] > 0 and split["router_s"] > 0 and events >= 3
+    assert overhead._category("vqkernels_cpu::vq_quantize") == "kernels_s"
+    assert overhead._category("vqkernels::vq_quantize") == "router_s"
+    assert overhead._category("aten::fill_") == "aten_s" and overhead._category("AddBackward0") == "other_s"
+    threads = torch.get_num_threads()
+    assert all(t > 0 for t in overhead.per_call([(lambda: None, 1), (lambda: None, 2)], rounds=3))
+    assert torch.get_num_threads() == threads
 
 
 def test_readme_blocks_are_rewritten_between_their_markers():

@@ -4,7 +4,10 @@
   peak memory; the machine's description); torch and the standard library only;
 * :mod:`~vqkernels.bench.ops`: the ops against PyTorch, faiss and vector-quantize-pytorch;
 * :mod:`~vqkernels.bench.layers`: the ``vqkernels.nn`` layers' training steps against
-  vector-quantize-pytorch (``python -m vqkernels.bench.layers``);
+  vector-quantize-pytorch (``python -m vqkernels.bench.layers``), and their token sweep
+  (``python -m vqkernels.bench.layers --sweep``);
+* :mod:`~vqkernels.bench.overhead`: where a layer's training step spends its time at 1024 tokens
+  (``python -m vqkernels.bench.overhead``);
 * :mod:`~vqkernels.bench.var`: ``MultiScaleVQ`` against VAR's per-scale loop (``python -m vqkernels.bench.var``);
 * :mod:`~vqkernels.bench.gpu`: the GPU backends (``python -m vqkernels.bench.gpu``);
 * :mod:`~vqkernels.bench.plain`: the originals' quantizers in plain PyTorch (the baselines of

@@ -8,8 +8,9 @@
 
 The suites, in one process: the ops (:mod:`vqkernels.bench.ops`, whose docstring says how each
 method is timed), the quantizer layers (:mod:`vqkernels.bench.layers`) and VAR's multi-scale
-quantizer (:mod:`vqkernels.bench.var`). ``python -m vqkernels.bench.report`` regenerates the
-markdown and README's tables from the JSON without measuring anything.
+quantizer (:mod:`vqkernels.bench.var`), the layers' token sweep (:func:`vqkernels.bench.layers.run_sweep`)
+and the per-call overhead profile (:mod:`vqkernels.bench.overhead`). ``python -m vqkernels.bench.report``
+regenerates the markdown and README's tables from the JSON without measuring anything.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import vqkernels
 
-from . import layers, ops, report, var
+from . import layers, ops, overhead, report, var
 from .harness import MIN_REPEATS, THREADS, WARMUP, log, machine_info
 
 
@@ -89,14 +90,17 @@ def _paths(args):
 
 
 def _layer_suites(args):
-    """(layer results, their targets, VAR's rows): the layers, then MultiScaleVQ against VAR's loop."""
+    """(layer results, their targets, VAR's rows, the token sweep): the layers, MultiScaleVQ against VAR's loop,
+    then every layer at 1024 and 16 x 1024 tokens (quick: 1024)."""
     log("quantizer layers: one training step each")
     results, targets = layers.run(args.repeats, args.budget, quick=args.quick)
     log("VAR multi-scale quantizer vs its plain per-scale loop")
     var_rows = var.run(repeats=min(args.repeats, 15), quick=args.quick)
     for r in var_rows:
         log(f"  {r['threads']} thread(s), {r['clock']}: ours {r['ours_ms']:.1f} ms, plain {r['plain_ms']:.1f} ms")
-    return results, targets + [var.target(var_rows)], var_rows
+    log("quantizer layers: token sweep")
+    sweep = layers.run_sweep(args.repeats, args.budget, quick=args.quick)
+    return results, targets + [var.target(var_rows)], var_rows, sweep
 
 
 def measure(args):
@@ -109,7 +113,8 @@ def measure(args):
     other_shape = shapes[0] if args.quick or ops.HEADLINE not in shapes else ops.HEADLINE
     log(f"other ops at {report.shape_str(other_shape)}")
     other = ops.run_other_ops(other_shape, args.repeats, args.budget)
-    layer_results, layer_targets, var_rows = _layer_suites(args)
+    layer_results, layer_targets, var_rows, sweep = _layer_suites(args)
+    over = overhead.run()
     return dict(
         schema=1, command=" ".join(["python -m vqkernels.bench"] + args.argv),
         elapsed_s=time.perf_counter() - start,
@@ -119,8 +124,8 @@ def measure(args):
                              kernels=vqkernels.backend("nearest_code", "cpu"),
                              cpu_isa=vqkernels.cpu_isa() if vqkernels.compiled() else None),
         targets=ops.targets(nc) + ops.isa_targets(isa), layer_targets=layer_targets, nearest_code=nc,
-        isa_paths=isa, other_ops=other,
-        layers=layer_results, var=var_rows, plot=None)
+        isa_paths=isa, other_ops=other, layers=layer_results, var=var_rows, layer_sweep=sweep, overhead=over,
+        plot=None)
 
 
 def _plot(results, plot_path, output):

@@ -275,6 +275,132 @@ def layers_section(results):
             layers_table(results["layers"], results.get("var", ()))]
 
 
+def tokens_str(n):
+    """1024 -> "1024", 16384 -> "16 x 1024"."""
+    return f"{n // 1024} x 1024" if n > 1024 and n % 1024 == 0 else str(n)
+
+
+def sweep_title(sweep):
+    return f"Quantizer layers at {' and '.join(tokens_str(n) for n in sweep['tokens'])} tokens"
+
+
+def _sweep_cells(r, need):
+    """[ours ms, theirs ms (or why not), speedup, whether >= need] of one sweep run (None: not measured)."""
+    if r is None:
+        return ["-"] * 4
+    faster = None if r["theirs_s"] is None else r["theirs_s"] / r["ours_s"]
+    theirs = r["theirs_note"] if r["theirs_s"] is None else f"{r['theirs_s'] * 1e3:.2f}"
+    met = "-" if faster is None else ("yes" if faster >= need else "no")
+    return [f"{r['ours_s'] * 1e3:.2f}", theirs, ratio(faster), met]
+
+
+def sweep_table(sweep):
+    """One row a layer: its configuration, then ours / theirs ms, speedup and whether it meets the target at
+    each size of the sweep."""
+    need, sizes = sweep["target"], sweep["tokens"]
+    headers = ["layer", "configuration"]
+    for n in sizes:
+        t = tokens_str(n)
+        headers += [f"ours ({t})", f"vector-quantize-pytorch ({t})", f"speedup ({t})", f">= {need:g}x ({t})"]
+    by_layer = {}
+    for r in sweep["runs"]:
+        by_layer.setdefault(r["name"], {})[r["tokens"]] = r
+    rows = []
+    for name, runs in by_layer.items():
+        first = next(iter(runs.values()))
+        rows.append([name, f"{first['detail']}; {first['seq']} tokens a sample"]
+                    + [c for n in sizes for c in _sweep_cells(runs.get(n), need)])
+    return md_table(headers, rows)
+
+
+def sweep_section(sweep):
+    sizes = " and ".join(tokens_str(n) for n in sweep["tokens"])
+    return [f"## {sweep_title(sweep)}",
+            f"The layers of the table above, each timed at {sizes} tokens a step (batch = tokens / tokens a "
+            "sample), same step, same timing, time only; median ms. The last column of each size says whether "
+            f"ours is at least {sweep['target']:g}x vector-quantize-pytorch's step.",
+            sweep_table(sweep)]
+
+
+def _us(seconds):
+    return "-" if seconds is None else f"{seconds * 1e6:.1f}"
+
+
+def _rest(r):
+    return r["profiled_s"] - r["kernels_s"] - r["router_s"] - r["aten_s"] - r["other_s"]
+
+
+# (label, key of a profiled step row or a function of it, the key it is a share of or None)
+OVERHEAD_ROWS = (
+    ("step, wall time (no profiler)", "wall_s", None),
+    ("vector-quantize-pytorch's step, wall time (for scale)", "theirs_s", None),
+    ("our kernels: self time of vqkernels_cpu:: ops in the profiled step (% of the step)", "kernels_s", "wall_s"),
+    ("everything else: step minus our kernels (% of the step)", lambda r: r["wall_s"] - r["kernels_s"], "wall_s"),
+    ("step under torch.profiler, wall time", "profiled_s", None),
+    ("the profiler's own cost: profiled minus unprofiled step", lambda r: r["profiled_s"] - r["wall_s"], None),
+    ("profiled: public ops vqkernels::, self time (their Python autograd kernel, the router, dispatch; % of the "
+     "profiled step)", "router_s", "profiled_s"),
+    ("profiled: other aten ops, self time", "aten_s", "profiled_s"),
+    ("profiled: autograd nodes and other events, self time (holds our backward formulas' Python)", "other_s",
+     "profiled_s"),
+    ("profiled: the rest (the layer's Python, the autograd engine, much of the profiler's cost)", _rest,
+     "profiled_s"),
+)
+
+
+def _overhead_cell(r, key, of):
+    v = key(r) if callable(key) else r[key]
+    return _us(v) + (f" ({100 * v / r[of]:.0f}%)" if of and v is not None else "")
+
+
+def _micro_by_key(micro):
+    return {r["key"]: r for r in micro}
+
+
+def overhead_steps_table(steps, micro=()):
+    """The profiled steps, one column each; allocations also priced at torch.empty([1024, 64])'s measured cost."""
+    headers = [""] + [f"{r['name']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''} (us)" for r in steps]
+    rows = [[label] + [_overhead_cell(r, key, of) for r in steps] for label, key, of in OVERHEAD_ROWS]
+    empty = _micro_by_key(micro).get("empty")
+    label = "allocations a step (aten::empty, aten::empty_strided)"
+    if empty:
+        label += f"; ~ us at the cost of {empty['what']}"
+
+    def priced(n):
+        return f"{n:.0f}" + (f" (~{n * empty['seconds'] * 1e6:.0f} us)" if empty else "")
+    rows += [["profiled events a step"] + [f"{r['events']:.0f}" for r in steps],
+             [label] + [priced(r["allocations"]) for r in steps]]
+    return md_table(headers, rows)
+
+
+def overhead_micro_table(micro):
+    """The fixed costs: each row numbered; a row compared with another gives the difference and that row's number."""
+    number = {r["key"]: i for i, r in enumerate(micro, 1)}
+    by_key = _micro_by_key(micro)
+    rows = []
+    for i, r in enumerate(micro, 1):
+        base = by_key.get(r["vs"])
+        extra = "-" if base is None else f"{(r['seconds'] - base['seconds']) * 1e6:+.2f} (vs {number[r['vs']]})"
+        rows.append([i, r["what"], r["threads"], f"{r['seconds'] * 1e6:.2f}", extra])
+    return md_table(["#", "call", "threads", "us a call", "difference (us)"], rows)
+
+
+def overhead_section(overhead):
+    steps = overhead["steps"]
+    configs = "; ".join(dict.fromkeys(f"{r['name']}: {r['detail']}" for r in steps))
+    return [f"## Per-call overhead at {tokens_str(overhead['tokens'])} tokens",
+            f"One training step as in the layer table ({configs}), microseconds. {overhead['profiled_steps']} "
+            "rounds of one step without the profiler and one under its own torch.profiler, alternating: the "
+            "median unprofiled wall time; of the profiled steps the one of median wall time, split by the self "
+            "time of its recorded events (a kernel's self time includes its OpenMP waits). The "
+            "profiler adds a cost to every event, which shows in the profiled step's wall time and lands mostly "
+            "in the profiled rest. (python -m vqkernels.bench.overhead)",
+            overhead_steps_table(steps, overhead["micro"]),
+            "Fixed costs, each the median over rounds of back-to-back calls in the same process (a row and the "
+            "row it is compared with run their rounds in turn); a difference is from the row numbered.",
+            overhead_micro_table(overhead["micro"])]
+
+
 def render(results):
     """RESULTS.md (up to its hand-written GPU section) from the results."""
     layers = "layers" in results
@@ -290,6 +416,10 @@ def render(results):
         parts += other_ops_section(results["other_ops"])
     if layers:
         parts += layers_section(results)
+    if results.get("layer_sweep"):
+        parts += sweep_section(results["layer_sweep"])
+    if results.get("overhead"):
+        parts += overhead_section(results["overhead"])
     if results.get("plot"):
         parts += ["## Plot", f"![speedup of nearest_code over each baseline]({results['plot']})"]
     return "\n\n".join(parts) + "\n"
