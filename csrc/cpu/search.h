@@ -611,6 +611,62 @@ void rank_row_exact(const PackedCodebook<T>& pc, const T* xr, int64_t k, int64_t
   }
 }
 
+// The winner of one row's kLanes running minima (scores s, codes i; -1: the lane never took a code): the lowest
+// score, ties to the lowest code; -1 when no lane holds a code. A lane holds a code exactly when its score is
+// below +inf (a score replaces +inf only by comparing less), so the SIMD forms take the minimum score, then the
+// minimum code among the lanes equal to it.
+template <typename T>
+int64_t lane_winner(const T* s, const int32_t* i) {
+  int64_t bi = -1;
+  T bs = std::numeric_limits<T>::infinity();
+  for (int j = 0; j < kLanes; ++j)
+    if (i[j] >= 0 && (bi < 0 || s[j] < bs || (s[j] == bs && i[j] < bi))) {
+      bi = i[j];
+      bs = s[j];
+    }
+  return bi;
+}
+
+#if VQK_X86
+VQK_TARGET_AVX512 inline int64_t lane_winner_avx512(const float* s, const int32_t* i) {
+  const __m512 v = _mm512_loadu_ps(s);
+  const float m = _mm512_reduce_min_ps(v);
+  if (!(m < std::numeric_limits<float>::infinity())) return -1;
+  const __mmask16 eq = _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(eq, _mm512_loadu_si512(i));
+}
+
+VQK_TARGET_AVX2 inline int64_t lane_winner_avx2(const float* s, const int32_t* i) {
+  const __m256 a = _mm256_loadu_ps(s), b = _mm256_loadu_ps(s + 8);
+  __m256 m = _mm256_min_ps(a, b);
+  m = _mm256_min_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));  // every lane: the minimum
+  if (!(_mm256_cvtss_f32(m) < std::numeric_limits<float>::infinity())) return -1;
+  const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+  const __m256i ia = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i));
+  const __m256i ib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i + 8));
+  __m256i c = _mm256_min_epi32(_mm256_blendv_epi8(none, ia, _mm256_castps_si256(_mm256_cmp_ps(a, m, _CMP_EQ_OQ))),
+                               _mm256_blendv_epi8(none, ib, _mm256_castps_si256(_mm256_cmp_ps(b, m, _CMP_EQ_OQ))));
+  c = _mm256_min_epi32(c, _mm256_permute2x128_si256(c, c, 1));
+  c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, _MM_SHUFFLE(1, 0, 3, 2)));
+  c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm256_cvtsi256_si32(c);
+}
+#endif
+
+// lane_winner on the active ISA.
+template <typename T>
+int64_t row_winner(const T* s, const int32_t* i) {
+#if VQK_X86
+  if constexpr (std::is_same<T, float>::value) {
+    if (active_isa() == Isa::Avx512) return lane_winner_avx512(s, i);
+    if (active_isa() == Isa::Avx2) return lane_winner_avx2(s, i);
+  }
+#endif
+  return lane_winner(s, i);
+}
+
 // Nearest code of `rows` rows starting at x (leading dimension ldx): writes idx (-1 for a
 // NaN row or when no code is usable) and the exact distance (NaN for those rows).
 template <typename T>
@@ -634,16 +690,7 @@ void nearest_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t 
   });
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * ldx;
-    int64_t bi = -1;
-    T bs = std::numeric_limits<T>::infinity();
-    for (int j = 0; j < kLanes; ++j) {
-      const int32_t i = bidx[r * kLanes + j];
-      const T s = best[r * kLanes + j];
-      if (i >= 0 && (bi < 0 || s < bs || (s == bs && i < bi))) {
-        bi = i;
-        bs = s;
-      }
-    }
+    const int64_t bi = row_winner(best.data() + r * kLanes, bidx.data() + r * kLanes);
     // A NaN row makes every score NaN, so it never has a candidate: check only those rows.
     if (bi < 0 && row_has_nan(xr, pc.D)) {
       idx[r] = -1;
