@@ -31,31 +31,35 @@ struct Rule {
   int64_t max_rows;
   c10::ScalarType dtype;  // Undefined: any dtype
   c10::OperatorHandle target;
-  bool float64;                   // whether the target has float64 kernels
-  c10::OperatorHandle reference;  // serves the float64 calls when it has not
+  bool float64;  // whether the target has float64 kernels
 };
 
-bool is_double(const c10::IValue& v) { return v.isTensor() && v.toTensor().scalar_type() == c10::ScalarType::Double; }
+// An op's rules on one device, and the reference op serving the float64 calls of targets without float64 kernels.
+struct Route {
+  std::vector<Rule> rules;
+  c10::OperatorHandle reference;
+};
+
+bool is_double(const at::Tensor& t) { return t.scalar_type() == c10::ScalarType::Double; }
 
 // Whether any tensor argument (a list's elements too) of the call on `stack` is float64.
 bool any_double_argument(const torch::jit::Stack& stack, size_t first) {
   for (size_t i = first; i < stack.size(); ++i) {
     const c10::IValue& v = stack[i];
-    if (is_double(v)) return true;
+    if (v.isTensor() && is_double(v.toTensor())) return true;
     if (v.isTensorList())
       for (const at::Tensor& t : v.toTensorList().vec())
-        if (t.scalar_type() == c10::ScalarType::Double) return true;
+        if (is_double(t)) return true;
   }
   return false;
 }
-using Rules = std::vector<Rule>;
 
 class Router final : public c10::OperatorKernel {
  public:
   Router(std::string op, std::string device) : op_(std::move(op)), device_(std::move(device)) {}
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-    std::shared_ptr<const Rules> rules = std::atomic_load(&rules_);
+    std::shared_ptr<const Route> route = std::atomic_load(&route_);
     const size_t first = stack->size() - op.schema().arguments().size();
     int64_t rows = 0;
     c10::ScalarType dtype = c10::ScalarType::Undefined;
@@ -68,11 +72,11 @@ class Router final : public c10::OperatorKernel {
         break;
       }
     }
-    if (rules) {
-      for (const Rule& r : *rules) {
+    if (route) {
+      for (const Rule& r : route->rules) {
         if (rows <= r.max_rows && (r.dtype == c10::ScalarType::Undefined || r.dtype == dtype)) {
           const bool to_reference = !r.float64 && any_double_argument(*stack, first);
-          (to_reference ? r.reference : r.target).callBoxed(stack);
+          (to_reference ? route->reference : r.target).callBoxed(stack);
           return;
         }
       }
@@ -81,11 +85,11 @@ class Router final : public c10::OperatorKernel {
                 dtype, "); see vqkernels.set_backend");
   }
 
-  void set_rules(std::shared_ptr<const Rules> rules) { std::atomic_store(&rules_, std::move(rules)); }
+  void set_route(std::shared_ptr<const Route> route) { std::atomic_store(&route_, std::move(route)); }
 
  private:
   std::string op_, device_;
-  std::shared_ptr<const Rules> rules_;
+  std::shared_ptr<const Route> route_;
 };
 
 struct Registry {
@@ -147,13 +151,12 @@ c10::OperatorHandle find_op(const std::string& ns, const std::string& op) {
 
 void set_route(const std::string& device, const std::string& op, const std::vector<RuleSpec>& specs) {
   TORCH_CHECK(!specs.empty(), "vqkernels: a route needs at least one rule");
-  const c10::OperatorHandle reference = find_op("vqkernels_ref", op);
-  auto rules = std::make_shared<Rules>();
+  auto route = std::make_shared<Route>(Route{{}, find_op("vqkernels_ref", op)});
   for (const RuleSpec& s : specs) {
     const c10::ScalarType dtype = s.dtype.empty() ? c10::ScalarType::Undefined : parse_dtype(s.dtype);
-    rules->push_back(Rule{s.max_rows, dtype, find_op(s.ns, op), s.float64, reference});
+    route->rules.push_back(Rule{s.max_rows, dtype, find_op(s.ns, op), s.float64});
   }
-  find_router(device, op)->set_rules(std::move(rules));
+  find_router(device, op)->set_route(std::move(route));
 }
 
 }  // namespace dispatch

@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from vq_helpers import BACKEND_DEVICES, GPU, Backend, backend_params, require_triton, vqkernels  # noqa: E402
+from vq_helpers import (BACKEND_DEVICES, GPU, Backend, backend_params, forced_cpu_isa, require_triton,  # noqa: E402
+                        vqkernels)
 
 # With the extension loaded, the CPU kernels run with either instruction set; without
 # it the reference serves the CPU and there is a single, do-nothing parameter.
@@ -25,19 +26,9 @@ def isa(request):
     if wanted == "reference":
         yield wanted
         return
-    try:
-        got = vqkernels.set_cpu_isa(wanted)
-    except (ValueError, RuntimeError) as exc:
-        vqkernels.set_cpu_isa("auto")
-        pytest.skip(f"CPU ISA {wanted!r} unavailable: {exc}")
-    if got != wanted:
-        vqkernels.set_cpu_isa("auto")
-        pytest.skip(f"CPU ISA {wanted!r} unavailable here (set_cpu_isa gave {got!r})")
-    assert vqkernels.cpu_isa() == wanted
-    try:
+    with forced_cpu_isa(wanted):
+        assert vqkernels.cpu_isa() == wanted
         yield wanted
-    finally:
-        vqkernels.set_cpu_isa("auto")
 
 
 @pytest.fixture(params=backend_params())

@@ -21,8 +21,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, LAYOUTS, bits, compute_dtype, fail_rows, gen, hyp_settings, opcheck, reference,
-                        unit_roundoff, vqkernels, with_layout)
+from vq_helpers import (DTYPES, LAYOUTS, bits, compute_dtype, fail_rows, forced_cpu_isa, gen, hyp_settings, opcheck,
+                        reference, unit_roundoff, vqkernels, with_layout)
 
 ERRORS = (ValueError, RuntimeError)
 IMPLS = {"op": vqkernels.fsq_quantize, "reference": reference.fsq_quantize}
@@ -38,14 +38,8 @@ def impl(request):
     if request.param not in ISAS:
         yield request.param
         return
-    try:
-        vqkernels.set_cpu_isa(request.param)
-    except ValueError as exc:
-        pytest.skip(f"CPU ISA {request.param!r} unavailable: {exc}")
-    try:
+    with forced_cpu_isa(request.param):
         yield request.param
-    finally:
-        vqkernels.set_cpu_isa("auto")
 
 
 def forward(impl):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vq_helpers import (DTYPES, LAYOUTS, as_input, assert_deterministic, bits, compute_dtype, fail_rows, gen,
-                        hyp_settings, opcheck, reference, run_without_extension, unit_roundoff, vqkernels)
+from vq_helpers import (DTYPES, LAYOUTS, as_input, assert_deterministic, bits, compute_dtype, fail_rows, forced_cpu_isa,
+                        gen, hyp_settings, opcheck, reference, run_without_extension, unit_roundoff, vqkernels)
 
 KL_EPS = 1e-10  # taming-transformers: sum_k q_k log(q_k K + 1e-10)
 TAUS = (0.3, 1.0, 2.5)
@@ -39,14 +39,8 @@ def impl(request):
     if request.param == "reference":
         yield "reference"
         return
-    try:
-        vqkernels.set_cpu_isa(request.param)
-    except ValueError as exc:
-        pytest.skip(f"CPU ISA {request.param!r} unavailable: {exc}")
-    try:
+    with forced_cpu_isa(request.param):
         yield request.param
-    finally:
-        vqkernels.set_cpu_isa("auto")
 
 
 @pytest.fixture

@@ -128,27 +128,12 @@ def test_residual_vq_kmeans_init():
     assert codes.shape == (1, 128, 4)
 
 
-# mirrors test_readme.py::test_vq_lower_codebook
-def test_vq_lower_codebook_dim():
-    layer = VectorQuantize(dim=32, codebook_size=64, codebook_dim=8)
-    inputs = torch.randn(1, 128, 32)
-    out, codes, _ = layer(inputs)
-    assert out.shape == inputs.shape
-    assert codes.shape == (1, 128)
-
-
-# mirrors test_readme.py::test_vq_cosine_sim
-def test_vq_cosine_sim():
-    layer = VectorQuantize(dim=32, codebook_size=64, use_cosine_sim=True)
-    inputs = torch.randn(1, 128, 32)
-    out, codes, _ = layer(inputs)
-    assert out.shape == inputs.shape
-    assert codes.shape == (1, 128)
-
-
-# mirrors test_readme.py::test_vq_expire_code
-def test_vq_expire_dead_codes():
-    layer = VectorQuantize(dim=32, codebook_size=64, threshold_ema_dead_code=2)
+# mirrors test_readme.py::test_vq_lower_codebook, ::test_vq_cosine_sim and ::test_vq_expire_code
+@pytest.mark.parametrize("options", [dict(codebook_dim=8), dict(use_cosine_sim=True),
+                                     dict(threshold_ema_dead_code=2)],
+                         ids=["lower_codebook_dim", "cosine_sim", "expire_dead_codes"])
+def test_vq_single_codebook_options(options):
+    layer = VectorQuantize(dim=32, codebook_size=64, **options)
     inputs = torch.randn(1, 128, 32)
     out, codes, _ = layer(inputs)
     assert out.shape == inputs.shape

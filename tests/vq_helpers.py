@@ -290,6 +290,24 @@ def assert_bitwise_equal(a, b, what=""):
     assert torch.equal(bits(a), bits(b)), f"{what}: results differ bitwise"
 
 
+@contextlib.contextmanager
+def forced_cpu_isa(wanted):
+    """The CPU kernels forced to the instruction set ``wanted`` for the block (the test is skipped where this CPU
+    lacks it), then 'auto' again."""
+    try:
+        got = vqkernels.set_cpu_isa(wanted)
+    except (ValueError, RuntimeError) as exc:
+        vqkernels.set_cpu_isa("auto")
+        pytest.skip(f"CPU ISA {wanted!r} unavailable: {exc}")
+    if got != wanted:
+        vqkernels.set_cpu_isa("auto")
+        pytest.skip(f"CPU ISA {wanted!r} unavailable here (set_cpu_isa gave {got!r})")
+    try:
+        yield
+    finally:
+        vqkernels.set_cpu_isa("auto")
+
+
 def num_threads(n):
     return _temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
