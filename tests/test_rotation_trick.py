@@ -1,8 +1,9 @@
 """vqkernels.rotation_trick (Fifty et al. 2024) and vqkernels::rotation_trick_backward,
 against vector-quantize-pytorch's own rotate_to (the installed package).
 
-The kernels have no ISA-specific code: the tests run the op as dispatched (the C++ kernel
-when the extension is built) and the pure-PyTorch reference called directly.
+The tests run the op as dispatched (the C++ kernel when the extension is built) and the
+pure-PyTorch reference called directly; the C++ backward's ISA paths (one body, compiled per ISA
+without fused multiply-adds) must agree bit for bit.
 """
 
 import pytest
@@ -11,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
 
-from vq_helpers import (DTYPES, LAYOUTS, as_input, bits, compute_dtype, fail_rows, gen, hyp_settings, opcheck,
-                        reference, run_without_extension, vqkernels)
+from vq_helpers import (DTYPES, LAYOUTS, as_input, bits, compute_dtype, fail_rows, forced_cpu_isa, gen, hyp_settings,
+                        opcheck, reference, run_without_extension, vqkernels)
 
 EPS = 1e-6  # vector-quantize-pytorch's l2norm and safe_div
 GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -177,6 +178,31 @@ def test_random_shapes(forward_impl, backward_impl, n, d, dtypes, layouts, seed)
     want, _, _, _ = rotation_truth(src, tgt, grad)
     rtol = max(GRAD_RTOL[src.dtype], GRAD_RTOL[compute_dtype(grad, src, tgt)])
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()) if n else 0.0)
+
+
+ISAS = ["avx512", "avx2", "portable"] if vqkernels.compiled() else []
+
+
+@pytest.mark.skipif(not ISAS, reason="the C++ kernels' ISA paths (the extension is not built)")
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 17, 64, 70])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float64,) * 3, (torch.float16,) * 3,
+                                    (torch.float32, torch.float64, torch.bfloat16)], ids=str)
+def test_isas_agree_bitwise(d, dtypes):
+    """Every ISA path gives the portable path's bits (the vector loops' tails at every d, the clamped edge rows
+    included), and the float64 truth within the dtype's tolerance."""
+    src64, tgt64, grad64 = (torch.cat(pair) for pair in zip(regular_rows(40, d, seed=d), edge_rows(d, seed=d)))
+    grad, src, tgt = (t.to(dt) for t, dt in zip((grad64, src64, tgt64), dtypes))
+    results = {}
+    for isa in ISAS:
+        with forced_cpu_isa(isa):
+            results[isa] = torch.ops.vqkernels.rotation_trick_backward(grad, src, tgt)
+    for isa, got in results.items():
+        assert torch.equal(bits(got), bits(results["portable"])), f"{isa} differs from portable"
+    want, _, _, _ = rotation_truth(src, tgt, grad)
+    rtol = max(GRAD_RTOL[src.dtype], GRAD_RTOL[compute_dtype(grad, src, tgt)])
+    regular = slice(0, 40)  # the edge rows' gradients are ill-conditioned: bitwise agreement only
+    torch.testing.assert_close(results["portable"][regular].double(), want[regular], rtol=rtol,
+                               atol=rtol * float(want[regular].abs().max()))
 
 
 def test_nan_rows(backward_impl):

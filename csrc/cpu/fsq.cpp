@@ -26,19 +26,6 @@
 #include "cpu/fsq.h"
 #include "cpu/search.h"
 
-// The lane functions are always inlined, so that they compile for the target ISA of the entry
-// point calling them (a function without a target attribute may be inlined into one with it).
-#define VQK_LANES inline __attribute__((always_inline))
-// The lanes' arithmetic rounds every product and sum as written: GCC otherwise fuses a * b + c
-// into an FMA where the target has one (-ffp-contract=fast is its C++ default), which would
-// make the AVX paths round differently from the portable one and from vector-quantize-pytorch.
-// (Other compilers get no attribute; tests/test_fsq.py::test_isas_agree_bitwise would show a fusion.)
-#if defined(__GNUC__) && !defined(__clang__)
-#define VQK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else
-#define VQK_NO_CONTRACT
-#endif
-
 namespace vqk {
 namespace cpu {
 namespace {

@@ -47,6 +47,20 @@
 #include "checks.h"
 #include "cpu/cpu_isa.h"
 
+// The lane functions are always inlined, so that they compile for the target ISA of the entry
+// point calling them (a function without a target attribute may be inlined into one with it).
+#define VQK_LANES inline __attribute__((always_inline))
+// The lanes' arithmetic rounds every product and sum as written: GCC otherwise fuses a * b + c
+// into an FMA where the target has one (-ffp-contract=fast is its C++ default), which would
+// make the AVX paths round differently from the portable one and from vector-quantize-pytorch.
+// (Other compilers get no attribute; the isas_agree_bitwise tests of test_fsq.py and
+// test_rotation_trick.py would show a fusion.)
+#if defined(__GNUC__) && !defined(__clang__)
+#define VQK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define VQK_NO_CONTRACT
+#endif
+
 namespace vqk {
 namespace cpu {
 
@@ -772,26 +786,37 @@ void topk_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t row
   for (int64_t r = 0; r < rows; ++r) finish_topk_row(pc, x + r * ldx, k, idx + r * k, dist + r * k, ranked);
 }
 
-// Rows per block for n rows: kRowBlock, or fewer (a multiple of 12, every tile's row count)
-// so that a small batch still gives each thread work. It depends on n alone, never on the
-// thread count, so per-block partial sums are the same for any number of threads.
-inline int64_t row_block_size(int64_t n) {
-  return std::min<int64_t>(kRowBlock, std::max<int64_t>(12, (n / 8 + 11) / 12 * 12));
+// The row blocks of n rows, one parallel task each: row_block_count(n) blocks, block b holding the
+// rows [row_block_start(n, b), row_block_start(n, b + 1)). About kRowBlock rows a block (at least 12,
+// two tiles), and a block count that is a multiple of 12 where n allows, with block starts at
+// multiples of the tile height nearest to b * n / count: so 1, 2, 3, 4, 6 or 12 threads get shares
+// within a few rows of equal (43 blocks of 96 rows split 22 / 21 over 2 threads, 3% apart; 11
+// blocks, 12.5%). It depends on n alone, never on the thread count, so per-block partial sums are
+// the same for any number of threads.
+inline int64_t row_block_count(int64_t n) {
+  if (n <= 0) return 0;
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  return std::max<int64_t>(1, std::min<int64_t>((blocks + 11) / 12 * 12, n / 12));
 }
 
-inline int64_t row_block_count(int64_t n) {
-  const int64_t rows = row_block_size(n);
-  return (n + rows - 1) / rows;
+inline int64_t row_block_start(int64_t n, int64_t b) {
+  const int64_t count = row_block_count(n);
+  return b >= count ? n : std::min(n, (b * n / count + kMR / 2) / kMR * kMR);
+}
+
+// The most rows a block of n rows holds.
+inline int64_t row_block_size(int64_t n) {
+  const int64_t count = row_block_count(n);
+  return count == 0 ? 0 : (n + count - 1) / count + kMR;
 }
 
 // Runs fn(scratch, block, r0, r1) over the row blocks in parallel, at least grain_blocks
 // blocks per task; each parallel task owns one Scratch.
 template <typename Scratch, typename F>
 void parallel_row_blocks(int64_t n, F&& fn, int64_t grain_blocks = 1) {
-  const int64_t rows = row_block_size(n);
   at::parallel_for(0, row_block_count(n), grain_blocks, [&](int64_t b0, int64_t b1) {
     Scratch scratch;
-    for (int64_t b = b0; b < b1; ++b) fn(scratch, b, b * rows, std::min(n, (b + 1) * rows));
+    for (int64_t b = b0; b < b1; ++b) fn(scratch, b, row_block_start(n, b), row_block_start(n, b + 1));
   });
 }
 

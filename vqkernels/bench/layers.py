@@ -8,7 +8,7 @@ same state on the same input, in one process. Part of ``python -m vqkernels.benc
 Each case has its tokens per sample (``seq``) and the batch of the layer table (``batch``; quick
 runs use a quarter of it, at least 1). The token sweep (:func:`run_sweep`) times every case at
 SWEEP_TOKENS tokens a step (batch = tokens // seq; quick: the first size only), ours against
-theirs, time only.
+theirs and against the layer's shell (:class:`Shell`: the step with its quantizer taken out), time only.
 
 Timing: :func:`vqkernels.bench.harness.time_calls`; memory: peak RSS growth of one step on the CPU,
 the CUDA allocator's peak growth on a GPU.
@@ -39,6 +39,7 @@ class Case:
     seq: int  # tokens per sample (channel-first inputs: positions per sample)
     batch: int  # samples a step in the layer table (quick: a quarter, at least 1)
     target: float = 0.0  # speedup needed (0: none)
+    channel_first: bool = False  # inputs [b, dim, ...]
 
     def batch_for(self, quick):
         return max(1, self.batch // 4) if quick else self.batch
@@ -183,12 +184,42 @@ CASES = (  # name, configuration, make, tokens per sample, batch of the layer ta
     Case("ResidualLFQ", "4 levels of 2^10, dim 64", _residual_lfq, 256, 16),
     Case("SimVQ", "dim 64, 1024 codes", _sim_vq(False), 256, 16),
     Case("ResidualSimVQ", "4 levels x 1024 codes, dim 64", _sim_vq(True), 256, 16),
-    Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first", _latent_quantize, 1024, 16),
-    Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq, 256, 8),
+    Case("LatentQuantize", "levels 8,5,5,5 (1000 codes), dim 64, channel-first", _latent_quantize, 1024, 16,
+         channel_first=True),
+    Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq, 256, 8,
+         channel_first=True),
     Case("FSP", "levels 8,5,5,5", _fsp, 1024, 16),
     Case("BinaryMapper", "8 bits (256 codes), one-hot output", _binary_mapper, 256, 16),
     Case("EvoLFQ", "linear encoder / decoder 32 <-> 10, 2^10 codes", _evo_lfq, 256, 16),
 )
+
+
+LINEAR_MAPS = (("project_in", "project_out"), ("encoder", "decoder"))  # a layer's own maps in and out
+
+
+class Shell(torch.nn.Module):
+    """A layer's training step with its quantizer taken out: copies of the layer's own linear maps in and out
+    (``project_in`` / ``project_out``, EvoLFQ's ``encoder`` / ``decoder``) applied back to back, the identity
+    where it has none; a channel-first input is read as the layers read it (features moved last and back).
+    Timed with the same step (objective, backward) as the layers, it is the least any implementation of the
+    layer could cost here: vector-quantize-pytorch's time over the shell's bounds the speedup any quantizer
+    could show. A lower bound: the shell leaves out the losses and layout copies a layer may also need."""
+
+    def __init__(self, layer, channel_first):
+        super().__init__()
+        maps = []
+        for names in LINEAR_MAPS:
+            found = [getattr(layer, name, None) for name in names]
+            if all(isinstance(m, torch.nn.Linear) for m in found):
+                maps = [copy.deepcopy(m) for m in found]
+                break
+        self.maps = torch.nn.Sequential(*maps)
+        self.channel_first = channel_first
+
+    def forward(self, x, **_):
+        if self.channel_first:
+            return self.maps(x.movedim(1, -1)).movedim(-1, 1)
+        return self.maps(x)
 
 
 def _objective(out):
@@ -242,12 +273,15 @@ def _targets(case, detail, speedup, note, mib, their_mib):
     return out
 
 
-def _time_case(case, batch, repeats, budget, device, memory):
-    """Times ours and theirs at ``batch``: (time_calls' result, peak MiB of each when ``memory``, else {})."""
+def _time_case(case, batch, repeats, budget, device, memory, shell=False):
+    """Times ours and theirs (and with ``shell`` the layer's :class:`Shell`) at ``batch``: (time_calls' result,
+    peak MiB of each when ``memory``, else {})."""
     ours, theirs, x, forward = case.build(batch)
     fns = {"ours": _step(ours, x, device, forward)}
     if theirs is not None:
         fns["theirs"] = _step(theirs, x, device, forward)
+    if shell:
+        fns["shell"] = _step(Shell(ours, case.channel_first), x, device, forward)
     timed = time_calls(fns, repeats, budget)
     if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
         raise timed["ours"]
@@ -285,16 +319,17 @@ def run(repeats, budget, quick=False, log=log, device="cpu"):
 
 def run_sweep(repeats, budget, quick=False, log=log, device="cpu", cases=CASES, tokens=SWEEP_TOKENS):
     """Every case at each size of ``tokens`` (tokens a step; quick: the first only), batch = size // seq, time
-    only: {tokens, target, runs: [{name, detail, seq, tokens, batch, ours_s, theirs_s, theirs_note}]}."""
+    only, with the layer's :class:`Shell`: {tokens, target, runs: [{name, detail, seq, tokens, batch, ours_s,
+    theirs_s, theirs_note, shell_s}]}."""
     sizes = tokens[:1] if quick else tokens
     runs = []
     for case in cases:
         for n in sizes:
             batch = max(1, n // case.seq)
-            timed, _ = _time_case(case, batch, repeats, budget, device, memory=False)
+            timed, _ = _time_case(case, batch, repeats, budget, device, memory=False, shell=True)
             their_s, _, _, note = _theirs(timed, {}, timed["ours"][0])
             runs.append(dict(name=case.name, detail=case.detail, seq=case.seq, tokens=batch * case.seq, batch=batch,
-                             ours_s=timed["ours"][0], theirs_s=their_s, theirs_note=note))
+                             ours_s=timed["ours"][0], theirs_s=their_s, theirs_note=note, shell_s=timed["shell"][0]))
             _log_times(f"{case.name} at {batch} x {case.seq} tokens", timed["ours"][0], their_s, note, log)
     return dict(tokens=list(sizes), target=SWEEP_TARGET, runs=runs)
 
