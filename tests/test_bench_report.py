@@ -169,8 +169,8 @@ def test_the_sweep_times_each_case_at_each_size():
 
 
 def test_the_shell_is_the_layer_without_its_quantizer():
-    """The shell applies copies of the layer's own linear maps in and out (the identity without them), reading a
-    channel-first input as the layer does."""
+    """The shell applies copies of the layer's own dense maps (linear maps in and out, HierarchicalVQ's phi once a
+    level; the identity without any), reading a channel-first input as the layer does."""
     from vqkernels import nn
     from vqkernels.bench import layers
     x = torch.randn(2, 5, 64)
@@ -186,6 +186,9 @@ def test_the_shell_is_the_layer_without_its_quantizer():
     coder = dict(encoder=torch.nn.Linear(32, 10), decoder=torch.nn.Linear(10, 32))
     evo = nn.EvoLFQ(**coder, dim=10, codebook_size=2 ** 10)
     assert [m.in_features for m in layers.Shell(evo, channel_first=False).maps] == [32, 10]
+    hvq = nn.HierarchicalVQ(dim=8, codebook_size=16, scales=(1, 2, 4), accept_image_fmap=True)
+    fmap = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(layers.Shell(hvq, channel_first=True)(fmap), 3 * hvq.phi_shared(fmap))
     assert {c.name for c in layers.CASES if c.channel_first} == {"LatentQuantize", "HierarchicalVQ"}
 
 

@@ -228,11 +228,6 @@ using lane_int = typename LaneInt<F>::type;  // int32 lanes of F's width
 template <typename F>
 constexpr int kWidth = sizeof(F) / sizeof(float);
 
-// GCC warns (at the end of the file) that passing vectors wider than the default target has
-// changes the ABI: the lane functions are always inlined into entry points compiled for a target
-// that has them.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 template <typename F>
 VQK_LANES F load(const float* p) {
   F v;

@@ -24,26 +24,6 @@ namespace {
 constexpr double kEps = 1e-6;  // vector-quantize-pytorch's l2norm and safe_div
 constexpr int kSplit = 8;      // partial sums per dot product
 
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-// GCC warns that passing vectors wider than the default target has changes the ABI: the lane
-// functions are always inlined into entry points compiled for a target that has them.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// Elements p[0..8) as doubles.
-template <typename T>
-VQK_LANES f64x8 load8(const T* p) {
-  if constexpr (std::is_same<T, double>::value) {
-    f64x8 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  } else {
-    f32x8 v;
-    std::memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, f64x8);
-  }
-}
-
 // v rounded into p[0..8).
 template <typename S>
 VQK_LANES void store8(S* p, f64x8 v) {
@@ -56,8 +36,6 @@ VQK_LANES void store8(S* p, f64x8 v) {
     for (int k = 0; k < kSplit; ++k) p[k] = static_cast<S>(v[k]);
   }
 }
-
-VQK_LANES double pairwise_sum(f64x8 a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
 
 // grad_src of `rows` rows (row-major with strides ldg / lde / ldt) into out [rows][D].
 template <typename T, typename S>

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -60,6 +61,10 @@
 #else
 #define VQK_NO_CONTRACT
 #endif
+
+// GCC warns that passing vectors wider than the default target has changes the ABI: the lane
+// functions are always inlined into entry points compiled for a target that has them.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace vqk {
 namespace cpu {
@@ -565,38 +570,80 @@ inline void with_kernel(F&& f) {
 // Exact per-row quantities (accumulated in double): the distance to one code as the metric
 // defines it, used for the reported distances and for rows the fast path could not settle.
 
+// Sums in double over a row pair: eight interleaved partial sums (a vector of 8 doubles), added
+// pairwise at the end, in the same order on every ISA (the entry points round without FMAs).
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+// p[0..8) (float or double) as doubles.
+template <typename T>
+VQK_LANES f64x8 load8(const T* p) {
+  if constexpr (std::is_same<T, double>::value) {
+    f64x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, f64x8);
+  }
+}
+
+VQK_LANES double pairwise_sum(f64x8 a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+
+template <typename T>
+VQK_LANES double exact_distance_lanes(const T* x, const T* c, int64_t D, Metric metric) {
+  f64x8 acc = {}, xx = {};
+  int64_t d = 0;
+  if (metric == Metric::L2) {
+    for (; d + 8 <= D; d += 8) {
+      const f64x8 e = load8(x + d) - load8(c + d);
+      acc += e * e;
+    }
+    for (int u = 0; d < D; ++d, ++u) {
+      const double e = static_cast<double>(x[d]) - static_cast<double>(c[d]);
+      acc[u] += e * e;
+    }
+    return pairwise_sum(acc);
+  }
+  for (; d + 8 <= D; d += 8) {
+    const f64x8 xv = load8(x + d);
+    acc += xv * load8(c + d);
+    xx += xv * xv;
+  }
+  for (int u = 0; d < D; ++d, ++u) {
+    const double xv = x[d];
+    acc[u] += xv * static_cast<double>(c[d]);
+    xx[u] += xv * xv;
+  }
+  const double dot = pairwise_sum(acc);
+  if (metric == Metric::IP) return -dot;
+  return 1.0 - dot / std::max(std::sqrt(pairwise_sum(xx)), kNormEps);
+}
+
+template <typename T>
+VQK_NO_CONTRACT double exact_distance_portable(const T* x, const T* c, int64_t D, Metric metric) {
+  return exact_distance_lanes(x, c, D, metric);
+}
+#if VQK_X86
+template <typename T>
+VQK_TARGET_AVX2 VQK_NO_CONTRACT double exact_distance_avx2(const T* x, const T* c, int64_t D, Metric metric) {
+  return exact_distance_lanes(x, c, D, metric);
+}
+template <typename T>
+VQK_TARGET_AVX512 VQK_NO_CONTRACT double exact_distance_avx512(const T* x, const T* c, int64_t D, Metric metric) {
+  return exact_distance_lanes(x, c, D, metric);
+}
+#endif
+
+// The distance of row xr to code k as the metric defines it, in double.
 template <typename T>
 double exact_distance(const PackedCodebook<T>& pc, const T* xr, int64_t k) {
-  const T* c = pc.row(k);
-  const int64_t D = pc.D;
-  double acc[4] = {0, 0, 0, 0}, xx[4] = {0, 0, 0, 0};  // four chains: not one long dependency
-  int64_t d = 0;
-  if (pc.metric == Metric::L2) {
-    for (; d + 4 <= D; d += 4)
-      for (int u = 0; u < 4; ++u) {
-        const double e = static_cast<double>(xr[d + u]) - static_cast<double>(c[d + u]);
-        acc[u] += e * e;
-      }
-    for (; d < D; ++d) {
-      const double e = static_cast<double>(xr[d]) - static_cast<double>(c[d]);
-      acc[0] += e * e;
-    }
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  }
-  for (; d + 4 <= D; d += 4)
-    for (int u = 0; u < 4; ++u) {
-      const double xv = xr[d + u];
-      acc[u] += xv * static_cast<double>(c[d + u]);
-      xx[u] += xv * xv;
-    }
-  for (; d < D; ++d) {
-    const double xv = xr[d];
-    acc[0] += xv * static_cast<double>(c[d]);
-    xx[0] += xv * xv;
-  }
-  const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  if (pc.metric == Metric::IP) return -dot;
-  return 1.0 - dot / std::max(std::sqrt((xx[0] + xx[1]) + (xx[2] + xx[3])), kNormEps);
+#if VQK_X86
+  if (active_isa() == Isa::Avx512) return exact_distance_avx512(xr, pc.row(k), pc.D, pc.metric);
+  if (active_isa() == Isa::Avx2) return exact_distance_avx2(xr, pc.row(k), pc.D, pc.metric);
+#endif
+  return exact_distance_portable(xr, pc.row(k), pc.D, pc.metric);
 }
 
 template <typename T>

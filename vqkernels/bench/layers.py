@@ -198,12 +198,15 @@ LINEAR_MAPS = (("project_in", "project_out"), ("encoder", "decoder"))  # a layer
 
 
 class Shell(torch.nn.Module):
-    """A layer's training step with its quantizer taken out: copies of the layer's own linear maps in and out
-    (``project_in`` / ``project_out``, EvoLFQ's ``encoder`` / ``decoder``) applied back to back, the identity
-    where it has none; a channel-first input is read as the layers read it (features moved last and back).
+    """A layer's training step with its quantizer taken out: copies of the layer's own dense maps, applied where
+    the layer applies them to tensors of the same shapes. Those are its linear maps in and out (``project_in`` /
+    ``project_out``, EvoLFQ's ``encoder`` / ``decoder``) back to back, and HierarchicalVQ's per-level
+    convolution phi on the full map (summed over the levels, as the levels' reconstructions are); the identity
+    where there are none. A channel-first input is read as the layers read it (features moved last and back).
     Timed with the same step (objective, backward) as the layers, it is the least any implementation of the
     layer could cost here: vector-quantize-pytorch's time over the shell's bounds the speedup any quantizer
-    could show. A lower bound: the shell leaves out the losses and layout copies a layer may also need."""
+    could show. A lower bound: the shell leaves out the losses, layout copies and random draws a layer may
+    also need."""
 
     def __init__(self, layer, channel_first):
         super().__init__()
@@ -214,9 +217,13 @@ class Shell(torch.nn.Module):
                 maps = [copy.deepcopy(m) for m in found]
                 break
         self.maps = torch.nn.Sequential(*maps)
+        phis = [layer._phi(level) for level in range(layer.num_levels)] if hasattr(layer, "_phi") else []
+        self.level_maps = torch.nn.ModuleList(copy.deepcopy(phi) for phi in phis)  # a shared phi: one copy a level
         self.channel_first = channel_first
 
     def forward(self, x, **_):
+        if self.level_maps:  # channel-first maps [B, dim, *spatial]
+            return sum(phi(x) for phi in self.level_maps)
         if self.channel_first:
             return self.maps(x.movedim(1, -1)).movedim(-1, 1)
         return self.maps(x)
