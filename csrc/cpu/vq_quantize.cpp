@@ -78,8 +78,7 @@ std::tuple<at::Tensor, at::Tensor> vq_quantize_backward(const at::Tensor& grad_q
   const auto ct = compute_dtype(x, codebook);
   const double scale = 2.0 / static_cast<double>(std::max<int64_t>(n * D, 1));
   const double a = grad_commit_loss.item<double>() * scale, b = grad_codebook_loss.item<double>() * scale;
-  at::Tensor gx = grad_quantized.to(ct).contiguous();  // a fresh buffer unless already contiguous ct
-  if (gx.is_same(grad_quantized)) gx = gx.clone();
+  at::Tensor gx = at::empty({n, D}, x.options().dtype(ct));
   at::Tensor gcb = at::zeros({K, D}, codebook.options().dtype(ct));
   const at::Tensor xs = x.to(ct).contiguous(), cb = codebook.to(ct).contiguous(), idx = indices.contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "vq_quantize_backward", [&] {
@@ -88,12 +87,15 @@ std::tuple<at::Tensor, at::Tensor> vq_quantize_backward(const at::Tensor& grad_q
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     scalar_t* gcp = gcb.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
+    const RowSource<scalar_t> gsrc(grad_quantized);  // read in place (any layout), converted block by block if needed
+    parallel_row_blocks<std::vector<scalar_t>>(n, [&](std::vector<scalar_t>& buf, int64_t, int64_t r0, int64_t r1) {
+      int64_t ldg;
+      const scalar_t* g = gsrc.rows(r0, r1 - r0, buf, ldg);
+      for (int64_t r = r0; r < r1; ++r, g += ldg) {
         const int64_t k = ip[r];
         for (int64_t d = 0; d < D; ++d) {
           const scalar_t qv = k >= 0 ? cp[k * D + d] : std::numeric_limits<scalar_t>::quiet_NaN();
-          gxp[r * D + d] += static_cast<scalar_t>(a) * (xp[r * D + d] - qv);
+          gxp[r * D + d] = g[d] + static_cast<scalar_t>(a) * (xp[r * D + d] - qv);
         }
       }
     });
