@@ -190,6 +190,12 @@ def test_the_shell_is_the_layer_without_its_quantizer():
     fmap = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(layers.Shell(hvq, channel_first=True)(fmap), 3 * hvq.phi_shared(fmap))
     assert {c.name for c in layers.CASES if c.channel_first} == {"LatentQuantize", "HierarchicalVQ"}
+    drawn = []
+    layers.Shell(nn.FSQ([8, 5, 5]), channel_first=False, draws=drawn.append)(x)
+    layers.Shell(lq, channel_first=True, draws=drawn.append)(cf)
+    assert drawn == [10, 10]  # the tokens of either layout
+    fsp = next(c for c in layers.CASES if c.name == "FSP")
+    assert [t.shape for t in fsp.draws(7)] == [(7, 4), (7, 4)]  # FSP's two draws of every projected value
 
 
 def test_the_layer_table_measures_the_batches_it_did():

@@ -40,6 +40,8 @@ class Case:
     batch: int  # samples a step in the layer table (quick: a quarter, at least 1)
     target: float = 0.0  # speedup needed (0: none)
     channel_first: bool = False  # inputs [b, dim, ...]
+    draws: Callable = None  # (tokens) -> None: the random numbers the layer draws a step (theirs' stream, which
+    # ours reproduces), drawn by the shell too
 
     def batch_for(self, quick):
         return max(1, self.batch // 4) if quick else self.batch
@@ -173,7 +175,7 @@ CASES = (  # name, configuration, make, tokens per sample, batch of the layer ta
          _vq_option(_half_padded), 256, 16),
     Case("VectorQuantize top-4", "dim 64, 1024 codes, topk=4", _vq_option(lambda x: dict(topk=4)), 256, 16),
     Case("VectorQuantize sampled", "dim 64, 1024 codes, stochastic_sample_codes", _vq_option(
-        stochastic_sample_codes=True), 256, 16),
+        stochastic_sample_codes=True), 256, 16, draws=lambda n: torch.rand(n, 1024)),
     Case("ResidualVQ QINCo", "implicit_neural_codebook, 3 levels x 256 codes, dim 32", _qinco, 256, 2),
     Case("ResidualVQ separate", "8 levels x 1024 codes, dim 128", _rvq(False), 512, 8, 5.0),
     Case("ResidualVQ shared", "8 levels, one 1024-code codebook, dim 128", _rvq(True), 512, 8, 5.0),
@@ -188,7 +190,7 @@ CASES = (  # name, configuration, make, tokens per sample, batch of the layer ta
          channel_first=True),
     Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq, 256, 8,
          channel_first=True),
-    Case("FSP", "levels 8,5,5,5", _fsp, 1024, 16),
+    Case("FSP", "levels 8,5,5,5", _fsp, 1024, 16, draws=lambda n: (torch.rand(n, 4), torch.rand(n, 4))),
     Case("BinaryMapper", "8 bits (256 codes), one-hot output", _binary_mapper, 256, 16),
     Case("EvoLFQ", "linear encoder / decoder 32 <-> 10, 2^10 codes", _evo_lfq, 256, 16),
 )
@@ -203,12 +205,13 @@ class Shell(torch.nn.Module):
     ``project_out``, EvoLFQ's ``encoder`` / ``decoder``) back to back, and HierarchicalVQ's per-level
     convolution phi on the full map (summed over the levels, as the levels' reconstructions are); the identity
     where there are none. A channel-first input is read as the layers read it (features moved last and back).
-    Timed with the same step (objective, backward) as the layers, it is the least any implementation of the
-    layer could cost here: vector-quantize-pytorch's time over the shell's bounds the speedup any quantizer
-    could show. A lower bound: the shell leaves out the losses, layout copies and random draws a layer may
-    also need."""
+    ``draws(tokens)``, when given, draws the random numbers the layer draws a step (the same stream as theirs,
+    which ours reproduces: FSP's perturbations, the sampled codes' Gumbel noise). Timed with the same step
+    (objective, backward) as the layers, it is the least any implementation of the layer could cost here:
+    vector-quantize-pytorch's time over the shell's bounds the speedup any quantizer could show. A lower bound:
+    the shell leaves out the losses and layout copies a layer may also need."""
 
-    def __init__(self, layer, channel_first):
+    def __init__(self, layer, channel_first, draws=None):
         super().__init__()
         maps = []
         for names in LINEAR_MAPS:
@@ -219,9 +222,11 @@ class Shell(torch.nn.Module):
         self.maps = torch.nn.Sequential(*maps)
         phis = [layer._phi(level) for level in range(layer.num_levels)] if hasattr(layer, "_phi") else []
         self.level_maps = torch.nn.ModuleList(copy.deepcopy(phi) for phi in phis)  # a shared phi: one copy a level
-        self.channel_first = channel_first
+        self.channel_first, self.draws = channel_first, draws
 
     def forward(self, x, **_):
+        if self.draws is not None:
+            self.draws(x.numel() // x.shape[1 if self.channel_first else -1])
         if self.level_maps:  # channel-first maps [B, dim, *spatial]
             return sum(phi(x) for phi in self.level_maps)
         if self.channel_first:
@@ -288,7 +293,7 @@ def _time_case(case, batch, repeats, budget, device, memory, shell=False):
     if theirs is not None:
         fns["theirs"] = _step(theirs, x, device, forward)
     if shell:
-        fns["shell"] = _step(Shell(ours, case.channel_first), x, device, forward)
+        fns["shell"] = _step(Shell(ours, case.channel_first, case.draws), x, device, forward)
     timed = time_calls(fns, repeats, budget)
     if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
         raise timed["ours"]
