@@ -833,21 +833,20 @@ void topk_rows(const PackedCodebook<T>& pc, const T* x, int64_t ldx, int64_t row
   for (int64_t r = 0; r < rows; ++r) finish_topk_row(pc, x + r * ldx, k, idx + r * k, dist + r * k, ranked);
 }
 
-// The row blocks of n rows, one parallel task each: row_block_count(n) blocks, block b holding the
-// rows [row_block_start(n, b), row_block_start(n, b + 1)). About kRowBlock rows a block (at least 12,
-// two tiles), and a block count that is a multiple of 12 where n allows, with block starts at
-// multiples of the tile height nearest to b * n / count: so 1, 2, 3, 4, 6 or 12 threads get shares
-// within a few rows of equal (43 blocks of 96 rows split 22 / 21 over 2 threads, 3% apart; 11
-// blocks, 12.5%). It depends on n alone, never on the thread count, so per-block partial sums are
-// the same for any number of threads.
+// The row blocks of n rows, one parallel task each: count = row_block_count(n) blocks, block b
+// holding the rows [row_block_start(n, count, b), row_block_start(n, count, b + 1)). About kRowBlock
+// rows a block (at least 12, two tiles), a block count that is a multiple of 12 where n allows, and
+// block starts at the multiples of the tile height nearest to b * n / count, so that 1, 2, 3, 4, 6
+// or 12 threads get shares within a few rows of equal. (Blocks of exactly kRowBlock rows split
+// 1024 rows 576 / 448 over 2 threads, 4096 rows 2112 / 1984.) It depends on n alone, never on
+// the thread count, so per-block partial sums are the same for any number of threads.
 inline int64_t row_block_count(int64_t n) {
   if (n <= 0) return 0;
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   return std::max<int64_t>(1, std::min<int64_t>((blocks + 11) / 12 * 12, n / 12));
 }
 
-inline int64_t row_block_start(int64_t n, int64_t b) {
-  const int64_t count = row_block_count(n);
+inline int64_t row_block_start(int64_t n, int64_t count, int64_t b) {
   return b >= count ? n : std::min(n, (b * n / count + kMR / 2) / kMR * kMR);
 }
 
@@ -861,9 +860,10 @@ inline int64_t row_block_size(int64_t n) {
 // blocks per task; each parallel task owns one Scratch.
 template <typename Scratch, typename F>
 void parallel_row_blocks(int64_t n, F&& fn, int64_t grain_blocks = 1) {
-  at::parallel_for(0, row_block_count(n), grain_blocks, [&](int64_t b0, int64_t b1) {
+  const int64_t count = row_block_count(n);
+  at::parallel_for(0, count, grain_blocks, [&](int64_t b0, int64_t b1) {
     Scratch scratch;
-    for (int64_t b = b0; b < b1; ++b) fn(scratch, b, row_block_start(n, b), row_block_start(n, b + 1));
+    for (int64_t b = b0; b < b1; ++b) fn(scratch, b, row_block_start(n, count, b), row_block_start(n, count, b + 1));
   });
 }
 
