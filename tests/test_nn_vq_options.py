@@ -296,6 +296,7 @@ def test_stochastic_sample_codes_matches_vector_quantize_pytorch(kw, monkeypatch
     EMA codebooks follow."""
     from vqkernels.nn import _scores
     monkeypatch.setattr(_scores, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(_scores, "SAMPLE_CHUNK_ELEMENTS", 100)
     _compare_steps(kw, lambda step: {})
     # theirs' masked commitment loss reads the raw input (differs with cosine) and fails with heads
     masked = kw.get("heads", 1) == 1 and not kw.get("use_cosine_sim")

@@ -8,6 +8,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 CHUNK_ELEMENTS = 1 << 22  # scores per chunk (16 MiB of float32)
+# scores per chunk of the sampler, whose dozen elementwise passes then stay in a core's L2 (1 MiB of float32):
+# twice as fast as 16 MiB chunks at 1024 tokens x 1024 codes, 10% at 16 x 1024 tokens (2 threads, Zen 5)
+SAMPLE_CHUNK_ELEMENTS = 1 << 18
 
 
 def scores(rows, codes, metric):
@@ -20,8 +23,8 @@ def scores(rows, codes, metric):
     return -(rows.square().sum(-1, keepdim=True) + codes.square().sum(-1) + dots * -2).clamp(min=1e-8).sqrt()
 
 
-def _chunks(num_rows, num_codes):
-    step = max(1, CHUNK_ELEMENTS // max(num_codes, 1))
+def _chunks(num_rows, num_codes, elements=None):
+    step = max(1, (CHUNK_ELEMENTS if elements is None else elements) // max(num_codes, 1))
     return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
@@ -36,7 +39,7 @@ def sample_codes(rows, codes, metric, temperature):
     """One code per row drawn from softmax(scores / temperature) by the Gumbel-max trick with theirs' noise
     (-log(-log(u)), logs clamped at 1e-20), drawn in row order as theirs' [N, K] draw. Returns [M] indices."""
     chosen = []
-    for start, stop in _chunks(rows.shape[0], codes.shape[0]):
+    for start, stop in _chunks(rows.shape[0], codes.shape[0], SAMPLE_CHUNK_ELEMENTS):
         s = scores(rows[start:stop], codes, metric)
         noise = -torch.log((-torch.log(torch.rand_like(s).clamp(min=1e-20))).clamp(min=1e-20))
         chosen.append((s / temperature + noise).argmax(-1))
