@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NAT = log(2)  # one bit, in nats: the default kl_loss_threshold
+CHUNK_ELEMENTS = 1 << 18  # joint probabilities per chunk of rows in the straight-through's backward (1 MiB of float32)
 
 
 def _one_hot(indices, num_codes):
@@ -60,8 +61,12 @@ class _JointProbStraightThrough(torch.autograd.Function):
         codes = _code_bits(power_two)
         # [2**bits, bits + 1]: the bits of each code, then a column of ones
         reader = torch.cat([codes, codes.new_ones(codes.shape[0], 1)], dim=-1).to(work)
-        # dG_c / dl_b = G_c (c_b - p_b): sum_c grad_c G_c c_b - p_b sum_c grad_c G_c, both sums from one product
-        sums = _joint_probs(lg).mul_(grad.to(work)) @ reader
+        # dG_c / dl_b = G_c (c_b - p_b): sum_c grad_c G_c c_b - p_b sum_c grad_c G_c, both sums from one product,
+        # in row chunks whose [rows, 2**bits] products stay in a core's L2
+        step = max(1, CHUNK_ELEMENTS >> power_two.numel())
+        parts = [_joint_probs(lg[start:start + step]).mul_(grad[start:start + step].to(work)) @ reader
+                 for start in range(0, lg.shape[0], step)]
+        sums = torch.cat(parts) if parts else lg.new_zeros(0, reader.shape[1])
         grad_logits = sums[:, :-1] - lg.sigmoid() * sums[:, -1:]
         return grad_logits.to(logits.dtype), None, None
 
