@@ -87,15 +87,52 @@ struct FsqTables {
 
 // The constants and tables of one (levels, hard_clamp), built once per process (they take a dozen
 // ATen ops, several microseconds a call); the cache holds up to kCacheSize level sets.
+// The tables of the 16-row index sums (row_indices_16): 16 rows of d int32 levels are d vectors of 16, row r's
+// level j at flat position r d + j. Per j, the pairs of vectors (q, q + 1) that hold some of those positions
+// give a two-source permute (index: position - 16 q) under a mask of the lanes they hold; basis[q] is the
+// mixed-radix weight of each lane of vector q. For d <= 16 and a codebook of at most 2**26 codes, so that a
+// level of -1 (NaN) can weigh -2**26 and leave any row holding one negative, without overflow.
+struct FsqRowSums {
+  static constexpr int64_t kMaxD = 16, kMaxCodes = int64_t{1} << 26;
+  bool usable = false;
+  int64_t d = 0;
+  std::vector<int32_t> index, basis;  // [d][pairs][16], [d][16]
+  std::vector<uint16_t> mask;         // [d][pairs]
+
+  FsqRowSums(const FsqConstants& k, at::IntArrayRef levels) : d(static_cast<int64_t>(levels.size())) {
+    int64_t codes = 1;
+    for (const int64_t level : levels)
+      if ((codes *= level) > kMaxCodes) return;  // (levels are at least 2, checked: the product only grows)
+    usable = d <= kMaxD;
+    if (!usable) return;
+    const int64_t pairs = (d + 1) / 2;
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        uint16_t m = 0;
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t at = r * d + j - 32 * pair;  // the position within vectors (2 pair, 2 pair + 1)
+          const bool held = at >= 0 && at < (2 * pair + 1 < d ? 32 : 16);
+          index.push_back(held ? static_cast<int32_t>(at) : 0);
+          m |= static_cast<uint16_t>(held) << r;
+        }
+        mask.push_back(m);
+      }
+    for (int64_t q = 0; q < d; ++q)
+      for (int64_t lane = 0; lane < 16; ++lane) basis.push_back(static_cast<int32_t>(k.basis[(16 * q + lane) % d]));
+  }
+};
+
 struct FsqSetup {
   FsqConstants k;
   FsqTables lanes1, lanes8, lanes16;
+  FsqRowSums row_sums;
 
   FsqSetup(at::IntArrayRef levels, bool hard_clamp)
       : k(levels, hard_clamp),
         lanes1(k, levels.size(), 1),
         lanes8(k, levels.size(), 8),
-        lanes16(k, levels.size(), 16) {}
+        lanes16(k, levels.size(), 16),
+        row_sums(k, levels) {}
 
   const FsqTables& tables(int64_t lanes) const { return lanes == 16 ? lanes16 : lanes == 8 ? lanes8 : lanes1; }
 };
@@ -517,6 +554,43 @@ void row_indices(const int32_t* levels, int64_t rows, Dim d, const int64_t* basi
   }
 }
 
+#if VQK_X86
+// row_indices for 16 rows at a time by in-register permutes (FsqRowSums), the rest of the rows as row_indices:
+// the same indices in half the time of the scalar sums, 8-12% off the forward at 16384 rows of 4-6 dims (Zen 5).
+// D: the row length, a compile-time constant so that the 16 rows' D vectors stay in registers.
+template <int D>
+VQK_TARGET_AVX512 void row_indices_16(const int32_t* levels, int64_t rows, const FsqRowSums& t, const int64_t* basis,
+                                      int64_t* idx) {
+  constexpr int kPairs = (D + 1) / 2;
+  const __m512i nan_weight = _mm512_set1_epi32(-static_cast<int32_t>(FsqRowSums::kMaxCodes));
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t r = 0;
+  for (; r + 16 <= rows; r += 16) {
+    __m512i w[D];
+#pragma GCC unroll 16
+    for (int q = 0; q < D; ++q) {
+      const __m512i lv = _mm512_loadu_si512(levels + r * D + 16 * q);
+      w[q] = _mm512_mask_mov_epi32(_mm512_mullo_epi32(lv, _mm512_loadu_si512(t.basis.data() + 16 * q)),
+                                   _mm512_cmplt_epi32_mask(lv, zero), nan_weight);
+    }
+    __m512i sum = zero;
+#pragma GCC unroll 16
+    for (int j = 0; j < D; ++j)
+#pragma GCC unroll 8
+      for (int pair = 0; pair < kPairs; ++pair) {
+        const int q = 2 * pair, at = j * kPairs + pair;
+        const __m512i picked =
+            _mm512_permutex2var_epi32(w[q], _mm512_loadu_si512(t.index.data() + 16 * at), w[q + 1 < D ? q + 1 : q]);
+        sum = _mm512_mask_add_epi32(sum, t.mask[at], sum, picked);
+      }
+    sum = _mm512_mask_mov_epi32(sum, _mm512_cmplt_epi32_mask(sum, zero), _mm512_set1_epi32(-1));
+    _mm512_storeu_si512(idx + r, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum)));
+    _mm512_storeu_si512(idx + r + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(sum, 1)));
+  }
+  row_indices(levels + r * D, rows - r, std::integral_constant<int, D>{}, basis, idx + r);
+}
+#endif
+
 // Results in float32 are written straight to a float32 output, else through scratch then converted.
 template <typename scalar_t>
 float* float_target(scalar_t* out, std::vector<float>& scratch, int64_t count) {
@@ -563,6 +637,11 @@ void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, 
         }
         convert_out(codes, rows * d, out + r0 * d);
         const int32_t* levels = s.levels.data();
+#if VQK_X86
+        if (path.lanes == 16 && setup.row_sums.usable)
+          return with_const<1, FsqRowSums::kMaxD>(
+              d, [&](auto dc) { row_indices_16<decltype(dc)::value>(levels, rows, setup.row_sums, basis, idx + r0); });
+#endif
         if (d <= 8)
           with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx + r0); });
         else
