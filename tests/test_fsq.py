@@ -336,7 +336,8 @@ def test_tanh_within_bound(isa):
 
 
 EDGE_VALUES = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-30, 0.75, -0.75, 9.1, -20.0, 1e30]
-ISA_LEVELS = [[5], [8, 5, 3], [8, 8, 8, 5, 5, 5], [2, 3, 4, 5, 6, 7, 8], list(range(2, 19))]
+ISA_LEVELS = [[5], [8, 5, 3], [8, 8, 8, 5, 5, 5], [2, 3, 4, 5, 6, 7, 8], [3] * 16, [4] * 13, list(range(2, 19))]
+# (d = 16 and 4 ** 13 = 2 ** 26 codes: the largest of the 16-row index sums; past them, the scalar sums)
 
 
 def all_outputs(z, g, levels):
