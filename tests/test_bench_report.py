@@ -120,6 +120,13 @@ def test_the_markdown_comes_from_the_json_alone_and_the_same_every_time():
         assert line in text.splitlines(), line
 
 
+def test_a_measure_rounded_onto_its_bar_gets_one_more_digit():
+    assert report.target_row(report.target("t", "w", 0.85, 0.846, unit="%"))[3:] == ["84.6%", "FAIL"]
+    assert report.target_row(report.target("t", "w", 0.85, 0.853, unit="%"))[3:] == ["85.3%", "PASS"]
+    assert report.target_row(report.target("t", "w", 1.3, 1.298))[3:] == ["1.298x", "FAIL"]
+    assert report.target_row(report.target("t", "w", 0.85, 0.86, unit="%"))[3:] == ["86%", "PASS"]
+
+
 def test_the_token_sweep_and_the_overhead_profile_render_from_the_json():
     lines = report.render(_results()).splitlines()
     for line in [

@@ -105,10 +105,13 @@ def target(name, where, need, value, why="", unit="x", compare=">="):
     return dict(target=name, where=where, need=need, value=value, why=why, unit=unit, compare=compare)
 
 
-def _in_unit(v, unit):
+def _in_unit(v, unit, finer=False):
+    """v in its unit; ``finer``: one more digit."""
     if unit == "%":
-        return f"{100 * v:.0f}%" if 100 * v >= 10 else f"{100 * v:.1f}%"
-    return f"{v:.1f} MiB" if unit == "MiB" else ratio(v)
+        return f"{100 * v:.{int(finer) + (0 if 100 * v >= 10 else 1)}f}%"
+    if unit == "MiB":
+        return f"{v:.{1 + int(finer)}f} MiB"
+    return f"{v:.3f}x" if finer else ratio(v)
 
 
 def target_row(t):
@@ -117,7 +120,10 @@ def target_row(t):
     if t["value"] is None:
         return [t["target"], t["where"], needed, t["why"] or "not measured", "n/a"]
     passed = COMPARE[t["compare"]](t["value"], t["need"])
-    return [t["target"], t["where"], needed, _in_unit(t["value"], t["unit"]), "PASS" if passed else "FAIL"]
+    measured = _in_unit(t["value"], t["unit"])
+    if measured == _in_unit(t["need"], t["unit"]):  # rounded onto the bar: one more digit says which side
+        measured = _in_unit(t["value"], t["unit"], finer=True)
+    return [t["target"], t["where"], needed, measured, "PASS" if passed else "FAIL"]
 
 
 def targets_table(records, where="N x D x K"):
