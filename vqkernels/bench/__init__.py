@@ -5,7 +5,8 @@
 * :mod:`~vqkernels.bench.ops`: the ops against PyTorch, faiss and vector-quantize-pytorch;
 * :mod:`~vqkernels.bench.layers`: the ``vqkernels.nn`` layers' training steps against
   vector-quantize-pytorch (``python -m vqkernels.bench.layers``), and their token sweep
-  (``python -m vqkernels.bench.layers --sweep``);
+  (``python -m vqkernels.bench.layers --sweep``), with each layer's shell (the step with the quantizer taken
+  out: the bound on any speedup);
 * :mod:`~vqkernels.bench.overhead`: where a layer's training step spends its time at 1024 tokens
   (``python -m vqkernels.bench.overhead``);
 * :mod:`~vqkernels.bench.var`: ``MultiScaleVQ`` against VAR's per-scale loop (``python -m vqkernels.bench.var``);
