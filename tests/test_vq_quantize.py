@@ -154,6 +154,44 @@ def test_gradients_match_formulas(isa, metric, dtypes, which):
         assert bool(unchosen.any()) and not bool(codebook.grad[unchosen].any()), "gradient left the chosen rows"
 
 
+# outputs left out of the objective (not weighted by 0: absent), whose gradients reach the backward as None
+UNUSED_CASES = {"commit": ("commit",), "codebook": ("codebook",), "losses": ("commit", "codebook"),
+                "quantized": ("quantized",), "quantized+codebook": ("quantized", "codebook")}
+
+
+@pytest.mark.parametrize("used", UNUSED_CASES)
+@on_backends("cpu", "reference", "triton", "cuda")
+def test_outputs_left_out_of_the_objective(backend, used, monkeypatch):
+    """The backward gets None for the outputs the objective does not use (nothing is materialised for them): it
+    reads a stride-0 zero for quantized's gradient (the rotation trick reads the codes detached) and zero scalars
+    for the losses'; the gradients are the formulas' of the outputs used."""
+    backward_op, seen = torch.ops.vqkernels.vq_quantize_backward, []
+
+    def spy(grad_quantized, *args):
+        seen.append(grad_quantized.stride())
+        return backward_op(grad_quantized, *args)
+    monkeypatch.setattr(torch.ops.vqkernels, "vq_quantize_backward", spy)
+    x64, cb64, _ = clustered(20, 64, 6, seed=35, noise=0.3)
+    x = x64.float().to(backend.device).requires_grad_()
+    codebook = cb64.float().to(backend.device).requires_grad_()
+    quantized, indices, commit_loss, codebook_loss = vq_quantize(x, codebook, "l2")
+    g = torch.randn(quantized.shape, generator=gen(36)).to(backend.device)
+    terms = {"quantized": (quantized * g).sum(), "commit": 0.7 * commit_loss, "codebook": -1.3 * codebook_loss}
+    sum(terms[name] for name in UNUSED_CASES[used]).backward()
+    assert seen == [x.stride() if "quantized" in UNUSED_CASES[used] else (0, 0)]
+    wq, wc, wb = (w if name in UNUSED_CASES[used] else 0.0
+                  for name, w in (("quantized", 1.0), ("commit", 0.7), ("codebook", -1.3)))
+    diff = x64 - cb64[indices.cpu()]
+    scale = 2.0 / x.numel()
+    want_x = wq * g.double().cpu() + wc * scale * diff
+    want_cb = torch.zeros(cb64.shape, dtype=torch.float64).index_add_(0, indices.cpu(), -wb * scale * diff)
+    for got, want in ((x.grad, want_x), (codebook.grad, want_cb)):
+        if not bool(want.any()):
+            assert is_zero_grad(got)
+        else:
+            torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_gradcheck_commit_loss(metric):
     """float64 gradcheck of commit_loss in x (well-separated: the argmin is stable)."""

@@ -52,11 +52,22 @@ def _nearest_code_topk_backward(ctx, grad_indices, grad_distances):
 
 def _vq_quantize_setup(ctx, inputs, output):
     x, codebook, _ = inputs
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero tensor is allocated for it)
     ctx.save_for_backward(x, codebook, output[1])
 
 
 def _vq_quantize_backward(ctx, grad_quantized, grad_indices, grad_commit, grad_codebook_loss):
     x, codebook, indices = ctx.saved_tensors
+    if grad_quantized is None and grad_commit is None and grad_codebook_loss is None:
+        return None, None, None
+    # the unused outputs' zero gradients: a stride-0 view for quantized (the kernels read it in place, e.g. when
+    # the rotation trick reads the codes detached), scalars for the losses (float32, float64 for float64 inputs)
+    if grad_quantized is None:
+        grad_quantized = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+    loss_dtype = torch.promote_types(torch.promote_types(x.dtype, codebook.dtype), torch.float32)
+    grad_commit = torch.zeros((), dtype=loss_dtype, device=x.device) if grad_commit is None else grad_commit
+    if grad_codebook_loss is None:
+        grad_codebook_loss = torch.zeros((), dtype=loss_dtype, device=x.device)
     grad_x, grad_codebook = torch.ops.vqkernels.vq_quantize_backward(
         grad_quantized, grad_commit, grad_codebook_loss, x, codebook, indices)
     return (grad_x if ctx.needs_input_grad[0] else None,
