@@ -2,6 +2,7 @@
 
 import torch
 
+from ._checks import compute_dtype
 from .reference import NORM_EPS, lookup
 
 
@@ -64,7 +65,7 @@ def _vq_quantize_backward(ctx, grad_quantized, grad_indices, grad_commit, grad_c
     # the rotation trick reads the codes detached), scalars for the losses (float32, float64 for float64 inputs)
     if grad_quantized is None:
         grad_quantized = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
-    loss_dtype = torch.promote_types(torch.promote_types(x.dtype, codebook.dtype), torch.float32)
+    loss_dtype = compute_dtype(x, codebook)
     grad_commit = torch.zeros((), dtype=loss_dtype, device=x.device) if grad_commit is None else grad_commit
     if grad_codebook_loss is None:
         grad_codebook_loss = torch.zeros((), dtype=loss_dtype, device=x.device)

@@ -95,11 +95,11 @@ struct FsqTables {
 struct FsqRowSums {
   static constexpr int64_t kMaxD = 16, kMaxCodes = int64_t{1} << 26;
   bool usable = false;
-  int64_t d = 0;
   std::vector<int32_t> index, basis;  // [d][pairs][16], [d][16]
   std::vector<uint16_t> mask;         // [d][pairs]
 
-  FsqRowSums(const FsqConstants& k, at::IntArrayRef levels) : d(static_cast<int64_t>(levels.size())) {
+  FsqRowSums(const FsqConstants& k, at::IntArrayRef levels) {
+    const int64_t d = static_cast<int64_t>(levels.size());
     int64_t codes = 1;
     for (const int64_t level : levels)
       if ((codes *= level) > kMaxCodes) return;  // (levels are at least 2, checked: the product only grows)

@@ -101,16 +101,23 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> ptr_;
 };
 
+// A row pair's distance in double as the metric defines it (exact_distance_kernel: the active ISA's, defined below).
+template <typename T>
+using ExactDistanceFn = double (*)(const T* x, const T* c, int64_t D, Metric metric);
+template <typename T>
+ExactDistanceFn<T> exact_distance_kernel();
+
 template <typename T>
 struct PackedCodebook {
   int64_t K = 0, D = 0, P = 0;  // codes, dimension, panels
   Metric metric = Metric::L2;
-  T alpha = T(-2);           // the packed codes are alpha * c (exact: a power of two)
-  AlignedBuffer<T> data;     // [P][D][kLanes], padding codes are zero
-  const T* rows = nullptr;   // [K][D]: the codes as the metric sees them (normalised for cosine):
-  std::vector<T> rows_copy;  // the codebook itself when it already is contiguous T, else this copy
-  AlignedBuffer<T> cterm;    // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
-  std::vector<uint8_t> bad;  // [K]: the code holds a NaN
+  T alpha = T(-2);                     // the packed codes are alpha * c (exact: a power of two)
+  AlignedBuffer<T> data;               // [P][D][kLanes], padding codes are zero
+  const T* rows = nullptr;             // [K][D]: the codes as the metric sees them (normalised for cosine):
+  std::vector<T> rows_copy;            // the codebook itself when it already is contiguous T, else this copy
+  AlignedBuffer<T> cterm;              // [P * kLanes], NaN for codes never to be chosen (NaN rows, padding)
+  std::vector<uint8_t> bad;            // [K]: the code holds a NaN
+  ExactDistanceFn<T> exact = nullptr;  // the active ISA's exact distance, picked once per packing
 
   const T* panel(int64_t p) const { return data.data() + p * D * kLanes; }
   const T* row(int64_t k) const { return rows + k * D; }
@@ -124,6 +131,7 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
   pc.P = (pc.K + kLanes - 1) / kLanes;
   pc.metric = metric;
   pc.alpha = metric == Metric::L2 ? T(-2) : T(-1);
+  pc.exact = exact_distance_kernel<T>();
   pc.data.allocate(pc.P * pc.D * kLanes);
   for (int64_t k = pc.K; k < pc.P * kLanes; ++k)  // the padding codes of the last panel
     for (int64_t d = 0; d < pc.D; ++d) pc.data[(k / kLanes) * pc.D * kLanes + d * kLanes + k % kLanes] = T(0);
@@ -636,14 +644,19 @@ VQK_TARGET_AVX512 VQK_NO_CONTRACT double exact_distance_avx512(const T* x, const
 }
 #endif
 
+template <typename T>
+ExactDistanceFn<T> exact_distance_kernel() {
+#if VQK_X86
+  if (active_isa() == Isa::Avx512) return exact_distance_avx512<T>;
+  if (active_isa() == Isa::Avx2) return exact_distance_avx2<T>;
+#endif
+  return exact_distance_portable<T>;
+}
+
 // The distance of row xr to code k as the metric defines it, in double.
 template <typename T>
 double exact_distance(const PackedCodebook<T>& pc, const T* xr, int64_t k) {
-#if VQK_X86
-  if (active_isa() == Isa::Avx512) return exact_distance_avx512(xr, pc.row(k), pc.D, pc.metric);
-  if (active_isa() == Isa::Avx2) return exact_distance_avx2(xr, pc.row(k), pc.D, pc.metric);
-#endif
-  return exact_distance_portable(xr, pc.row(k), pc.D, pc.metric);
+  return pc.exact(xr, pc.row(k), pc.D, pc.metric);
 }
 
 template <typename T>
