@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from vqkernels.bench import report
+from vqkernels.bench import ops, report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "vqkernels" / "bench"
@@ -125,6 +125,27 @@ def test_a_measure_rounded_onto_its_bar_gets_one_more_digit():
     assert report.target_row(report.target("t", "w", 0.85, 0.853, unit="%"))[3:] == ["85.3%", "PASS"]
     assert report.target_row(report.target("t", "w", 1.3, 1.298))[3:] == ["1.298x", "FAIL"]
     assert report.target_row(report.target("t", "w", 0.85, 0.86, unit="%"))[3:] == ["86%", "PASS"]
+
+
+def test_a_need_above_the_limit_fails_as_such():
+    """limit: what the measure would read at the whole peak; a need above it is beyond any kernel."""
+    assert report.target_row(report.target("t", "w", 1.3, 1.04, limit=1.19))[3:] == ["1.04x", "FAIL (limit 1.19x)"]
+    assert report.target_row(report.target("t", "w", 1.3, 1.25, limit=1.35))[3:] == ["1.25x", "FAIL"]
+    assert report.target_row(report.target("t", "w", 1.3, 1.5, limit=1.6))[3:] == ["1.50x", "PASS"]
+
+
+def test_the_isa_targets_carry_the_limit_of_faiss_rate():
+    n, d, k = 1024, 256, 1024
+    flop = 2.0 * n * d * k
+    section = dict(threads=2, faiss_blas="OpenBLAS 0.3.15, Haswell kernels", paths=[dict(
+        isa="avx2", fma_peak_gflops=100.0, faiss_level="AVX2",
+        rows=[dict(shape=[n, d, k], ours_s=flop / 90e9, faiss_s=flop / 80e9, faiss_note="")])])
+    speed, peak = ops.isa_targets(section)
+    assert speed["value"] == pytest.approx(90 / 80) and speed["limit"] == pytest.approx(100 / 80)
+    assert report.target_row(speed)[4] == "FAIL (limit 1.25x)"
+    assert peak["value"] == pytest.approx(0.9) and report.target_row(peak)[4] == "PASS"
+    text = "\n".join(report.isa_section(section))
+    assert "OpenBLAS 0.3.15, Haswell kernels" in text and "| 90% | 80% |" in text
 
 
 def test_the_token_sweep_and_the_overhead_profile_render_from_the_json():
