@@ -248,6 +248,37 @@ inline void check_rotation_backward(const char* op, const at::Tensor& grad, cons
   check_float(op, "grad", grad);
 }
 
+// BinaryMapper's one-hot: logits [N, bits] floating with 1 <= bits <= 30, indices int64 [N] on logits' device.
+constexpr int64_t kMaxOneHotBits = 30;  // 2**bits columns a row
+
+inline void check_bit_logits(const char* op, const at::Tensor& logits) {
+  VQK_CHECK(logits.dim() == 2, op, "logits must be 2-D [N, bits], got shape ", shape_str(logits));
+  check_float(op, "logits", logits);
+  const int64_t bits = logits.size(1);
+  VQK_CHECK(bits >= 1 && bits <= kMaxOneHotBits, op, "bits (logits' last dimension) must be in [1, ", kMaxOneHotBits,
+            "], got ", bits);
+}
+
+inline void check_binary_one_hot(const char* op, const at::Tensor& logits, const at::Tensor& indices) {
+  check_bit_logits(op, logits);
+  const int64_t n = logits.size(0);
+  VQK_CHECK(indices.scalar_type() == at::kLong, op, "indices must be int64, got ", indices.scalar_type());
+  VQK_CHECK(indices.dim() == 1 && indices.size(0) == n, op, "indices must be 1-D of length N=", n, ", got shape ",
+            shape_str(indices));
+  VQK_CHECK(indices.device() == logits.device(), op, "indices is on ", indices.device(), " but logits is on ",
+            logits.device());
+}
+
+inline void check_binary_one_hot_backward(const char* op, const at::Tensor& grad_one_hot, const at::Tensor& logits) {
+  check_bit_logits(op, logits);
+  const int64_t n = logits.size(0), codes = int64_t(1) << logits.size(1);
+  VQK_CHECK(grad_one_hot.dim() == 2 && grad_one_hot.size(0) == n && grad_one_hot.size(1) == codes, op,
+            "grad_one_hot must have shape [N=", n, ", 2**bits=", codes, "], got ", shape_str(grad_one_hot));
+  check_float(op, "grad_one_hot", grad_one_hot);
+  VQK_CHECK(grad_one_hot.device() == logits.device(), op, "grad_one_hot is on ", grad_one_hot.device(),
+            " but logits is on ", logits.device());
+}
+
 // multiscale_quantize_step (VAR's multi-scale residual quantizer): one scale's input checks.
 
 inline Metric check_multiscale(const char* op, const at::Tensor& f_rest, const at::Tensor& codebook, at::IntArrayRef pn,

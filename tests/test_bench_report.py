@@ -224,6 +224,13 @@ def test_the_shell_is_the_layer_without_its_quantizer():
     assert drawn == [10, 10]  # the tokens of either layout
     fsp = next(c for c in layers.CASES if c.name == "FSP")
     assert [t.shape for t in fsp.draws(7)] == [(7, 4), (7, 4)]  # FSP's two draws of every projected value
+    mapper = next(c for c in layers.CASES if c.name == "BinaryMapper")
+    assert mapper.draws(7).shape == (7, 8)  # a bit of every logit
+    logits = torch.randn(2, 5, 8, requires_grad=True)
+    wide = layers.Shell(nn.BinaryMapper(bits=8), channel_first=False, out_features=mapper.out_features)(logits)
+    assert wide.shape == (2, 5, 256) and not wide.detach().any()  # the one-hot's width, fresh
+    (wide * torch.arange(256.0)).sum().backward()  # its backward reads the whole gradient
+    assert torch.equal(logits.grad, torch.full((2, 5, 8), float(sum(range(256)))))
 
 
 def test_the_layer_table_measures_the_batches_it_did():

@@ -960,6 +960,8 @@ def op_samples(device="cpu", dtype=torch.float32, seed=0):
         "rotation_trick_backward": (randn(13, 5), x, randn(13, 5)),
         "multiscale_quantize_step": (f, c, [3, 3], "l2"),
         "multiscale_quantize_step_backward": (randn(2, 5, 3, 3), c, midx),
+        "binary_one_hot": (bits, torch.randint(0, 64, (13,), generator=g).to(device)),
+        "binary_one_hot_backward": (randn(13, 64).float(), bits),
     }
 
 

@@ -13,6 +13,8 @@ from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
 from .ops import gumbel_quantize, rotation_trick
 # multi-scale residual quantization (VAR)
 from .ops import multiscale_quantize_step
+# BinaryMapper's one-hot
+from .ops import binary_one_hot
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,6 @@ __all__ = [
     "gumbel_quantize", "rotation_trick",
     # multi-scale residual quantization (VAR)
     "multiscale_quantize_step",
+    # BinaryMapper's one-hot
+    "binary_one_hot",
 ]

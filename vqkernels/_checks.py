@@ -306,6 +306,40 @@ def check_rotation_backward(op, grad, src, tgt):
     check_float(op, "grad", grad)
 
 
+# BinaryMapper's one-hot
+MAX_ONE_HOT_BITS = 30  # 2**bits columns a row
+
+
+def _check_bit_logits(op, logits):
+    if logits.dim() != 2:
+        _fail(op, f"logits must be 2-D [N, bits], got shape {tuple(logits.shape)}")
+    check_float(op, "logits", logits)
+    if not 1 <= logits.shape[1] <= MAX_ONE_HOT_BITS:
+        _fail(op, f"bits (logits' last dimension) must be in [1, {MAX_ONE_HOT_BITS}], got {logits.shape[1]}")
+
+
+def check_binary_one_hot(op, logits, indices):
+    """logits [N, bits] floating, 1 <= bits <= 30; indices int64 [N] on logits' device (their range is the kernels'
+    check: it reads values)."""
+    _check_bit_logits(op, logits)
+    if indices.dtype != torch.int64:
+        _fail(op, f"indices must be int64, got {indices.dtype}")
+    if indices.dim() != 1 or indices.shape[0] != logits.shape[0]:
+        _fail(op, f"indices must be 1-D of length N={logits.shape[0]}, got shape {tuple(indices.shape)}")
+    if indices.device != logits.device:
+        _fail(op, f"indices is on {indices.device} but logits is on {logits.device}")
+
+
+def check_binary_one_hot_backward(op, grad_one_hot, logits):
+    _check_bit_logits(op, logits)
+    n, codes = logits.shape[0], 1 << logits.shape[1]
+    if grad_one_hot.dim() != 2 or tuple(grad_one_hot.shape) != (n, codes):
+        _fail(op, f"grad_one_hot must have shape [N={n}, 2**bits={codes}], got {tuple(grad_one_hot.shape)}")
+    check_float(op, "grad_one_hot", grad_one_hot)
+    if grad_one_hot.device != logits.device:
+        _fail(op, f"grad_one_hot is on {grad_one_hot.device} but logits is on {logits.device}")
+
+
 # multiscale (VAR's multi-scale residual quantizer)
 def check_multiscale(op, f_rest, codebook, pn, metric):
     """f_rest [B, C, H, W] with H, W >= 1, codebook [K, C], floating, same device, K > 0, pn two sizes >= 1."""

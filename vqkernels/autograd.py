@@ -178,6 +178,21 @@ torch.library.register_autograd("vqkernels::rotation_trick", _rotation_trick_bac
                                 setup_context=_rotation_trick_setup)
 
 
+# BinaryMapper's one-hot
+def _binary_one_hot_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _binary_one_hot_backward(ctx, grad_one_hot):
+    (logits,) = ctx.saved_tensors
+    # the indices are sampled codes: they get no gradient
+    return torch.ops.vqkernels.binary_one_hot_backward(grad_one_hot, logits), None
+
+
+torch.library.register_autograd("vqkernels::binary_one_hot", _binary_one_hot_backward,
+                                setup_context=_binary_one_hot_setup)
+
+
 # multiscale (VAR's multi-scale residual quantizer)
 def _multiscale_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], output[0])

@@ -145,6 +145,19 @@ def _rotation_trick_backward_fake(grad, src, tgt):
     return torch.empty_like(src, memory_format=torch.contiguous_format)
 
 
+# BinaryMapper's one-hot
+@_fake("binary_one_hot")
+def _binary_one_hot_fake(logits, indices):
+    _checks.check_binary_one_hot("binary_one_hot", logits, indices)
+    return logits.new_empty(logits.shape[0], 1 << logits.shape[1], dtype=torch.float32)
+
+
+@_fake("binary_one_hot_backward")
+def _binary_one_hot_backward_fake(grad_one_hot, logits):
+    _checks.check_binary_one_hot_backward("binary_one_hot_backward", grad_one_hot, logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 # multiscale (VAR's multi-scale residual quantizer)
 @_fake("multiscale_quantize_step")
 def _multiscale_quantize_step_fake(f_rest, codebook, pn, metric="l2"):

@@ -290,6 +290,28 @@ def rotation_trick(src: Tensor, tgt: Tensor) -> Tensor:
     return _ops.rotation_trick(src, tgt)
 
 
+# BinaryMapper's one-hot
+def binary_one_hot(logits: Tensor, indices: Tensor) -> Tensor:
+    """The one-hot of sampled bit codes whose gradient is that of their joint probabilities: the straight-through
+    of ``BinaryMapper`` (Fleuret 2025, arXiv:2510.17558).
+
+    Args:
+        logits: [N, bits], 1 <= bits <= 30, float32, float16, bfloat16 or float64: each bit b of a token is on
+            with probability ``p_b = sigmoid(logits_b)``.
+        indices: int64 [N] on the same device, each in [0, 2**bits): the sampled code of each token (code c has
+            bit b on where ``(c >> b) & 1``).
+
+    Returns:
+        ``one_hot`` float32 [N, 2**bits], exactly 0 and 1. Its gradient reaches ``logits`` as that of the joint
+        code probabilities ``G[n, c] = prod_b p_b^c_b (1 - p_b)^(1 - c_b)`` (what ``one_hot + G - G.detach()``
+        gives): ``grad_logits[n, b] = sum_c g[n, c] G[n, c] (c_b - p_b)``, computed in float32 (float64 for
+        float64 inputs) and returned in ``logits``' dtype. G is never formed: the CPU kernel contracts each row
+        of the gradient with the tables of the low and the high half of the bits. Indices outside the range raise
+        ValueError.
+    """
+    return _ops.binary_one_hot(logits, indices)
+
+
 # multiscale (VAR's multi-scale residual quantizer)
 def multiscale_quantize_step(f_rest: Tensor, codebook: Tensor, pn: int | Tuple[int, int],
                              metric: str = "l2") -> Tuple[Tensor, Tensor]:

@@ -483,6 +483,43 @@ def rotation_trick_backward(grad, src, tgt):
     return (scale * (g - 2.0 * gw * w + 2.0 * gq * u)).to(src.dtype).contiguous()
 
 
+# BinaryMapper's one-hot
+def _code_bits(bits, device):
+    """[2**bits, bits] 0 / 1 (int64): code c's bit b is (c >> b) & 1."""
+    return (torch.arange(1 << bits, device=device).unsqueeze(-1) >> torch.arange(bits, device=device)) & 1
+
+
+def binary_one_hot(logits, indices):
+    """The float32 one-hot [N, 2**bits] of indices; see vqkernels.binary_one_hot."""
+    _checks.check_binary_one_hot("binary_one_hot", logits, indices)
+    codes = 1 << logits.shape[1]
+    bad = ((indices < 0) | (indices >= codes)).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(f"vqkernels.binary_one_hot: indices must be in [0, 2**bits = {codes}), got "
+                         f"{int(indices[row])} at row {row}")
+    out = torch.zeros(logits.shape[0], codes, dtype=torch.float32, device=logits.device)
+    return out.scatter_(1, indices.unsqueeze(-1), 1.0)
+
+
+def binary_one_hot_backward(grad_one_hot, logits):
+    """The gradient of sum_c grad_one_hot[n, c] G[n, c] for the joint code probabilities G[n, c] = prod_b p^c_b
+    (1 - p)^(1 - c_b), p = sigmoid(logits): sum_c g G (c_b - p_b), G formed in row chunks (float32; float64 for
+    float64 inputs)."""
+    _checks.check_binary_one_hot_backward("binary_one_hot_backward", grad_one_hot, logits)
+    dt = _checks.compute_dtype(grad_one_hot, logits)
+    lg, g = logits.to(dt), grad_one_hot.to(dt)
+    bits = _code_bits(logits.shape[1], logits.device)  # [2**bits, bits]
+    out = []
+    for start, stop in _row_chunks(lg.shape[0], bits.numel()):
+        p, q = lg[start:stop].sigmoid(), (-lg[start:stop]).sigmoid()  # p and 1 - p, without cancellation
+        joint = torch.where(bits.bool(), p.unsqueeze(1), q.unsqueeze(1)).prod(-1)  # G [rows, 2**bits]
+        weighted = joint * g[start:stop]
+        out.append(weighted @ bits.to(dt) - p * weighted.sum(-1, keepdim=True))
+    grad = torch.cat(out) if out else lg.new_zeros(0, logits.shape[1])
+    return grad.to(logits.dtype)
+
+
 # multiscale (VAR's multi-scale residual quantizer)
 def multiscale_quantize_step(f_rest, codebook, pn, metric="l2"):
     """Area downsampling to pn, nearest code per cell, lookup; see vqkernels.multiscale_quantize_step."""

@@ -68,6 +68,9 @@ SCHEMAS = {
     ),
     "rotation_trick": "rotation_trick(Tensor src, Tensor tgt) -> Tensor",
     "rotation_trick_backward": "rotation_trick_backward(Tensor grad, Tensor src, Tensor tgt) -> Tensor",
+    # BinaryMapper (Fleuret 2025): the one-hot of sampled bit codes, straight-through to the joint code probabilities
+    "binary_one_hot": "binary_one_hot(Tensor logits, Tensor indices) -> Tensor one_hot",
+    "binary_one_hot_backward": "binary_one_hot_backward(Tensor grad_one_hot, Tensor logits) -> Tensor grad_logits",
     # multiscale (VAR's multi-scale residual quantizer): one scale, and its codebook gradient
     "multiscale_quantize_step": (
         "multiscale_quantize_step(Tensor f_rest, Tensor codebook, int[2] pn, str metric=\"l2\") "

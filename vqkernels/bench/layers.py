@@ -42,6 +42,7 @@ class Case:
     channel_first: bool = False  # inputs [b, dim, ...]
     draws: Callable = None  # (tokens) -> None: the random numbers the layer draws a step (theirs' stream, which
     # ours reproduces), drawn by the shell too
+    out_features: int = 0  # the width of the layer's output where it is not the input's (0: the input's)
 
     def batch_for(self, quick):
         return max(1, self.batch // 4) if quick else self.batch
@@ -191,12 +192,27 @@ CASES = (  # name, configuration, make, tokens per sample, batch of the layer ta
     Case("HierarchicalVQ", "5 scales 1..16, one 1024-code codebook, dim 64, 16 x 16 maps", _hierarchical_vq, 256, 8,
          channel_first=True),
     Case("FSP", "levels 8,5,5,5", _fsp, 1024, 16, draws=lambda n: (torch.rand(n, 4), torch.rand(n, 4))),
-    Case("BinaryMapper", "8 bits (256 codes), one-hot output", _binary_mapper, 256, 16),
+    Case("BinaryMapper", "8 bits (256 codes), one-hot output", _binary_mapper, 256, 16,
+         draws=lambda n: torch.full((n, 8), 0.5).bernoulli(), out_features=256),
     Case("EvoLFQ", "linear encoder / decoder 32 <-> 10, 2^10 codes", _evo_lfq, 256, 16),
 )
 
 
 LINEAR_MAPS = (("project_in", "project_out"), ("encoder", "decoder"))  # a layer's own maps in and out
+
+
+class _Widen(torch.autograd.Function):
+    """x [..., d] -> zeros [..., width]: a fresh output of the layer's width, whose backward reads the gradient once
+    (its row sums), the least a layer with that output does."""
+
+    @staticmethod
+    def forward(ctx, x, width):
+        ctx.features = x.shape[-1]
+        return x.new_zeros(*x.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.sum(-1, keepdim=True).expand(*grad.shape[:-1], ctx.features), None
 
 
 class Shell(torch.nn.Module):
@@ -206,12 +222,14 @@ class Shell(torch.nn.Module):
     convolution phi on the full map (summed over the levels, as the levels' reconstructions are); the identity
     where there are none. A channel-first input is read as the layers read it (features moved last and back).
     ``draws(tokens)``, when given, draws the random numbers the layer draws a step (the same stream as theirs,
-    which ours reproduces: FSP's perturbations, the sampled codes' Gumbel noise). Timed with the same step
+    which ours reproduces: FSP's perturbations, the sampled codes' Gumbel noise, BinaryMapper's bits).
+    ``out_features``, when given, is the width of the layer's output (BinaryMapper's one-hot): the shell ends in a
+    fresh output of that width, whose backward reads the gradient once. Timed with the same step
     (objective, backward) as the layers, it is the least any implementation of the layer could cost here:
     vector-quantize-pytorch's time over the shell's bounds the speedup any quantizer could show. A lower bound:
     the shell leaves out the losses and layout copies a layer may also need."""
 
-    def __init__(self, layer, channel_first, draws=None):
+    def __init__(self, layer, channel_first, draws=None, out_features=0):
         super().__init__()
         maps = []
         for names in LINEAR_MAPS:
@@ -222,7 +240,7 @@ class Shell(torch.nn.Module):
         self.maps = torch.nn.Sequential(*maps)
         phis = [layer._phi(level) for level in range(layer.num_levels)] if hasattr(layer, "_phi") else []
         self.level_maps = torch.nn.ModuleList(copy.deepcopy(phi) for phi in phis)  # a shared phi: one copy a level
-        self.channel_first, self.draws = channel_first, draws
+        self.channel_first, self.draws, self.out_features = channel_first, draws, out_features
 
     def forward(self, x, **_):
         if self.draws is not None:
@@ -231,7 +249,8 @@ class Shell(torch.nn.Module):
             return sum(phi(x) for phi in self.level_maps)
         if self.channel_first:
             return self.maps(x.movedim(1, -1)).movedim(-1, 1)
-        return self.maps(x)
+        y = self.maps(x)
+        return _Widen.apply(y, self.out_features) if self.out_features else y
 
 
 def _objective(out):
@@ -293,7 +312,7 @@ def _time_case(case, batch, repeats, budget, device, memory, shell=False):
     if theirs is not None:
         fns["theirs"] = _step(theirs, x, device, forward)
     if shell:
-        fns["shell"] = _step(Shell(ours, case.channel_first, case.draws), x, device, forward)
+        fns["shell"] = _step(Shell(ours, case.channel_first, case.draws, case.out_features), x, device, forward)
     timed = time_calls(fns, repeats, budget)
     if isinstance(timed["ours"], Exception):  # our own layer failing is an error, not a table cell
         raise timed["ours"]

@@ -261,6 +261,15 @@ def _rotation_pair(x, codebook):
             lambda: reference.rotation_trick_backward(grad, x, q))
 
 
+def _binary_one_hot_pair(x, codebook):
+    """BinaryMapper's straight-through gradient (binary_one_hot's backward op) for 8-bit logits (x's first 8
+    features, 256 codes) and the reference's, which forms the joint probabilities G."""
+    logits = x[:, :8].contiguous()
+    grad = torch.randn(x.shape[0], 256)
+    return (lambda: torch.ops.vqkernels.binary_one_hot_backward(grad, logits),
+            lambda: reference.binary_one_hot_backward(grad, logits))
+
+
 # The other ops, each beside the plain PyTorch it replaces: (op, baseline, factory giving (ours, baseline)).
 OTHER_OPS = (
     ("nearest_code_topk, k=8", "cdist().topk(8)",
@@ -272,6 +281,7 @@ OTHER_OPS = (
      _scalar_pairs("fsq_quantize", 6, [8, 8, 8, 5, 5, 5])),
     ("lfq_quantize, 16 bits", "sign + index + mse (reference)", _scalar_pairs("lfq_quantize", 16)),
     ("rotation_trick backward", "the rotation's gradient (reference)", _rotation_pair),
+    ("binary_one_hot backward, 8 bits", "joint probabilities G and their gradient (reference)", _binary_one_hot_pair),
 )
 
 

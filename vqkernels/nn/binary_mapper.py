@@ -1,8 +1,8 @@
 """``BinaryMapper`` (Fleuret 2025, arXiv:2510.17558): ``bits`` logits per token sampled as independent bits and
 returned as a one-hot over the ``2**bits`` codes, a drop-in for vector-quantize-pytorch's (1.32.0).
 
-No vqkernels op computes any of it: it is plain torch here, with a hand-written backward for the straight-through
-(:class:`_JointProbStraightThrough`)."""
+The one-hot and its straight-through gradient are :func:`vqkernels.binary_one_hot`; the sampling and the aux loss are
+plain torch."""
 
 from math import log
 
@@ -10,65 +10,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+
 NAT = log(2)  # one bit, in nats: the default kl_loss_threshold
-CHUNK_ELEMENTS = 1 << 18  # joint probabilities per chunk of rows in the straight-through's backward (1 MiB of float32)
 
 
-def _one_hot(indices, num_codes):
-    """float32 one-hot [..., num_codes] of indices [...] (a scatter: no check of the indices, so no host read)."""
-    out = torch.zeros((*indices.shape, num_codes), dtype=torch.float32, device=indices.device)
-    return out.scatter_(-1, indices.unsqueeze(-1), 1.0)
-
-
-def _code_bits(power_two):
-    """The bits of every code [2**bits, bits] (bool): code c has bit b set where c & 2**b."""
-    codes = torch.arange(2 ** power_two.numel(), device=power_two.device)
-    return (codes.unsqueeze(-1) & power_two) != 0
-
-
-def _joint_probs(logits):
-    """G [N, 2**bits] of logits [N, bits]: G[n, c] = prod_b p_nb**c_b (1 - p_nb)**(1 - c_b), p = sigmoid(logits),
-    code c's bit b being c & 2**b. The outer product of the joint tables of the top and bottom halves of the bits
-    (each built bit by bit, doubling): one pass over [N, 2**bits] and no exp. A product of ``bits`` factors in
-    [0, 1] errs by about ``bits`` ulps relative; theirs' exp of a sum of log-sigmoids by about |log G| ulps."""
-    probs = (logits.sigmoid(), (-logits).sigmoid())  # p, 1 - p without cancellation
-
-    def table(first, stop):  # over bits first..stop-1, index sum_b 2**(b - first) c_b
-        joint = logits.new_ones(logits.shape[0], 1)
-        for b in reversed(range(first, stop)):  # each new bit is the lowest so far
-            joint = torch.stack([joint * probs[1][:, b:b + 1], joint * probs[0][:, b:b + 1]], dim=-1).flatten(1)
-        return joint
-
-    half = logits.shape[-1] // 2
-    return (table(half, logits.shape[-1]).unsqueeze(-1) * table(0, half).unsqueeze(-2)).flatten(1)
-
-
-class _JointProbStraightThrough(torch.autograd.Function):
-    """The one-hot [N, 2**bits] (float32) of ``indices`` [N] whose gradient is that of the joint code
-    probabilities G (:func:`_joint_probs`) of ``logits`` [N, bits]: what ``one_hot + G - sg(G)`` computes, with the
-    exact one-hot values and without forming G in the forward (the backward rebuilds it from the saved logits)."""
+class _BitEntropy(torch.autograd.Function):
+    """The entropy of one bit with logit l, -(p log p + (1 - p) log(1 - p)) with p = sigmoid(l), written with one
+    log: log(1 + e) + |l| e / (1 + e), e = exp(-|l|) (theirs takes two log-sigmoids; torch's CPU log-sigmoid and
+    log1p are not vectorised and cost 30 times a sigmoid; log(1 + e) errs by at most half an ulp of 1, absolute);
+    the gradient by hand, -l p (1 - p) = -l e / (1 + e)^2. NaN for an infinite logit, as theirs."""
 
     @staticmethod
-    def forward(ctx, logits, indices, power_two):
-        ctx.save_for_backward(logits, power_two)
-        return _one_hot(indices, 2 ** power_two.numel())
+    def forward(ctx, logits):
+        a = logits.abs()
+        e = torch.exp(-a)
+        d = 1.0 + e
+        ctx.save_for_backward(logits, e, d)
+        return torch.log(d) + a * (e / d)
 
     @staticmethod
     def backward(ctx, grad):
-        logits, power_two = ctx.saved_tensors
-        work = torch.promote_types(logits.dtype, torch.float32)
-        lg = logits.to(work)
-        codes = _code_bits(power_two)
-        # [2**bits, bits + 1]: the bits of each code, then a column of ones
-        reader = torch.cat([codes, codes.new_ones(codes.shape[0], 1)], dim=-1).to(work)
-        # dG_c / dl_b = G_c (c_b - p_b): sum_c grad_c G_c c_b - p_b sum_c grad_c G_c, both sums from one product,
-        # in row chunks whose [rows, 2**bits] products stay in a core's L2
-        step = max(1, CHUNK_ELEMENTS >> power_two.numel())
-        parts = [_joint_probs(lg[start:start + step]).mul_(grad[start:start + step].to(work)) @ reader
-                 for start in range(0, lg.shape[0], step)]
-        sums = torch.cat(parts) if parts else lg.new_zeros(0, reader.shape[1])
-        grad_logits = sums[:, :-1] - lg.sigmoid() * sums[:, -1:]
-        return grad_logits.to(logits.dtype), None, None
+        logits, e, d = ctx.saved_tensors
+        return grad * -logits * (e / d.square())
 
 
 class BinaryMapper(nn.Module):
@@ -88,9 +52,11 @@ class BinaryMapper(nn.Module):
     Differences: the one-hot is float32 (as theirs) for every logits dtype, and the straight-through also works
     for float16 / bfloat16 / float64 logits (theirs' einsum then fails on mixed dtypes; the gradient is computed
     in float32, float64 for float64, and returned in the logits' dtype); its values are exactly 0 and 1 (theirs
-    adds G - sg(G), off by float32 rounding), and G is only formed in the backward, as a product of the bit
-    probabilities (theirs: two einsums over a [2**bits, bits] table and an exp, in the forward). With no tokens
-    the reduced aux loss is 0 (theirs: NaN, the mean of nothing). ``codes`` is built on request, not a buffer.
+    adds G - sg(G), off by float32 rounding), and G is never formed: the backward contracts the gradient with
+    the tables of the low and the high half of the bits (theirs: two einsums over a [2**bits, bits] table and an
+    exp, in the forward). With no tokens the reduced aux loss is 0 (theirs: NaN, the mean of nothing). ``codes``
+    is built on request, not a buffer. ``forward`` needs bits <= 30 (a one-hot row of 2**bits floats; ValueError
+    above); ``log_prob``, ``calc_aux_loss`` and ``binary_entropy`` take any bits up to 62.
     """
 
     def __init__(self, bits=1, kl_loss_threshold=NAT, deterministic_on_eval=False):
@@ -107,12 +73,12 @@ class BinaryMapper(nn.Module):
     @property
     def codes(self):
         """The bits of every code [num_codes, bits] (bool), code c's bit b being c & 2**b."""
-        return _code_bits(self.power_two)
+        codes = torch.arange(self.num_codes, device=self.power_two.device)
+        return (codes.unsqueeze(-1) & self.power_two) != 0
 
     def binary_entropy(self, logits):
         """The entropy (nats) of the independent bits with logits [..., bits], summed over the bits -> [...]."""
-        prob = logits.sigmoid()
-        return -(prob * F.logsigmoid(logits) + (1.0 - prob) * F.logsigmoid(-logits)).sum(dim=-1)
+        return _BitEntropy.apply(logits).sum(dim=-1)
 
     def calc_aux_loss(self, logits, reduce_aux_kl_loss=True):
         """relu(KL(bits || uniform) - kl_loss_threshold) per token [...] of logits [..., bits], or its mean."""
@@ -147,10 +113,8 @@ class BinaryMapper(nn.Module):
         prob = (flat / temperature).sigmoid()
         sampled = prob > 0.5 if deterministic else prob.bernoulli()
         indices = (sampled.long() * self.power_two).sum(dim=-1)
-        if straight_through:
-            one_hot = _JointProbStraightThrough.apply(flat, indices, self.power_two)
-        else:
-            one_hot = _one_hot(indices, self.num_codes)
+        # the one-hot, whose gradient (straight-through) is that of the joint code probabilities
+        one_hot = ops.binary_one_hot(flat if straight_through else flat.detach(), indices)
         aux_loss = self.calc_aux_loss(logits, reduce_aux_kl_loss) if calc_aux_loss else self.zero
 
         one_hot = one_hot.reshape(*lead, self.num_codes)
