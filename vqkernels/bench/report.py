@@ -346,7 +346,9 @@ def sweep_section(sweep):
             "sample), same step, same timing, time only; median ms. The shell is the same step with the quantizer "
             "taken out (vqkernels/bench/layers.py, `Shell`: the layer's own dense maps, its linear maps in and out "
             "or HierarchicalVQ's per-level convolutions, else the identity, and the random numbers a layer draws from "
-            "theirs' stream: FSP's perturbations, the sampled codes' Gumbel noise); its time is the least any implementation of the layer could take here, so "
+            "theirs' stream: FSP's perturbations, the sampled codes' Gumbel noise, BinaryMapper's bits; a layer whose "
+            "output is wider than its input, BinaryMapper's one-hot, ends in a fresh output of that width whose "
+            "gradient is read once); its time is the least any implementation of the layer could take here, so "
             "vector-quantize-pytorch's time over it, the bound, is the most any quantizer could gain. The last "
             f"column of each size says whether ours is at least {sweep['target']:g}x vector-quantize-pytorch's "
             f"step; \"no (bound)\" where the bound itself is below {sweep['target']:g}x.",
