@@ -307,7 +307,8 @@ def binary_one_hot(logits: Tensor, indices: Tensor) -> Tensor:
         gives): ``grad_logits[n, b] = sum_c g[n, c] G[n, c] (c_b - p_b)``, computed in float32 (float64 for
         float64 inputs) and returned in ``logits``' dtype. G is never formed: the CPU kernel contracts each row
         of the gradient with the tables of the low and the high half of the bits. Indices outside the range raise
-        ValueError.
+        ValueError on the CPU; on other devices (the reference serves them) they fail an assertion on the device,
+        which does not synchronise.
     """
     return _ops.binary_one_hot(logits, indices)
 

@@ -493,11 +493,15 @@ def binary_one_hot(logits, indices):
     """The float32 one-hot [N, 2**bits] of indices; see vqkernels.binary_one_hot."""
     _checks.check_binary_one_hot("binary_one_hot", logits, indices)
     codes = 1 << logits.shape[1]
-    bad = ((indices < 0) | (indices >= codes)).nonzero()
-    if bad.numel():
-        row = int(bad[0, 0])
-        raise ValueError(f"vqkernels.binary_one_hot: indices must be in [0, 2**bits = {codes}), got "
-                         f"{int(indices[row])} at row {row}")
+    valid = (indices >= 0) & (indices < codes)
+    if indices.device.type == "cpu":
+        bad = (~valid).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise ValueError(f"vqkernels.binary_one_hot: indices must be in [0, 2**bits = {codes}), got "
+                             f"{int(indices[row])} at row {row}")
+    else:  # checked on the device: reading the indices back would synchronise every call
+        torch._assert_async(valid.all(), f"vqkernels.binary_one_hot: indices must be in [0, 2**bits = {codes})")
     out = torch.zeros(logits.shape[0], codes, dtype=torch.float32, device=logits.device)
     return out.scatter_(1, indices.unsqueeze(-1), 1.0)
 

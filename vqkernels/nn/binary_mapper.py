@@ -18,7 +18,7 @@ NAT = log(2)  # one bit, in nats: the default kl_loss_threshold
 class _BitEntropy(torch.autograd.Function):
     """The entropy of one bit with logit l, -(p log p + (1 - p) log(1 - p)) with p = sigmoid(l), written with one
     log: log(1 + e) + |l| e / (1 + e), e = exp(-|l|) (theirs takes two log-sigmoids; torch's CPU log-sigmoid and
-    log1p are not vectorised and cost 30 times a sigmoid; log(1 + e) errs by at most half an ulp of 1, absolute);
+    log1p are not vectorised and cost about 40 times a sigmoid; log(1 + e) errs by at most half an ulp of 1, absolute);
     the gradient by hand, -l p (1 - p) = -l e / (1 + e)^2. NaN for an infinite logit, as theirs."""
 
     @staticmethod
