@@ -140,6 +140,7 @@ def test_isas_agree_bitwise(n_bits, dtype):
     """Every ISA path gives the portable path's bits: the vector loops over the low codes (bits >= 6) and the
     scalar ones (bits < 6)."""
     logits64, _, grad64 = sample(45, n_bits, seed=7 * n_bits)
+    logits64[:15] *= 40  # past the exp's range (|l| > 87) too
     logits, grad = logits64.to(dtype), grad64.float()
     results = {}
     for isa in ISAS:
@@ -150,12 +151,15 @@ def test_isas_agree_bitwise(n_bits, dtype):
     assert_near_truth(results["portable"], logits, grad)
 
 
-def test_nan_and_infinite_logits(backward_impl):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_nan_and_infinite_logits(backward_impl, dtype):
     """A NaN logit makes its row's gradient NaN and leaves the others alone; an infinite logit is a certain bit
     (p = 0 or 1) with a finite gradient."""
     logits, _, grad = sample(5, 4, seed=8)
     logits[1, 2] = float("nan")
     logits[3, 0], logits[3, 3] = float("inf"), -float("inf")
+    logits[4] = torch.tensor([90.0, -90.0, 86.9, -86.9])  # about where float32's exp(-|l|) leaves its range
+    logits, grad = logits.to(dtype), grad.to(dtype)
     got = backward_impl(grad, logits)
     assert bool(torch.isnan(got[1]).all())
     rest = [0, 2, 3, 4]

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/search.h"
@@ -43,6 +44,47 @@ VQK_LANES Vec<T> load_vec(const T* p) {
 template <typename T>
 VQK_LANES void store_vec(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof v);
+}
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// e^-a of 8 lanes a >= 0 (Cody-Waite reduction by ln 2 and Cephes' expf polynomial, within 2 ulp), 0 past a = 87
+// (below float's normal range), NaN for NaN.
+VQK_LANES f32x8 exp_neg(f32x8 a) {
+  const f32x8 x = -(a < 87.0f ? a : f32x8{} + 87.0f);
+  const i32x8 n = -__builtin_convertvector(-x * 1.44269504f + 0.5f, i32x8);  // round(x / ln 2), x <= 0
+  const f32x8 nf = __builtin_convertvector(n, f32x8);
+  const f32x8 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  f32x8 poly = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const f32x8 e = ((poly * (r * r) + r) + 1.0f) * reinterpret_cast<f32x8>((n + 127) << 23);
+  return a == a ? (a < 87.0f ? e : f32x8{}) : a;
+}
+
+// p = sigmoid(l) and q = 1 - p of `bits` logits, each from one exp without cancellation: with e = exp(-|l|), the
+// larger is 1 / (1 + e) and the smaller e / (1 + e).
+template <typename T>
+VQK_LANES void bit_probs(const T* lg, int bits, T* p, T* q) {
+  if constexpr (std::is_same<T, float>::value) {
+    for (int b0 = 0; b0 < bits; b0 += 8) {
+      const int m = std::min(8, bits - b0);
+      f32x8 l = {};
+      std::memcpy(&l, lg + b0, m * sizeof(float));
+      const f32x8 e = exp_neg(l < 0.0f ? -l : l), big = 1.0f / (1.0f + e), small = e * big;
+      const f32x8 pv = l >= 0.0f ? big : small, qv = l >= 0.0f ? small : big;  // NaN: small (NaN) both
+      std::memcpy(p + b0, &pv, m * sizeof(float));
+      std::memcpy(q + b0, &qv, m * sizeof(float));
+    }
+  } else {
+    for (int b = 0; b < bits; ++b) {
+      const T e = std::exp(-std::abs(lg[b])), big = T(1) / (T(1) + e), small = e * big;
+      p[b] = lg[b] >= 0 ? big : small;
+      q[b] = lg[b] >= 0 ? small : big;
+    }
+  }
 }
 
 template <typename T>
@@ -90,11 +132,8 @@ VQK_LANES void backward_row(const T* lg, const T* g, int bits, const RowScratch<
   const int lo = bits / 2, hi = bits - lo;
   const int64_t L = int64_t(1) << lo, H = int64_t(1) << hi;
   T *p = w.p, *q = w.q, *low = w.low, *u = w.u, *high = w.high, *v = w.v, *parts = w.parts;
-  for (int b = 0; b < bits; ++b) {  // p and 1 - p from one exp, each without cancellation
-    const T e = std::exp(-std::abs(lg[b])), big = T(1) / (T(1) + e), small = e * big;
-    p[b] = lg[b] >= 0 ? big : small;
-    q[b] = lg[b] >= 0 ? small : big;
-  }
+  T sums[kMaxOneHotBits];  // per bit: sum_c g[c] G[c] c_b
+  bit_probs(lg, bits, p, q);
   bit_table(p, q, 0, lo, low);
   bit_table(p, q, lo, hi, high);
   if (L >= kParts) {
@@ -111,10 +150,13 @@ VQK_LANES void backward_row(const T* lg, const T* g, int bits, const RowScratch<
       }
       store_vec(u + l0, uv);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      T acc = 0;
-      for (int k = 0; k < kParts; ++k) acc += parts[h * kParts + k];
-      v[h] = acc * high[h];  // high[h] v[h]
+    // the high bits' sums over h of high[h] v[h], in kParts lanes until the end
+    for (int64_t h = 0; h < H; ++h) store_vec(parts + h * kParts, load_vec(parts + h * kParts) * high[h]);
+    for (int b = 0; b < hi; ++b) {
+      Vec<T> acc = {};
+      for (int64_t h = int64_t(1) << b; h < H; h = (h + 1) | (int64_t(1) << b)) acc += load_vec(parts + h * kParts);
+      sums[lo + b] = 0;
+      for (int k = 0; k < kParts; ++k) sums[lo + b] += acc[k];
     }
   } else {  // fewer than kParts low codes (bits < 6)
     std::fill(u, u + L, T(0));
@@ -124,17 +166,16 @@ VQK_LANES void backward_row(const T* lg, const T* g, int bits, const RowScratch<
         u[l] += high[h] * g[h * L + l];
         acc += low[l] * g[h * L + l];
       }
-      v[h] = acc * high[h];
+      v[h] = acc * high[h];  // high[h] v[h]
     }
+    bit_sums(v, hi, sums + lo);
   }
   T total = 0;
   for (int64_t l = 0; l < L; ++l) {
     u[l] *= low[l];  // low[l] u[l]
     total += u[l];
   }
-  T sums[64];
   bit_sums(u, lo, sums);
-  bit_sums(v, hi, sums + lo);
   for (int b = 0; b < bits; ++b) out[b] = static_cast<S>(sums[b] - p[b] * total);
 }
 
