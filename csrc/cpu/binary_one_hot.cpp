@@ -46,8 +46,6 @@ VQK_LANES void store_vec(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
 // e^-a of 8 lanes a >= 0 (Cody-Waite reduction by ln 2 and Cephes' expf polynomial, within 2 ulp), 0 past a = 87
 // (below float's normal range), NaN for NaN.
 VQK_LANES f32x8 exp_neg(f32x8 a) {
@@ -194,16 +192,6 @@ VQK_ONE_HOT_BACKWARD(backward_avx512, VQK_TARGET_AVX512)
 #endif
 #undef VQK_ONE_HOT_BACKWARD
 
-// The entry point of the active ISA.
-template <typename T, typename S>
-auto backward_kernel() {
-#if VQK_X86
-  if (active_isa() == Isa::Avx512) return &backward_avx512<T, S>;
-  if (active_isa() == Isa::Avx2) return &backward_avx2<T, S>;
-#endif
-  return &backward_portable<T, S>;
-}
-
 at::Tensor binary_one_hot(const at::Tensor& logits, const at::Tensor& indices) {
   const char* op = "binary_one_hot";
   check_binary_one_hot(op, logits, indices);
@@ -237,7 +225,7 @@ at::Tensor binary_one_hot_backward(const at::Tensor& grad_one_hot, const at::Ten
     const RowSource<T> lsrc(logits), gsrc(grad_one_hot);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "binary_one_hot_backward_out", [&] {
       scalar_t* outp = out.data_ptr<scalar_t>();
-      const auto kernel = backward_kernel<T, scalar_t>();
+      const auto kernel = VQK_ACTIVE_ISA(backward, <T, scalar_t>);
       parallel_row_blocks<Scratch<T>>(n, [&](Scratch<T>& s, int64_t, int64_t r0, int64_t r1) {
         int64_t ldl, ldg;
         const T* lg = lsrc.rows(r0, r1 - r0, s.lg, ldl);

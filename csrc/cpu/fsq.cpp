@@ -243,8 +243,7 @@ void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const Fs
 // float32 lanes. F is float (portable) or a GCC vector of 8 (AVX2) or 16 (AVX-512) floats; the
 // same code serves all three (a vector's arithmetic is lane by lane, a scalar operand is splat).
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
+// (f32x8 and i32x8: cpu/search.h)
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 

@@ -93,16 +93,6 @@ VQK_TARGET_AVX512 VQK_NO_CONTRACT void backward_avx512(const T* g, int64_t ldg, 
 }
 #endif
 
-// The entry point of the active ISA.
-template <typename T, typename S>
-auto backward_kernel() {
-#if VQK_X86
-  if (active_isa() == Isa::Avx512) return &backward_avx512<T, S>;
-  if (active_isa() == Isa::Avx2) return &backward_avx2<T, S>;
-#endif
-  return &backward_portable<T, S>;
-}
-
 at::Tensor rotation_trick(const at::Tensor& src, const at::Tensor& tgt) {
   check_rotation("rotation_trick", src, tgt);
   return tgt.clone(at::MemoryFormat::Contiguous);
@@ -119,7 +109,7 @@ at::Tensor rotation_trick_backward(const at::Tensor& grad, const at::Tensor& src
     const RowSource<T> gsrc(grad), esrc(src), tsrc(tgt);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "rotation_trick_backward_out", [&] {
       scalar_t* outp = out.data_ptr<scalar_t>();
-      const auto kernel = backward_kernel<T, scalar_t>();
+      const auto kernel = VQK_ACTIVE_ISA(backward, <T, scalar_t>);
       struct Scratch {
         std::vector<T> g, e, t;
       };

@@ -45,6 +45,17 @@
 #define VQK_X86 0
 #endif
 
+// The active ISA's instance of a kernel compiled once per ISA as NAME_portable and, on x86, NAME_avx2 and
+// NAME_avx512, with the template arguments that follow NAME: VQK_ACTIVE_ISA(backward, <T, S>).
+#if VQK_X86
+#define VQK_ACTIVE_ISA(NAME, ...)                           \
+  (active_isa() == Isa::Avx512 ? &NAME##_avx512 __VA_ARGS__ \
+   : active_isa() == Isa::Avx2 ? &NAME##_avx2 __VA_ARGS__   \
+                               : &NAME##_portable __VA_ARGS__)
+#else
+#define VQK_ACTIVE_ISA(NAME, ...) (&NAME##_portable __VA_ARGS__)
+#endif
+
 #include "checks.h"
 #include "cpu/cpu_isa.h"
 
@@ -582,6 +593,7 @@ inline void with_kernel(F&& f) {
 // pairwise at the end, in the same order on every ISA (the entry points round without FMAs).
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // p[0..8) (float or double) as doubles.
 template <typename T>
@@ -646,11 +658,7 @@ VQK_TARGET_AVX512 VQK_NO_CONTRACT double exact_distance_avx512(const T* x, const
 
 template <typename T>
 ExactDistanceFn<T> exact_distance_kernel() {
-#if VQK_X86
-  if (active_isa() == Isa::Avx512) return exact_distance_avx512<T>;
-  if (active_isa() == Isa::Avx2) return exact_distance_avx2<T>;
-#endif
-  return exact_distance_portable<T>;
+  return VQK_ACTIVE_ISA(exact_distance, <T>);
 }
 
 // The distance of row xr to code k as the metric defines it, in double.
