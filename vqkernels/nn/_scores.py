@@ -35,14 +35,26 @@ def _checkpointed(fn, *args):
     return fn(*args)
 
 
+def _sample_scores(rows, codes, codes_sq, metric):
+    """:func:`scores` in place: the same operations in the same order (so the same bits), in one buffer."""
+    dots = rows @ codes.T
+    if metric == "cosine":
+        return dots
+    s = torch.add(rows.square().sum(-1, keepdim=True), codes_sq)
+    return s.add_(dots.mul_(-2)).clamp_(min=1e-8).sqrt_().neg_()
+
+
 def sample_codes(rows, codes, metric, temperature):
     """One code per row drawn from softmax(scores / temperature) by the Gumbel-max trick with theirs' noise
-    (-log(-log(u)), logs clamped at 1e-20), drawn in row order as theirs' [N, K] draw. Returns [M] indices."""
+    (-log(-log(u)), logs clamped at 1e-20), drawn in row order as theirs' [N, K] draw. Returns [M] indices.
+    Theirs' operations, each in place on two buffers a chunk: the draws are theirs, bit for bit."""
+    rows, codes = rows.float(), codes.float()
+    codes_sq = codes.square().sum(-1)
     chosen = []
     for start, stop in _chunks(rows.shape[0], codes.shape[0], SAMPLE_CHUNK_ELEMENTS):
-        s = scores(rows[start:stop], codes, metric)
-        noise = -torch.log((-torch.log(torch.rand_like(s).clamp(min=1e-20))).clamp(min=1e-20))
-        chosen.append((s / temperature + noise).argmax(-1))
+        s = _sample_scores(rows[start:stop], codes, codes_sq, metric)
+        noise = torch.rand_like(s).clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+        chosen.append(s.div_(temperature).add_(noise).argmax(-1))
     if not chosen:
         return torch.empty(0, dtype=torch.int64, device=rows.device)
     return torch.cat(chosen)
