@@ -245,6 +245,19 @@ def test_entropy_float64_exact(impl, d, n, tau):
         assert abs(float(unclamped - cb)) > 1e6 * entropy_tolerances(x, tau)["codebook"], "the clamp must matter here"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_subnormal_pattern_probabilities_within_bounds(isa, dtype):
+    """At vector-quantize-pytorch's default inverse temperature (100) many pattern probabilities of unit-scale
+    inputs fall below the smallest normal number; the kernel zeroes those (an Intel core takes a microcode assist
+    for every multiply or FMA on a subnormal). 2**16 codes (the tiles at every width) stay within check_entropy's
+    bounds, whose underflow allowance (1e-35) covers them."""
+    x = lfq_input(256, 16, seed=31, scale=1.0, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    _, _, _, truth = brute_force(x.double(), 100.0)
+    assert bool(((truth > 0) & (truth < tiny)).any()), "the input must make subnormal probabilities"
+    check_entropy(x, 100.0, vqkernels.lfq_entropy(x, 100.0))
+
+
 def test_per_sample_entropy_differs_from_clamped_within_bound():
     """vector-quantize-pytorch's per-sample entropy clamps every code probability at eps = 1e-5 inside the
     log; the factorised one is exact. Per row the difference sum_{p(c) < eps} p(c) log(eps / p(c)) is at
@@ -356,10 +369,13 @@ def test_op_matches_reference():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_deterministic():
-    """Forward and backward are bitwise the same when repeated and with 1 or 2 threads (fixed row
-    blocks and sum blocks; the GEMMs reduce in a fixed order)."""
-    x64 = lfq_input(3000, 12, seed=13, scale=0.05)
+@pytest.mark.parametrize("d", [12, 7])
+def test_deterministic(isa, d):
+    """Forward and backward are bitwise the same when repeated and with 1 or 2 threads, on every ISA (fixed row
+    blocks and sum blocks; the batch average's product is the kernel's own, summed over the rows in order, where
+    MKL on Intel Xeons splits that sum by its thread count). d = 12: 64 x 64 tiles; d = 7: 8 x 16 codes, AVX2's
+    tile under AVX-512."""
+    x64 = lfq_input(3000, d, seed=13, scale=0.05)
 
     def run():
         x = x64.clone().requires_grad_()
@@ -545,7 +561,7 @@ def test_weighted_entropy_gradcheck(d):
     assert torch.autograd.gradcheck(lambda t: vqkernels.lfq_entropy(t, 0.3, weights), (x,))
 
 
-def test_weighted_deterministic():
+def test_weighted_deterministic(isa):
     """Bitwise the same when repeated and with 1 or 2 threads, with weights too."""
     x64, weights = weighted_input(3000, 12, seed=28, kind="positive", scale=0.05)
 

@@ -56,8 +56,9 @@ def _compare_steps(kw, forward_kw, steps=3, train=True, between=None):
             torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-5, atol=1e-6)
             for (name, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
                 assert (p_t.grad is None) == (p_o.grad is None), name
-                if p_t.grad is not None:
-                    torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-5, atol=1e-6)
+                if p_t.grad is not None:  # sums over every token, in each BLAS's order: error ~ the largest entry
+                    scale = float(p_t.grad.abs().max())
+                    torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-5, atol=max(1e-6, 1e-5 * scale))
         state_t, state_o = theirs.state_dict(), ours.state_dict()
         for name, value in state_t.items():
             torch.testing.assert_close(state_o[name], value, rtol=1e-5, atol=1e-6,
