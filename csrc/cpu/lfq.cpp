@@ -89,11 +89,10 @@ VQK_LANES void atb_tile(const T* a, int64_t lda, const T* b, int64_t rows, T* ou
   template <typename T, int Q>                                                                                       \
   TARGET void NAME(const T* a, int64_t ka, const T* b, int64_t kb, int64_t n, int64_t t0, int64_t t1, T* pack,       \
                    T* out) {                                                                                         \
-    const int64_t tiles_down = ka / kTileRows;                                                                       \
+    const int64_t tiles_down = ka / kTileRows, cols = W / int64_t(sizeof(T)) * Q;                                    \
     for (int64_t r0 = 0; r0 < n; r0 += kAtbRows) {                                                                   \
       const int64_t rows = std::min(kAtbRows, n - r0);                                                               \
       for (int64_t t = t0, packed = -1; t < t1; ++t) {                                                               \
-        const int64_t cols = W / int64_t(sizeof(T)) * Q;                                                             \
         const int64_t j0 = t / tiles_down * cols, i0 = t % tiles_down * kTileRows;                                   \
         if (j0 != packed) {                                                                                          \
           for (int64_t r = 0; r < rows; ++r) std::memcpy(pack + r * cols, b + (r0 + r) * kb + j0, cols * sizeof(T)); \
@@ -130,9 +129,9 @@ at::Tensor fixed_order_at_b(const at::Tensor& a, const at::Tensor& b) {
         for (int64_t j = 0; j < kb; ++j) op[i * kb + j] += ap[r * ka + i] * bp[r * kb + j];
     return out;
   }
-  with_const<1, 4>(std::min<int64_t>(width == 64 ? 4 : 2, kb / lanes(width)), [&](auto qc) {
+  const auto run = [&](auto qc) {
     constexpr int Q = decltype(qc)::value;
-    const int64_t cols = lanes(width) * Q, tiles = ka / kTileRows * (kb / cols);  // kb is a power of two
+    const int64_t cols = lanes(width) * Q, tiles = ka / kTileRows * (kb / cols);
 #if VQK_X86
     const auto kernel = width == 64   ? &atb_tiles_avx512<T, Q>
                         : width == 32 ? &atb_tiles_avx2<T, Q>
@@ -144,7 +143,15 @@ at::Tensor fixed_order_at_b(const at::Tensor& a, const at::Tensor& b) {
       std::vector<T> pack(kAtbRows * cols);
       kernel(ap, ka, bp, kb, n, t0, t1, pack.data(), op);
     });
-  });
+  };
+  // vectors a tile: 4 (AVX-512) or 2, fewer where kb is narrower; kb / lanes is a power of two
+  const int64_t q = std::min<int64_t>(width == 64 ? 4 : 2, kb / lanes(width));
+  if (q == 4)
+    run(std::integral_constant<int, 4>{});
+  else if (q == 2)
+    run(std::integral_constant<int, 2>{});
+  else
+    run(std::integral_constant<int, 1>{});
   return out;
 }
 

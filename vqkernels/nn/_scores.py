@@ -13,14 +13,19 @@ CHUNK_ELEMENTS = 1 << 22  # scores per chunk (16 MiB of float32)
 SAMPLE_CHUNK_ELEMENTS = 1 << 18
 
 
-def scores(rows, codes, metric):
+def scores(rows, codes, metric, codes_sq=None):
     """vector-quantize-pytorch's logits for rows [M, d] and codes [K, d]: l2, minus its cdist (the square root
-    of the expanded squared distance clamped at 1e-8); cosine, the dot product of the (normalised) inputs."""
+    of the expanded squared distance clamped at 1e-8); cosine, the dot product of the (normalised) inputs.
+    ``codes_sq``: the codes' squared norms when the caller has them. Without a gradient to record, the same
+    operations run in place on one buffer (the same bits)."""
     rows, codes = rows.float(), codes.float()
     dots = rows @ codes.T
     if metric == "cosine":
         return dots
-    return -(rows.square().sum(-1, keepdim=True) + codes.square().sum(-1) + dots * -2).clamp(min=1e-8).sqrt()
+    s = rows.square().sum(-1, keepdim=True) + (codes.square().sum(-1) if codes_sq is None else codes_sq)
+    if dots.requires_grad:  # autograd keeps sqrt's result: out of place
+        return -(s + dots * -2).clamp(min=1e-8).sqrt()
+    return s.add_(dots.mul_(-2)).clamp_(min=1e-8).sqrt_().neg_()
 
 
 def _chunks(num_rows, num_codes, elements=None):
@@ -35,24 +40,15 @@ def _checkpointed(fn, *args):
     return fn(*args)
 
 
-def _sample_scores(rows, codes, codes_sq, metric):
-    """:func:`scores` in place: the same operations in the same order (so the same bits), in one buffer."""
-    dots = rows @ codes.T
-    if metric == "cosine":
-        return dots
-    s = torch.add(rows.square().sum(-1, keepdim=True), codes_sq)
-    return s.add_(dots.mul_(-2)).clamp_(min=1e-8).sqrt_().neg_()
-
-
 def sample_codes(rows, codes, metric, temperature):
     """One code per row drawn from softmax(scores / temperature) by the Gumbel-max trick with theirs' noise
     (-log(-log(u)), logs clamped at 1e-20), drawn in row order as theirs' [N, K] draw. Returns [M] indices.
     Theirs' operations, each in place on two buffers a chunk: the draws are theirs, bit for bit."""
-    rows, codes = rows.float(), codes.float()
+    codes = codes.float()
     codes_sq = codes.square().sum(-1)
     chosen = []
     for start, stop in _chunks(rows.shape[0], codes.shape[0], SAMPLE_CHUNK_ELEMENTS):
-        s = _sample_scores(rows[start:stop], codes, codes_sq, metric)
+        s = scores(rows[start:stop], codes, metric, codes_sq)
         noise = torch.rand_like(s).clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
         chosen.append(s.div_(temperature).add_(noise).argmax(-1))
     if not chosen:
