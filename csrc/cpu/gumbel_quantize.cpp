@@ -4,16 +4,17 @@
 // Rows are processed in blocks (parallel_row_blocks); a row's softmaxes live in the task's
 // scratch (K values each), never in an N x K buffer; its exponentials, logarithms and sums
 // are softmax_rows.h's row primitives. The soft lookup y @ codebook is one matrix product
-// per row block (at::mm inside the parallel task, where ATen and the BLAS run
-// single-threaded, so its summation order depends on the block's shape alone); the hard
-// lookup copies the chosen row.
+// per row block, summed over the codes in a fixed order (fixed_order_product.h: MKL splits
+// such sums by its thread count, even inside a parallel task); the hard lookup copies the
+// chosen row.
 //
 // The backward recomputes both softmaxes. Its first pass, over row blocks, forms the logits'
 // gradient: y's softmax Jacobian applied to grad_quantized @ codebook^T (also for hard: the
 // straight-through value's gradient is y's), plus the KL term's. The codebook's gradient is
 // then a scatter of grad_quantized rows by index (hard) or y^T @ grad_quantized (soft),
 // computed per fixed chunk of codes over fixed tiles of rows (y recomputed from the row's
-// saved maximum and normaliser), so every sum runs in the same order for any thread count.
+// saved maximum and normaliser). Every product is a fixed-order one, so every sum runs in
+// the same order for any thread count.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fixed_order_product.h"
 #include "cpu/scatter.h"
 #include "cpu/search.h"
 #include "cpu/softmax_rows.h"
@@ -101,10 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
       scalar_t* qp = quantized.data_ptr<scalar_t>();
       struct Scratch {
         std::vector<T> lrows, grows, s, q;
-        at::Tensor y;  // soft: the block's y [rows, K]
+        std::vector<T> y, out;  // soft: the block's y [rows, K] and y @ codebook [rows, D]
       };
       parallel_row_blocks<Scratch>(n, [&](Scratch& w, int64_t block, int64_t r0, int64_t r1) {
-        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the products are internal
         const int64_t rows = r1 - r0;
         int64_t ldl, ldg;
         const T* l = lsrc.rows(r0, rows, w.lrows, ldl);
@@ -112,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
         w.q.resize(K);
         if (hard)
           w.s.resize(K);
-        else if (!w.y.defined())
-          w.y = at::empty({row_block_size(n), K}, cb.options());
-        T* y = hard ? nullptr : w.y.data_ptr<T>();
+        else
+          w.y.resize(rows * K);
+        T* y = hard ? nullptr : w.y.data();
         double kl = 0;
         for (int64_t i = 0; i < rows; ++i) {
           T* s = hard ? w.s.data() : y + i * K;
@@ -132,12 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
         }
         partial[block] = kl;
         if (!hard) {
-          at::Tensor out = quantized.narrow(0, r0, rows);
-          const at::Tensor yb = w.y.narrow(0, 0, rows);
-          if (out_type == ct)
-            at::mm_out(out, yb, cb);
-          else
-            out.copy_(at::mm(yb, cb));
+          w.out.assign(rows * D, T(0));
+          fixed_order_product<T>({y, 1, K}, {cbp, D, 1}, K, rows, D, w.out.data(), D, false);
+          for (int64_t i = 0; i < rows * D; ++i) qp[r0 * D + i] = static_cast<scalar_t>(w.out[i]);
         }
       });
     });
@@ -168,19 +166,21 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
     // soft: each row's softmax maximum and normaliser, for the codebook pass
     std::vector<T> smax(hard ? 0 : n), norm(hard ? 0 : n);
     T* glp = grad_logits.data_ptr<T>();
+    const T* gp = gq.const_data_ptr<T>();
+    const at::Tensor cbt = cb.t().contiguous();  // [D, K]: the rows of the first pass's product
+    const T* cbtp = cbt.const_data_ptr<T>();
     struct Scratch {
       std::vector<T> lrows, grows, y, q, f;
     };
     parallel_row_blocks<Scratch>(n, [&](Scratch& w, int64_t, int64_t r0, int64_t r1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the products are internal
       const int64_t rows = r1 - r0;
       int64_t ldl, ldg;
       const T* l = lsrc.rows(r0, rows, w.lrows, ldl);
       const T* g = gsrc.rows(r0, rows, w.grows, ldg);
       w.y.resize(K);
       // dL/dy = grad_quantized @ codebook^T, straight into the block's rows of grad_logits
-      at::Tensor dy = grad_logits.narrow(0, r0, rows);
-      at::mm_out(dy, gq.narrow(0, r0, rows), cb.t());
+      std::fill(glp + r0 * K, glp + r1 * K, T(0));
+      fixed_order_product<T>({gp + r0 * D, 1, D}, {cbtp, K, 1}, D, rows, K, glp + r0 * K, K, false);
       for (int64_t i = 0; i < rows; ++i) {
         const T* li = l + i * ldl;
         T* gl = glp + (r0 + i) * K;
@@ -200,7 +200,6 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
         }
       }
     });
-    const T* gp = gq.const_data_ptr<T>();
     T* gc = grad_codebook.data_ptr<T>();
     if (hard) {
       const at::Tensor idx = indices.contiguous();
@@ -211,13 +210,10 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
     }
     const int64_t chunk = code_chunk(K), chunks = (K + chunk - 1) / chunk;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::vector<T> lt(kRowTile * chunk), gt(kRowTile * chunk);
-      at::Tensor yt = at::empty({kRowTile, chunk}, cb.options());
-      T* yp = yt.data_ptr<T>();
+      std::vector<T> lt(kRowTile * chunk), gt(kRowTile * chunk), yt(kRowTile * chunk);
+      T* yp = yt.data();
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t k0 = ch * chunk, kc = std::min(chunk, K - k0);
-        at::Tensor out = grad_codebook.narrow(0, k0, kc);
         for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
           const int64_t rows = std::min(kRowTile, n - r0);
           load_block(logits, r0, rows, k0, kc, lt.data());
@@ -229,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_backward(const at::Tensor& gr
             exp_row(s, kc, smax[r0 + i], scale, y);
             for (int64_t j = 0; j < kc; ++j) y[j] *= norm[r0 + i];
           }
-          out.addmm_(yt.narrow(0, 0, rows).narrow(1, 0, kc).t(), gq.narrow(0, r0, rows));
+          fixed_order_product<T>({yp, chunk, 1}, {gp + r0 * D, D, 1}, rows, kc, D, gc + k0 * D, D, false);
         }
       }
     });

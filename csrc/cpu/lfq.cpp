@@ -19,13 +19,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/fixed_order_product.h"
 #include "cpu/search.h"
 
 namespace vqk {
@@ -50,109 +49,6 @@ double deterministic_sum(int64_t n, F&& f) {
   double total = 0;
   for (double v : partial) total += v;
   return total;
-}
-
-// ---------------------------------------------------------------------------------------
-// The batch average's product A^T B, summed over the rows in a fixed order: a BLAS may split that sum over its
-// threads (MKL does on Intel Xeons: the bits then change with the thread count), so it is computed here. An output
-// tile of kTileRows rows (A's columns) x Q vectors (B's columns) is accumulated in registers over a block of
-// kAtbRows rows, in row order, and the blocks are added in order; parallel tasks own whole tiles. Every entry is
-// thus the same sum in the same order for any thread count. The tiles of one column block run back to back on
-// that block's slice of B, copied once into a contiguous buffer (B's rows, 2**db values apart, would otherwise
-// collide in a few L1 sets).
-constexpr int64_t kAtbRows = 128;  // rows per pass over a tile: B's slice is 16 KiB (float)
-constexpr int kTileRows = 4;       // rows of an output tile (A's columns)
-
-// out [kTileRows][ldo] (the tile) += a [rows][lda] (its kTileRows columns)^T b [rows][L Q] (packed), in W-byte
-// vectors of L = W / sizeof(T) lanes.
-template <typename T, int Q, int W>
-VQK_LANES void atb_tile(const T* a, int64_t lda, const T* b, int64_t rows, T* out, int64_t ldo) {
-  typedef T V __attribute__((vector_size(W)));
-  constexpr int L = W / sizeof(T);
-  V acc[kTileRows][Q];
-  for (int i = 0; i < kTileRows; ++i)
-    for (int q = 0; q < Q; ++q) std::memcpy(&acc[i][q], out + i * ldo + L * q, sizeof(V));
-  for (int64_t r = 0; r < rows; ++r) {
-    V bv[Q];
-    for (int q = 0; q < Q; ++q) std::memcpy(&bv[q], b + (r * Q + q) * L, sizeof(V));
-    const T* ar = a + r * lda;
-    for (int i = 0; i < kTileRows; ++i)
-      for (int q = 0; q < Q; ++q) acc[i][q] += ar[i] * bv[q];
-  }
-  for (int i = 0; i < kTileRows; ++i)
-    for (int q = 0; q < Q; ++q) std::memcpy(out + i * ldo + L * q, &acc[i][q], sizeof(V));
-}
-
-// The tiles [t0, t1) (tile t: column block t / (ka / kTileRows), row block t % (ka / kTileRows)) over every block
-// of rows, in order; pack: the task's scratch for a slice of B.
-#define VQK_ATB_TILES(NAME, TARGET, W)                                                                               \
-  template <typename T, int Q>                                                                                       \
-  TARGET void NAME(const T* a, int64_t ka, const T* b, int64_t kb, int64_t n, int64_t t0, int64_t t1, T* pack,       \
-                   T* out) {                                                                                         \
-    const int64_t tiles_down = ka / kTileRows, cols = W / int64_t(sizeof(T)) * Q;                                    \
-    for (int64_t r0 = 0; r0 < n; r0 += kAtbRows) {                                                                   \
-      const int64_t rows = std::min(kAtbRows, n - r0);                                                               \
-      for (int64_t t = t0, packed = -1; t < t1; ++t) {                                                               \
-        const int64_t j0 = t / tiles_down * cols, i0 = t % tiles_down * kTileRows;                                   \
-        if (j0 != packed) {                                                                                          \
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(pack + r * cols, b + (r0 + r) * kb + j0, cols * sizeof(T)); \
-          packed = j0;                                                                                               \
-        }                                                                                                            \
-        atb_tile<T, Q, W>(a + r0 * ka + i0, ka, pack, rows, out + i0 * kb + j0, kb);                                 \
-      }                                                                                                              \
-    }                                                                                                                \
-  }
-VQK_ATB_TILES(atb_tiles_portable, , 16)
-#if VQK_X86
-VQK_ATB_TILES(atb_tiles_avx2, VQK_TARGET_AVX2, 32)
-VQK_ATB_TILES(atb_tiles_avx512, VQK_TARGET_AVX512, 64)
-#endif
-
-// A^T B [ka, kb] of a [n, ka] and b [n, kb] (contiguous T), the same bits for any thread count. The widest entry
-// the active ISA allows whose vectors divide kb serves: AVX-512 in 64-byte vectors, up to 4 a tile (its 32
-// registers hold the 16 accumulators and B's vectors), AVX2 in 32-byte and the portable path in 16-byte vectors,
-// up to 2 a tile (16 registers). Shapes no tile fits (ka not a multiple of kTileRows or kb of 16 bytes: d < 4, at
-// most 8 codes) take a plain loop, rows in order.
-template <typename T>
-at::Tensor fixed_order_at_b(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t n = a.size(0), ka = a.size(1), kb = b.size(1);
-  at::Tensor out = at::zeros({ka, kb}, a.options());
-  const T* ap = a.const_data_ptr<T>();
-  const T* bp = b.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const auto lanes = [](int bytes) { return int64_t(bytes) / int64_t(sizeof(T)); };
-  int width = VQK_X86 && active_isa() == Isa::Avx512 ? 64 : VQK_X86 && active_isa() == Isa::Avx2 ? 32 : 16;
-  while (width > 16 && kb % lanes(width) != 0) width /= 2;
-  if (ka % kTileRows != 0 || kb % lanes(width) != 0) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t i = 0; i < ka; ++i)
-        for (int64_t j = 0; j < kb; ++j) op[i * kb + j] += ap[r * ka + i] * bp[r * kb + j];
-    return out;
-  }
-  const auto run = [&](auto qc) {
-    constexpr int Q = decltype(qc)::value;
-    const int64_t cols = lanes(width) * Q, tiles = ka / kTileRows * (kb / cols);
-#if VQK_X86
-    const auto kernel = width == 64   ? &atb_tiles_avx512<T, Q>
-                        : width == 32 ? &atb_tiles_avx2<T, Q>
-                                      : &atb_tiles_portable<T, Q>;
-#else
-    const auto kernel = &atb_tiles_portable<T, Q>;
-#endif
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> pack(kAtbRows * cols);
-      kernel(ap, ka, bp, kb, n, t0, t1, pack.data(), op);
-    });
-  };
-  // vectors a tile: 4 (AVX-512) or 2, fewer where kb is narrower; kb / lanes is a power of two
-  const int64_t q = std::min<int64_t>(width == 64 ? 4 : 2, kb / lanes(width));
-  if (q == 4)
-    run(std::integral_constant<int, 4>{});
-  else if (q == 2)
-    run(std::integral_constant<int, 2>{});
-  else
-    run(std::integral_constant<int, 1>{});
-  return out;
 }
 
 // A (weighted) probability of magnitude below the smallest normal number as 0; NaN kept. Sharp distributions
@@ -351,7 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy(const at::Tensor& x, 
     per_sample = factor_rows<T>(src, n, d, static_cast<T>(4.0 * inv_temperature), rw.data<T>(), a.data_ptr<T>(),
                                 b.data_ptr<T>(), true) /
                  rw.total;
-    avg = fixed_order_at_b<T>(a, b).div_(rw.total).reshape({-1});
+    // the batch average A^T B, in a fixed order (a BLAS may split the sum over the rows by its thread count)
+    avg = at::zeros({a.size(1), b.size(1)}, opts);
+    fixed_order_product<T>({a.const_data_ptr<T>(), a.size(1), 1}, {b.const_data_ptr<T>(), b.size(1), 1}, n, a.size(1),
+                           b.size(1), avg.data_ptr<T>(), b.size(1), true);
+    avg = avg.div_(rw.total).reshape({-1});
     const T* p = avg.const_data_ptr<T>();
     codebook = -deterministic_sum(avg.numel(), [&](int64_t i) {
       const double v = static_cast<double>(p[i]);
