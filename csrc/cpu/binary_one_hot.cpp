@@ -24,7 +24,7 @@ namespace vqk {
 namespace cpu {
 namespace {
 
-constexpr int kLanes = 8;  // rows of a group: row i of the group is lane i of every vector
+constexpr int kGroupRows = 8;  // rows of a group: row i of the group is lane i of every vector
 
 template <typename T>
 struct VecOf {
@@ -62,7 +62,7 @@ VQK_LANES void bit_probs(Vec<T> l, Vec<T>& p, Vec<T>& q) {
     p = l >= 0.0f ? big : small;  // NaN: small (NaN) both
     q = l >= 0.0f ? small : big;
   } else {
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < kGroupRows; ++i) {
       const T e = std::exp(-std::abs(l[i])), big = T(1) / (T(1) + e), small = e * big;
       p[i] = l[i] >= 0 ? big : small;
       q[i] = l[i] >= 0 ? small : big;
@@ -93,18 +93,18 @@ VQK_LANES void bit_sums(const V* w, int count, V* out) {
   }
 }
 
-// col[j] = the kLanes rows' entries c + j (j < kLanes): kLanes row vectors loaded and transposed.
+// col[j] = the kGroupRows rows' entries c + j (j < kGroupRows): kGroupRows row vectors loaded and transposed.
 template <typename T>
 VQK_LANES void load_columns(const T* const* rows, int64_t c, Vec<T>* col) {
   using V = Vec<T>;
-  V r[kLanes];
-  for (int i = 0; i < kLanes; ++i) std::memcpy(&r[i], rows[i] + c, sizeof(V));
-  V t[kLanes], s[kLanes];
-  for (int i = 0; i < kLanes; i += 2) {
+  V r[kGroupRows];
+  for (int i = 0; i < kGroupRows; ++i) std::memcpy(&r[i], rows[i] + c, sizeof(V));
+  V t[kGroupRows], s[kGroupRows];
+  for (int i = 0; i < kGroupRows; i += 2) {
     t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
     t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
-  for (int i = 0; i < kLanes; i += 4)
+  for (int i = 0; i < kGroupRows; i += 4)
     for (int k = 0; k < 2; ++k) {
       s[i + 2 * k] = __builtin_shufflevector(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
       s[i + 2 * k + 1] = __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
@@ -122,13 +122,13 @@ struct Scratch {
 
   // The tables' first vector: `count` vectors, aligned (a vector type as a template argument loses its alignment).
   Vec<T>* vectors(int64_t count) {
-    tables.resize((count + 1) * kLanes);
+    tables.resize((count + 1) * kGroupRows);
     const auto at = reinterpret_cast<std::uintptr_t>(tables.data());
     return reinterpret_cast<Vec<T>*>((at + sizeof(Vec<T>) - 1) / sizeof(Vec<T>) * sizeof(Vec<T>));
   }
 };
 
-// grad_logits of a group of kLanes rows (row i: logits lg[i][bits], g[i][2^bits]) into out[i][bits] for i < valid.
+// grad_logits of a group of kGroupRows rows (row i: logits lg[i][bits], g[i][2^bits]) into out[i][bits] for i < valid.
 template <typename T, typename S>
 VQK_LANES void backward_group(const T* const* lg, const T* const* g, int bits, Vec<T>* tables, int valid, S* out) {
   using V = Vec<T>;
@@ -138,21 +138,21 @@ VQK_LANES void backward_group(const T* const* lg, const T* const* g, int bits, V
   V sums[kMaxOneHotBits];  // per bit: sum_c g[c] G[c] c_b
   for (int b = 0; b < bits; ++b) {
     V l;
-    for (int i = 0; i < kLanes; ++i) l[i] = lg[i][b];
+    for (int i = 0; i < kGroupRows; ++i) l[i] = lg[i][b];
     bit_probs<T>(l, p[b], q[b]);
   }
   bit_table(p, q, lo, low);
   bit_table(p + lo, q + lo, hi, high);
   // u[l] = sum_h high[h] g[h L + l] in increasing h, v[h] = sum_l low[l] g[h L + l] in increasing l
   std::fill(v, v + H, V{});
-  if (L >= kLanes) {  // kLanes low codes at a time, their u in registers over every h
-    for (int64_t l0 = 0; l0 < L; l0 += kLanes) {
-      V acc[kLanes] = {};
+  if (L >= kGroupRows) {  // kGroupRows low codes at a time, their u in registers over every h
+    for (int64_t l0 = 0; l0 < L; l0 += kGroupRows) {
+      V acc[kGroupRows] = {};
       for (int64_t h = 0; h < H; ++h) {
-        V col[kLanes];
+        V col[kGroupRows];
         load_columns(g, h * L + l0, col);
         V vh = v[h];
-        for (int j = 0; j < kLanes; ++j) {
+        for (int j = 0; j < kGroupRows; ++j) {
           acc[j] += high[h] * col[j];
           vh += low[l0 + j] * col[j];
         }
@@ -160,22 +160,22 @@ VQK_LANES void backward_group(const T* const* lg, const T* const* g, int bits, V
       }
       std::memcpy(u + l0, acc, sizeof acc);
     }
-  } else {  // fewer than kLanes low codes (bits < 6): code by code, in increasing c
+  } else {  // fewer than kGroupRows low codes (bits < 6): code by code, in increasing c
     std::fill(u, u + L, V{});
     const auto add = [&](int64_t c, V col) {
       const int64_t h = c >> lo, l = c & (L - 1);
       u[l] += high[h] * col;
       v[h] += low[l] * col;
     };
-    for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-      V col[kLanes];
-      if (C >= kLanes) {
+    for (int64_t c0 = 0; c0 < C; c0 += kGroupRows) {
+      V col[kGroupRows];
+      if (C >= kGroupRows) {
         load_columns(g, c0, col);
       } else {  // fewer codes than lanes (bits < 3)
         for (int64_t c = 0; c < C; ++c)
-          for (int i = 0; i < kLanes; ++i) col[c][i] = g[i][c];
+          for (int i = 0; i < kGroupRows; ++i) col[c][i] = g[i][c];
       }
-      for (int64_t j = 0; j < std::min<int64_t>(kLanes, C); ++j) add(c0 + j, col[j]);
+      for (int64_t j = 0; j < std::min<int64_t>(kGroupRows, C); ++j) add(c0 + j, col[j]);
     }
   }
   V total = {};
@@ -192,7 +192,7 @@ VQK_LANES void backward_group(const T* const* lg, const T* const* g, int bits, V
   }
 }
 
-// `rows` rows (strides ldl, ldg) into out [rows][bits], kLanes rows a group (a last, shorter group repeats its last
+// `rows` rows (strides ldl, ldg) into out [rows][bits], kGroupRows rows a group (a last, shorter group repeats its last
 // row in the lanes it does not store): one body per ISA, every lane's arithmetic the same sequence of roundings (no
 // contraction), so the same bits on each ISA and in every lane.
 #define VQK_ONE_HOT_BACKWARD(NAME, TARGET)                                                                    \
@@ -201,11 +201,11 @@ VQK_LANES void backward_group(const T* const* lg, const T* const* g, int bits, V
                                    Scratch<T>& s, S* out) {                                                   \
     const int64_t L = int64_t(1) << (bits / 2), H = int64_t(1) << (bits - bits / 2);                          \
     Vec<T>* tables = s.vectors(2 * bits + 2 * L + 2 * H);                                                     \
-    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {                                                           \
-      const int valid = static_cast<int>(std::min<int64_t>(kLanes, rows - r0));                               \
-      const T* lrow[kLanes];                                                                                  \
-      const T* grow[kLanes];                                                                                  \
-      for (int i = 0; i < kLanes; ++i) {                                                                      \
+    for (int64_t r0 = 0; r0 < rows; r0 += kGroupRows) {                                                       \
+      const int valid = static_cast<int>(std::min<int64_t>(kGroupRows, rows - r0));                           \
+      const T* lrow[kGroupRows];                                                                              \
+      const T* grow[kGroupRows];                                                                              \
+      for (int i = 0; i < kGroupRows; ++i) {                                                                  \
         const int64_t r = r0 + std::min(i, valid - 1);                                                        \
         lrow[i] = lg + r * ldl;                                                                               \
         grow[i] = g + r * ldg;                                                                                \
