@@ -8,6 +8,22 @@ namespace vqk {
 namespace cpu {
 namespace {
 
+// The backward's two row updates, d < D. Restrict lets the compiler vectorise them: with loads that might alias the
+// store they stayed scalar and took most of the backward.
+// out[d] = g[d] + a * (x[d] - q[d])
+template <typename T>
+inline void add_scaled_difference(T* __restrict out, const T* __restrict g, T a, const T* __restrict x,
+                                  const T* __restrict q, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out[d] = g[d] + a * (x[d] - q[d]);
+}
+
+// acc[d] += a * (x[d] - q[d])
+template <typename T>
+inline void accumulate_scaled_difference(T* __restrict acc, T a, const T* __restrict x, const T* __restrict q,
+                                         int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += a * (x[d] - q[d]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at::Tensor& x, const at::Tensor& codebook,
                                                                        c10::string_view metric_name) {
   const Metric metric = check_search("vq_quantize", x, codebook, metric_name);
@@ -88,19 +104,17 @@ std::tuple<at::Tensor, at::Tensor> vq_quantize_backward(const at::Tensor& grad_q
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     scalar_t* gcp = gcb.data_ptr<scalar_t>();
     const RowSource<scalar_t> gsrc(grad_quantized);  // read in place (any layout), converted block by block if needed
+    const std::vector<scalar_t> nan_row(D, std::numeric_limits<scalar_t>::quiet_NaN());  // the code of index -1
     parallel_row_blocks<std::vector<scalar_t>>(n, [&](std::vector<scalar_t>& buf, int64_t, int64_t r0, int64_t r1) {
       int64_t ldg;
       const scalar_t* g = gsrc.rows(r0, r1 - r0, buf, ldg);
       for (int64_t r = r0; r < r1; ++r, g += ldg) {
-        const int64_t k = ip[r];
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t qv = k >= 0 ? cp[k * D + d] : std::numeric_limits<scalar_t>::quiet_NaN();
-          gxp[r * D + d] = g[d] + static_cast<scalar_t>(a) * (xp[r * D + d] - qv);
-        }
+        const scalar_t* q = ip[r] >= 0 ? cp + ip[r] * D : nan_row.data();
+        add_scaled_difference(gxp + r * D, g, static_cast<scalar_t>(a), xp + r * D, q, D);
       }
     });
     scatter_by_code(ip, n, K, [&](int64_t k, int64_t r) {
-      for (int64_t d = 0; d < D; ++d) gcp[k * D + d] += static_cast<scalar_t>(b) * (cp[k * D + d] - xp[r * D + d]);
+      accumulate_scaled_difference(gcp + k * D, static_cast<scalar_t>(b), cp + k * D, xp + r * D, D);
     });
   });
   return {gx.to(x.scalar_type()), gcb.to(codebook.scalar_type())};
