@@ -577,3 +577,188 @@ def test_rejects(case, kind, device):
 def test_backward_rejects(kind, grad, pattern):
     with pytest.raises(ERRORS, match=pattern):
         BACKWARD_IMPLS[kind](grad, Z, [4, 5, 6])
+
+
+# ---------------------------------------------------------------------------------------
+# residual_fsq_quantize: the levels of vector-quantize-pytorch's ResidualFSQ in one op
+
+ALL_MODES = {"plain": {}, **MODES}
+
+
+def residual_scales(levels, num_levels, dtype=torch.float32):
+    """ResidualFSQ's scales: L ** -l per level l, float32 as there."""
+    lv = torch.tensor(levels).float()
+    return torch.stack([lv ** -level for level in range(num_levels)]).to(dtype)
+
+
+def level_loop(z, scales, levels, **mode):
+    """The residual levels as a loop over fsq_quantize in plain PyTorch (ResidualFSQ's own loop): (quantized,
+    indices [N, Q]), and through autograd the gradient of the straight-through sum."""
+    residual, out, indices = z.to(compute_dtype(z, scales)), 0.0, []
+    for s in scales.to(residual.dtype):
+        codes, idx = vqkernels.fsq_quantize(residual / s, levels, **mode)
+        q = codes * s
+        residual = residual - q.detach()
+        out = out + q
+        indices.append(idx)
+    return out, torch.stack(indices, 1)
+
+
+@st.composite
+def residual_cases(draw):
+    levels = draw(st.lists(st.integers(3, 12), min_size=1, max_size=6))
+    return dict(n=draw(st.sampled_from([0, 1, 7, 33, draw(st.integers(0, 200))])), levels=levels,
+                num_levels=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2 ** 31 - 1)),
+                scale=draw(st.sampled_from([0.05, 1.0, 3.0])), mode=draw(st.sampled_from(list(ALL_MODES))),
+                dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(LAYOUTS)))
+
+
+@hyp_settings(40)
+@given(case=residual_cases())
+def test_residual_matches_the_level_loop_bitwise(isa, case):
+    """Quantized and indices are those of the loop over fsq_quantize, bit for bit, for every mode, dtype and layout;
+    the reference gives the same, and z is not modified."""
+    levels, mode = case["levels"], ALL_MODES[case["mode"]]
+    z = fsq_input(case["n"], levels, case["seed"], case["scale"], case["dtype"], case["layout"])
+    scales = residual_scales(levels, case["num_levels"])
+    saved = bits(z).clone()
+    got = vqkernels.residual_fsq_quantize(z, scales, levels, **mode)
+    assert torch.equal(bits(z), saved), "z was modified"
+    want_q, want_i = level_loop(z, scales, levels, **mode)
+    assert got[0].dtype == z.dtype and got[1].dtype == torch.int64 and got[1].shape == (case["n"], case["num_levels"])
+    assert torch.equal(got[1], want_i)
+    assert torch.equal(bits(got[0]), bits(want_q.to(z.dtype)))
+    ref = reference.residual_fsq_quantize(z, scales, levels, **mode)
+    if not mode.get("hard_clamp") and case["dtype"] != torch.float64:  # torch.tanh and the kernels' may differ by
+        return                                                         # an ulp (see the module's docstring)
+    assert torch.equal(ref[1], want_i) and torch.equal(bits(ref[0]), bits(got[0]))
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+def test_residual_backward_matches_autograd_through_the_loop(isa, mode, dtype, layout):
+    """The backward op's gradient is autograd's through the loop over fsq_quantize (each level's straight-through
+    gradient, the residual's subtracted codes detached), to float32 rounding; with the hard clamp, where no tanh
+    differs, the reference's is the op's bit for bit."""
+    levels, mode_kw = [8, 5, 5, 5], ALL_MODES[mode]
+    z = fsq_input(300, levels, seed=40, scale=1.5, dtype=dtype, layout=layout)
+    scales = residual_scales(levels, 4)
+    g = torch.randn(300, 4, generator=gen(41)).to(dtype)
+    zl = z.detach().clone().requires_grad_()
+    level_loop(zl, scales, levels, **mode_kw)[0].backward(g.to(compute_dtype(z)))
+    got = torch.ops.vqkernels.residual_fsq_quantize_backward(g, z, scales, levels, **mode_kw)
+    assert got.dtype == z.dtype and got.shape == z.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), zl.grad.double(), rtol=tol, atol=tol)
+    ref = reference.residual_fsq_quantize_backward(g, z, scales, levels, **mode_kw)
+    if mode_kw.get("hard_clamp"):
+        assert torch.equal(bits(ref), bits(got))
+    else:
+        torch.testing.assert_close(ref, got, rtol=1e-5, atol=1e-6)
+    zo = z.detach().clone().requires_grad_()
+    vqkernels.residual_fsq_quantize(zo, scales, levels, **mode_kw)[0].backward(g)
+    assert torch.equal(bits(zo.grad), bits(got)), "autograd does not run the backward op"
+
+
+def test_residual_nan_rows_empty_and_no_levels(isa):
+    """A row holding a NaN gets -1 at every level and a NaN output row, the others are untouched; no rows or no
+    levels give empty indices (and zeros for no levels)."""
+    levels = [8, 5, 5]
+    z = fsq_input(20, levels, seed=42)
+    z[3, 1] = float("nan")
+    scales = residual_scales(levels, 3)
+    q, idx = vqkernels.residual_fsq_quantize(z, scales, levels, True, True)
+    assert (idx[3] == -1).all() and torch.isnan(q[3]).any() and (idx[torch.arange(20) != 3] >= 0).all()
+    keep = torch.arange(20) != 3
+    want = vqkernels.residual_fsq_quantize(z[keep], scales, levels, True, True)
+    assert torch.equal(q[keep], want[0]) and torch.equal(idx[keep], want[1])
+    q, idx = vqkernels.residual_fsq_quantize(z[:0], scales, levels)
+    assert q.shape == (0, 3) and idx.shape == (0, 3)
+    q, idx = vqkernels.residual_fsq_quantize(z, scales[:0], levels)
+    assert torch.equal(q, torch.zeros_like(z)) and idx.shape == (20, 0)
+    grad = torch.ops.vqkernels.residual_fsq_quantize_backward(torch.ones_like(z), z, scales[:0], levels)
+    assert torch.equal(grad, torch.zeros_like(z))
+
+
+@pytest.mark.skipif(not ISAS, reason="the C++ kernels' ISA paths (the extension is not built)")
+@pytest.mark.parametrize("levels", ISA_LEVELS[:4], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 33])
+def test_residual_isas_agree_bitwise(levels, n):
+    """Every ISA gives the same quantized, indices and gradients, tails and edge values included."""
+    d = len(levels)
+    z = torch.randn(n, d, generator=gen(50 + n)) * 2
+    flat = z.view(-1)
+    k = min(len(EDGE_VALUES), (flat.numel() + 2) // 3)
+    flat[::3][:k] = torch.tensor(EDGE_VALUES[:k])
+    g = torch.randn(n, d, generator=gen(51))
+    scales = residual_scales(levels, 3)
+    results = {}
+    try:
+        for isa in ISAS:
+            try:
+                vqkernels.set_cpu_isa(isa)
+            except ValueError:
+                continue
+            outs = []
+            for mode in ALL_MODES.values():
+                for layout in ("contiguous", "offset"):
+                    outs += vqkernels.residual_fsq_quantize(with_layout(z, layout), scales, levels, **mode)
+                    outs.append(torch.ops.vqkernels.residual_fsq_quantize_backward(
+                        with_layout(g, layout), with_layout(z, layout), scales, levels, **mode))
+            results[isa] = outs
+    finally:
+        vqkernels.set_cpu_isa("auto")
+    for isa, outs in results.items():
+        for i, (got, want) in enumerate(zip(outs, results["portable"])):
+            assert torch.equal(bits(got), bits(want)), f"{isa} differs from portable in output {i}"
+
+
+@pytest.mark.parametrize("z", opcheck_samples())
+def test_residual_opcheck(z):
+    opcheck("residual_fsq_quantize", (z, residual_scales([8, 5, 5, 5], 3), [8, 5, 5, 5], True, True))
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((torch.randn(9, 3), torch.randn(9, 3), residual_scales([4, 5, 6], 2), [4, 5, 6]), id="f32"),
+    pytest.param((torch.randn(9, 3).double(), torch.randn(9, 3), residual_scales([4, 5, 6], 2), [4, 5, 6]),
+                 id="f64-grad"),
+    pytest.param((torch.randn(9, 3).half(), torch.randn(9, 3).half(), residual_scales([4, 5, 6], 2), [4, 5, 6], True,
+                  True), id="f16"),
+    pytest.param((torch.randn(9, 3), with_layout(torch.randn(9, 3), "transposed"),
+                  residual_scales([4, 5, 6], 3, torch.float64), [4, 5, 6]), id="strided-f64-scales"),
+])
+def test_residual_backward_opcheck(args):
+    opcheck("residual_fsq_quantize_backward", args)
+
+
+RESIDUAL_IMPLS = {"op": torch.ops.vqkernels.residual_fsq_quantize, "reference": reference.residual_fsq_quantize}
+SCALES = residual_scales([4, 5, 6], 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("kind", RESIDUAL_IMPLS)
+@pytest.mark.parametrize("z, scales, levels, pattern", [
+    (Z, SCALES[0], [4, 5, 6], r"scales must be 2-D \[num_levels, d=3\], got shape \(3,\)"),
+    (Z, SCALES[:, :2], [4, 5, 6], r"scales must be 2-D \[num_levels, d=3\], got shape \(2, 2\)"),
+    (Z, SCALES.int(), [4, 5, 6], r"scales must be float32, float16, bfloat16 or float64"),
+    (Z, SCALES, [4, 5], r"z has d=3 \(shape \(4, 3\)\) but there are 2 levels"),
+    (Z.long(), SCALES, [4, 5, 6], r"\bz must be float32"),
+])
+def test_residual_rejects(kind, device, z, scales, levels, pattern):
+    """Every backend (C++, reference, fake kernel on 'meta') rejects with the same message."""
+    if device == "meta" and kind == "reference":
+        pytest.skip("the meta device runs the fake kernel, the same for both")
+    with pytest.raises(ERRORS, match=pattern):
+        RESIDUAL_IMPLS[kind](z.to(device), scales.to(device), levels)
+
+
+def test_residual_rejects_mismatched_devices_and_grads():
+    with pytest.raises(ERRORS, match=r"scales is on meta but z is on cpu"):
+        torch.ops.vqkernels.residual_fsq_quantize(Z, SCALES.to("meta"), [4, 5, 6])
+    with pytest.raises(ERRORS, match=r"grad_quantized must have z's shape \(4, 3\), got \(4, 2\)"):
+        torch.ops.vqkernels.residual_fsq_quantize_backward(torch.randn(4, 2), Z, SCALES, [4, 5, 6])
+    with pytest.raises(ValueError, match=r"scales get no gradient"):
+        vqkernels.residual_fsq_quantize(Z, SCALES.clone().requires_grad_(), [4, 5, 6])
+    with torch.no_grad():  # no gradient is taken: the scales' flag does not matter
+        vqkernels.residual_fsq_quantize(Z, SCALES.clone().requires_grad_(), [4, 5, 6])

@@ -932,6 +932,7 @@ def op_samples(device="cpu", dtype=torch.float32, seed=0):
     idx = ref.nearest_code(x, c)[0]
     ridx = ref.residual_quantize(x, cbs)[1]
     z, levels = randn(13, 4), [3, 5, 4, 8]
+    rscales = torch.stack([torch.tensor(levels, device=device).float() ** -level for level in range(3)])
     bits = randn(13, 6)
     avg = ref.lfq_entropy(bits, 10.0)[2]
     logits, gumbels = randn(13, 7), randn(13, 7)
@@ -951,6 +952,8 @@ def op_samples(device="cpu", dtype=torch.float32, seed=0):
         "residual_quantize_backward": (randn(13, 5), randn(3).to(acc), randn(3).to(acc), x, cbs, ridx),
         "fsq_quantize": (z, levels),
         "fsq_quantize_backward": (randn(13, 4), z, levels),
+        "residual_fsq_quantize": (z, rscales, levels, True, True),
+        "residual_fsq_quantize_backward": (randn(13, 4), z, rscales, levels, True, True),
         "lfq_quantize": (bits, 1.0),
         "lfq_entropy": (bits, 10.0),
         "lfq_entropy_backward": (scalar(0.5), scalar(-1.5), randn(64).to(acc), bits, avg, 10.0),

@@ -8,7 +8,7 @@ from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
 # residual quantization (RQ-VAE)
 from .ops import residual_quantize
 # --- scalar quantizers: FSQ and LFQ ---
-from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize
+from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize, residual_fsq_quantize
 # Gumbel-softmax quantization and the rotation trick
 from .ops import gumbel_quantize, rotation_trick
 # multi-scale residual quantization (VAR)
@@ -25,7 +25,7 @@ __all__ = [
     # residual quantization (RQ-VAE)
     "residual_quantize",
     # --- scalar quantizers: FSQ and LFQ ---
-    "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
+    "fsq_quantize", "residual_fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
     # Gumbel-softmax quantization and the rotation trick
     "gumbel_quantize", "rotation_trick",
     # multi-scale residual quantization (VAR)

@@ -194,6 +194,25 @@ def check_fsq(op, z, levels):
         _fail(op, f"z has d={z.shape[1]} (shape {tuple(z.shape)}) but there are {len(levels)} levels")
 
 
+def check_residual_fsq(op, z, scales, levels):
+    """check_fsq, and scales [num_levels, d] floating on z's device."""
+    check_fsq(op, z, levels)
+    if scales.dim() != 2 or scales.shape[1] != z.shape[1]:
+        _fail(op, f"scales must be 2-D [num_levels, d={z.shape[1]}], got shape {tuple(scales.shape)}")
+    check_float(op, "scales", scales)
+    if scales.device != z.device:
+        _fail(op, f"scales is on {scales.device} but z is on {z.device}")
+
+
+def check_residual_fsq_backward(op, grad_quantized, z, scales, levels):
+    check_residual_fsq(op, z, scales, levels)
+    check_float(op, "grad_quantized", grad_quantized)
+    if grad_quantized.shape != z.shape:
+        _fail(op, f"grad_quantized must have z's shape {tuple(z.shape)}, got {tuple(grad_quantized.shape)}")
+    if grad_quantized.device != z.device:
+        _fail(op, f"grad_quantized is on {grad_quantized.device} but z is on {z.device}")
+
+
 def check_fsq_backward(op, grad_codes, z, levels):
     check_fsq(op, z, levels)
     check_float(op, "grad_codes", grad_codes)

@@ -114,6 +114,21 @@ def _fsq_quantize_backward(ctx, grad_codes, grad_indices):
                                                      ctx.hard_clamp), None, None, None
 
 
+def _residual_fsq_quantize_setup(ctx, inputs, output):
+    z, scales, levels, symmetric, hard_clamp = inputs
+    ctx.levels, ctx.symmetric, ctx.hard_clamp = levels, symmetric, hard_clamp
+    ctx.save_for_backward(z, scales)
+
+
+def _residual_fsq_quantize_backward(ctx, grad_quantized, grad_indices):
+    """z's gradient; the scales get none (constants, as ResidualFSQ's buffer: the wrapper refuses ones that
+    require a gradient)."""
+    z, scales = ctx.saved_tensors
+    grad_z = torch.ops.vqkernels.residual_fsq_quantize_backward(grad_quantized, z, scales, ctx.levels,
+                                                                ctx.symmetric, ctx.hard_clamp)
+    return grad_z, None, None, None, None
+
+
 def _lfq_quantize_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[0])
 
@@ -140,6 +155,8 @@ def _lfq_entropy_backward(ctx, grad_per_sample, grad_codebook, grad_avg_probs):
 
 
 torch.library.register_autograd("vqkernels::fsq_quantize", _fsq_quantize_backward, setup_context=_fsq_quantize_setup)
+torch.library.register_autograd("vqkernels::residual_fsq_quantize", _residual_fsq_quantize_backward,
+                                setup_context=_residual_fsq_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup)
 

@@ -90,6 +90,19 @@ def _fsq_quantize_backward_fake(grad_codes, z, levels, symmetric=False, hard_cla
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
+@_fake("residual_fsq_quantize")
+def _residual_fsq_quantize_fake(z, scales, levels, symmetric=False, hard_clamp=False):
+    _checks.check_residual_fsq("residual_fsq_quantize", z, scales, levels)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format),
+            z.new_empty(z.shape[0], scales.shape[0], dtype=torch.int64))
+
+
+@_fake("residual_fsq_quantize_backward")
+def _residual_fsq_quantize_backward_fake(grad_quantized, z, scales, levels, symmetric=False, hard_clamp=False):
+    _checks.check_residual_fsq_backward("residual_fsq_quantize_backward", grad_quantized, z, scales, levels)
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
 @_fake("lfq_quantize")
 def _lfq_quantize_fake(x, codebook_scale=1.0):
     _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)

@@ -147,6 +147,44 @@ def fsq_quantize(z: Tensor, levels: Sequence[int], symmetric: bool = False,
     return _ops.fsq_quantize(z, list(levels), symmetric, hard_clamp)
 
 
+def residual_fsq_quantize(z: Tensor, scales: Tensor, levels: Sequence[int], symmetric: bool = False,
+                          hard_clamp: bool = False) -> Tuple[Tensor, Tensor]:
+    """Residual FSQ (vector-quantize-pytorch's ``ResidualFSQ`` levels) in one pass over ``z``.
+
+    Level l = 0 .. Q - 1 (Q = ``scales.shape[0]``) quantizes what the previous levels left, at its
+    own scale, with :func:`fsq_quantize`'s bound and rounding (same ``levels``, ``symmetric``,
+    ``hard_clamp``)::
+
+        r_0 = z
+        c_l, i_l = fsq_quantize(r_l / scales[l])      q_l = c_l * scales[l]
+        r_{l+1} = r_l - q_l                           quantized = 0 + q_0 + q_1 + ... + q_{Q-1}
+
+    each step rounded as these tensor expressions round, in float32 (float64 when ``z`` or
+    ``scales`` is float64; half inputs are converted to float32 first), so the results are those of
+    the same loop over :func:`fsq_quantize` bit for bit. Every row's residual stays in registers
+    across the levels: one read of ``z`` and one write of the output, where the loop makes about a
+    dozen passes and autograd nodes per level.
+
+    Args:
+        z: [N, d] float32, float16, bfloat16 or float64.
+        scales: [Q, d] floating, the levels' scales (``ResidualFSQ``'s ``L ** -l``); constants: no
+            gradient flows to them, and one that requires a gradient is refused.
+        levels, symmetric, hard_clamp: as :func:`fsq_quantize`.
+
+    Returns:
+        ``quantized`` [N, d] in ``z``'s dtype, straight-through: its gradient reaches ``z`` as the
+        sum over levels of each level's :func:`fsq_quantize` gradient (taken at ``r_l / scales[l]``,
+        for ``scales[l]`` times the output's gradient, divided by ``scales[l]``), in level order; the
+        codes taken from the residual are constants (vector-quantize-pytorch detaches them).
+        ``indices`` int64 [N, Q], every level's mixed-radix index as :func:`fsq_quantize`'s; a row
+        holding a NaN gets -1 at every level.
+    """
+    if scales.requires_grad and torch.is_grad_enabled():
+        raise ValueError("vqkernels.residual_fsq_quantize: scales get no gradient; pass a tensor that does not "
+                         "require one (scales.detach())")
+    return _ops.residual_fsq_quantize(z, scales, list(levels), symmetric, hard_clamp)
+
+
 def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int], symmetric: bool = False) -> Tensor:
     """The codes [..., d] (float32) of FSQ ``indices`` [...] (any integer dtype): the inverse of
     :func:`fsq_quantize`'s indices (with the same ``symmetric``). Indices outside [0, prod(levels))

@@ -258,14 +258,28 @@ def _fsq_levels_and_codes(z, levels, symmetric, hard_clamp):
     return rounded + half_width.to(z.dtype), rounded / half_width.to(z.dtype) + 0.0
 
 
+def _fsq_indices(level, levels):
+    """Each row's mixed-radix index of its levels [N, d] (-1 for a row holding a NaN)."""
+    basis = fsq_constants(levels, level.device)[4]
+    nan_row = torch.isnan(level).any(1)
+    return (level.nan_to_num(0.0).to(torch.int64) * basis).sum(1).masked_fill(nan_row, -1)
+
+
+def _fsq_grad(g, z, levels, symmetric, hard_clamp):
+    """The straight-through gradient of the codes of z for their gradient g (both in the compute dtype)."""
+    dt = z.dtype
+    if symmetric:
+        lm1 = torch.tensor(list(levels), dtype=torch.int64, device=z.device).sub(1).to(dt)
+        return g * _fsq_symmetric_scale(levels, z.device).to(dt) / 2 * lm1 * _fsq_squash_grad(z, hard_clamp)
+    half_l, _, shift, half_width, _ = fsq_constants(levels, z.device, hard_clamp)
+    return g / half_width.to(dt) * half_l.to(dt) * _fsq_squash_grad(z + shift.to(dt), hard_clamp)
+
+
 def fsq_quantize(z, levels, symmetric=False, hard_clamp=False):
     """Finite scalar quantization: bound, round, scale; see vqkernels.fsq_quantize."""
     _checks.check_fsq("fsq_quantize", z, levels)
     level, codes = _fsq_levels_and_codes(z.to(_checks.compute_dtype(z)), levels, symmetric, hard_clamp)
-    basis = fsq_constants(levels, z.device)[4]
-    nan_row = torch.isnan(level).any(1)
-    indices = (level.nan_to_num(0.0).to(torch.int64) * basis).sum(1).masked_fill(nan_row, -1)
-    return codes.to(z.dtype), indices
+    return codes.to(z.dtype), _fsq_indices(level, levels)
 
 
 def fsq_quantize_backward(grad_codes, z, levels, symmetric=False, hard_clamp=False):
@@ -274,14 +288,41 @@ def fsq_quantize_backward(grad_codes, z, levels, symmetric=False, hard_clamp=Fal
     ``symmetric`` (2 / (L - 1) rounded to float32, as there); squash' is 1 - tanh^2, or 1 inside [-1, 1] with ``hard_clamp``."""
     _checks.check_fsq_backward("fsq_quantize_backward", grad_codes, z, levels)
     dt = _checks.compute_dtype(z)
-    g, zs = grad_codes.to(dt), z.to(dt)
-    if symmetric:
-        lm1 = torch.tensor(list(levels), dtype=torch.int64, device=z.device).sub(1).to(dt)
-        grad = g * _fsq_symmetric_scale(levels, z.device).to(dt) / 2 * lm1 * _fsq_squash_grad(zs, hard_clamp)
-    else:
-        half_l, _, shift, half_width, _ = fsq_constants(levels, z.device, hard_clamp)
-        grad = g / half_width.to(dt) * half_l.to(dt) * _fsq_squash_grad(zs + shift.to(dt), hard_clamp)
-    return grad.to(z.dtype).contiguous()
+    return _fsq_grad(grad_codes.to(dt), z.to(dt), levels, symmetric, hard_clamp).to(z.dtype).contiguous()
+
+
+def residual_fsq_quantize(z, scales, levels, symmetric=False, hard_clamp=False):
+    """Residual FSQ: level l quantizes residual / scales[l] as fsq_quantize, adds its codes * scales[l] to the
+    output and takes them from the residual; see vqkernels.residual_fsq_quantize."""
+    _checks.check_residual_fsq("residual_fsq_quantize", z, scales, levels)
+    dt = _checks.compute_dtype(z, scales)
+    residual, s = z.to(dt), scales.to(dt)
+    out, indices = torch.zeros_like(residual), []
+    for level in range(s.shape[0]):
+        lv, codes = _fsq_levels_and_codes(residual / s[level], levels, symmetric, hard_clamp)
+        q = codes * s[level]
+        residual = residual - q
+        out = out + q
+        indices.append(_fsq_indices(lv, levels))
+    idx = torch.stack(indices, 1) if indices else z.new_empty(z.shape[0], 0, dtype=torch.int64)
+    return out.to(z.dtype).contiguous(), idx
+
+
+def residual_fsq_quantize_backward(grad_quantized, z, scales, levels, symmetric=False, hard_clamp=False):
+    """Straight-through gradient of residual_fsq_quantize: every level's fsq_quantize gradient at its input
+    residual / scales[l] (the residual recomputed), times scales[l] on the way in and divided by it on the way
+    out, summed in level order; nothing flows through a residual's subtraction (the codes taken away are
+    constants, as vector-quantize-pytorch detaches them)."""
+    _checks.check_residual_fsq_backward("residual_fsq_quantize_backward", grad_quantized, z, scales, levels)
+    dt = _checks.compute_dtype(z, scales, grad_quantized)
+    g, residual, s = grad_quantized.to(dt), z.to(dt), scales.to(dt)
+    total = torch.zeros_like(residual)
+    for level in range(s.shape[0]):
+        zl = residual / s[level]
+        grad = _fsq_grad(g * s[level], zl, levels, symmetric, hard_clamp) / s[level]
+        total = grad if level == 0 else total + grad
+        residual = residual - _fsq_levels_and_codes(zl, levels, symmetric, hard_clamp)[1] * s[level]
+    return total.to(z.dtype).contiguous()
 
 
 def lfq_quantize(x, codebook_scale=1.0):

@@ -46,6 +46,14 @@ SCHEMAS = {
     # --- scalar quantizers: FSQ (finite scalar quantization) and LFQ (lookup-free quantization) ---
     "fsq_quantize": "fsq_quantize(Tensor z, int[] levels, bool symmetric=False, bool hard_clamp=False) -> (Tensor codes, Tensor indices)",
     "fsq_quantize_backward": "fsq_quantize_backward(Tensor grad_codes, Tensor z, int[] levels, bool symmetric=False, bool hard_clamp=False) -> Tensor grad_z",
+    "residual_fsq_quantize": (
+        "residual_fsq_quantize(Tensor z, Tensor scales, int[] levels, bool symmetric=False, bool hard_clamp=False) "
+        "-> (Tensor quantized, Tensor indices)"
+    ),
+    "residual_fsq_quantize_backward": (
+        "residual_fsq_quantize_backward(Tensor grad_quantized, Tensor z, Tensor scales, int[] levels, "
+        "bool symmetric=False, bool hard_clamp=False) -> Tensor grad_z"
+    ),
     "lfq_quantize": (
         "lfq_quantize(Tensor x, float codebook_scale=1.0) -> (Tensor codes, Tensor indices, Tensor commit_loss)"
     ),

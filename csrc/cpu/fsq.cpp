@@ -183,6 +183,14 @@ void fsq_value(double z, const FsqConstants& k, int64_t j, bool symmetric, bool 
   code = rounded / static_cast<double>(k.half_width[j]);
 }
 
+// One value's gradient, in the order of torch's autograd through vector-quantize-pytorch's expressions.
+double fsq_grad_value(double g, double z, const FsqConstants& k, int64_t j, bool symmetric, bool hard_clamp) {
+  if (symmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
+    return g * k.symmetric_scale[j] / 2.0 * static_cast<double>(k.levels_minus_1[j]) * squash_grad(z, hard_clamp);
+  // / half_width, * half_l, squash'
+  return g / static_cast<double>(k.half_width[j]) * k.half_l[j] * squash_grad(z + k.shift[j], hard_clamp);
+}
+
 void quantize_double(const at::Tensor& z, const FsqConstants& k, bool symmetric, bool hard_clamp, double* out,
                      int64_t* idx) {
   const int64_t n = z.size(0), d = z.size(1);
@@ -224,19 +232,83 @@ void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const Fs
         const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
         const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
         for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < d; ++j) {
-            const double zv = zr[(r - r0) * ldz + j], gv = gr[(r - r0) * ldg + j];
-            // the order of torch's autograd through vector-quantize-pytorch's expressions
-            double g;
-            if (symmetric)  // * (2 / (L - 1)), / 2, * (L - 1), squash'
-              g = gv * k.symmetric_scale[j] / 2.0 * static_cast<double>(k.levels_minus_1[j]) *
-                  squash_grad(zv, hard_clamp);
-            else  // / half_width, * half_l, squash'
-              g = gv / static_cast<double>(k.half_width[j]) * k.half_l[j] * squash_grad(zv + k.shift[j], hard_clamp);
-            out[r * d + j] = g;
-          }
+          for (int64_t j = 0; j < d; ++j)
+            out[r * d + j] =
+                fsq_grad_value(gr[(r - r0) * ldg + j], zr[(r - r0) * ldz + j], k, j, symmetric, hard_clamp);
       },
       elementwise_grain(n, d));
+}
+
+// residual_fsq_quantize, one value at a time: level l quantizes residual / scale_l, adds code * scale_l to the
+// output and takes it from the residual. scales: [num_levels][d]; idx: [n][num_levels].
+void residual_quantize_double(const at::Tensor& z, const double* scales, int64_t num_levels, const FsqConstants& k,
+                              bool symmetric, bool hard_clamp, double* out, int64_t* idx) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const RowSource<double> src(z);
+  struct Scratch {
+    std::vector<double> z, residual;
+  };
+  parallel_row_blocks<Scratch>(
+      n,
+      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+        int64_t ld;
+        const double* zr = src.rows(r0, r1 - r0, s.z, ld);
+        for (int64_t r = r0; r < r1; ++r) {
+          s.residual.assign(zr + (r - r0) * ld, zr + (r - r0) * ld + d);
+          double* o = out + r * d;
+          for (int64_t l = 0; l < num_levels; ++l) {
+            int64_t index = 0;
+            bool nan = false;
+            for (int64_t j = 0; j < d; ++j) {
+              const double scale = scales[l * d + j];
+              double level, code;
+              fsq_value(s.residual[j] / scale, k, j, symmetric, hard_clamp, level, code);
+              const double q = code * scale;
+              s.residual[j] = s.residual[j] - q;
+              o[j] = l == 0 ? 0.0 + q : o[j] + q;
+              if (std::isnan(level))
+                nan = true;
+              else
+                index += static_cast<int64_t>(level) * k.basis[j];
+            }
+            idx[r * num_levels + l] = nan ? -1 : index;
+          }
+          if (num_levels == 0) std::fill(o, o + d, 0.0);
+        }
+      },
+      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
+}
+
+// Its gradient: the levels' straight-through gradients summed in level order, each level's residual recomputed.
+void residual_backward_double(const at::Tensor& grad, const at::Tensor& z, const double* scales, int64_t num_levels,
+                              const FsqConstants& k, bool symmetric, bool hard_clamp, double* out) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const RowSource<double> zsrc(z), gsrc(grad);
+  struct Scratch {
+    std::vector<double> z, g;
+  };
+  parallel_row_blocks<Scratch>(
+      n,
+      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+        int64_t ldz, ldg;
+        const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
+        const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < d; ++j) {
+            double residual = zr[(r - r0) * ldz + j], sum = 0.0;
+            const double g = gr[(r - r0) * ldg + j];
+            for (int64_t l = 0; l < num_levels; ++l) {
+              const double scale = scales[l * d + j], zl = residual / scale;
+              const double gl = fsq_grad_value(g * scale, zl, k, j, symmetric, hard_clamp) / scale;
+              sum = l == 0 ? gl : sum + gl;
+              double level, code;
+              fsq_value(zl, k, j, symmetric, hard_clamp, level, code);
+              residual = residual - code * scale;
+            }
+            out[r * d + j] = sum;
+          }
+      },
+      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -365,11 +437,11 @@ VQK_LANES F squash_grad_lanes(F v) {
   }
 }
 
-// The codes of one vector of z whose first element reads the tables at c, and the levels as
-// int32 (-1 for NaN); each step rounded as torch evaluates vector-quantize-pytorch's expressions.
+// The codes of one vector of z whose first element reads the tables at c, and its levels (0 .. L - 1, NaN for
+// NaN); each step rounded as torch evaluates vector-quantize-pytorch's expressions.
 template <typename F, bool kSymmetric, bool kHardClamp>
-VQK_LANES void forward_lanes(F z, const FsqTables& tb, int64_t c, float* codes, int32_t* levels) {
-  F level, code;
+VQK_LANES F quantize_lanes(F z, const FsqTables& tb, int64_t c, F& level) {
+  F code;
   if constexpr (kSymmetric) {  // floor((L - 1) * (squash(z) + 1) / 2 + 0.5), then (2 / (L - 1)) * level - 1
     // (* 0.5 rounds as / 2 does)
     const F y = load<F>(&tb.levels_minus_1[c]) * (squash_lanes<kHardClamp>(z) + 1.0f) * 0.5f + 0.5f;
@@ -384,8 +456,20 @@ VQK_LANES void forward_lanes(F z, const FsqTables& tb, int64_t c, float* codes, 
     level = rounded + hw;
     code = rounded / hw;
   }
-  store(codes, code);
-  store(levels, to_int(select(level == level, level, splat<F>(-1.0f))));
+  return code;
+}
+
+// Levels as int32, -1 for NaN.
+template <typename F>
+VQK_LANES lane_int<F> level_ints(F level) {
+  return to_int(select(level == level, level, splat<F>(-1.0f)));
+}
+
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void forward_lanes(F z, const FsqTables& tb, int64_t c, float* codes, int32_t* levels) {
+  F level;
+  store(codes, quantize_lanes<F, kSymmetric, kHardClamp>(z, tb, c, level));
+  store(levels, level_ints(level));
 }
 
 // The gradient of one vector, in the order of torch's autograd through vector-quantize-pytorch's expressions.
@@ -397,6 +481,39 @@ VQK_LANES F backward_lanes(F g, F z, const FsqTables& tb, int64_t c) {
   else  // / half_width, * half_l, squash'
     return g / load<F>(&tb.half_width[c]) * load<F>(&tb.half_l[c]) *
            squash_grad_lanes<kHardClamp>(z + load<F>(&tb.shift[c]));
+}
+
+// residual_fsq_quantize on one vector of z: the sum of the levels' scaled codes, and level l's int32 levels
+// stored at levels + l * stride. scales: the levels' scales repeated over the tables' period, [levels][period].
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES F residual_lanes(F residual, const FsqTables& tb, int64_t c, const float* scales, int64_t num_levels,
+                           int32_t* levels, int64_t stride) {
+  F out{};
+  for (int64_t l = 0; l < num_levels; ++l) {
+    const F scale = load<F>(scales + l * tb.period + c);
+    F level;
+    const F q = quantize_lanes<F, kSymmetric, kHardClamp>(residual / scale, tb, c, level) * scale;
+    residual = residual - q;
+    out = out + q;
+    store(levels + l * stride, level_ints(level));
+  }
+  return out;
+}
+
+// Its gradient for one vector: the levels' straight-through gradients summed in level order.
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES F residual_backward_lanes(F g, F residual, const FsqTables& tb, int64_t c, const float* scales,
+                                    int64_t num_levels) {
+  F sum{};
+  for (int64_t l = 0; l < num_levels; ++l) {
+    const F scale = load<F>(scales + l * tb.period + c);
+    const F zl = residual / scale;
+    const F gl = backward_lanes<F, kSymmetric, kHardClamp>(g * scale, zl, tb, c) / scale;
+    sum = l == 0 ? gl : sum + gl;
+    F level;
+    residual = residual - quantize_lanes<F, kSymmetric, kHardClamp>(zl, tb, c, level) * scale;
+  }
+  return sum;
 }
 
 // A flat run of `count` elements of whole rows (or of one row): codes and int32 levels.
@@ -434,6 +551,52 @@ VQK_LANES void backward_run(const float* g, const float* z, int64_t count, const
       std::copy(g + p, g + count, gt);
       std::copy(z + p, z + count, zt);
       store(ot, backward_lanes<F, kSymmetric, kHardClamp>(load<F>(gt), load<F>(zt), tb, c));
+      std::copy(ot, ot + (count - p), out + p);
+    }
+  }
+}
+
+// residual_fsq_quantize on a flat run of `count` elements: out, and level l's int32 levels at levels + l * stride.
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void residual_run(const float* z, int64_t count, const FsqTables& tb, const float* scales, int64_t num_levels,
+                            float* out, int32_t* levels, int64_t stride) {
+  constexpr int W = kWidth<F>;
+  int64_t p = 0, c = 0;
+  for (; p + W <= count; p += W) {
+    store(out + p,
+          residual_lanes<F, kSymmetric, kHardClamp>(load<F>(z + p), tb, c, scales, num_levels, levels + p, stride));
+    c = c + W == tb.period ? 0 : c + W;
+  }
+  if constexpr (W > 1) {
+    if (p < count) {  // the tail, through copies padded to a vector (levels: W a level)
+      float zt[W] = {}, ot[W];
+      std::vector<int32_t> lt(W * num_levels);
+      std::copy(z + p, z + count, zt);
+      store(ot, residual_lanes<F, kSymmetric, kHardClamp>(load<F>(zt), tb, c, scales, num_levels, lt.data(), W));
+      std::copy(ot, ot + (count - p), out + p);
+      for (int64_t l = 0; l < num_levels; ++l)
+        std::copy(lt.data() + l * W, lt.data() + l * W + (count - p), levels + l * stride + p);
+    }
+  }
+}
+
+template <typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void residual_backward_run(const float* g, const float* z, int64_t count, const FsqTables& tb,
+                                     const float* scales, int64_t num_levels, float* out) {
+  constexpr int W = kWidth<F>;
+  int64_t p = 0, c = 0;
+  for (; p + W <= count; p += W) {
+    store(out + p, residual_backward_lanes<F, kSymmetric, kHardClamp>(load<F>(g + p), load<F>(z + p), tb, c, scales,
+                                                                      num_levels));
+    c = c + W == tb.period ? 0 : c + W;
+  }
+  if constexpr (W > 1) {
+    if (p < count) {
+      float gt[W] = {}, zt[W] = {}, ot[W];
+      std::copy(g + p, g + count, gt);
+      std::copy(z + p, z + count, zt);
+      store(ot,
+            residual_backward_lanes<F, kSymmetric, kHardClamp>(load<F>(gt), load<F>(zt), tb, c, scales, num_levels));
       std::copy(ot, ot + (count - p), out + p);
     }
   }
@@ -487,6 +650,38 @@ VQK_LANES void backward_any(bool symmetric, bool hard_clamp, const float* g, con
   }
 }
 
+template <typename F>
+VQK_LANES void residual_any(bool symmetric, bool hard_clamp, const float* z, int64_t count, const FsqTables& tb,
+                            const float* scales, int64_t num_levels, float* out, int32_t* levels, int64_t stride) {
+  if (symmetric) {
+    if (hard_clamp)
+      residual_run<F, true, true>(z, count, tb, scales, num_levels, out, levels, stride);
+    else
+      residual_run<F, true, false>(z, count, tb, scales, num_levels, out, levels, stride);
+  } else {
+    if (hard_clamp)
+      residual_run<F, false, true>(z, count, tb, scales, num_levels, out, levels, stride);
+    else
+      residual_run<F, false, false>(z, count, tb, scales, num_levels, out, levels, stride);
+  }
+}
+
+template <typename F>
+VQK_LANES void residual_backward_any(bool symmetric, bool hard_clamp, const float* g, const float* z, int64_t count,
+                                     const FsqTables& tb, const float* scales, int64_t num_levels, float* out) {
+  if (symmetric) {
+    if (hard_clamp)
+      residual_backward_run<F, true, true>(g, z, count, tb, scales, num_levels, out);
+    else
+      residual_backward_run<F, true, false>(g, z, count, tb, scales, num_levels, out);
+  } else {
+    if (hard_clamp)
+      residual_backward_run<F, false, true>(g, z, count, tb, scales, num_levels, out);
+    else
+      residual_backward_run<F, false, false>(g, z, count, tb, scales, num_levels, out);
+  }
+}
+
 // The entry points of each ISA.
 
 VQK_NO_CONTRACT void forward_portable(bool symmetric, bool hard_clamp, const float* z, int64_t count,
@@ -496,6 +691,16 @@ VQK_NO_CONTRACT void forward_portable(bool symmetric, bool hard_clamp, const flo
 VQK_NO_CONTRACT void backward_portable(bool symmetric, bool hard_clamp, const float* g, const float* z, int64_t count,
                                        const FsqTables& tb, float* out) {
   backward_any<float>(symmetric, hard_clamp, g, z, count, tb, out);
+}
+VQK_NO_CONTRACT void residual_portable(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                       const FsqTables& tb, const float* scales, int64_t num_levels, float* out,
+                                       int32_t* levels, int64_t stride) {
+  residual_any<float>(symmetric, hard_clamp, z, count, tb, scales, num_levels, out, levels, stride);
+}
+VQK_NO_CONTRACT void residual_backward_portable(bool symmetric, bool hard_clamp, const float* g, const float* z,
+                                                int64_t count, const FsqTables& tb, const float* scales,
+                                                int64_t num_levels, float* out) {
+  residual_backward_any<float>(symmetric, hard_clamp, g, z, count, tb, scales, num_levels, out);
 }
 VQK_NO_CONTRACT void tanh_portable(const float* x, int64_t n, float* y) { tanh_run<float>(x, n, y); }
 
@@ -508,6 +713,16 @@ VQK_TARGET_AVX2 VQK_NO_CONTRACT void backward_avx2(bool symmetric, bool hard_cla
                                                    int64_t count, const FsqTables& tb, float* out) {
   backward_any<f32x8>(symmetric, hard_clamp, g, z, count, tb, out);
 }
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void residual_avx2(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                                   const FsqTables& tb, const float* scales, int64_t num_levels,
+                                                   float* out, int32_t* levels, int64_t stride) {
+  residual_any<f32x8>(symmetric, hard_clamp, z, count, tb, scales, num_levels, out, levels, stride);
+}
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void residual_backward_avx2(bool symmetric, bool hard_clamp, const float* g,
+                                                            const float* z, int64_t count, const FsqTables& tb,
+                                                            const float* scales, int64_t num_levels, float* out) {
+  residual_backward_any<f32x8>(symmetric, hard_clamp, g, z, count, tb, scales, num_levels, out);
+}
 VQK_TARGET_AVX2 VQK_NO_CONTRACT void tanh_avx2(const float* x, int64_t n, float* y) { tanh_run<f32x8>(x, n, y); }
 
 VQK_TARGET_AVX512 VQK_NO_CONTRACT void forward_avx512(bool symmetric, bool hard_clamp, const float* z, int64_t count,
@@ -518,6 +733,16 @@ VQK_TARGET_AVX512 VQK_NO_CONTRACT void backward_avx512(bool symmetric, bool hard
                                                        int64_t count, const FsqTables& tb, float* out) {
   backward_any<f32x16>(symmetric, hard_clamp, g, z, count, tb, out);
 }
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void residual_avx512(bool symmetric, bool hard_clamp, const float* z, int64_t count,
+                                                       const FsqTables& tb, const float* scales, int64_t num_levels,
+                                                       float* out, int32_t* levels, int64_t stride) {
+  residual_any<f32x16>(symmetric, hard_clamp, z, count, tb, scales, num_levels, out, levels, stride);
+}
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void residual_backward_avx512(bool symmetric, bool hard_clamp, const float* g,
+                                                                const float* z, int64_t count, const FsqTables& tb,
+                                                                const float* scales, int64_t num_levels, float* out) {
+  residual_backward_any<f32x16>(symmetric, hard_clamp, g, z, count, tb, scales, num_levels, out);
+}
 VQK_TARGET_AVX512 VQK_NO_CONTRACT void tanh_avx512(const float* x, int64_t n, float* y) { tanh_run<f32x16>(x, n, y); }
 #endif
 
@@ -527,14 +752,20 @@ struct FloatPath {
   void (*forward)(bool, bool, const float*, int64_t, const FsqTables&, float*, int32_t*);
   void (*backward)(bool, bool, const float*, const float*, int64_t, const FsqTables&, float*);
   void (*tanh)(const float*, int64_t, float*);
+  void (*residual)(bool, bool, const float*, int64_t, const FsqTables&, const float*, int64_t, float*, int32_t*,
+                   int64_t);
+  void (*residual_backward)(bool, bool, const float*, const float*, int64_t, const FsqTables&, const float*, int64_t,
+                            float*);
 };
 
 FloatPath float_path() {
 #if VQK_X86
-  if (active_isa() == Isa::Avx512) return {16, forward_avx512, backward_avx512, tanh_avx512};
-  if (active_isa() == Isa::Avx2) return {8, forward_avx2, backward_avx2, tanh_avx2};
+  if (active_isa() == Isa::Avx512)
+    return {16, forward_avx512, backward_avx512, tanh_avx512, residual_avx512, residual_backward_avx512};
+  if (active_isa() == Isa::Avx2)
+    return {8, forward_avx2, backward_avx2, tanh_avx2, residual_avx2, residual_backward_avx2};
 #endif
-  return {1, forward_portable, backward_portable, tanh_portable};
+  return {1, forward_portable, backward_portable, tanh_portable, residual_portable, residual_backward_portable};
 }
 
 // Each row's index sum_j level_j * basis_j from its int32 levels [rows][d]; -1 for a row holding a -1
@@ -607,6 +838,21 @@ void convert_out(const float* from, int64_t count, scalar_t* out) {
     for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(from[i]);
 }
 
+// Each row's index from its int32 levels [rows][d] (-1 for a row holding a NaN), by the fastest row sums here.
+void level_row_indices(const FloatPath& path, const FsqSetup& setup, const int32_t* levels, int64_t rows, int64_t d,
+                       int64_t* idx) {
+  const int64_t* basis = setup.k.basis.data();
+#if VQK_X86
+  if (path.lanes == 16 && setup.row_sums.usable)
+    return with_const<1, FsqRowSums::kMaxD>(
+        d, [&](auto dc) { row_indices_16<decltype(dc)::value>(levels, rows, setup.row_sums, basis, idx); });
+#endif
+  if (d <= 8)
+    with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx); });
+  else
+    row_indices(levels, rows, d, basis, idx);
+}
+
 struct FloatScratch {
   std::vector<float> z, g, out;
   std::vector<int32_t> levels;
@@ -618,7 +864,6 @@ void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, 
   const int64_t n = z.size(0), d = z.size(1);
   const FloatPath path = float_path();
   const FsqTables& tb = setup.tables(path.lanes);
-  const int64_t* basis = setup.k.basis.data();
   const RowSource<float> src(z);
   parallel_row_blocks<FloatScratch>(
       n,
@@ -635,18 +880,81 @@ void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, 
             path.forward(symmetric, hard_clamp, zr + i * ld, d, tb, codes + i * d, s.levels.data() + i * d);
         }
         convert_out(codes, rows * d, out + r0 * d);
-        const int32_t* levels = s.levels.data();
-#if VQK_X86
-        if (path.lanes == 16 && setup.row_sums.usable)
-          return with_const<1, FsqRowSums::kMaxD>(
-              d, [&](auto dc) { row_indices_16<decltype(dc)::value>(levels, rows, setup.row_sums, basis, idx + r0); });
-#endif
-        if (d <= 8)
-          with_const<1, 8>(d, [&](auto dc) { row_indices(levels, rows, dc, basis, idx + r0); });
-        else
-          row_indices(levels, rows, d, basis, idx + r0);
+        level_row_indices(path, setup, s.levels.data(), rows, d, idx + r0);
       },
       elementwise_grain(n, d));
+}
+
+// The scales [num_levels][d] repeated over the tables' period: [num_levels][period].
+std::vector<float> scale_tables(const float* scales, int64_t num_levels, int64_t d, const FsqTables& tb) {
+  std::vector<float> t(num_levels * tb.period);
+  for (int64_t l = 0; l < num_levels; ++l)
+    for (int64_t p = 0; p < tb.period; ++p) t[l * tb.period + p] = scales[l * d + p % d];
+  return t;
+}
+
+template <typename scalar_t>
+void residual_quantize_float(const at::Tensor& z, const float* scales, int64_t num_levels, const FsqSetup& setup,
+                             bool symmetric, bool hard_clamp, scalar_t* out, int64_t* idx) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const FloatPath path = float_path();
+  const FsqTables& tb = setup.tables(path.lanes);
+  const std::vector<float> st = scale_tables(scales, num_levels, d, tb);
+  const RowSource<float> src(z);
+  struct Scratch : FloatScratch {
+    std::vector<int64_t> idx;
+  };
+  parallel_row_blocks<Scratch>(
+      n,
+      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
+        const int64_t rows = r1 - r0, count = rows * d;
+        int64_t ld;
+        const float* zr = src.rows(r0, rows, s.z, ld);
+        float* q = float_target(out + r0 * d, s.out, count);
+        s.levels.resize(num_levels * count);
+        if (ld == d) {
+          path.residual(symmetric, hard_clamp, zr, count, tb, st.data(), num_levels, q, s.levels.data(), count);
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            path.residual(symmetric, hard_clamp, zr + i * ld, d, tb, st.data(), num_levels, q + i * d,
+                          s.levels.data() + i * d, count);
+        }
+        convert_out(q, count, out + r0 * d);
+        s.idx.resize(rows);
+        for (int64_t l = 0; l < num_levels; ++l) {
+          level_row_indices(path, setup, s.levels.data() + l * count, rows, d, s.idx.data());
+          for (int64_t i = 0; i < rows; ++i) idx[(r0 + i) * num_levels + l] = s.idx[i];
+        }
+      },
+      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
+}
+
+template <typename scalar_t>
+void residual_backward_float(const at::Tensor& grad, const at::Tensor& z, const float* scales, int64_t num_levels,
+                             const FsqSetup& setup, bool symmetric, bool hard_clamp, scalar_t* out) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const FloatPath path = float_path();
+  const FsqTables& tb = setup.tables(path.lanes);
+  const std::vector<float> st = scale_tables(scales, num_levels, d, tb);
+  const RowSource<float> zsrc(z), gsrc(grad);
+  parallel_row_blocks<FloatScratch>(
+      n,
+      [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
+        const int64_t rows = r1 - r0;
+        int64_t ldz, ldg;
+        const float* zr = zsrc.rows(r0, rows, s.z, ldz);
+        const float* gr = gsrc.rows(r0, rows, s.g, ldg);
+        float* gz = float_target(out + r0 * d, s.out, rows * d);
+        if (ldz == d && ldg == d) {
+          path.residual_backward(symmetric, hard_clamp, gr, zr, rows * d, tb, st.data(), num_levels, gz);
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            path.residual_backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, st.data(), num_levels,
+                                   gz + i * d);
+        }
+        convert_out(gz, rows * d, out + r0 * d);
+      },
+      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
 }
 
 template <typename scalar_t>
@@ -731,6 +1039,93 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
   return grad;
 }
 
+// scales as one contiguous [num_levels][d] of T, and its checks (residual_fsq_quantize and its backward).
+template <typename T>
+at::Tensor check_scales(const char* op, const at::Tensor& z, const at::Tensor& scales) {
+  VQK_CHECK(scales.dim() == 2 && scales.size(1) == z.size(1), op, "scales must be 2-D [num_levels, d=", z.size(1),
+            "], got shape ", shape_str(scales));
+  check_float(op, "scales", scales);
+  VQK_CHECK(scales.device() == z.device(), op, "scales is on ", scales.device(), " but z is on ", z.device());
+  return scales.to(c10::CppTypeToScalarType<T>::value).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_fsq_quantize(const at::Tensor& z, const at::Tensor& scales,
+                                                         at::IntArrayRef levels, bool symmetric, bool hard_clamp) {
+  const char* op = "residual_fsq_quantize";
+  check_fsq(op, z, levels);
+  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.dim() == 2 ? scales.size(0) : 0;
+  at::Tensor quantized = at::empty({n, d}, z.options());
+  at::Tensor indices = at::empty({n, num_levels}, z.options().dtype(at::kLong));
+  const auto setup = fsq_setup(levels, hard_clamp);
+  int64_t* idx = indices.data_ptr<int64_t>();
+  if (compute_dtype(z, scales) == at::kDouble) {
+    const at::Tensor s = check_scales<double>(op, z, scales);
+    if (n == 0) return {quantized, indices};
+    at::Tensor out = z.scalar_type() == at::kDouble ? quantized : at::empty({n, d}, z.options().dtype(at::kDouble));
+    residual_quantize_double(z, s.const_data_ptr<double>(), num_levels, setup->k, symmetric, hard_clamp,
+                             out.data_ptr<double>(), idx);
+    if (!out.is_same(quantized)) quantized.copy_(out);
+    return {quantized, indices};
+  }
+  const at::Tensor s = check_scales<float>(op, z, scales);
+  if (n == 0) return {quantized, indices};
+  const float* sp = s.const_data_ptr<float>();
+  switch (z.scalar_type()) {
+    case at::kFloat:
+      residual_quantize_float(z, sp, num_levels, *setup, symmetric, hard_clamp, quantized.data_ptr<float>(), idx);
+      break;
+    case at::kHalf:
+      residual_quantize_float(z, sp, num_levels, *setup, symmetric, hard_clamp, quantized.data_ptr<at::Half>(), idx);
+      break;
+    default:
+      residual_quantize_float(z, sp, num_levels, *setup, symmetric, hard_clamp, quantized.data_ptr<at::BFloat16>(),
+                              idx);
+      break;
+  }
+  return {quantized, indices};
+}
+
+at::Tensor residual_fsq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& z,
+                                          const at::Tensor& scales, at::IntArrayRef levels, bool symmetric,
+                                          bool hard_clamp) {
+  const char* op = "residual_fsq_quantize_backward";
+  check_fsq(op, z, levels);
+  check_float(op, "grad_quantized", grad_quantized);
+  VQK_CHECK(grad_quantized.sizes() == z.sizes(), op, "grad_quantized must have z's shape ", shape_str(z), ", got ",
+            shape_str(grad_quantized));
+  VQK_CHECK(grad_quantized.device() == z.device(), op, "grad_quantized is on ", grad_quantized.device(),
+            " but z is on ", z.device());
+  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.dim() == 2 ? scales.size(0) : 0;
+  at::Tensor grad = at::empty({n, d}, z.options());
+  const auto setup = fsq_setup(levels, hard_clamp);
+  if (compute_dtype(z, scales, grad_quantized) == at::kDouble) {
+    const at::Tensor s = check_scales<double>(op, z, scales);
+    if (n == 0) return grad;
+    at::Tensor out = z.scalar_type() == at::kDouble ? grad : at::empty({n, d}, z.options().dtype(at::kDouble));
+    residual_backward_double(grad_quantized, z, s.const_data_ptr<double>(), num_levels, setup->k, symmetric, hard_clamp,
+                             out.data_ptr<double>());
+    if (!out.is_same(grad)) grad.copy_(out);
+    return grad;
+  }
+  const at::Tensor s = check_scales<float>(op, z, scales);
+  if (n == 0) return grad;
+  const float* sp = s.const_data_ptr<float>();
+  switch (z.scalar_type()) {
+    case at::kFloat:
+      residual_backward_float(grad_quantized, z, sp, num_levels, *setup, symmetric, hard_clamp, grad.data_ptr<float>());
+      break;
+    case at::kHalf:
+      residual_backward_float(grad_quantized, z, sp, num_levels, *setup, symmetric, hard_clamp,
+                              grad.data_ptr<at::Half>());
+      break;
+    default:
+      residual_backward_float(grad_quantized, z, sp, num_levels, *setup, symmetric, hard_clamp,
+                              grad.data_ptr<at::BFloat16>());
+      break;
+  }
+  return grad;
+}
+
 }  // namespace
 
 void fsq_tanh(const float* x, int64_t n, float* y) { float_path().tanh(x, n, y); }
@@ -741,4 +1136,6 @@ void fsq_tanh(const float* x, int64_t n, float* y) { float_path().tanh(x, n, y);
 TORCH_LIBRARY_IMPL(vqkernels_cpu, CPU, m) {
   m.impl("fsq_quantize", &vqk::cpu::fsq_quantize);
   m.impl("fsq_quantize_backward", &vqk::cpu::fsq_quantize_backward);
+  m.impl("residual_fsq_quantize", &vqk::cpu::residual_fsq_quantize);
+  m.impl("residual_fsq_quantize_backward", &vqk::cpu::residual_fsq_quantize_backward);
 }

@@ -569,6 +569,8 @@ README_OTHER_OPS = {
     "vq_quantize forward": "`vq_quantize` forward {} the addmm argmin + gather + mse it replaces",
     "ema_update_": "`ema_update_` {} bincount + index_add_",
     "fsq_quantize, levels 8,8,8,5,5,5": "`fsq_quantize` (x's first 6 columns) {} its PyTorch reference",
+    "residual_fsq_quantize, 4 levels of 8,5,5,5": "`residual_fsq_quantize` (first 4 columns, 4 levels) {} its PyTorch "
+                                                  "reference",
     "lfq_quantize, 16 bits": "`lfq_quantize` (first 16 columns) {} its PyTorch reference",
     "rotation_trick backward": "the rotation trick's backward {}",
     "binary_one_hot backward, 8 bits": "`binary_one_hot`'s backward (8 bits) {} its PyTorch reference",

@@ -2,15 +2,22 @@
 :class:`vqkernels.nn.FSQ` (the fused :func:`vqkernels.fsq_quantize`) and ``ResidualLFQ`` / ``GroupedResidualLFQ``
 on :class:`vqkernels.nn.LFQ` (:func:`vqkernels.lfq_quantize` and :func:`vqkernels.lfq_entropy`)."""
 
+import inspect
 import random
 
 import torch
 from torch import nn
 
+from .. import ops
 from ._layout import ChannelFirst
 from .fsq import FSQ
 from .lfq import LFQ
 from .residual import Grouped, ResidualLevels
+
+_FSQ_DEFAULTS = {name: p.default for name, p in inspect.signature(FSQ).parameters.items()}
+# FSQ keywords that leave a level's quantization as it is here (its input is float32 or float64 and has len(levels)
+# features already); any other one set away from its default runs the levels one by one.
+_FUSED_FSQ_KEYWORDS = {"scale", "allowed_dtypes", "force_quantization_f32", "projection_has_bias"}
 
 
 class ResidualFSQ(ResidualLevels):
@@ -23,9 +30,11 @@ class ResidualFSQ(ResidualLevels):
     as there, the indices [b, num_quantizers, ...]. Quantize dropout (training) keeps a random prefix of the
     levels and gives the others index -1; the draw is on the host (Python's ``random``, or
     ``rand_quantize_dropout_fixed_seed``), where vector-quantize-pytorch reads a device tensor back.
-    Other keywords go to every level's :class:`FSQ`; the ``state_dict`` keys are theirs. One difference: with
-    ``is_channel_first``, ``return_all_codes`` gives [num_quantizers, b, ..., d] (theirs reads its own
-    [b, num_quantizers, ...] indices as if the levels were last).
+    Other keywords go to every level's :class:`FSQ`; the ``state_dict`` keys are theirs. The levels run in one fused
+    op (:func:`vqkernels.residual_fsq_quantize`, the same bits as the level-by-level loop) unless a level keyword
+    changes what a level does (``noise_dropout``, ``num_codebooks``, ``channel_first``, ``return_indices``, ...):
+    those run level by level. One difference: with ``is_channel_first``, ``return_all_codes`` gives
+    [num_quantizers, b, ..., d] (theirs reads its own [b, num_quantizers, ...] indices as if the levels were last).
     """
 
     def __init__(self, *, levels, num_quantizers, dim=None, is_channel_first=False, quantize_dropout=False,
@@ -44,6 +53,8 @@ class ResidualFSQ(ResidualLevels):
         self.layers = nn.ModuleList(FSQ(levels=levels, dim=len(levels), preserve_symmetry=True,
                                         bound_hard_clamp=bound_hard_clamp, **kwargs) for _ in range(num_quantizers))
         self.codebook_size = self.layers[0].codebook_size
+        self.bound_hard_clamp = bound_hard_clamp
+        self.fused = all(k in _FUSED_FSQ_KEYWORDS or v == _FSQ_DEFAULTS[k] for k, v in kwargs.items())
         lv = torch.tensor(levels).float()
         self.register_buffer("scales", torch.stack([lv ** -level for level in range(num_quantizers)]),
                              persistent=False)
@@ -75,7 +86,10 @@ class ResidualFSQ(ResidualLevels):
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value
             x = (x / clamp).tanh() * clamp
-        out, indices, _ = self._quantize(x, rand_quantize_dropout_fixed_seed)
+        if self.fused:
+            out, indices = self._fused_levels(x, rand_quantize_dropout_fixed_seed)
+        else:
+            out, indices, _ = self._quantize(x, rand_quantize_dropout_fixed_seed)
         out = layout.restore(self.project_out(out))
         indices = layout.indices(indices)
         if self.is_channel_first:
@@ -83,6 +97,18 @@ class ResidualFSQ(ResidualLevels):
         if not return_all_codes:
             return out, indices
         return out, indices, self.get_codes_from_indices(indices.movedim(1, -1) if self.is_channel_first else indices)
+
+
+    def _fused_levels(self, x, seed):
+        """``_quantize``'s (quantized, int32 indices) by one residual_fsq_quantize over the levels this step."""
+        levels = self._levels_this_step(seed)
+        z = x if x.dtype in (torch.float32, torch.float64) else x.float()  # as a level's residual / scale promotes
+        out, indices = ops.residual_fsq_quantize(z.reshape(-1, z.shape[-1]), self.scales[:levels], self.levels,
+                                                 True, self.bound_hard_clamp)
+        indices = indices.int()
+        if levels < self.num_quantizers:
+            indices = torch.cat([indices, indices.new_full((indices.shape[0], self.num_quantizers - levels), -1)], 1)
+        return out.reshape(z.shape), indices.reshape(*z.shape[:-1], self.num_quantizers)
 
 
 class GroupedResidualFSQ(Grouped):
