@@ -196,3 +196,22 @@ def test_residual_lfq_mask_is_training_on_the_kept_tokens(kw):
     (q_o.square().sum() + l_o.sum()).backward()
     (q_t.square().sum() + l_t.sum()).backward()
     torch.testing.assert_close(x_o.grad[mask], x_t.grad[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bound_hard_clamp=False), dict(quantize_dropout=True)], ids=str)
+def test_fused_levels_are_the_level_loop_bitwise(kw):
+    """ResidualFSQ's fused op (residual_fsq_quantize) gives the level-by-level loop's outputs, indices and input
+    gradients bit for bit (quantize dropout with the same seed too); a level keyword that changes a level
+    (noise_dropout) runs the loop."""
+    fused = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=16, **kw).train()
+    assert fused.fused and not ResidualFSQ(levels=[8, 5], num_quantizers=2, noise_dropout=0.5).fused
+    x = torch.randn(3, 11, 16, generator=gen(12)) * 2
+    results = []
+    for on in (True, False):
+        fused.fused = on
+        xr = x.clone().requires_grad_()
+        q, idx = fused(xr, rand_quantize_dropout_fixed_seed=3)
+        (q * torch.randn(q.shape, generator=gen(13))).sum().backward()
+        results.append((q.detach(), idx, xr.grad))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)

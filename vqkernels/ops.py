@@ -174,7 +174,8 @@ def residual_fsq_quantize(z: Tensor, scales: Tensor, levels: Sequence[int], symm
     Returns:
         ``quantized`` [N, d] in ``z``'s dtype, straight-through: its gradient reaches ``z`` as the
         sum over levels of each level's :func:`fsq_quantize` gradient (taken at ``r_l / scales[l]``,
-        for ``scales[l]`` times the output's gradient, divided by ``scales[l]``), in level order; the
+        for ``scales[l]`` times the output's gradient, divided by ``scales[l]``), summed from the last
+        level to the first as autograd sums them through the loop (so the same bits as that loop's); the
         codes taken from the residual are constants (vector-quantize-pytorch detaches them).
         ``indices`` int64 [N, Q], every level's mixed-radix index as :func:`fsq_quantize`'s; a row
         holding a NaN gets -1 at every level.

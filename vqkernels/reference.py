@@ -311,17 +311,20 @@ def residual_fsq_quantize(z, scales, levels, symmetric=False, hard_clamp=False):
 def residual_fsq_quantize_backward(grad_quantized, z, scales, levels, symmetric=False, hard_clamp=False):
     """Straight-through gradient of residual_fsq_quantize: every level's fsq_quantize gradient at its input
     residual / scales[l] (the residual recomputed), times scales[l] on the way in and divided by it on the way
-    out, summed in level order; nothing flows through a residual's subtraction (the codes taken away are
-    constants, as vector-quantize-pytorch detaches them)."""
+    out, summed from the last level to the first (as autograd sums them through the levels' loop); nothing flows
+    through a residual's subtraction (the codes taken away are constants, as vector-quantize-pytorch detaches
+    them)."""
     _checks.check_residual_fsq_backward("residual_fsq_quantize_backward", grad_quantized, z, scales, levels)
     dt = _checks.compute_dtype(z, scales, grad_quantized)
     g, residual, s = grad_quantized.to(dt), z.to(dt), scales.to(dt)
-    total = torch.zeros_like(residual)
+    grads = []
     for level in range(s.shape[0]):
         zl = residual / s[level]
-        grad = _fsq_grad(g * s[level], zl, levels, symmetric, hard_clamp) / s[level]
-        total = grad if level == 0 else total + grad
+        grads.append(_fsq_grad(g * s[level], zl, levels, symmetric, hard_clamp) / s[level])
         residual = residual - _fsq_levels_and_codes(zl, levels, symmetric, hard_clamp)[1] * s[level]
+    total = grads.pop() if grads else torch.zeros_like(residual)
+    for grad in reversed(grads):
+        total = grad + total
     return total.to(z.dtype).contiguous()
 
 

@@ -279,13 +279,14 @@ void residual_quantize_double(const at::Tensor& z, const double* scales, int64_t
       elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
 }
 
-// Its gradient: the levels' straight-through gradients summed in level order, each level's residual recomputed.
+// Its gradient: the levels' straight-through gradients (each level's residual recomputed) summed from the last level
+// to the first, as autograd sums them through the levels' loop.
 void residual_backward_double(const at::Tensor& grad, const at::Tensor& z, const double* scales, int64_t num_levels,
                               const FsqConstants& k, bool symmetric, bool hard_clamp, double* out) {
   const int64_t n = z.size(0), d = z.size(1);
   const RowSource<double> zsrc(z), gsrc(grad);
   struct Scratch {
-    std::vector<double> z, g;
+    std::vector<double> z, g, levels;
   };
   parallel_row_blocks<Scratch>(
       n,
@@ -293,18 +294,20 @@ void residual_backward_double(const at::Tensor& grad, const at::Tensor& z, const
         int64_t ldz, ldg;
         const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
         const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
+        s.levels.resize(num_levels);
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t j = 0; j < d; ++j) {
-            double residual = zr[(r - r0) * ldz + j], sum = 0.0;
+            double residual = zr[(r - r0) * ldz + j];
             const double g = gr[(r - r0) * ldg + j];
             for (int64_t l = 0; l < num_levels; ++l) {
               const double scale = scales[l * d + j], zl = residual / scale;
-              const double gl = fsq_grad_value(g * scale, zl, k, j, symmetric, hard_clamp) / scale;
-              sum = l == 0 ? gl : sum + gl;
+              s.levels[l] = fsq_grad_value(g * scale, zl, k, j, symmetric, hard_clamp) / scale;
               double level, code;
               fsq_value(zl, k, j, symmetric, hard_clamp, level, code);
               residual = residual - code * scale;
             }
+            double sum = 0.0;
+            for (int64_t l = num_levels - 1; l >= 0; --l) sum = l == num_levels - 1 ? s.levels[l] : s.levels[l] + sum;
             out[r * d + j] = sum;
           }
       },
@@ -483,37 +486,73 @@ VQK_LANES F backward_lanes(F g, F z, const FsqTables& tb, int64_t c) {
            squash_grad_lanes<kHardClamp>(z + load<F>(&tb.shift[c]));
 }
 
-// residual_fsq_quantize on one vector of z: the sum of the levels' scaled codes, and level l's int32 levels
-// stored at levels + l * stride. scales: the levels' scales repeated over the tables' period, [levels][period].
-template <typename F, bool kSymmetric, bool kHardClamp>
-VQK_LANES F residual_lanes(F residual, const FsqTables& tb, int64_t c, const float* scales, int64_t num_levels,
-                           int32_t* levels, int64_t stride) {
-  F out{};
-  for (int64_t l = 0; l < num_levels; ++l) {
-    const F scale = load<F>(scales + l * tb.period + c);
-    F level;
-    const F q = quantize_lanes<F, kSymmetric, kHardClamp>(residual / scale, tb, c, level) * scale;
-    residual = residual - q;
-    out = out + q;
-    store(levels + l * stride, level_ints(level));
+// Vectors through the residual levels at a time: each level is a chain of a dozen dependent operations (a division
+// among them), so independent vectors side by side keep the core busy.
+constexpr int kChains = 4;
+
+// residual_fsq_quantize on K consecutive vectors of z whose first element reads the tables at c (K independent
+// chains through the levels, for the core to overlap): out, and level l's int32 levels at levels + l * stride.
+// scales: the levels' scales repeated over the tables' period, [levels][period].
+template <int K, typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void residual_lanes(const float* z, const FsqTables& tb, int64_t c, const float* scales, int64_t num_levels,
+                              float* out, int32_t* levels, int64_t stride) {
+  constexpr int W = kWidth<F>;
+  F residual[K], sum[K];
+  int64_t ck[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    residual[k] = load<F>(z + k * W);
+    sum[k] = F{};
+    ck[k] = (c + k * W) % tb.period;
   }
-  return out;
+  for (int64_t l = 0; l < num_levels; ++l) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const F scale = load<F>(scales + l * tb.period + ck[k]);
+      F level;
+      const F q = quantize_lanes<F, kSymmetric, kHardClamp>(residual[k] / scale, tb, ck[k], level) * scale;
+      residual[k] = residual[k] - q;
+      sum[k] = sum[k] + q;  // level order: ((0 + q_0) + q_1) + ...
+      store(levels + l * stride + k * W, level_ints(level));
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) store(out + k * W, sum[k]);
 }
 
-// Its gradient for one vector: the levels' straight-through gradients summed in level order.
-template <typename F, bool kSymmetric, bool kHardClamp>
-VQK_LANES F residual_backward_lanes(F g, F residual, const FsqTables& tb, int64_t c, const float* scales,
-                                    int64_t num_levels) {
-  F sum{};
-  for (int64_t l = 0; l < num_levels; ++l) {
-    const F scale = load<F>(scales + l * tb.period + c);
-    const F zl = residual / scale;
-    const F gl = backward_lanes<F, kSymmetric, kHardClamp>(g * scale, zl, tb, c) / scale;
-    sum = l == 0 ? gl : sum + gl;
-    F level;
-    residual = residual - quantize_lanes<F, kSymmetric, kHardClamp>(zl, tb, c, level) * scale;
+// Its gradient for K vectors: every level's straight-through gradient (kept in `grads`, [levels][K W]), summed
+// from the last level to the first, g_0 + (g_1 + (... + g_{Q-1})), as autograd sums them through the levels' loop.
+template <int K, typename F, bool kSymmetric, bool kHardClamp>
+VQK_LANES void residual_backward_lanes(const float* g, const float* z, const FsqTables& tb, int64_t c,
+                                       const float* scales, int64_t num_levels, float* grads, float* out) {
+  constexpr int W = kWidth<F>;
+  F residual[K], grad[K];
+  int64_t ck[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    residual[k] = load<F>(z + k * W);
+    grad[k] = load<F>(g + k * W);
+    ck[k] = (c + k * W) % tb.period;
   }
-  return sum;
+  for (int64_t l = 0; l < num_levels; ++l) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const F scale = load<F>(scales + l * tb.period + ck[k]);
+      const F zl = residual[k] / scale;
+      store(grads + (l * K + k) * W, backward_lanes<F, kSymmetric, kHardClamp>(grad[k] * scale, zl, tb, ck[k]) / scale);
+      F level;
+      residual[k] = residual[k] - quantize_lanes<F, kSymmetric, kHardClamp>(zl, tb, ck[k], level) * scale;
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    F sum{};
+    for (int64_t l = num_levels - 1; l >= 0; --l) {
+      const F gl = load<F>(grads + (l * K + k) * W);
+      sum = l == num_levels - 1 ? gl : gl + sum;
+    }
+    store(out + k * W, sum);
+  }
 }
 
 // A flat run of `count` elements of whole rows (or of one row): codes and int32 levels.
@@ -561,18 +600,19 @@ template <typename F, bool kSymmetric, bool kHardClamp>
 VQK_LANES void residual_run(const float* z, int64_t count, const FsqTables& tb, const float* scales, int64_t num_levels,
                             float* out, int32_t* levels, int64_t stride) {
   constexpr int W = kWidth<F>;
-  int64_t p = 0, c = 0;
-  for (; p + W <= count; p += W) {
-    store(out + p,
-          residual_lanes<F, kSymmetric, kHardClamp>(load<F>(z + p), tb, c, scales, num_levels, levels + p, stride));
-    c = c + W == tb.period ? 0 : c + W;
-  }
+  int64_t p = 0;
+  for (; p + kChains * W <= count; p += kChains * W)
+    residual_lanes<kChains, F, kSymmetric, kHardClamp>(z + p, tb, p % tb.period, scales, num_levels, out + p,
+                                                       levels + p, stride);
+  for (; p + W <= count; p += W)
+    residual_lanes<1, F, kSymmetric, kHardClamp>(z + p, tb, p % tb.period, scales, num_levels, out + p, levels + p,
+                                                 stride);
   if constexpr (W > 1) {
     if (p < count) {  // the tail, through copies padded to a vector (levels: W a level)
       float zt[W] = {}, ot[W];
       std::vector<int32_t> lt(W * num_levels);
       std::copy(z + p, z + count, zt);
-      store(ot, residual_lanes<F, kSymmetric, kHardClamp>(load<F>(zt), tb, c, scales, num_levels, lt.data(), W));
+      residual_lanes<1, F, kSymmetric, kHardClamp>(zt, tb, p % tb.period, scales, num_levels, ot, lt.data(), W);
       std::copy(ot, ot + (count - p), out + p);
       for (int64_t l = 0; l < num_levels; ++l)
         std::copy(lt.data() + l * W, lt.data() + l * W + (count - p), levels + l * stride + p);
@@ -584,19 +624,21 @@ template <typename F, bool kSymmetric, bool kHardClamp>
 VQK_LANES void residual_backward_run(const float* g, const float* z, int64_t count, const FsqTables& tb,
                                      const float* scales, int64_t num_levels, float* out) {
   constexpr int W = kWidth<F>;
-  int64_t p = 0, c = 0;
-  for (; p + W <= count; p += W) {
-    store(out + p, residual_backward_lanes<F, kSymmetric, kHardClamp>(load<F>(g + p), load<F>(z + p), tb, c, scales,
-                                                                      num_levels));
-    c = c + W == tb.period ? 0 : c + W;
-  }
+  std::vector<float> grads(num_levels * kChains * W);
+  int64_t p = 0;
+  for (; p + kChains * W <= count; p += kChains * W)
+    residual_backward_lanes<kChains, F, kSymmetric, kHardClamp>(g + p, z + p, tb, p % tb.period, scales, num_levels,
+                                                                grads.data(), out + p);
+  for (; p + W <= count; p += W)
+    residual_backward_lanes<1, F, kSymmetric, kHardClamp>(g + p, z + p, tb, p % tb.period, scales, num_levels,
+                                                          grads.data(), out + p);
   if constexpr (W > 1) {
     if (p < count) {
       float gt[W] = {}, zt[W] = {}, ot[W];
       std::copy(g + p, g + count, gt);
       std::copy(z + p, z + count, zt);
-      store(ot,
-            residual_backward_lanes<F, kSymmetric, kHardClamp>(load<F>(gt), load<F>(zt), tb, c, scales, num_levels));
+      residual_backward_lanes<1, F, kSymmetric, kHardClamp>(gt, zt, tb, p % tb.period, scales, num_levels, grads.data(),
+                                                            ot);
       std::copy(ot, ot + (count - p), out + p);
     }
   }
