@@ -166,6 +166,30 @@ inline void check_fsq(const char* op, const at::Tensor& z, at::IntArrayRef level
             ") but there are ", levels.size(), " levels");
 }
 
+// latent_quantize: z [N, d] floating, d = len(levels) >= 1 counts of at least 1 value each (product below 2**63, sum
+// below 2**31), values 1-D floating holding sum(levels) values, on z's device.
+inline void check_latent_quantize(const char* op, const at::Tensor& z, const at::Tensor& values,
+                                  at::IntArrayRef levels) {
+  VQK_CHECK(!levels.empty(), op, "levels must not be empty");
+  int64_t size = 1, total = 0;
+  for (int64_t lv : levels) {
+    VQK_CHECK(lv >= 1, op, "every level must be at least 1, got levels=", list_str(levels));
+    VQK_CHECK(size <= std::numeric_limits<int64_t>::max() / lv, op,
+              "the product of the levels must be below 2**63, got levels=", list_str(levels));
+    size *= lv;
+    total += lv;
+  }
+  VQK_CHECK(z.dim() == 2, op, "z must be 2-D [N, d], got shape ", shape_str(z));
+  check_float(op, "z", z);
+  VQK_CHECK(z.size(1) == static_cast<int64_t>(levels.size()), op, "z has d=", z.size(1), " (shape ", shape_str(z),
+            ") but there are ", levels.size(), " levels");
+  VQK_CHECK(total < (int64_t{1} << 31), op, "the levels must sum to fewer than 2**31 values, got ", total);
+  VQK_CHECK(values.dim() == 1 && values.size(0) == total, op, "values must be 1-D holding sum(levels)=", total,
+            " values, got shape ", shape_str(values));
+  check_float(op, "values", values);
+  VQK_CHECK(values.device() == z.device(), op, "values is on ", values.device(), " but z is on ", z.device());
+}
+
 inline void check_finite(const char* op, const char* name, double value) {
   VQK_CHECK(std::isfinite(value), op, name, " must be finite, got ", value);
 }

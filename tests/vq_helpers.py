@@ -954,6 +954,7 @@ def op_samples(device="cpu", dtype=torch.float32, seed=0):
         "fsq_quantize_backward": (randn(13, 4), z, levels),
         "residual_fsq_quantize": (z, rscales, levels, True, True),
         "residual_fsq_quantize_backward": (randn(13, 4), z, rscales, levels, True, True),
+        "latent_quantize": (z, randn(20), levels),
         "lfq_quantize": (bits, 1.0),
         "lfq_entropy": (bits, 10.0),
         "lfq_entropy_backward": (scalar(0.5), scalar(-1.5), randn(64).to(acc), bits, avg, 10.0),

@@ -9,6 +9,8 @@ from .ops import ema_update_, nearest_code, nearest_code_topk, vq_quantize
 from .ops import residual_quantize
 # --- scalar quantizers: FSQ and LFQ ---
 from .ops import fsq_indices_to_codes, fsq_quantize, lfq_entropy, lfq_quantize, residual_fsq_quantize
+# latent quantization
+from .ops import latent_quantize
 # Gumbel-softmax quantization and the rotation trick
 from .ops import gumbel_quantize, rotation_trick
 # multi-scale residual quantization (VAR)
@@ -26,6 +28,8 @@ __all__ = [
     "residual_quantize",
     # --- scalar quantizers: FSQ and LFQ ---
     "fsq_quantize", "residual_fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
+    # latent quantization
+    "latent_quantize",
     # Gumbel-softmax quantization and the rotation trick
     "gumbel_quantize", "rotation_trick",
     # multi-scale residual quantization (VAR)

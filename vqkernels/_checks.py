@@ -213,6 +213,29 @@ def check_residual_fsq_backward(op, grad_quantized, z, scales, levels):
         _fail(op, f"grad_quantized is on {grad_quantized.device} but z is on {z.device}")
 
 
+def check_latent_quantize(op, z, values, levels):
+    """z [N, d] floating with d == len(levels) >= 1, every level >= 1 (product below 2**63, sum below 2**31), values
+    1-D floating holding sum(levels) values on z's device."""
+    if len(levels) == 0:
+        _fail(op, "levels must not be empty")
+    if any(lv < 1 for lv in levels):
+        _fail(op, f"every level must be at least 1, got levels={list(levels)}")
+    if math.prod(levels) >= 2 ** 63:
+        _fail(op, f"the product of the levels must be below 2**63, got levels={list(levels)}")
+    if z.dim() != 2:
+        _fail(op, f"z must be 2-D [N, d], got shape {tuple(z.shape)}")
+    check_float(op, "z", z)
+    if z.shape[1] != len(levels):
+        _fail(op, f"z has d={z.shape[1]} (shape {tuple(z.shape)}) but there are {len(levels)} levels")
+    if sum(levels) >= 2 ** 31:
+        _fail(op, f"the levels must sum to fewer than 2**31 values, got {sum(levels)}")
+    if values.dim() != 1 or values.shape[0] != sum(levels):
+        _fail(op, f"values must be 1-D holding sum(levels)={sum(levels)} values, got shape {tuple(values.shape)}")
+    check_float(op, "values", values)
+    if values.device != z.device:
+        _fail(op, f"values is on {values.device} but z is on {z.device}")
+
+
 def check_fsq_backward(op, grad_codes, z, levels):
     check_fsq(op, z, levels)
     check_float(op, "grad_codes", grad_codes)

@@ -1,5 +1,7 @@
 """Autograd formulas for the differentiable vqkernels ops (registered with torch.library)."""
 
+import itertools
+
 import torch
 
 from ._checks import compute_dtype
@@ -129,6 +131,25 @@ def _residual_fsq_quantize_backward(ctx, grad_quantized, grad_indices):
     return grad_z, None, None, None, None
 
 
+def _latent_quantize_setup(ctx, inputs, output):
+    z, values, levels = inputs
+    ctx.levels, ctx.values_dtype = levels, values.dtype
+    ctx.save_for_backward(output[1])
+
+
+def _latent_quantize_backward(ctx, grad_codes, grad_positions, grad_indices):
+    """z gets no gradient (the codes are piecewise constant in z); each chosen value gets the gradient of the codes
+    that chose it."""
+    (positions,) = ctx.saved_tensors
+    grad_values = None
+    if ctx.needs_input_grad[1]:
+        starts = torch.tensor([0, *itertools.accumulate(ctx.levels)][:-1], device=positions.device)
+        valid = positions >= 0
+        grad_values = grad_codes.new_zeros(sum(ctx.levels)).index_add_(
+            0, (positions + starts)[valid], grad_codes[valid]).to(ctx.values_dtype)
+    return None, grad_values, None
+
+
 def _lfq_quantize_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[0])
 
@@ -157,6 +178,8 @@ def _lfq_entropy_backward(ctx, grad_per_sample, grad_codebook, grad_avg_probs):
 torch.library.register_autograd("vqkernels::fsq_quantize", _fsq_quantize_backward, setup_context=_fsq_quantize_setup)
 torch.library.register_autograd("vqkernels::residual_fsq_quantize", _residual_fsq_quantize_backward,
                                 setup_context=_residual_fsq_quantize_setup)
+torch.library.register_autograd("vqkernels::latent_quantize", _latent_quantize_backward,
+                                setup_context=_latent_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup)
 torch.library.register_autograd("vqkernels::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup)
 

@@ -103,6 +103,13 @@ def _residual_fsq_quantize_backward_fake(grad_quantized, z, scales, levels, symm
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
+@_fake("latent_quantize")
+def _latent_quantize_fake(z, values, levels):
+    _checks.check_latent_quantize("latent_quantize", z, values, levels)
+    return (z.new_empty(z.shape, dtype=_checks.compute_dtype(z, values)), z.new_empty(z.shape, dtype=torch.int64),
+            z.new_empty(z.shape[0], dtype=torch.int64))
+
+
 @_fake("lfq_quantize")
 def _lfq_quantize_fake(x, codebook_scale=1.0):
     _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)

@@ -210,6 +210,31 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int], symmetric: bool
     return codes.masked_fill(~valid, float("nan"))
 
 
+def latent_quantize(z: Tensor, values: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Latent quantization (Hsu et al. 2023), as vector-quantize-pytorch's ``LatentQuantize``: every value
+    ``z[r, j]`` snaps to the nearest of dimension j's own values.
+
+    Dimension j's values are ``values[s_j : s_j + levels[j]]`` (``s_j`` the sum of the levels before j), in any
+    order. The nearest is the first minimum of ``|z - value|`` in float32 (float64 when ``z`` or ``values`` is;
+    half inputs are converted first), as ``torch.argmin`` chooses: ties go to the earlier value, and a value
+    whose distance is NaN counts as the nearest. No N x levels distance matrix is formed.
+
+    Args:
+        z: [N, d] float32, float16, bfloat16 or float64, d = len(levels).
+        values: 1-D floating, sum(levels) values on z's device.
+        levels: d counts, each at least 1, whose product is below 2**63.
+
+    Returns:
+        ``codes`` [N, d] in the compute dtype, the chosen values (NaN where z is NaN); ``positions`` int64 [N, d],
+        the chosen value's position within its dimension (-1 where z is NaN); ``indices`` int64 [N], the
+        mixed-radix index sum_j positions_j * prod_{i<j} levels_i (the first dimension fastest; -1 for a row
+        holding a NaN). Gradients: z gets none (the codes are piecewise constant in z; ``LatentQuantize`` adds
+        its straight-through estimator around the op), each value the sum of the codes' gradient where it
+        was chosen.
+    """
+    return _ops.latent_quantize(z, values, list(levels))
+
+
 def lfq_quantize(x: Tensor, codebook_scale: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Lookup-free (sign) quantization, as vector-quantize-pytorch's ``LFQ``, with its commitment loss.
 

@@ -328,6 +328,26 @@ def residual_fsq_quantize_backward(grad_quantized, z, scales, levels, symmetric=
     return total.to(z.dtype).contiguous()
 
 
+def latent_quantize(z, values, levels):
+    """Each value of z snapped to the nearest of its dimension's values; see vqkernels.latent_quantize."""
+    _checks.check_latent_quantize("latent_quantize", z, values, levels)
+    dt = _checks.compute_dtype(z, values)
+    zs, v = z.to(dt), values.to(dt)
+    nan = torch.isnan(zs)
+    positions, codes, start = [], [], 0
+    for j, count in enumerate(levels):
+        own = v[start:start + count]
+        pos = (zs[:, j, None] - own).abs().argmin(1)  # the first minimum; a NaN distance counts as the least
+        positions.append(pos.masked_fill(nan[:, j], -1))
+        codes.append(torch.where(nan[:, j], zs[:, j], own[pos]))
+        start += count
+    positions = torch.stack(positions, 1)
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=z.device)
+    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
+    indices = (positions * basis).sum(1).masked_fill(nan.any(1), -1)
+    return torch.stack(codes, 1), positions, indices
+
+
 def lfq_quantize(x, codebook_scale=1.0):
     """Sign quantization with its commitment loss; see vqkernels.lfq_quantize."""
     _checks.check_lfq("lfq_quantize", x, _checks.LFQ_MAX_BITS)

@@ -54,6 +54,10 @@ SCHEMAS = {
         "residual_fsq_quantize_backward(Tensor grad_quantized, Tensor z, Tensor scales, int[] levels, "
         "bool symmetric=False, bool hard_clamp=False) -> Tensor grad_z"
     ),
+    # latent quantization (LatentQuantize): each dimension's nearest value
+    "latent_quantize": (
+        "latent_quantize(Tensor z, Tensor values, int[] levels) -> (Tensor codes, Tensor positions, Tensor indices)"
+    ),
     "lfq_quantize": (
         "lfq_quantize(Tensor x, float codebook_scale=1.0) -> (Tensor codes, Tensor indices, Tensor commit_loss)"
     ),

@@ -571,6 +571,7 @@ README_OTHER_OPS = {
     "fsq_quantize, levels 8,8,8,5,5,5": "`fsq_quantize` (x's first 6 columns) {} its PyTorch reference",
     "residual_fsq_quantize, 4 levels of 8,5,5,5": "`residual_fsq_quantize` (first 4 columns, 4 levels) {} its PyTorch "
                                                   "reference",
+    "latent_quantize, levels 8,5,5,5": "`latent_quantize` (first 4 columns) {} its PyTorch reference",
     "lfq_quantize, 16 bits": "`lfq_quantize` (first 16 columns) {} its PyTorch reference",
     "rotation_trick backward": "the rotation trick's backward {}",
     "binary_one_hot backward, 8 bits": "`binary_one_hot`'s backward (8 bits) {} its PyTorch reference",

@@ -1,5 +1,5 @@
 """``LatentQuantize``: a drop-in for vector-quantize-pytorch's ``LatentQuantize`` (1.32.0; Hsu et al. 2023,
-"Disentanglement via Latent Quantization", arXiv:2305.18378) on :func:`vqkernels.nearest_code_topk`."""
+"Disentanglement via Latent Quantization", arXiv:2305.18378) on :func:`vqkernels.latent_quantize`."""
 
 import math
 
@@ -46,11 +46,10 @@ class LatentQuantize(nn.Module):
     ``optimize_values``, ``project_in.*`` / ``project_out.*`` when ``dim`` differs from
     ``codebook_dim * num_codebooks``), so their checkpoints load.
 
-    The search is one :func:`vqkernels.nearest_code_topk` call per latent dimension, for the two nearest values
-    of each scalar (without theirs' tokens x levels distance matrix); choosing between those two by
-    ``|z - value|`` in the promoted dtype, ties to the lower index, is theirs' first minimum exactly, also where
-    rounding makes the distances tie or cross next to a midpoint. The quantized output is theirs'
-    straight-through ``z + sg(value - z)`` bit for bit, and the loss is theirs: in training
+    The search is one :func:`vqkernels.latent_quantize` call for every dimension (without theirs' tokens x
+    levels distance matrices): the first minimum of ``|z - value|`` in the promoted dtype, theirs' argmin
+    exactly, also where rounding makes the distances tie or cross next to a midpoint. The quantized output is
+    theirs' straight-through ``z + sg(value - z)`` bit for bit, and the loss is theirs: in training
     ``commitment_loss_weight * mse(sg(z), out) + quantization_loss_weight * mse(sg(out), z)`` on the input and
     the output, 0 in eval. As there, the values get no gradient (they are reached only through the
     straight-through estimator), so with ``optimize_values`` they are parameters that do not move.
@@ -110,9 +109,6 @@ class LatentQuantize(nn.Module):
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
         self.register_buffer("_basis", torch.tensor([math.prod(levels[:i]) for i in range(len(levels))]),
                              persistent=False)
-        # where each dimension's values start in the concatenation of all of them
-        self._starts = [sum(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_offsets", torch.tensor(self._starts), persistent=False)
 
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
@@ -164,21 +160,8 @@ class LatentQuantize(nn.Module):
             raise ValueError(f"vqkernels.nn.LatentQuantize: expected {self.codebook_dim} values in the last "
                              f"dimension, got shape {tuple(z.shape)}")
         table = torch.cat([v.detach() for v in self.values_per_latent])
-        zd = z.detach()
-        rows = zd.reshape(-1, self.codebook_dim)
-        # the two nearest values of every scalar, as positions in the concatenated table (-1 + start for a NaN)
-        cands = torch.stack([ops.nearest_code_topk(rows[:, i:i + 1], table[start:start + lv, None], 2)[0] + start
-                             for i, (start, lv) in enumerate(zip(self._starts, self.levels))], dim=1)
-        cands = cands.reshape(*z.shape, 2)
-        vals = table.take(cands)
-        # theirs' choice: the smaller |z - value| in the promoted dtype, ties to the lower index (computed as
-        # |value - z|, the same number, so that the results take the candidates' layout: theirs is channel-last)
-        dist = (vals - zd.unsqueeze(-1)).abs()
-        near, far = dist.unbind(-1)
-        pick = torch.where(far == near, cands[..., 1] < cands[..., 0], far < near).unsqueeze(-1).long()
-        chosen = vals.gather(-1, pick).squeeze(-1)
-        level = cands.gather(-1, pick).squeeze(-1) - self._offsets
-        return z + (chosen - z).detach(), level
+        codes, level, _ = ops.latent_quantize(z.detach().reshape(-1, self.codebook_dim), table, self.levels)
+        return z + (codes.reshape(z.shape) - z).detach(), level.reshape(z.shape)
 
     def _indices_of_levels(self, level):
         """Mixed-radix index of levels [..., codebook_dim]: int32 [...], -1 where a level is -1."""
