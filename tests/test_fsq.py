@@ -681,6 +681,24 @@ def test_residual_nan_rows_empty_and_no_levels(isa):
     assert torch.equal(grad, torch.zeros_like(z))
 
 
+@pytest.mark.parametrize("z_dtype, scales_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                                    (torch.float16, torch.float64)], ids=str)
+def test_residual_mixed_dtypes_compute_in_float64(isa, z_dtype, scales_dtype):
+    """A float64 z or float64 scales make the levels run in float64 (as the loop's promotion), the results in z's
+    dtype: the op gives the reference's bits, forward and backward."""
+    levels = [8, 5, 5, 5]
+    z = fsq_input(200, levels, seed=60, scale=1.5, dtype=z_dtype)
+    scales = residual_scales(levels, 3, scales_dtype)
+    g = torch.randn(200, 4, generator=gen(61)).to(z_dtype)
+    got, want = (vqkernels.residual_fsq_quantize(z, scales, levels, True, True),
+                 reference.residual_fsq_quantize(z, scales, levels, True, True))
+    assert got[0].dtype == z_dtype and torch.equal(bits(got[0]), bits(want[0])) and torch.equal(got[1], want[1])
+    assert torch.equal(got[1], level_loop(z.double(), scales.double(), levels, symmetric=True, hard_clamp=True)[1])
+    grad = torch.ops.vqkernels.residual_fsq_quantize_backward(g, z, scales, levels, True, True)
+    assert grad.dtype == z_dtype
+    assert torch.equal(bits(grad), bits(reference.residual_fsq_quantize_backward(g, z, scales, levels, True, True)))
+
+
 @pytest.mark.skipif(not ISAS, reason="the C++ kernels' ISA paths (the extension is not built)")
 @pytest.mark.parametrize("levels", ISA_LEVELS[:4], ids=str)
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33])
