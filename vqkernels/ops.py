@@ -222,7 +222,7 @@ def latent_quantize(z: Tensor, values: Tensor, levels: Sequence[int]) -> Tuple[T
     Args:
         z: [N, d] float32, float16, bfloat16 or float64, d = len(levels).
         values: 1-D floating, sum(levels) values on z's device.
-        levels: d counts, each at least 1, whose product is below 2**63.
+        levels: d counts, each at least 1, whose product is below 2**63 and whose sum is below 2**31.
 
     Returns:
         ``codes`` [N, d] in the compute dtype, the chosen values (NaN where z is NaN); ``positions`` int64 [N, d],

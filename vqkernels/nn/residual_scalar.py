@@ -98,7 +98,6 @@ class ResidualFSQ(ResidualLevels):
             return out, indices
         return out, indices, self.get_codes_from_indices(indices.movedim(1, -1) if self.is_channel_first else indices)
 
-
     def _fused_levels(self, x, seed):
         """``_quantize``'s (quantized, int32 indices) by one residual_fsq_quantize over the levels this step."""
         levels = self._levels_this_step(seed)
