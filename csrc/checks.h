@@ -190,6 +190,25 @@ inline void check_latent_quantize(const char* op, const at::Tensor& z, const at:
   VQK_CHECK(values.device() == z.device(), op, "values is on ", values.device(), " but z is on ", z.device());
 }
 
+// residual_fsq_quantize: check_fsq, and scales [num_levels, d] floating on z's device.
+inline void check_residual_fsq(const char* op, const at::Tensor& z, const at::Tensor& scales, at::IntArrayRef levels) {
+  check_fsq(op, z, levels);
+  VQK_CHECK(scales.dim() == 2 && scales.size(1) == z.size(1), op, "scales must be 2-D [num_levels, d=", z.size(1),
+            "], got shape ", shape_str(scales));
+  check_float(op, "scales", scales);
+  VQK_CHECK(scales.device() == z.device(), op, "scales is on ", scales.device(), " but z is on ", z.device());
+}
+
+inline void check_residual_fsq_backward(const char* op, const at::Tensor& grad_quantized, const at::Tensor& z,
+                                        const at::Tensor& scales, at::IntArrayRef levels) {
+  check_residual_fsq(op, z, scales, levels);
+  check_float(op, "grad_quantized", grad_quantized);
+  VQK_CHECK(grad_quantized.sizes() == z.sizes(), op, "grad_quantized must have z's shape ", shape_str(z), ", got ",
+            shape_str(grad_quantized));
+  VQK_CHECK(grad_quantized.device() == z.device(), op, "grad_quantized is on ", grad_quantized.device(),
+            " but z is on ", z.device());
+}
+
 inline void check_finite(const char* op, const char* name, double value) {
   VQK_CHECK(std::isfinite(value), op, name, " must be finite, got ", value);
 }

@@ -353,6 +353,32 @@ def all_outputs(z, g, levels):
     return out
 
 
+def edge_input(n, d, seed):
+    """z [n, d], random with EDGE_VALUES at every third element (as many as fit)."""
+    z = torch.randn(n, d, generator=gen(seed)) * 2
+    flat = z.view(-1)
+    k = min(len(EDGE_VALUES), (flat.numel() + 2) // 3)
+    flat[::3][:k] = torch.tensor(EDGE_VALUES[:k])
+    return z
+
+
+def assert_isas_agree(outputs):
+    """outputs() (a list of tensors) gives the same bits under every ISA this CPU runs as on the portable path."""
+    results = {}
+    try:
+        for isa in ISAS:
+            try:
+                vqkernels.set_cpu_isa(isa)
+            except ValueError:
+                continue
+            results[isa] = outputs()
+    finally:
+        vqkernels.set_cpu_isa("auto")
+    for isa, outs in results.items():
+        for i, (got, want) in enumerate(zip(outs, results["portable"])):
+            assert torch.equal(bits(got), bits(want)), f"{isa} differs from portable in output {i}"
+
+
 @pytest.mark.skipif(not ISAS, reason="the C++ kernels' ISA paths (the extension is not built)")
 @pytest.mark.parametrize("levels", ISA_LEVELS, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 33])
@@ -361,25 +387,8 @@ def test_isas_agree_bitwise(levels, n):
     gradients are the same bits: for every mode, for runs of every length (n * d elements, or d per row
     of a strided z: the vector loops' tails) and for edge values (+-0, +-inf, NaN, subnormal, the tanh's
     branch point and cap)."""
-    d = len(levels)
-    z = torch.randn(n, d, generator=gen(30 + n)) * 2
-    flat = z.view(-1)
-    k = min(len(EDGE_VALUES), (flat.numel() + 2) // 3)
-    flat[::3][:k] = torch.tensor(EDGE_VALUES[:k])
-    g = torch.randn(n, d, generator=gen(31))
-    results = {}
-    try:
-        for isa in ISAS:
-            try:
-                vqkernels.set_cpu_isa(isa)
-            except ValueError:
-                continue
-            results[isa] = all_outputs(z, g, levels)
-    finally:
-        vqkernels.set_cpu_isa("auto")
-    for isa, outs in results.items():
-        for i, (got, want) in enumerate(zip(outs, results["portable"])):
-            assert torch.equal(bits(got), bits(want)), f"{isa} differs from portable in output {i}"
+    z, g = edge_input(n, len(levels), seed=30 + n), torch.randn(n, len(levels), generator=gen(31))
+    assert_isas_agree(lambda: all_outputs(z, g, levels))
 
 
 def test_near_ties_round_to_a_neighbour(impl):
@@ -704,32 +713,19 @@ def test_residual_mixed_dtypes_compute_in_float64(isa, z_dtype, scales_dtype):
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33])
 def test_residual_isas_agree_bitwise(levels, n):
     """Every ISA gives the same quantized, indices and gradients, tails and edge values included."""
-    d = len(levels)
-    z = torch.randn(n, d, generator=gen(50 + n)) * 2
-    flat = z.view(-1)
-    k = min(len(EDGE_VALUES), (flat.numel() + 2) // 3)
-    flat[::3][:k] = torch.tensor(EDGE_VALUES[:k])
-    g = torch.randn(n, d, generator=gen(51))
+    z, g = edge_input(n, len(levels), seed=50 + n), torch.randn(n, len(levels), generator=gen(51))
     scales = residual_scales(levels, 3)
-    results = {}
-    try:
-        for isa in ISAS:
-            try:
-                vqkernels.set_cpu_isa(isa)
-            except ValueError:
-                continue
-            outs = []
-            for mode in ALL_MODES.values():
-                for layout in ("contiguous", "offset"):
-                    outs += vqkernels.residual_fsq_quantize(with_layout(z, layout), scales, levels, **mode)
-                    outs.append(torch.ops.vqkernels.residual_fsq_quantize_backward(
-                        with_layout(g, layout), with_layout(z, layout), scales, levels, **mode))
-            results[isa] = outs
-    finally:
-        vqkernels.set_cpu_isa("auto")
-    for isa, outs in results.items():
-        for i, (got, want) in enumerate(zip(outs, results["portable"])):
-            assert torch.equal(bits(got), bits(want)), f"{isa} differs from portable in output {i}"
+
+    def outputs():
+        outs = []
+        for mode in ALL_MODES.values():
+            for layout in ("contiguous", "offset"):
+                outs += vqkernels.residual_fsq_quantize(with_layout(z, layout), scales, levels, **mode)
+                outs.append(torch.ops.vqkernels.residual_fsq_quantize_backward(
+                    with_layout(g, layout), with_layout(z, layout), scales, levels, **mode))
+        return outs
+
+    assert_isas_agree(outputs)
 
 
 @pytest.mark.parametrize("z", opcheck_samples())

@@ -212,6 +212,13 @@ FSQ_EPS = 1e-3  # vector-quantize-pytorch FSQ.bound's eps: the bound stretches t
 LFQ_PROB_EPS = 1e-5  # vector-quantize-pytorch LFQ clamps probabilities at this inside the log
 
 
+def mixed_radix_basis(levels, device=None):
+    """int64 [d]: the weight of each dimension's level in a mixed-radix index, cumprod([1, L_0, ..., L_{d-2}])
+    (the first dimension varies fastest)."""
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=device)
+    return torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
+
+
 def fsq_constants(levels, device=None, hard_clamp=False):
     """Per-dimension constants of the FSQ bound, float32 as vector-quantize-pytorch computes them:
     half_l = (L - 1) * (1 + eps) / 2, offset = 0.5 for even L else 0, shift = atanh(offset / half_l)
@@ -221,8 +228,7 @@ def fsq_constants(levels, device=None, hard_clamp=False):
     half_l = (lv.float() - 1) * (1 + FSQ_EPS) / 2
     offset = torch.where(lv % 2 == 0, 0.5, 0.0).float()
     shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
-    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
-    return half_l, offset, shift, lv // 2, basis
+    return half_l, offset, shift, lv // 2, mixed_radix_basis(levels, device)
 
 
 def _fsq_squash(z, hard_clamp):
@@ -342,9 +348,7 @@ def latent_quantize(z, values, levels):
         codes.append(torch.where(nan[:, j], zs[:, j], own[pos]))
         start += count
     positions = torch.stack(positions, 1)
-    lv = torch.tensor(list(levels), dtype=torch.int64, device=z.device)
-    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
-    indices = (positions * basis).sum(1).masked_fill(nan.any(1), -1)
+    indices = (positions * mixed_radix_basis(levels, z.device)).sum(1).masked_fill(nan.any(1), -1)
     return torch.stack(codes, 1), positions, indices
 
 

@@ -151,6 +151,58 @@ std::shared_ptr<const FsqSetup> fsq_setup(at::IntArrayRef levels, bool hard_clam
 }
 
 // ---------------------------------------------------------------------------------------
+// Row blocks, shared by the float64 and float32 kernels (T: the compute type).
+
+template <typename T>
+struct Scratch {
+  std::vector<T> z, g, out;
+  std::vector<int32_t> levels;
+};
+using FloatScratch = Scratch<float>;
+
+// Results in T are written straight to an output of type T, else through scratch then converted.
+template <typename T, typename scalar_t>
+T* compute_target(scalar_t* out, std::vector<T>& scratch, int64_t count) {
+  if constexpr (std::is_same<scalar_t, T>::value) {
+    return out;
+  } else {
+    scratch.resize(count);
+    return scratch.data();
+  }
+}
+
+template <typename T, typename scalar_t>
+void convert_out(const T* from, int64_t count, scalar_t* out) {
+  if constexpr (!std::is_same<scalar_t, T>::value)
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(from[i]);
+}
+
+// A backward over z [n][d] and its gradient g, block by block: run(g, z, count, out) on each block's rows as T, as
+// one flat run of count = rows * d elements (or row by row where either input is strided: count = d), its results
+// converted into out. A run starts at a row, so element p of it is in column p mod d.
+template <typename T, typename scalar_t, typename Run>
+void backward_blocks(const at::Tensor& grad, const at::Tensor& z, int64_t grain, scalar_t* out, Run&& run) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const RowSource<T> zsrc(z), gsrc(grad);
+  parallel_row_blocks<Scratch<T>>(
+      n,
+      [&](Scratch<T>& s, int64_t, int64_t r0, int64_t r1) {
+        const int64_t rows = r1 - r0;
+        int64_t ldz, ldg;
+        const T* zr = zsrc.rows(r0, rows, s.z, ldz);
+        const T* gr = gsrc.rows(r0, rows, s.g, ldg);
+        T* gz = compute_target(out + r0 * d, s.out, rows * d);
+        if (ldz == d && ldg == d) {
+          run(gr, zr, rows * d, gz);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) run(gr + i * ldg, zr + i * ldz, d, gz + i * d);
+        }
+        convert_out(gz, rows * d, out + r0 * d);
+      },
+      grain);
+}
+
+// ---------------------------------------------------------------------------------------
 // float64: one value at a time.
 
 // tanh, or the hard clamp to [-1, 1] that keeps a NaN (as torch.clamp).
@@ -220,23 +272,12 @@ void quantize_double(const at::Tensor& z, const FsqConstants& k, bool symmetric,
 
 void backward_double(const at::Tensor& grad_codes, const at::Tensor& z, const FsqConstants& k, bool symmetric,
                      bool hard_clamp, double* out) {
-  const int64_t n = z.size(0), d = z.size(1);
-  const RowSource<double> zsrc(z), gsrc(grad_codes);
-  struct Scratch {
-    std::vector<double> z, g;
-  };
-  parallel_row_blocks<Scratch>(
-      n,
-      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
-        int64_t ldz, ldg;
-        const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
-        const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < d; ++j)
-            out[r * d + j] =
-                fsq_grad_value(gr[(r - r0) * ldg + j], zr[(r - r0) * ldz + j], k, j, symmetric, hard_clamp);
-      },
-      elementwise_grain(n, d));
+  const int64_t d = z.size(1);
+  backward_blocks<double>(grad_codes, z, elementwise_grain(z.size(0), d), out,
+                          [&](const double* g, const double* zr, int64_t count, double* o) {
+                            for (int64_t p = 0; p < count; ++p)
+                              o[p] = fsq_grad_value(g[p], zr[p], k, p % d, symmetric, hard_clamp);
+                          });
 }
 
 // residual_fsq_quantize, one value at a time: level l quantizes residual / scale_l, adds code * scale_l to the
@@ -283,35 +324,26 @@ void residual_quantize_double(const at::Tensor& z, const double* scales, int64_t
 // to the first, as autograd sums them through the levels' loop.
 void residual_backward_double(const at::Tensor& grad, const at::Tensor& z, const double* scales, int64_t num_levels,
                               const FsqConstants& k, bool symmetric, bool hard_clamp, double* out) {
-  const int64_t n = z.size(0), d = z.size(1);
-  const RowSource<double> zsrc(z), gsrc(grad);
-  struct Scratch {
-    std::vector<double> z, g, levels;
-  };
-  parallel_row_blocks<Scratch>(
-      n,
-      [&](Scratch& s, int64_t, int64_t r0, int64_t r1) {
-        int64_t ldz, ldg;
-        const double* zr = zsrc.rows(r0, r1 - r0, s.z, ldz);
-        const double* gr = gsrc.rows(r0, r1 - r0, s.g, ldg);
-        s.levels.resize(num_levels);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < d; ++j) {
-            double residual = zr[(r - r0) * ldz + j];
-            const double g = gr[(r - r0) * ldg + j];
-            for (int64_t l = 0; l < num_levels; ++l) {
-              const double scale = scales[l * d + j], zl = residual / scale;
-              s.levels[l] = fsq_grad_value(g * scale, zl, k, j, symmetric, hard_clamp) / scale;
-              double level, code;
-              fsq_value(zl, k, j, symmetric, hard_clamp, level, code);
-              residual = residual - code * scale;
-            }
-            double sum = 0.0;
-            for (int64_t l = num_levels - 1; l >= 0; --l) sum = l == num_levels - 1 ? s.levels[l] : s.levels[l] + sum;
-            out[r * d + j] = sum;
-          }
-      },
-      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
+  const int64_t d = z.size(1);
+  backward_blocks<double>(grad, z, elementwise_grain(z.size(0), d * std::max<int64_t>(1, num_levels)), out,
+                          [&](const double* g, const double* zr, int64_t count, double* o) {
+                            std::vector<double> grads(num_levels);  // one element's level gradients
+                            for (int64_t p = 0; p < count; ++p) {
+                              const int64_t j = p % d;
+                              double residual = zr[p];
+                              for (int64_t l = 0; l < num_levels; ++l) {
+                                const double scale = scales[l * d + j], zl = residual / scale;
+                                grads[l] = fsq_grad_value(g[p] * scale, zl, k, j, symmetric, hard_clamp) / scale;
+                                double level, code;
+                                fsq_value(zl, k, j, symmetric, hard_clamp, level, code);
+                                residual = residual - code * scale;
+                              }
+                              double sum = 0.0;
+                              for (int64_t l = num_levels - 1; l >= 0; --l)
+                                sum = l == num_levels - 1 ? grads[l] : grads[l] + sum;
+                              o[p] = sum;
+                            }
+                          });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -863,23 +895,6 @@ VQK_TARGET_AVX512 void row_indices_16(const int32_t* levels, int64_t rows, const
 }
 #endif
 
-// Results in float32 are written straight to a float32 output, else through scratch then converted.
-template <typename scalar_t>
-float* float_target(scalar_t* out, std::vector<float>& scratch, int64_t count) {
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    return out;
-  } else {
-    scratch.resize(count);
-    return scratch.data();
-  }
-}
-
-template <typename scalar_t>
-void convert_out(const float* from, int64_t count, scalar_t* out) {
-  if constexpr (!std::is_same<scalar_t, float>::value)
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(from[i]);
-}
-
 // Each row's index from its int32 levels [rows][d] (-1 for a row holding a NaN), by the fastest row sums here.
 void level_row_indices(const FloatPath& path, const FsqSetup& setup, const int32_t* levels, int64_t rows, int64_t d,
                        int64_t* idx) {
@@ -895,11 +910,6 @@ void level_row_indices(const FloatPath& path, const FsqSetup& setup, const int32
     row_indices(levels, rows, d, basis, idx);
 }
 
-struct FloatScratch {
-  std::vector<float> z, g, out;
-  std::vector<int32_t> levels;
-};
-
 template <typename scalar_t>
 void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, bool hard_clamp, scalar_t* out,
                     int64_t* idx) {
@@ -913,7 +923,7 @@ void quantize_float(const at::Tensor& z, const FsqSetup& setup, bool symmetric, 
         const int64_t rows = r1 - r0;
         int64_t ld;
         const float* zr = src.rows(r0, rows, s.z, ld);
-        float* codes = float_target(out + r0 * d, s.out, rows * d);
+        float* codes = compute_target(out + r0 * d, s.out, rows * d);
         s.levels.resize(rows * d);
         if (ld == d) {
           path.forward(symmetric, hard_clamp, zr, rows * d, tb, codes, s.levels.data());
@@ -952,7 +962,7 @@ void residual_quantize_float(const at::Tensor& z, const float* scales, int64_t n
         const int64_t rows = r1 - r0, count = rows * d;
         int64_t ld;
         const float* zr = src.rows(r0, rows, s.z, ld);
-        float* q = float_target(out + r0 * d, s.out, count);
+        float* q = compute_target(out + r0 * d, s.out, count);
         s.levels.resize(num_levels * count);
         if (ld == d) {
           path.residual(symmetric, hard_clamp, zr, count, tb, st.data(), num_levels, q, s.levels.data(), count);
@@ -974,55 +984,24 @@ void residual_quantize_float(const at::Tensor& z, const float* scales, int64_t n
 template <typename scalar_t>
 void residual_backward_float(const at::Tensor& grad, const at::Tensor& z, const float* scales, int64_t num_levels,
                              const FsqSetup& setup, bool symmetric, bool hard_clamp, scalar_t* out) {
-  const int64_t n = z.size(0), d = z.size(1);
   const FloatPath path = float_path();
   const FsqTables& tb = setup.tables(path.lanes);
-  const std::vector<float> st = scale_tables(scales, num_levels, d, tb);
-  const RowSource<float> zsrc(z), gsrc(grad);
-  parallel_row_blocks<FloatScratch>(
-      n,
-      [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
-        const int64_t rows = r1 - r0;
-        int64_t ldz, ldg;
-        const float* zr = zsrc.rows(r0, rows, s.z, ldz);
-        const float* gr = gsrc.rows(r0, rows, s.g, ldg);
-        float* gz = float_target(out + r0 * d, s.out, rows * d);
-        if (ldz == d && ldg == d) {
-          path.residual_backward(symmetric, hard_clamp, gr, zr, rows * d, tb, st.data(), num_levels, gz);
-        } else {
-          for (int64_t i = 0; i < rows; ++i)
-            path.residual_backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, st.data(), num_levels,
-                                   gz + i * d);
-        }
-        convert_out(gz, rows * d, out + r0 * d);
-      },
-      elementwise_grain(n, d * std::max<int64_t>(1, num_levels)));
+  const std::vector<float> st = scale_tables(scales, num_levels, z.size(1), tb);
+  backward_blocks<float>(grad, z, elementwise_grain(z.size(0), z.size(1) * std::max<int64_t>(1, num_levels)), out,
+                         [&](const float* g, const float* zr, int64_t count, float* o) {
+                           path.residual_backward(symmetric, hard_clamp, g, zr, count, tb, st.data(), num_levels, o);
+                         });
 }
 
 template <typename scalar_t>
 void backward_float(const at::Tensor& grad_codes, const at::Tensor& z, const FsqSetup& setup, bool symmetric,
                     bool hard_clamp, scalar_t* out) {
-  const int64_t n = z.size(0), d = z.size(1);
   const FloatPath path = float_path();
   const FsqTables& tb = setup.tables(path.lanes);
-  const RowSource<float> zsrc(z), gsrc(grad_codes);
-  parallel_row_blocks<FloatScratch>(
-      n,
-      [&](FloatScratch& s, int64_t, int64_t r0, int64_t r1) {
-        const int64_t rows = r1 - r0;
-        int64_t ldz, ldg;
-        const float* zr = zsrc.rows(r0, rows, s.z, ldz);
-        const float* gr = gsrc.rows(r0, rows, s.g, ldg);
-        float* grad = float_target(out + r0 * d, s.out, rows * d);
-        if (ldz == d && ldg == d) {
-          path.backward(symmetric, hard_clamp, gr, zr, rows * d, tb, grad);
-        } else {
-          for (int64_t i = 0; i < rows; ++i)
-            path.backward(symmetric, hard_clamp, gr + i * ldg, zr + i * ldz, d, tb, grad + i * d);
-        }
-        convert_out(grad, rows * d, out + r0 * d);
-      },
-      elementwise_grain(n, d));
+  backward_blocks<float>(grad_codes, z, elementwise_grain(z.size(0), z.size(1)), out,
+                         [&](const float* g, const float* zr, int64_t count, float* o) {
+                           path.backward(symmetric, hard_clamp, g, zr, count, tb, o);
+                         });
 }
 
 std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z, at::IntArrayRef levels, bool symmetric,
@@ -1081,27 +1060,22 @@ at::Tensor fsq_quantize_backward(const at::Tensor& grad_codes, const at::Tensor&
   return grad;
 }
 
-// scales as one contiguous [num_levels][d] of T, and its checks (residual_fsq_quantize and its backward).
+// scales as one contiguous [num_levels][d] of T.
 template <typename T>
-at::Tensor check_scales(const char* op, const at::Tensor& z, const at::Tensor& scales) {
-  VQK_CHECK(scales.dim() == 2 && scales.size(1) == z.size(1), op, "scales must be 2-D [num_levels, d=", z.size(1),
-            "], got shape ", shape_str(scales));
-  check_float(op, "scales", scales);
-  VQK_CHECK(scales.device() == z.device(), op, "scales is on ", scales.device(), " but z is on ", z.device());
+at::Tensor scales_as(const at::Tensor& scales) {
   return scales.to(c10::CppTypeToScalarType<T>::value).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> residual_fsq_quantize(const at::Tensor& z, const at::Tensor& scales,
                                                          at::IntArrayRef levels, bool symmetric, bool hard_clamp) {
-  const char* op = "residual_fsq_quantize";
-  check_fsq(op, z, levels);
-  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.dim() == 2 ? scales.size(0) : 0;
+  check_residual_fsq("residual_fsq_quantize", z, scales, levels);
+  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.size(0);
   at::Tensor quantized = at::empty({n, d}, z.options());
   at::Tensor indices = at::empty({n, num_levels}, z.options().dtype(at::kLong));
   const auto setup = fsq_setup(levels, hard_clamp);
   int64_t* idx = indices.data_ptr<int64_t>();
   if (compute_dtype(z, scales) == at::kDouble) {
-    const at::Tensor s = check_scales<double>(op, z, scales);
+    const at::Tensor s = scales_as<double>(scales);
     if (n == 0) return {quantized, indices};
     at::Tensor out = z.scalar_type() == at::kDouble ? quantized : at::empty({n, d}, z.options().dtype(at::kDouble));
     residual_quantize_double(z, s.const_data_ptr<double>(), num_levels, setup->k, symmetric, hard_clamp,
@@ -1109,7 +1083,7 @@ std::tuple<at::Tensor, at::Tensor> residual_fsq_quantize(const at::Tensor& z, co
     if (!out.is_same(quantized)) quantized.copy_(out);
     return {quantized, indices};
   }
-  const at::Tensor s = check_scales<float>(op, z, scales);
+  const at::Tensor s = scales_as<float>(scales);
   if (n == 0) return {quantized, indices};
   const float* sp = s.const_data_ptr<float>();
   switch (z.scalar_type()) {
@@ -1130,18 +1104,12 @@ std::tuple<at::Tensor, at::Tensor> residual_fsq_quantize(const at::Tensor& z, co
 at::Tensor residual_fsq_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& z,
                                           const at::Tensor& scales, at::IntArrayRef levels, bool symmetric,
                                           bool hard_clamp) {
-  const char* op = "residual_fsq_quantize_backward";
-  check_fsq(op, z, levels);
-  check_float(op, "grad_quantized", grad_quantized);
-  VQK_CHECK(grad_quantized.sizes() == z.sizes(), op, "grad_quantized must have z's shape ", shape_str(z), ", got ",
-            shape_str(grad_quantized));
-  VQK_CHECK(grad_quantized.device() == z.device(), op, "grad_quantized is on ", grad_quantized.device(),
-            " but z is on ", z.device());
-  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.dim() == 2 ? scales.size(0) : 0;
+  check_residual_fsq_backward("residual_fsq_quantize_backward", grad_quantized, z, scales, levels);
+  const int64_t n = z.size(0), d = z.size(1), num_levels = scales.size(0);
   at::Tensor grad = at::empty({n, d}, z.options());
   const auto setup = fsq_setup(levels, hard_clamp);
   if (compute_dtype(z, scales, grad_quantized) == at::kDouble) {
-    const at::Tensor s = check_scales<double>(op, z, scales);
+    const at::Tensor s = scales_as<double>(scales);
     if (n == 0) return grad;
     at::Tensor out = z.scalar_type() == at::kDouble ? grad : at::empty({n, d}, z.options().dtype(at::kDouble));
     residual_backward_double(grad_quantized, z, s.const_data_ptr<double>(), num_levels, setup->k, symmetric, hard_clamp,
@@ -1149,7 +1117,7 @@ at::Tensor residual_fsq_quantize_backward(const at::Tensor& grad_quantized, cons
     if (!out.is_same(grad)) grad.copy_(out);
     return grad;
   }
-  const at::Tensor s = check_scales<float>(op, z, scales);
+  const at::Tensor s = scales_as<float>(scales);
   if (n == 0) return grad;
   const float* sp = s.const_data_ptr<float>();
   switch (z.scalar_type()) {

@@ -154,14 +154,14 @@ class LatentQuantize(nn.Module):
         return codes.masked_fill((idx < 0) | (idx >= self.codebook_size), float("nan"))
 
     def _search(self, z):
-        """z [..., codebook_dim] -> (codes, straight-through as theirs, and the chosen level of every
-        dimension, int64 [..., codebook_dim], -1 where z is NaN)."""
+        """z [..., codebook_dim] -> (codes, straight-through as theirs, and the mixed-radix index of every token,
+        int32 [...], -1 where z is NaN)."""
         if z.shape[-1] != self.codebook_dim:
             raise ValueError(f"vqkernels.nn.LatentQuantize: expected {self.codebook_dim} values in the last "
                              f"dimension, got shape {tuple(z.shape)}")
         table = torch.cat([v.detach() for v in self.values_per_latent])
-        codes, level, _ = ops.latent_quantize(z.detach().reshape(-1, self.codebook_dim), table, self.levels)
-        return z + (codes.reshape(z.shape) - z).detach(), level.reshape(z.shape)
+        codes, _, indices = ops.latent_quantize(z.detach().reshape(-1, self.codebook_dim), table, self.levels)
+        return z + (codes.reshape(z.shape) - z).detach(), indices.int().reshape(z.shape[:-1])
 
     def _indices_of_levels(self, level):
         """Mixed-radix index of levels [..., codebook_dim]: int32 [...], -1 where a level is -1."""
@@ -189,20 +189,20 @@ class LatentQuantize(nn.Module):
             codes = self.project_out(codes)
         return codes.movedim(-1, 1)
 
-    def _finish(self, codes, level, spatial):
-        """codes and levels [b, n, c, d] -> (codes [b, n, c * d], output [b, dim, *spatial], indices)."""
+    def _finish(self, codes, indices, spatial):
+        """codes [b, n, c, d] and indices [b, n, c] -> (codes [b, n, c * d], output [b, dim, *spatial], indices)."""
         b = codes.shape[0]
         codes = codes.flatten(-2)
         out = self.project_out(codes).reshape(b, *spatial, self.dim).movedim(-1, 1)
-        indices = self._indices_of_levels(level).reshape(b, *spatial, self.num_codebooks)
+        indices = indices.reshape(b, *spatial, self.num_codebooks)
         return codes, out, indices if self.keep_num_codebooks_dim else indices.squeeze(-1)
 
     def quantize_and_project(self, z, is_img_or_video, ps):
         """Theirs' tail of ``forward``: z [b, n, num_codebooks, codebook_dim] tokens and ``ps``, einops' packed
         shapes ([spatial shape]) -> (codes [b, n, num_codebooks * codebook_dim], output [b, dim, *spatial],
         indices). ``is_img_or_video`` is unused, as there."""
-        codes, level = self._search(z)
-        return self._finish(codes, level, tuple(ps[0]))
+        codes, indices = self._search(z)
+        return self._finish(codes, indices, tuple(ps[0]))
 
     def forward(self, z):
         """z [b, dim, ...] -> (quantized [b, dim, ...], indices [b, ...] (or [b, ..., num_codebooks]), loss)."""
@@ -213,8 +213,8 @@ class LatentQuantize(nn.Module):
         # channel-last tokens in their own memory, as theirs (einops' pack copies): the loss then adds up in
         # theirs' order
         tokens = self.project_in(z.movedim(1, -1).reshape(b, math.prod(spatial), self.dim).contiguous())
-        codes, level = self._search(tokens.unflatten(-1, (self.num_codebooks, self.codebook_dim)))
-        _, out, indices = self._finish(codes, level, spatial)
+        codes, indices = self._search(tokens.unflatten(-1, (self.num_codebooks, self.codebook_dim)))
+        _, out, indices = self._finish(codes, indices, spatial)
         if not self.training or not (self._commitment_on or self._quantization_on):
             return out, indices, torch.zeros((), device=self.commitment_loss_weight.device)
         loss = 0.0
