@@ -134,6 +134,52 @@ struct PackedCodebook {
   const T* row(int64_t k) const { return rows + k * D; }
 };
 
+// One full panel of a codebook that is already contiguous T, for L2 or IP: writes the packed alpha * c
+// [D][kLanes], and per code the sum of squares over d in order (in double, unfused: the bits of the generic
+// loop of pack_codebook) and whether it holds a NaN. The kLanes codes are independent lanes, so this compiles to
+// vector code on each ISA (a strided load per coordinate), where one code at a time is a chain of D dependent
+// double additions.
+template <typename T>
+VQK_LANES void pack_panel_lanes(const T* rows, int64_t D, T alpha, T* dst, double* norm2, bool* nan) {
+  typedef T V __attribute__((vector_size(sizeof(T) * kLanes)));            // one coordinate of the panel's codes
+  typedef double W __attribute__((vector_size(sizeof(double) * kLanes)));  // the same in double
+  W acc = {};
+  decltype(V{} != V{}) bad = {};
+  for (int64_t d = 0; d < D; ++d) {
+    V v;
+    for (int j = 0; j < kLanes; ++j) v[j] = rows[j * D + d];
+    const V scaled = alpha * v;
+    std::memcpy(dst + d * kLanes, &scaled, sizeof scaled);
+    const W w = __builtin_convertvector(v, W);
+    acc += w * w;
+    bad |= v != v;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    norm2[j] = acc[j];
+    nan[j] = bad[j] != 0;
+  }
+}
+
+template <typename T>
+using PackPanelFn = void (*)(const T* rows, int64_t D, T alpha, T* dst, double* norm2, bool* nan);
+
+template <typename T>
+VQK_NO_CONTRACT void pack_panel_portable(const T* rows, int64_t D, T alpha, T* dst, double* norm2, bool* nan) {
+  pack_panel_lanes(rows, D, alpha, dst, norm2, nan);
+}
+#if VQK_X86
+template <typename T>
+VQK_TARGET_AVX2 VQK_NO_CONTRACT void pack_panel_avx2(const T* rows, int64_t D, T alpha, T* dst, double* norm2,
+                                                     bool* nan) {
+  pack_panel_lanes(rows, D, alpha, dst, norm2, nan);
+}
+template <typename T>
+VQK_TARGET_AVX512 VQK_NO_CONTRACT void pack_panel_avx512(const T* rows, int64_t D, T alpha, T* dst, double* norm2,
+                                                         bool* nan) {
+  pack_panel_lanes(rows, D, alpha, dst, norm2, nan);
+}
+#endif
+
 template <typename T>
 PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
   PackedCodebook<T> pc;
@@ -157,31 +203,55 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
   pc.cterm.assign(pc.P * kLanes, std::numeric_limits<T>::quiet_NaN());
   pc.bad.assign(pc.K, 0);
   const int64_t s0 = codebook.stride(0), s1 = codebook.stride(1), D = pc.D;
+  const PackPanelFn<T> pack_panel = VQK_ACTIVE_ISA(pack_panel, <T>);
+  // A panel's codes at a time, coordinate by coordinate: every code's sums still run over d in order (the same
+  // bits as one code at a time), but the panel's kLanes sums are independent chains, not one chain of D
+  // dependent double additions per code, and each coordinate's store fills a contiguous row of the panel.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "vqk_pack", [&] {
     const scalar_t* src = codebook.const_data_ptr<scalar_t>();
-    at::parallel_for(0, pc.K, 256, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const scalar_t* row = src + k * s0;
-        double norm = 1.0;
+    at::parallel_for(0, pc.P, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t k0 = q * kLanes, nk = std::min<int64_t>(kLanes, pc.K - k0);
+        const scalar_t* rows = src + k0 * s0;
+        double norm[kLanes], norm2[kLanes];
+        bool nan[kLanes];
+        for (int j = 0; j < kLanes; ++j) {
+          norm[j] = 1.0;
+          norm2[j] = 0.0;
+          nan[j] = false;
+        }
         if (metric == Metric::Cosine) {  // divided by max(|c|, eps), as F.normalize does
-          double sq = 0;
-          for (int64_t d = 0; d < D; ++d) sq += static_cast<double>(row[d * s1]) * static_cast<double>(row[d * s1]);
-          norm = std::max(std::sqrt(sq), kNormEps);
+          double sq[kLanes] = {};
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = 0; j < nk; ++j) {
+              const double raw = static_cast<double>(rows[j * s0 + d * s1]);
+              sq[j] += raw * raw;
+            }
+          for (int64_t j = 0; j < nk; ++j) norm[j] = std::max(std::sqrt(sq[j]), kNormEps);
         }
-        T* dst = pc.data.data() + (k / kLanes) * D * kLanes + k % kLanes;
-        T* out = use_input ? nullptr : pc.rows_copy.data() + k * D;
-        double norm2 = 0;
-        bool nan = false;
-        for (int64_t d = 0; d < D; ++d) {
-          const double raw = static_cast<double>(row[d * s1]);
-          const T v = static_cast<T>(metric == Metric::Cosine ? raw / norm : raw);
-          nan |= raw != raw;
-          dst[d * kLanes] = pc.alpha * v;
-          if (out) out[d] = v;
-          norm2 += static_cast<double>(v) * static_cast<double>(v);
+        T* dst = pc.data.data() + q * D * kLanes;
+        T* out = use_input ? nullptr : pc.rows_copy.data() + k0 * D;
+        int64_t generic = nk;  // codes left to the generic loop
+        if constexpr (std::is_same<scalar_t, T>::value) {
+          if (use_input && nk == kLanes) {  // the common case, vectorised: the same values
+            pack_panel(rows, D, pc.alpha, dst, norm2, nan);
+            generic = 0;
+          }
         }
-        pc.bad[k] = nan;
-        pc.cterm[k] = nan ? std::numeric_limits<T>::quiet_NaN() : (metric == Metric::L2 ? static_cast<T>(norm2) : T(0));
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < generic; ++j) {
+            const double raw = static_cast<double>(rows[j * s0 + d * s1]);
+            const T v = static_cast<T>(metric == Metric::Cosine ? raw / norm[j] : raw);
+            nan[j] |= raw != raw;
+            dst[d * kLanes + j] = pc.alpha * v;
+            if (out) out[j * D + d] = v;
+            norm2[j] += static_cast<double>(v) * static_cast<double>(v);
+          }
+        for (int64_t j = 0; j < nk; ++j) {
+          pc.bad[k0 + j] = nan[j];
+          pc.cterm[k0 + j] =
+              nan[j] ? std::numeric_limits<T>::quiet_NaN() : (metric == Metric::L2 ? static_cast<T>(norm2[j]) : T(0));
+        }
       }
     });
   });
