@@ -198,7 +198,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x,
       parallel_row_blocks<std::vector<T>>(n, [&](std::vector<T>& buf, int64_t block, int64_t r0, int64_t r1) {
         int64_t ld;
         const T* xr = src.rows(r0, r1 - r0, buf, ld);
-        double sum = 0;
+        // Branch-free (the signs of random data would mispredict half the time): the codes are looked up, by
+        // sign (and NaN), in local tables. The squared errors are summed in 8 lanes by column (j mod 8) over the
+        // block's rows rather than in one chain of dependent additions. A NaN's error is NaN, as its block's sum.
+        const scalar_t code[3] = {neg, pos, std::numeric_limits<scalar_t>::quiet_NaN()};
+        const double code_t[2] = {static_cast<T>(neg), static_cast<T>(pos)};  // the codes as T, in double
+        f64x8 sums = {};
         for (int64_t r = r0; r < r1; ++r) {
           const T* xrow = xr + (r - r0) * ld;
           scalar_t* orow = out + r * d;
@@ -206,21 +211,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& x,
           bool nan = false;
           for (int64_t j = 0; j < d; ++j) {
             const T v = xrow[j];
-            const bool up = v > T(0);
+            const bool up = v > T(0), bad = v != v;
             index = (index << 1) | uint64_t(up);  // the first column ends up the top bit
-            if (std::isnan(v)) {
-              nan = true;
-              orow[j] = std::numeric_limits<scalar_t>::quiet_NaN();
-              continue;
-            }
-            orow[j] = up ? pos : neg;
-            const double e = static_cast<double>(v) - static_cast<double>(static_cast<T>(orow[j]));
-            sum += e * e;
+            nan |= bad;
+            orow[j] = code[bad ? 2 : up];
+            const double e = static_cast<double>(v) - code_t[up];
+            sums[j & 7] += e * e;
           }
           idx[r] = nan ? -1 : static_cast<int64_t>(index);
-          if (nan) sum = std::numeric_limits<double>::quiet_NaN();
         }
-        partial[block] = sum;
+        partial[block] = pairwise_sum(sums);
       });
     });
   });

@@ -166,15 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_quantize(con
           for (; l < levels; ++l) {
             const int64_t k = out[r * levels + l];
             if (k < 0) break;
-            const T* c = cbs.level(l).row(k);
-            double sum = 0;
+            const PackedCodebook<T>& pc = cbs.level(l);
+            const T* c = pc.row(k);
+            sums[l] += pc.exact(s.acc.data(), c, D, Metric::L2);  // |r_l - q_l|^2 in double, in lanes
             for (int64_t d = 0; d < D; ++d) {
-              const double e = static_cast<double>(s.acc[d]) - static_cast<double>(c[d]);
-              sum += e * e;
               s.acc[d] -= c[d];
               s.qsum[d] += c[d];
             }
-            sums[l] += sum;
           }
           if (l < levels) {  // no usable code from level l on: a NaN row, NaN losses from l on
             std::fill(qrow, qrow + D, std::numeric_limits<scalar_t>::quiet_NaN());

@@ -68,11 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize(const at:
             continue;
           }
           const T* c = cbp + k * D;
-          for (int64_t d = 0; d < D; ++d) {
-            qrow[d] = static_cast<scalar_t>(c[d]);
-            const double e = static_cast<double>(xrow[d]) - static_cast<double>(c[d]);
-            sum += e * e;
-          }
+          for (int64_t d = 0; d < D; ++d) qrow[d] = static_cast<scalar_t>(c[d]);
+          sum += pc.exact(xrow, c, D, Metric::L2);  // |x - c|^2 in double, in lanes (not one chain of D additions)
         }
         partial[block] = sum;
       });
