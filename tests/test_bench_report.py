@@ -145,7 +145,12 @@ def test_the_isa_targets_carry_the_limit_of_faiss_rate():
     assert report.target_row(speed)[4] == "FAIL (limit 1.25x)"
     assert peak["value"] == pytest.approx(0.9) and report.target_row(peak)[4] == "PASS"
     text = "\n".join(report.isa_section(section))
-    assert "OpenBLAS 0.3.15, Haswell kernels" in text and "| 90% | 80% |" in text
+    assert "OpenBLAS 0.3.15, Haswell kernels" in text and "| 90% | 80% | - | - |" in text
+    # measured beside ours, the probe's rate of that moment is the peak the target reads; the limit keeps the best
+    section["paths"][0]["rows"][0]["peak_beside_gflops"] = 95.0
+    speed, peak = ops.isa_targets(section)
+    assert speed["limit"] == pytest.approx(100 / 80) and peak["value"] == pytest.approx(90 / 95)
+    assert "| 90% | 80% | 95 | 95% |" in "\n".join(report.isa_section(section))
 
 
 def test_the_token_sweep_and_the_overhead_profile_render_from_the_json():

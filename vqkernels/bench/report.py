@@ -90,6 +90,12 @@ def isa_gflops(row, key="ours_s"):
     return 2.0 * n * k * d / row[key] / 1e9
 
 
+def peak_beside(path, row):
+    """The FMA peak measured beside one row's timing of ours (the median of the probe windows just before and just
+    after it); the path's peak where the row has none (reports written before it was measured)."""
+    return row.get("peak_beside_gflops", path["fma_peak_gflops"])
+
+
 def gflops(run, name="ours"):
     """Equivalent GFLOP/s 2 N K D / t of method ``name`` in one shape's ``run``, or None."""
     n, d, k = run["shape"]
@@ -226,8 +232,10 @@ def isa_section(section):
             faiss = f"{r['faiss_s'] * 1e3:.2f}" if has_faiss else r["faiss_note"]
             faster = r["faiss_s"] / r["ours_s"] if has_faiss else None
             faiss_pct = _pct(isa_gflops(r, "faiss_s"), peak) if has_faiss else "-"
+            beside = r.get("peak_beside_gflops")
             rows.append([path["isa"], shape_str(r["shape"]), f"{r['ours_s'] * 1e3:.2f}", faiss, ratio(faster),
-                         _fmt(isa_gflops(r)), f"{peak:.0f}", _pct(isa_gflops(r), peak), faiss_pct])
+                         _fmt(isa_gflops(r)), f"{peak:.0f}", _pct(isa_gflops(r), peak), faiss_pct,
+                         f"{beside:.0f}" if beside else "-", _pct(isa_gflops(r), beside)])
     levels = "; ".join(f"{p['isa']}: {p['faiss_level']}" for p in section["paths"])
     blas = section.get("faiss_blas")
     blas = (f"its BLAS ({blas}) picks its own kernels by the CPU at load time, whatever the faiss level"
@@ -237,11 +245,16 @@ def isa_section(section):
             f"SIMD level (faiss.SIMDConfig; {levels}), timed side by side, {section['threads']} threads. faiss "
             f"runs its fused search kernels up to D = 32 here and a BLAS sgemm above; {blas}. FMA peak: "
             "independent FMA chains on the path's widest vectors, all threads, the best of five 0.1 s windows "
-            "(vqkernels._C.fma_peak_gflops); equivalent GFLOP/s = 2·N·K·D / t. A speedup over faiss cannot "
-            "exceed the peak over faiss's own rate: where that limit is below the need, the target reads "
+            "(vqkernels._C.fma_peak_gflops) before the path's shapes; equivalent GFLOP/s = 2·N·K·D / t. The peak "
+            "beside: the median of the probe's three 0.05 s windows just before ours' timing of the shape and "
+            "three just after, the machine's rate at the moment ours ran (a shared machine's speed drifts "
+            "between moments); the FMA-peak target reads ours against it (against the best peak in a run that did not "
+            "measure it: \"-\"). A speedup over faiss cannot exceed "
+            "the (best) peak over faiss's own rate: where that limit is below the need, the target reads "
             "\"FAIL (limit)\".",
             md_table(["path", "N x D x K", "ours ms", "faiss ms", "speedup", "ours GFLOP/s", "FMA peak GFLOP/s",
-                      "ours % of peak", "faiss % of peak"], rows)]
+                      "ours % of peak", "faiss % of peak", "peak beside GFLOP/s", "ours % of peak beside"],
+                     rows)]
 
 
 def other_ops_section(other):
