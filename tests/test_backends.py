@@ -58,6 +58,16 @@ def test_default_is_auto_with_the_cpu_kernels_on_cpu():
     assert vqkernels.backend("nearest_code", "cpu").startswith("C++")
 
 
+def test_cpu_label_names_the_isa_only_for_ops_with_isa_paths():
+    assert _backend.CPU_ISA_OPS < set(SCHEMAS)
+    if not vqkernels.compiled():
+        pytest.skip("no compiled extension")
+    isa = vqkernels.cpu_isa()
+    assert vqkernels.backend("nearest_code", "cpu") == f"C++ ({isa}) [auto]"
+    assert vqkernels.backend("latent_quantize", "cpu") == "C++ (portable) [auto]"
+    assert vqkernels.backend("ema_update_", "cpu") == "C++ (portable) [auto]"
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_use_backend_routes_every_op_it_serves(backend):
     samples = op_samples()

@@ -313,14 +313,29 @@ def set_auto_table(table):
 
 
 
+# The ops whose C++ CPU kernels pick SIMD code by the active ISA (vqkernels.set_cpu_isa) for float32: the searches
+# (csrc/cpu/search.h), the FSQ kernels, the fixed-order products and softmax rows of lfq_entropy and
+# gumbel_quantize, and the two backwards with per-ISA bodies. Every other CPU kernel is one body for any ISA, the
+# portable path (vectorised as far as the compiler could for the build's baseline).
+CPU_ISA_OPS = frozenset({
+    "nearest_code", "nearest_code_topk", "vq_quantize", "residual_quantize", "multiscale_quantize_step",
+    "fsq_quantize", "fsq_quantize_backward", "residual_fsq_quantize", "residual_fsq_quantize_backward",
+    "lfq_entropy", "gumbel_quantize", "gumbel_quantize_backward", "rotation_trick_backward",
+    "binary_one_hot_backward",
+})
+
+
 def backend(op, device_type):
     """Which implementation serves ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...) now:
-    the rules in force, "[auto]" when chosen automatically (``python -m vqkernels.info``)."""
+    the rules in force, "[auto]" when chosen automatically (``python -m vqkernels.info``). The C++
+    CPU kernels name their path: the active ISA for the ops in CPU_ISA_OPS, "portable" for the others."""
     if device_type not in DEVICES:
         return REGISTRY["reference"].title
 
     def name(b):
-        return f"{REGISTRY[b].title} ({cpu_isa()})" if b == "cpu" else REGISTRY[b].title
+        if b != "cpu":
+            return REGISTRY[b].title
+        return f"{REGISTRY[b].title} ({cpu_isa() if op in CPU_ISA_OPS else 'portable'})"
     text = ", ".join(name(b) if rows == _ALL_ROWS and dt is None else
                      f"{name(b)} (rows <= {rows}{', ' + str(dt).replace('torch.', '') if dt else ''})"
                      for rows, dt, b in routes(op, device_type))
