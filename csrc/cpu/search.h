@@ -262,6 +262,11 @@ PackedCodebook<T> pack_codebook(const at::Tensor& codebook, Metric metric) {
 // else converted block by block into a scratch buffer (never a full copy of x).
 template <typename T>
 class RowSource {
+  template <typename S>
+  static void convert_row(const S* __restrict src, int64_t D, T* __restrict out) {
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(src[d]);
+  }
+
  public:
   explicit RowSource(const at::Tensor& x)
       : x_(x), D_(x.size(1)), direct_(x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.stride(1) == 1) {}
@@ -276,8 +281,17 @@ class RowSource {
     const int64_t s0 = x_.stride(0), s1 = x_.stride(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "vqk_rows", [&] {
       const scalar_t* src = x_.const_data_ptr<scalar_t>() + r0 * s0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < D_; ++d) buf[i * D_ + d] = static_cast<T>(src[i * s0 + d * s1]);
+      T* out = buf.data();
+      // The common layouts get loops the compiler vectorises: rows of another dtype (a conversion) and rows that
+      // repeat one value (stride 0 along D: an expanded gradient, such as a mean's), else any strides.
+      if (s1 == 1) {
+        for (int64_t i = 0; i < n; ++i) convert_row(src + i * s0, D_, out + i * D_);
+      } else if (s1 == 0) {
+        for (int64_t i = 0; i < n; ++i) std::fill(out + i * D_, out + (i + 1) * D_, static_cast<T>(src[i * s0]));
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t d = 0; d < D_; ++d) out[i * D_ + d] = static_cast<T>(src[i * s0 + d * s1]);
+      }
     });
     return buf.data();
   }
