@@ -2,8 +2,9 @@
 
 The table shows, per op and device, what serves a call now: "C++ (isa)", "CUDA C++", "Triton" or
 "reference (pure PyTorch)"; a C++ CPU kernel names the active ISA where it has SIMD code per ISA and
-"portable" where it is one body for every ISA (vqkernels._backend.CPU_ISA_OPS); "[auto]" marks the automatic choice (vqkernels.set_backend changes it),
-and measured auto rules show their row bound and dtype. The last column lists the GPU kernels
+"portable" where it is one body for every ISA (vqkernels._backend.CPU_ISA_OPS); "[auto]" marks the
+automatic choice (vqkernels.set_backend changes it), and measured auto rules show their row bound and
+dtype. The last column lists the GPU kernels
 built for each op; "*" marks those not yet verified on a GPU, which "auto" does not pick.
 """
 
