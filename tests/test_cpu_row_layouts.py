@@ -10,19 +10,16 @@ from vq_helpers import vqkernels
 
 pytestmark = pytest.mark.skipif(not vqkernels.compiled(), reason="the C++ kernels (the extension is not built)")
 
-N, D = 37, 6  # N: two row blocks' worth is not needed; 37 leaves a ragged vector tail
+N, D = 37, 6  # 37 rows: a ragged vector tail
 
 
 def _layouts(t):
-    """(name, tensor) pairs holding t's values: expanded along the features, fully expanded (one value), transposed
-    storage, every other column of a wider tensor, and half precision for float32 values that are exact in it."""
-    row = t[:, :1].expand(t.shape)           # each row one value, stride 0 along D
-    one = t[:1, :1].expand(t.shape)          # one value, strides (0, 0)
-    transposed = t.t().contiguous().t()      # column-major
+    """Tensors of t's shape by layout: each row one value of t (stride 0 along the features), one value (strides
+    0, 0), t in column-major storage, t as every other column of a wider tensor."""
     wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
     wide[:, ::2] = t
-    every_other = wide[:, ::2]
-    return [("row-expanded", row), ("expanded", one), ("transposed", transposed), ("strided", every_other)]
+    return {"row-expanded": t[:, :1].expand(t.shape), "expanded": t[:1, :1].expand(t.shape),
+            "transposed": t.t().contiguous().t(), "strided": wide[:, ::2]}
 
 
 def _backward_cases():
@@ -51,7 +48,7 @@ CASES = _backward_cases()
 def test_backward_gradient_layouts_give_the_contiguous_bits(op, layout):
     shape, call = CASES[op]
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    laid = dict(_layouts(g))[layout]
+    laid = _layouts(g)[layout]
     want = call(laid.contiguous())
     got = call(laid)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
@@ -66,7 +63,7 @@ def test_search_rows_layouts_give_the_contiguous_bits(layout):
         laid = x.half()  # rows of another dtype than the codebook's: converted (the search computes in float32)
         want = torch.ops.vqkernels_cpu.nearest_code(laid.float(), cb, "l2")
     else:
-        laid = dict(_layouts(x))[layout]
+        laid = _layouts(x)[layout]
         want = torch.ops.vqkernels_cpu.nearest_code(laid.contiguous(), cb, "l2")
     got = torch.ops.vqkernels_cpu.nearest_code(laid, cb, "l2")
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])

@@ -196,12 +196,13 @@ class Codebook(nn.Module):
             if not fused:
                 target = self._codes_from_statistics(h)
             codes = F.normalize(target, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else target
-            owned = True  # computed here: nothing else holds it
         else:
-            codes, owned = self.embed[h].detach(), False
+            codes = None  # the codes stay as they are, unless dead ones restart
         if self.threshold_ema_dead_code > 0 and rows_restart.shape[0] > 0:
-            codes, owned = self._restart_dead_codes(h, rows_restart, codes, valid_restart), True
-        self._set_codes(h, codes, owned)
+            codes = self._restart_dead_codes(h, rows_restart, self.embed[h].detach() if codes is None else codes,
+                                             valid_restart)
+        if codes is not None:
+            self._set_codes(h, codes)
 
     def enable_affine(self, batch_decay, codebook_decay, sync=False):
         """vector-quantize-pytorch's ``affine_param``: running means and variances of the batch rows and of the
@@ -268,7 +269,7 @@ class Codebook(nn.Module):
         if self.sync_samples:
             rows = _dist.gather_rows(rows)
             valid = None if valid is None else _dist.gather_rows(valid)
-        self._set_codes(h, self._restart_dead_codes(h, rows, self.embed[h].detach(), valid), owned=True)
+        self._set_codes(h, self._restart_dead_codes(h, rows, self.embed[h].detach(), valid))
 
     def _batch_statistics(self, scratch, rows, indices):
         """This step's counts [K] and sums [K, D] per code (the EMA kernel at decay 0)."""
@@ -315,7 +316,7 @@ class Codebook(nn.Module):
         """Recomputes every codebook from its EMA statistics (``manual_ema_update``'s explicit step)."""
         for h in range(self.num_codebooks):
             codes = self._codes_from_statistics(h)
-            self._set_codes(h, F.normalize(codes, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else codes, owned=True)
+            self._set_codes(h, F.normalize(codes, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else codes)
 
     def _restart_dead_codes(self, h, rows, codes, valid=None):
         """Codes whose EMA count fell below ``threshold_ema_dead_code`` take distinct random rows of
@@ -341,17 +342,17 @@ class Codebook(nn.Module):
         self.embed_avg[h].copy_(torch.where(dead.unsqueeze(1), sampled * reset, self.embed_avg[h]))
         return torch.where(dead.unsqueeze(1), sampled, codes)
 
-    def _set_codes(self, h, codes, owned=False):
+    def _set_codes(self, h, codes):
         """Installs new codes for codebook h. A buffer codebook is replaced by a new tensor, never
         written in place: the step's backward still holds the old one (in eager mode, and under
         torch.compile, whose partitioner may re-read that input in the backward). A learned
-        codebook (a Parameter) is written in place; its layer hands the ops a copy. ``owned``: the
-        codes are a tensor the update computed and nothing else holds, which a single codebook takes
-        as it is (a copy of [K, D] cost about 80 us at 1024 x 128 here, per level and step)."""
+        codebook (a Parameter) is written in place; its layer hands the ops a copy. ``codes`` must be a
+        tensor the update computed, which nothing else holds (never a view of a buffer): a single
+        codebook takes it as it is (a copy of [K, D] cost about 80 us at 1024 x 128, per level and step)."""
         codes = codes.to(self.embed.dtype)
         if isinstance(self.embed, nn.Parameter):
             self.embed[h].copy_(codes)
-        elif owned and self.embed.shape[0] == 1:
+        elif self.embed.shape[0] == 1:
             self.embed = codes.unsqueeze(0)
         else:
             self.embed = torch.cat([self.embed[:h], codes.unsqueeze(0), self.embed[h + 1:]])
